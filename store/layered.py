@@ -1,0 +1,254 @@
+"""Reads through local cache, Redis and PostgreSQL; writes to PostgreSQL first, then the caches."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import psycopg
+import psycopg_pool
+import redis
+import structlog
+
+from store.errors import NotConfigured, StoreUnavailable
+from store.local import TASK, LocalCache, ScopeState
+from store.postgres import PostgresStore, Snapshot
+from store.redis_cache import RedisCache
+from store.validation import DEFAULT_MAX_VALUE_BYTES
+from store.writes import Write, WriteResult
+
+log = structlog.get_logger("optionstore")
+
+T = TypeVar("T")
+
+POSTGRES_ERRORS: tuple[type[BaseException], ...] = (
+    psycopg.OperationalError,
+    psycopg_pool.PoolTimeout,
+)
+REDIS_ERRORS: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.BusyLoadingError,
+    redis.exceptions.ReadOnlyError,
+)
+_READ_ERRORS: tuple[type[BaseException], ...] = (*POSTGRES_ERRORS, StoreUnavailable)
+
+
+class _Breaker:
+    """After a failure, skip a service for ``pause`` seconds instead of waiting on every read."""
+
+    def __init__(self, pause: float) -> None:
+        self.pause = pause
+        self.open_until = 0.0
+
+    def available(self) -> bool:
+        return time.monotonic() >= self.open_until
+
+    def trip(self) -> None:
+        self.open_until = time.monotonic() + self.pause
+
+    def reset(self) -> None:
+        self.open_until = 0.0
+
+
+class LayeredStore:
+    """The one object behind the read API and the write tasks, configured once per process."""
+
+    def __init__(self) -> None:
+        self.local = LocalCache(TASK)
+        self.postgres: PostgresStore | None = None
+        self.redis: RedisCache | None = None
+        self.max_value_bytes = DEFAULT_MAX_VALUE_BYTES
+        self.grace_period = 300.0
+        # Last state loaded per scope, kept across tasks: served only when PostgreSQL is down.
+        self._last_known: dict[str, tuple[float, ScopeState]] = {}
+        self._redis_breaker = _Breaker(2.0)
+        self._postgres_breaker = _Breaker(1.0)
+        self._lock = threading.Lock()
+        # Called with each committed result; the broadcast publisher hooks in here.
+        self.announcers: list[Callable[[WriteResult], None]] = []
+
+    def configure(
+        self,
+        *,
+        postgres: PostgresStore,
+        redis_cache: RedisCache | None,
+        local_cache: str = TASK,
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        grace_period: float = 300.0,
+    ) -> None:
+        with self._lock:
+            if self.postgres is not None:
+                self.postgres.close()
+            self.postgres = postgres
+            self.redis = redis_cache
+            self.local.set_mode(local_cache)
+            self.local.clear()
+            self.max_value_bytes = max_value_bytes
+            self.grace_period = grace_period
+            self._last_known.clear()
+
+    @property
+    def db(self) -> PostgresStore:
+        if self.postgres is None:
+            raise NotConfigured(
+                "optionstore is not configured: call store.configure(database_url=..., "
+                "redis_url=...) or run inside a worker started with `celery -A worker worker`"
+            )
+        return self.postgres
+
+    # -- reads ----------------------------------------------------------------
+
+    def state(self, scope: str) -> ScopeState:
+        scopes = self.local.holder.scopes
+        state = scopes.get(scope)
+        if state is None:
+            state = self.load(scope)
+            scopes[scope] = state
+        return state
+
+    def states(self, names: list[str]) -> dict[str, ScopeState]:
+        scopes = self.local.holder.scopes
+        found = {name: scopes[name] for name in names if name in scopes}
+        missing = [name for name in names if name not in found]
+        if missing:
+            for name, state in self.load_many(missing).items():
+                scopes[name] = state
+                found[name] = state
+        return found
+
+    def load(self, scope: str) -> ScopeState:
+        return self.load_many([scope])[scope]
+
+    def load_many(self, scopes: list[str]) -> dict[str, ScopeState]:
+        """Fresh states from Redis, or PostgreSQL (refilling Redis), or last-known values."""
+        snapshots: dict[str, Snapshot | None] = dict.fromkeys(scopes)
+        cached = self._from_redis(lambda r: r.get_many(scopes))
+        if cached is not None:
+            snapshots.update(cached)
+        missing = [scope for scope, snap in snapshots.items() if snap is None]
+        if missing:
+            snapshots.update(self._from_postgres(missing))
+        now = time.monotonic()
+        states: dict[str, ScopeState] = {}
+        for scope, snapshot in snapshots.items():
+            if snapshot is None:  # PostgreSQL down; a last-known state was served instead
+                states[scope] = self._last_known[scope][1]
+                continue
+            state = ScopeState.from_snapshot(snapshot)
+            self._last_known[scope] = (now, state)
+            states[scope] = state
+        return states
+
+    def _from_redis(self, call: Callable[[RedisCache], T]) -> T | None:
+        cache = self.redis
+        if cache is None or not self._redis_breaker.available():
+            return None
+        try:
+            result = call(cache)
+        except REDIS_ERRORS as exc:
+            self._redis_breaker.trip()
+            log.warning("cache.fallback", layer="redis", to="postgres", error=_describe(exc))
+            return None
+        self._redis_breaker.reset()
+        return result
+
+    def _from_postgres(self, scopes: list[str]) -> dict[str, Snapshot | None]:
+        try:
+            if not self._postgres_breaker.available():
+                raise StoreUnavailable("PostgreSQL failed moments ago")
+            snapshots = self.db.load_scopes(scopes)
+        except _READ_ERRORS as exc:
+            self._postgres_breaker.trip()
+            return self._last_known_or_raise(scopes, exc)
+        self._postgres_breaker.reset()
+        for scope, snapshot in snapshots.items():
+            self._from_redis(lambda r, s=scope, snap=snapshot: r.fill(s, snap))  # type: ignore[misc]
+        return dict(snapshots)
+
+    def _last_known_or_raise(
+        self, scopes: list[str], exc: BaseException
+    ) -> dict[str, Snapshot | None]:
+        now = time.monotonic()
+        for scope in scopes:
+            entry = self._last_known.get(scope)
+            if entry is None or now - entry[0] > self.grace_period:
+                raise StoreUnavailable(
+                    f"cannot read {scope}: PostgreSQL is unavailable ({_describe(exc)}) and no "
+                    f"value was loaded in the last {self.grace_period:.0f}s"
+                ) from exc
+        for scope in scopes:
+            log.warning(
+                "cache.fallback",
+                layer="postgres",
+                to="last_known",
+                scope=scope,
+                age_s=round(now - self._last_known[scope][0], 3),
+                error=_describe(exc),
+            )
+        return dict.fromkeys(scopes)
+
+    # -- writes ---------------------------------------------------------------
+
+    def commit(self, write: Write, *, task_id: str | None = None) -> WriteResult:
+        """Persist ``write`` (once per task id), then bring the caches forward."""
+        started = time.perf_counter()
+        result, first_run = self.db.apply(write, task_id=task_id)
+        if result.changed:
+            self.announce(result)
+        log.info(
+            "option.write",
+            scope=result.scope,
+            keys=write.keys,
+            revision=result.revision,
+            changed=result.changed,
+            first_run=first_run,
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+        return result
+
+    def announce(self, result: WriteResult) -> bool:
+        """Tell the caches about a committed change; False leaves it to the outbox relay."""
+        # Our own process first: whatever happens below, this process reads the new state.
+        self.local.drop(result.scope)
+        self._last_known.pop(result.scope, None)
+        announced = True
+        if self.redis is not None:
+            try:
+                self.redis.apply(result.scope, result.revision, result.changes)
+            except REDIS_ERRORS as exc:
+                # PostgreSQL holds the change; the relay brings Redis forward when it is back.
+                announced = False
+                log.warning(
+                    "cache.announce_failed",
+                    layer="redis",
+                    scope=result.scope,
+                    revision=result.revision,
+                    error=_describe(exc),
+                )
+        for announcer in self.announcers:
+            try:
+                announcer(result)
+            except Exception as exc:
+                announced = False
+                log.warning(
+                    "cache.announce_failed",
+                    layer="broadcast",
+                    scope=result.scope,
+                    revision=result.revision,
+                    error=_describe(exc),
+                )
+        if announced:
+            try:
+                self.db.mark_announced([result.task_id])
+            except POSTGRES_ERRORS as exc:
+                # Harmless: the relay announces it again, and an old revision changes nothing.
+                log.warning("outbox.mark_failed", task_id=result.task_id, error=_describe(exc))
+        return announced
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"

@@ -1,0 +1,292 @@
+"""PostgreSQL, the source of truth: atomic versioned writes, scope snapshots and history."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import TupleRow
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
+
+from store.writes import Write, WriteResult
+
+Connection = psycopg.Connection[TupleRow]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A whole scope as of one revision; values are canonical JSON text."""
+
+    revision: int
+    values: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    scope: str
+    key: str
+    old_value: Any
+    new_value: Any
+    revision: int
+    changed_at: datetime
+    task_id: str | None
+
+
+class PostgresStore:
+    """Reads and writes options in PostgreSQL through a per-process connection pool."""
+
+    def __init__(
+        self,
+        *,
+        conninfo: str,
+        min_size: int = 1,
+        max_size: int = 8,
+        timeout: float = 5.0,
+    ) -> None:
+        self.conninfo = conninfo
+        self._min_size = min_size
+        self._max_size = max_size
+        self._timeout = timeout
+        self._pool: ConnectionPool[Connection] | None = None
+        self._pool_pid = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def connection(self) -> Iterator[Connection]:
+        with self._get_pool().connection(timeout=self._timeout) as conn:
+            yield conn
+
+    def _get_pool(self) -> ConnectionPool[Connection]:
+        pool = self._pool
+        # A forked child must never talk over its parent's sockets: open its own pool.
+        if pool is not None and self._pool_pid == os.getpid():
+            return pool
+        with self._lock:
+            if self._pool is None or self._pool_pid != os.getpid():
+                self._pool = ConnectionPool(
+                    self.conninfo,
+                    min_size=self._min_size,
+                    max_size=self._max_size,
+                    timeout=self._timeout,
+                    open=True,
+                    name="optionstore",
+                    kwargs={"connect_timeout": max(1, int(self._timeout))},
+                )
+                self._pool_pid = os.getpid()
+            return self._pool
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None and self._pool_pid == os.getpid():
+                self._pool.close()
+            self._pool = None
+
+    # -- writes ---------------------------------------------------------------
+
+    def apply(self, write: Write, *, task_id: str | None = None) -> tuple[WriteResult, bool]:
+        """Commit ``write`` once per ``task_id``; returns (result, first_run).
+
+        A re-run with the same task id (redelivery, retry after the commit) returns the
+        recorded result and writes nothing.
+        """
+        task_id = task_id or f"direct-{uuid.uuid4()}"
+        for _attempt in range(2):
+            try:
+                with self.connection() as conn:
+                    return self._apply(conn, write, task_id)
+            except psycopg.errors.UniqueViolation:
+                # The same task committed concurrently (a redelivery racing its original):
+                # the next attempt finds its record.
+                continue
+        raise AssertionError("unreachable: a unique violation twice for one task id")
+
+    def _apply(self, conn: Connection, write: Write, task_id: str) -> tuple[WriteResult, bool]:
+        scope = write.scope.name
+        with conn.transaction():
+            recorded = conn.execute(
+                "SELECT scope, revision, changed, changes, extract(epoch FROM committed_at)"
+                " FROM options_write WHERE task_id = %s",
+                (task_id,),
+            ).fetchone()
+            if recorded is not None:
+                return _result_from_row(task_id, recorded), False
+            # The upsert takes the scope's row lock: writers of one scope commit in turn,
+            # so revisions are gapless and history is in revision order.
+            (revision,) = conn.execute(
+                "INSERT INTO options_scope AS s (scope) VALUES (%s)"
+                " ON CONFLICT (scope) DO UPDATE SET scope = s.scope RETURNING revision",
+                (scope,),
+            ).fetchone()  # type: ignore[misc]
+            current: dict[str, str] = dict(
+                conn.execute(
+                    "SELECT key, value::text FROM options_value WHERE scope = %s AND key = ANY(%s)",
+                    (scope, write.keys),
+                ).fetchall()
+            )
+            changes: dict[str, str | None] = {}
+            for key, text in write.sets.items():
+                if current.get(key) != text:
+                    changes[key] = text
+            for key in write.unsets:
+                if key in current:
+                    changes[key] = None
+            if changes:
+                revision += 1
+                self._write_changes(
+                    conn,
+                    scope=scope,
+                    revision=revision,
+                    changes=changes,
+                    current=current,
+                    task_id=task_id,
+                )
+            (committed_at,) = conn.execute(
+                "INSERT INTO options_write"
+                " (task_id, scope, revision, changed, changes, announced_at)"
+                " VALUES (%s, %s, %s, %s, %s, CASE WHEN %s THEN NULL ELSE now() END)"
+                " RETURNING extract(epoch FROM committed_at)",
+                (task_id, scope, revision, bool(changes), Jsonb(changes), bool(changes)),
+            ).fetchone()  # type: ignore[misc]
+        result = WriteResult(scope, revision, bool(changes), changes, task_id, float(committed_at))
+        return result, True
+
+    @staticmethod
+    def _write_changes(
+        conn: Connection,
+        *,
+        scope: str,
+        revision: int,
+        changes: dict[str, str | None],
+        current: dict[str, str],
+        task_id: str,
+    ) -> None:
+        sets = {k: v for k, v in changes.items() if v is not None}
+        unsets = [k for k, v in changes.items() if v is None]
+        conn.execute(
+            "UPDATE options_scope SET revision = %s, updated_at = now() WHERE scope = %s",
+            (revision, scope),
+        )
+        if sets:
+            # unnest: one statement whatever the number of keys (set_many of thousands).
+            conn.execute(
+                "INSERT INTO options_value (scope, key, value, revision)"
+                " SELECT %s, k, v::json, %s FROM unnest(%s::text[], %s::text[]) AS t(k, v)"
+                " ON CONFLICT (scope, key) DO UPDATE"
+                " SET value = EXCLUDED.value, revision = EXCLUDED.revision",
+                (scope, revision, list(sets), list(sets.values())),
+            )
+        if unsets:
+            conn.execute(
+                "DELETE FROM options_value WHERE scope = %s AND key = ANY(%s)", (scope, unsets)
+            )
+        keys = list(changes)
+        conn.execute(
+            "INSERT INTO options_history (scope, key, old_value, new_value, revision, task_id)"
+            " SELECT %s, k, o::json, n::json, %s, %s"
+            " FROM unnest(%s::text[], %s::text[], %s::text[]) AS t(k, o, n)",
+            (
+                scope,
+                revision,
+                task_id,
+                keys,
+                [current.get(k) for k in keys],
+                [changes[k] for k in keys],
+            ),
+        )
+
+    def mark_announced(self, task_ids: Iterable[str]) -> None:
+        ids = list(task_ids)
+        if not ids:
+            return
+        with self.connection() as conn:
+            conn.execute(
+                "UPDATE options_write SET announced_at = now()"
+                " WHERE task_id = ANY(%s) AND announced_at IS NULL",
+                (ids,),
+            )
+
+    def write_record(self, task_id: str) -> WriteResult | None:
+        with self.connection() as conn:
+            row = conn.execute(
+                "SELECT scope, revision, changed, changes, extract(epoch FROM committed_at)"
+                " FROM options_write WHERE task_id = %s",
+                (task_id,),
+            ).fetchone()
+        return None if row is None else _result_from_row(task_id, row)
+
+    # -- reads ----------------------------------------------------------------
+
+    def load_scope(self, scope: str) -> Snapshot:
+        return self.load_scopes([scope])[scope]
+
+    def load_scopes(self, scopes: list[str]) -> dict[str, Snapshot]:
+        """Snapshots of several scopes, each consistent with its revision."""
+        with self.connection() as conn, conn.transaction():
+            # REPEATABLE READ: the revision and the values come from one snapshot.
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            revisions = dict(
+                conn.execute(
+                    "SELECT scope, revision FROM options_scope WHERE scope = ANY(%s)", (scopes,)
+                ).fetchall()
+            )
+            values: dict[str, dict[str, str]] = {scope: {} for scope in scopes}
+            for scope, key, value in conn.execute(
+                "SELECT scope, key, value::text FROM options_value WHERE scope = ANY(%s)",
+                (scopes,),
+            ):
+                values[scope][key] = value
+        return {scope: Snapshot(int(revisions.get(scope, 0)), values[scope]) for scope in scopes}
+
+    def list_scopes(self) -> list[tuple[str, int]]:
+        with self.connection() as conn:
+            return [
+                (scope, int(revision))
+                for scope, revision in conn.execute(
+                    "SELECT scope, revision FROM options_scope ORDER BY scope"
+                )
+            ]
+
+    def history(
+        self, scope: str, key: str | None = None, *, limit: int = 100
+    ) -> list[HistoryEntry]:
+        query = (
+            "SELECT scope, key, old_value, new_value, revision, changed_at, task_id"
+            " FROM options_history WHERE scope = %s"
+        )
+        params: list[Any] = [scope]
+        if key is not None:
+            query += " AND key = %s"
+            params.append(key)
+        query += " ORDER BY revision DESC, id DESC LIMIT %s"
+        params.append(limit)
+        with self.connection() as conn:
+            rows = conn.execute(query, params).fetchall()
+        return [HistoryEntry(*row) for row in reversed(rows)]
+
+    def unannounced(self, *, older_than: float, limit: int = 1000) -> list[WriteResult]:
+        """Committed changes nobody has announced ``older_than`` seconds after their commit."""
+        with self.connection() as conn:
+            rows = conn.execute(
+                "SELECT task_id, scope, revision, changed, changes,"
+                " extract(epoch FROM committed_at) FROM options_write"
+                " WHERE announced_at IS NULL"
+                " AND committed_at < clock_timestamp() - make_interval(secs => %s)"
+                " ORDER BY committed_at LIMIT %s",
+                (older_than, limit),
+            ).fetchall()
+        return [_result_from_row(row[0], row[1:]) for row in rows]
+
+
+def _result_from_row(task_id: str, row: tuple[Any, ...]) -> WriteResult:
+    scope, revision, changed, changes, committed_at = row
+    return WriteResult(
+        scope, int(revision), bool(changed), dict(changes), task_id, float(committed_at)
+    )

@@ -1,0 +1,95 @@
+"""The read API, one class per seed manager; reads are dictionary lookups once a scope is local."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from store.layered import LayeredStore
+from store.scopes import group_scope, project_scope, tag_keys_scope, user_scope
+
+
+class _Reader:
+    __slots__ = ("_local", "_store")
+
+    def __init__(self, store: LayeredStore) -> None:
+        self._store = store
+        self._local = store.local
+
+
+class Options(_Reader):
+    """Global options (the seed's ``Option.objects``)."""
+
+    __slots__ = ()
+
+    def get_value(self, key: str, default: Any = None) -> Any:
+        state = self._local.holder.scopes.get("global") or self._store.state("global")
+        return state.values.get(key, default)
+
+    def get_all_values(self) -> dict[str, Any]:
+        # A copy: the seed handed out its cache and let callers corrupt it.
+        return dict(self._store.state("global").values)
+
+
+class ProjectOptions(_Reader):
+    """Per-project options (the seed's ``ProjectOption.objects``)."""
+
+    __slots__ = ()
+
+    def get_value(self, project_id: int, key: str, default: Any = None) -> Any:
+        scope = f"project:{project_id}"
+        state = self._local.holder.scopes.get(scope)
+        if state is None:
+            state = self._store.state(project_scope(project_id).name)
+        return state.values.get(key, default)
+
+    def get_all_values(self, project_id: int) -> dict[str, Any]:
+        return dict(self._store.state(project_scope(project_id).name).values)
+
+    def get_value_bulk(self, project_ids: Iterable[int], key: str) -> dict[int, Any]:
+        return _bulk(self._store, {project_scope(p).name: p for p in project_ids}, key)
+
+
+class UserOptions(_Reader):
+    """Per-user options, optionally per (user, project) (the seed's ``UserOption.objects``)."""
+
+    __slots__ = ()
+
+    def get_value(self, user_id: int, project_id: int | None, key: str, default: Any = None) -> Any:
+        return self._store.state(user_scope(user_id, project_id).name).values.get(key, default)
+
+    def get_all_values(self, user_id: int, project_id: int | None = None) -> dict[str, Any]:
+        return dict(self._store.state(user_scope(user_id, project_id).name).values)
+
+
+class GroupMeta(_Reader):
+    """Per-group metadata (the seed's ``GroupMeta.objects``), returning values, not rows."""
+
+    __slots__ = ()
+
+    def get_value(self, group_id: int, key: str, default: Any = None) -> Any:
+        return self._store.state(group_scope(group_id).name).values.get(key, default)
+
+    def get_all_values(self, group_id: int) -> dict[str, Any]:
+        return dict(self._store.state(group_scope(group_id).name).values)
+
+    def get_value_bulk(self, group_ids: Iterable[int], key: str) -> dict[int, Any]:
+        return _bulk(self._store, {group_scope(g).name: g for g in group_ids}, key)
+
+
+class TagKeys(_Reader):
+    """Tag keys per project (the seed's ``TagKey.objects.all_keys``), invalidated on change."""
+
+    __slots__ = ()
+
+    def all_keys(self, project_id: int) -> list[str]:
+        return self._store.state(tag_keys_scope(project_id).name).sorted_keys()
+
+
+def _bulk(store: LayeredStore, ids_by_scope: dict[str, int], key: str) -> dict[int, Any]:
+    states = store.states(list(ids_by_scope))
+    return {
+        ids_by_scope[scope]: state.values[key]
+        for scope, state in states.items()
+        if key in state.values
+    }

@@ -1,0 +1,128 @@
+"""The shared Redis cache: a hash per scope with its values and revision, moved forward only."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import redis
+
+from store.postgres import Snapshot
+
+# Option keys cannot contain control characters, so these field names never collide with one.
+REVISION_FIELD = b"\x00rev"
+STALE_FIELD = b"\x00stale"
+
+# Replace the scope with a snapshot unless Redis already holds that revision or a newer one.
+# A "stale" hash is a floor left by a writer: it holds no values, only the revision below
+# which no snapshot may land (so a reader that loaded before a commit cannot undo it).
+_FILL = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+local new = tonumber(ARGV[3])
+if cur then
+  cur = tonumber(cur)
+  if cur > new then return 0 end
+  if cur == new and redis.call('HEXISTS', KEYS[1], ARGV[2]) == 0 then return 0 end
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+for i = 5, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+# Apply one committed change. Only the direct successor of the cached revision is applied;
+# anything else leaves a floor at the new revision so the next reader reloads from PostgreSQL.
+_DELTA = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+local new = tonumber(ARGV[3])
+if cur and tonumber(cur) >= new then return 'old' end
+if (not cur) or tonumber(cur) ~= new - 1 or redis.call('HEXISTS', KEYS[1], ARGV[2]) == 1 then
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3], ARGV[2], '1')
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  return 'floor'
+end
+local nsets = tonumber(ARGV[5])
+local i = 6
+for _ = 1, nsets do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+while i <= #ARGV do
+  redis.call('HDEL', KEYS[1], ARGV[i])
+  i = i + 1
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 'applied'
+"""
+
+
+class RedisCache:
+    """Scope snapshots in Redis hashes, written with revision checks done inside Redis."""
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        prefix: str = "optionstore",
+        ttl: int = 24 * 3600,
+        socket_timeout: float = 2.0,
+    ) -> None:
+        self.client: redis.Redis = redis.Redis.from_url(
+            url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            health_check_interval=30,
+        )
+        self.prefix = prefix
+        self.ttl = ttl
+        self._fill = self.client.register_script(_FILL)
+        self._delta = self.client.register_script(_DELTA)
+
+    def key(self, scope: str) -> str:
+        return f"{self.prefix}:scope:{scope}"
+
+    def get(self, scope: str) -> Snapshot | None:
+        return _snapshot(self.client.hgetall(self.key(scope)))
+
+    def get_many(self, scopes: list[str]) -> dict[str, Snapshot | None]:
+        pipe = self.client.pipeline(transaction=False)
+        for scope in scopes:
+            pipe.hgetall(self.key(scope))
+        return {scope: _snapshot(raw) for scope, raw in zip(scopes, pipe.execute(), strict=True)}
+
+    def fill(self, scope: str, snapshot: Snapshot) -> bool:
+        args: list[str | bytes | int] = [REVISION_FIELD, STALE_FIELD, snapshot.revision, self.ttl]
+        for key, value in snapshot.values.items():
+            args += (key, value)
+        return bool(self._fill(keys=[self.key(scope)], args=args))
+
+    def apply(self, scope: str, revision: int, changes: Mapping[str, str | None]) -> str:
+        """Move the cached scope to ``revision``; returns 'applied', 'old' or 'floor'."""
+        sets = [(k, v) for k, v in changes.items() if v is not None]
+        args: list[str | bytes | int] = [REVISION_FIELD, STALE_FIELD, revision, self.ttl, len(sets)]
+        for key, value in sets:
+            args += (key, value)
+        args += [k for k, v in changes.items() if v is None]
+        outcome = self._delta(keys=[self.key(scope)], args=args)
+        return outcome.decode() if isinstance(outcome, bytes) else str(outcome)
+
+    def ping(self) -> bool:
+        return bool(self.client.ping())
+
+
+def _snapshot(raw: Mapping[Any, Any]) -> Snapshot | None:
+    if not raw or STALE_FIELD in raw:
+        return None
+    revision = 0
+    values: dict[str, str] = {}
+    for field, value in raw.items():
+        if field == REVISION_FIELD:
+            revision = int(value)
+        else:
+            values[field.decode()] = value.decode()
+    return Snapshot(revision, values)

@@ -1,0 +1,83 @@
+"""Settings read from the environment at the edges (celeryconfig, the CLI), not in library code."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from store.errors import InvalidOption
+from store.local import MODES, TASK
+from store.validation import DEFAULT_MAX_VALUE_BYTES
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    redis_url: str
+    broker_url: str
+    result_backend: str | None
+    local_cache: str = TASK
+    max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
+    state_dir: Path = Path(".optionstore")
+    embedded: bool = False
+    namespace: str = "optionstore"
+    task_queue: str = "celery"
+    log_format: str = "auto"
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Resolve the contract's variables; unset service URLs mean the embedded default."""
+        env = os.environ if environ is None else environ
+        state_dir = Path(env.get("OPTIONS_STATE_DIR") or ".optionstore").absolute()
+        database_url = env.get("OPTIONS_DATABASE_URL") or ""
+        redis_url = env.get("OPTIONS_REDIS_URL") or ""
+        embedded = not (database_url and redis_url)
+        if embedded:
+            # Imported here: processes pointed at real services never load the embedded servers.
+            from store.embedded import ensure_embedded
+
+            services = ensure_embedded(state_dir)
+            database_url = database_url or services.database_url
+            redis_url = redis_url or services.redis_url
+        local_cache = env.get("OPTIONS_LOCAL_CACHE") or TASK
+        if local_cache not in MODES:
+            raise InvalidOption(
+                "OPTIONS_LOCAL_CACHE", f"must be one of {MODES}, got {local_cache!r}"
+            )
+        raw_limit = env.get("OPTIONS_MAX_VALUE_BYTES") or str(DEFAULT_MAX_VALUE_BYTES)
+        try:
+            max_value_bytes = int(raw_limit)
+        except ValueError:
+            raise InvalidOption(
+                "OPTIONS_MAX_VALUE_BYTES", f"must be an integer, got {raw_limit!r}"
+            ) from None
+        if max_value_bytes < 1:
+            raise InvalidOption("OPTIONS_MAX_VALUE_BYTES", "must be at least 1")
+        return cls(
+            database_url=database_url,
+            redis_url=redis_url,
+            broker_url=env.get("CELERY_BROKER_URL") or redis_url,
+            result_backend=env.get("CELERY_RESULT_BACKEND") or None,
+            local_cache=local_cache,
+            max_value_bytes=max_value_bytes,
+            state_dir=state_dir,
+            embedded=embedded,
+            namespace=env.get("OPTIONS_NAMESPACE") or "optionstore",
+            task_queue=env.get("OPTIONS_TASK_QUEUE") or "celery",
+            log_format=env.get("OPTIONS_LOG_FORMAT") or "auto",
+        )
+
+
+def redact_url(url: str | None) -> str | None:
+    """The URL with any password replaced, fit for a log line or a status report."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[-1]}"))

@@ -1,0 +1,87 @@
+"""Input rules shared by the Python helpers, the tasks and the CLI; each error names its field."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from store.errors import InvalidOption
+
+MAX_KEY_LENGTH = 64  # the seed's CharField(max_length=64)
+MAX_TAG_KEY_LENGTH = 32  # Sentry's MAX_TAG_KEY_LENGTH
+MAX_ID = 2**63 - 1  # PostgreSQL bigint
+MAX_DEPTH = 32
+DEFAULT_MAX_VALUE_BYTES = 1024 * 1024
+
+
+def validate_id(value: object, field: str) -> int:
+    # bool is an int subclass; True must not quietly become project 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidOption(field, f"must be an integer, not {type(value).__name__}")
+    if not 1 <= value <= MAX_ID:
+        raise InvalidOption(field, f"must be between 1 and {MAX_ID}, got {value}")
+    return value
+
+
+def validate_key(value: object, field: str = "key", *, max_length: int = MAX_KEY_LENGTH) -> str:
+    if not isinstance(value, str):
+        raise InvalidOption(field, f"must be a string, not {type(value).__name__}")
+    if not 1 <= len(value) <= max_length:
+        raise InvalidOption(field, f"must be 1 to {max_length} characters, got {len(value)}")
+    for char in value:
+        if _is_control(char):
+            raise InvalidOption(field, f"must not contain control characters, found {char!r}")
+    return value
+
+
+def validate_tag_key(value: object, field: str = "key") -> str:
+    return validate_key(value, field, max_length=MAX_TAG_KEY_LENGTH)
+
+
+def _is_control(char: str) -> bool:
+    # Unicode category Cc: C0, DEL and C1.
+    code = ord(char)
+    return code < 0x20 or 0x7F <= code <= 0x9F
+
+
+def encode_value(
+    value: object, field: str = "value", *, max_bytes: int = DEFAULT_MAX_VALUE_BYTES
+) -> str:
+    """Check ``value`` is plain JSON and return its canonical encoding (sorted keys, compact)."""
+    _check_json(value, field, 0)
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    size = len(text.encode("utf-8"))
+    if size > max_bytes:
+        raise InvalidOption(field, f"encodes to {size} bytes, more than the limit of {max_bytes}")
+    return text
+
+
+def decode_value(text: str | bytes) -> Any:
+    return json.loads(text)
+
+
+def _check_json(value: object, field: str, depth: int) -> None:
+    # Exact type checks: a str/int/dict subclass may carry behaviour JSON cannot round-trip.
+    kind = type(value)
+    if value is None or kind is bool or kind is int or kind is str:
+        return
+    if kind is float:
+        if not math.isfinite(value):  # type: ignore[arg-type]
+            raise InvalidOption(field, f"must be a finite number, got {value!r}")
+        return
+    if kind is list or kind is dict:
+        if depth >= MAX_DEPTH:
+            raise InvalidOption(field, f"nests deeper than {MAX_DEPTH} levels")
+        if kind is list:
+            for item in value:  # type: ignore[attr-defined]
+                _check_json(item, field, depth + 1)
+            return
+        for key, item in value.items():  # type: ignore[attr-defined]
+            if type(key) is not str:
+                raise InvalidOption(field, f"object keys must be strings, found {key!r}")
+            _check_json(item, field, depth + 1)
+        return
+    raise InvalidOption(
+        field, f"must be JSON (null, bool, number, string, list, object), got {kind.__name__}"
+    )

@@ -1,0 +1,103 @@
+"""What a write task asks for (``Write``) and what it did (``WriteResult``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from store.errors import InvalidOption
+from store.scopes import Scope
+from store.validation import (
+    DEFAULT_MAX_VALUE_BYTES,
+    encode_value,
+    validate_key,
+    validate_tag_key,
+)
+
+# Tag keys are a set; each member is stored with this value.
+TAG_KEY_PRESENT = "true"
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One atomic change of one scope: keys to set (canonical JSON text) and keys to remove."""
+
+    scope: Scope
+    sets: Mapping[str, str] = field(default_factory=dict)
+    unsets: tuple[str, ...] = ()
+
+    @property
+    def keys(self) -> list[str]:
+        return [*self.sets, *self.unsets]
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """The committed outcome; ``changes`` maps each changed key to its new JSON text or None."""
+
+    scope: str
+    revision: int
+    changed: bool
+    changes: dict[str, str | None]
+    task_id: str
+    committed_at: float
+
+    def as_task_result(self, keys: Sequence[str]) -> dict[str, Any]:
+        return {
+            "scope": self.scope,
+            "revision": self.revision,
+            "changed": self.changed,
+            "keys": list(keys),
+            "changed_keys": sorted(self.changes),
+        }
+
+
+def set_write(
+    scope: Scope, key: object, value: object, *, max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
+) -> Write:
+    name = validate_key(key)
+    return Write(scope, {name: encode_value(value, max_bytes=max_value_bytes)})
+
+
+def unset_write(scope: Scope, key: object) -> Write:
+    return Write(scope, unsets=(validate_key(key),))
+
+
+def add_tag_key_write(scope: Scope, key: object) -> Write:
+    return Write(scope, {validate_tag_key(key): TAG_KEY_PRESENT})
+
+
+def remove_tag_key_write(scope: Scope, key: object) -> Write:
+    return Write(scope, unsets=(validate_tag_key(key),))
+
+
+def many_write(
+    scope: Scope,
+    values: object,
+    unset: object,
+    *,
+    max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+) -> Write:
+    if scope.is_tag_keys:
+        raise InvalidOption("scope", "set_many takes an option scope; use add_tag_key for tag keys")
+    if not isinstance(values, dict):
+        raise InvalidOption(
+            "values", f"must be an object of key -> value, not {type(values).__name__}"
+        )
+    if not isinstance(unset, list):
+        raise InvalidOption("unset", f"must be a list of keys, not {type(unset).__name__}")
+    sets: dict[str, str] = {}
+    for key, value in values.items():
+        name = validate_key(key, "values")
+        sets[name] = encode_value(value, f"values[{name!r}]", max_bytes=max_value_bytes)
+    unsets: list[str] = []
+    for position, key in enumerate(unset):
+        name = validate_key(key, f"unset[{position}]")
+        if name in sets:
+            raise InvalidOption(f"unset[{position}]", f"{name!r} is also in values")
+        if name not in unsets:
+            unsets.append(name)
+    if not sets and not unsets:
+        raise InvalidOption("values", "set_many needs at least one key in values or unset")
+    return Write(scope, sets, tuple(unsets))

@@ -1,0 +1,26 @@
+"""The Celery app ``worker.app`` and the wiring of the store into each worker process."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+import celeryconfig
+import store
+from worker.logging import configure_logging
+
+settings = celeryconfig.SETTINGS
+
+configure_logging(log_format=settings.log_format)
+store.configure(
+    database_url=settings.database_url,
+    redis_url=settings.redis_url,
+    local_cache=settings.local_cache,
+    max_value_bytes=settings.max_value_bytes,
+    redis_prefix=settings.namespace,
+)
+
+app = Celery("optionstore")
+app.config_from_object(celeryconfig)
+
+# Signal handlers must be connected in every process that runs tasks.
+import worker.signals  # noqa: E402, F401

@@ -1,0 +1,309 @@
+"""The ``optionstore`` command: migrate, read, write through the tasks, inspect, run a worker."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from store.errors import InvalidOption, OptionsError
+from store.scopes import GLOBAL, GROUP, PROJECT, TAGKEYS, USER, Scope
+from store.settings import Settings, redact_url
+from store.validation import validate_key
+
+DEFAULT_WORKER_ARGS = ["--pool", "prefork", "--concurrency", "2", "--loglevel", "INFO"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "worker":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        result: int = args.handler(args, extra)
+    except InvalidOption as exc:
+        print(f"optionstore: invalid input: {exc}", file=sys.stderr)
+        return 2
+    except OptionsError as exc:
+        print(f"optionstore: {exc}", file=sys.stderr)
+        return 1
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="optionstore", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(
+        name: str, handler: Any, help_text: str, *, json_flag: bool = False
+    ) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd.set_defaults(handler=handler)
+        if json_flag:
+            cmd.add_argument("--json", action="store_true", help="print JSON")
+        return cmd
+
+    command("migrate", _migrate, "create or upgrade the PostgreSQL schema (idempotent)")
+    get = command("get", _get, "print one option's value (exit 1 if it is not set)", json_flag=True)
+    get.add_argument("scope")
+    get.add_argument("key")
+    listing = command("list", _list, "print every option of a scope", json_flag=True)
+    listing.add_argument("scope")
+    for name, handler, help_text in (
+        ("set", _set, "enqueue a write of KEY = JSON in SCOPE"),
+        ("unset", _unset, "enqueue the removal of KEY from SCOPE"),
+    ):
+        cmd = command(name, handler, help_text)
+        cmd.add_argument("scope")
+        cmd.add_argument("key")
+        if name == "set":
+            cmd.add_argument("value", metavar="JSON")
+        cmd.add_argument("--wait", action="store_true", help="return once the write committed")
+        cmd.add_argument("--timeout", type=float, default=30.0, help="seconds --wait waits (30)")
+    history = command(
+        "history", _history, "print the change history of a scope or key", json_flag=True
+    )
+    history.add_argument("scope")
+    history.add_argument("key", nargs="?")
+    history.add_argument("--limit", type=int, default=100)
+    command("status", _status, "show the services, the schema and the outbox", json_flag=True)
+    command(
+        "worker",
+        _worker,
+        "migrate, then run `celery -A worker worker` (extra arguments go to celery; "
+        f"default: {' '.join(DEFAULT_WORKER_ARGS)})",
+    )
+    embedded = command(
+        "embedded", _embedded, "manage the embedded PostgreSQL and Redis", json_flag=True
+    )
+    embedded.add_argument("action", choices=["start", "stop", "status", "env"])
+    return parser
+
+
+def _settings() -> Settings:
+    return Settings.from_environ()
+
+
+def _configured() -> Any:
+    import store
+
+    settings = _settings()
+    store.configure(database_url=settings.database_url, redis_url=settings.redis_url)
+    return store.backend
+
+
+def _print_json(data: object) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def _migrate(args: argparse.Namespace, _: list[str]) -> int:
+    from store.schema import migrate
+
+    before, after = migrate(_settings().database_url)
+    print(
+        f"schema at version {after}" + (f" (was {before})" if before != after else " (up to date)")
+    )
+    return 0
+
+
+def _get(args: argparse.Namespace, _: list[str]) -> int:
+    scope = Scope.parse(args.scope)
+    snapshot = _configured().db.load_scope(scope.name)
+    text = snapshot.values.get(args.key)
+    if args.json:
+        _print_json(
+            {
+                "scope": scope.name,
+                "key": args.key,
+                "set": text is not None,
+                "value": None if text is None else json.loads(text),
+                "revision": snapshot.revision,
+            }
+        )
+    elif text is not None:
+        print(text)
+    else:
+        print(f"{args.key!r} is not set in {scope.name}", file=sys.stderr)
+    return 0 if text is not None else 1
+
+
+def _list(args: argparse.Namespace, _: list[str]) -> int:
+    scope = Scope.parse(args.scope)
+    snapshot = _configured().db.load_scope(scope.name)
+    values = {key: json.loads(text) for key, text in sorted(snapshot.values.items())}
+    if args.json:
+        _print_json({"scope": scope.name, "revision": snapshot.revision, "values": values})
+    else:
+        for key, text in sorted(snapshot.values.items()):
+            print(f"{key} = {text}")
+    return 0
+
+
+def _task_call(scope: Scope, key: str, value: Any, *, unset: bool) -> tuple[str, list[Any]]:
+    """The contract's task name and positional args for a write of ``key`` in ``scope``."""
+    verb = "unset" if unset else "set"
+    tail: list[Any] = [key] if unset else [key, value]
+    if scope.kind == GLOBAL:
+        return f"options.{verb}_option", tail
+    if scope.kind == PROJECT:
+        return f"options.{verb}_project_option", [scope.id, *tail]
+    if scope.kind == USER:
+        return f"options.{verb}_user_option", [scope.id, scope.project_id, *tail]
+    if scope.kind == GROUP:
+        return f"options.{verb}_group_meta", [scope.id, *tail]
+    assert scope.kind == TAGKEYS
+    if not unset and value is not True:
+        raise InvalidOption("value", "a tag key is added with the value true")
+    return ("options.remove_tag_key" if unset else "options.add_tag_key"), [scope.id, key]
+
+
+def _enqueue(args: argparse.Namespace, value: Any, *, unset: bool) -> int:
+    scope = Scope.parse(args.scope)
+    validate_key(args.key)
+    name, task_args = _task_call(scope, args.key, value, unset=unset)
+    backend = _configured()
+    import tasks  # registers the task objects on the app
+
+    # Through the task object: its apply_async applies the input rules before enqueueing.
+    task_id: str = tasks.set_option.app.tasks[name].apply_async(task_args).id
+    print(f"enqueued {name} {json.dumps(task_args)} as task {task_id}")
+    if not args.wait:
+        return 0
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        record = backend.db.write_record(task_id)
+        if record is not None:
+            state = "changed" if record.changed else "unchanged"
+            print(f"committed: {record.scope} at revision {record.revision} ({state})")
+            return 0
+        time.sleep(0.05)
+    print(f"not committed after {args.timeout:.0f}s: is a worker running?", file=sys.stderr)
+    return 1
+
+
+def _set(args: argparse.Namespace, _: list[str]) -> int:
+    try:
+        value = json.loads(args.value)
+    except json.JSONDecodeError as exc:
+        raise InvalidOption(
+            "value", f"is not JSON ({exc.msg}); quote strings: '\"text\"'"
+        ) from None
+    return _enqueue(args, value, unset=False)
+
+
+def _unset(args: argparse.Namespace, _: list[str]) -> int:
+    return _enqueue(args, None, unset=True)
+
+
+def _history(args: argparse.Namespace, _: list[str]) -> int:
+    scope = Scope.parse(args.scope)
+    entries = _configured().db.history(scope.name, args.key, limit=args.limit)
+    if args.json:
+        _print_json(
+            [
+                {
+                    "scope": e.scope,
+                    "key": e.key,
+                    "revision": e.revision,
+                    "old_value": e.old_value,
+                    "new_value": e.new_value,
+                    "changed_at": e.changed_at.isoformat(),
+                    "task_id": e.task_id,
+                }
+                for e in entries
+            ]
+        )
+        return 0
+    for e in entries:
+        new = "(unset)" if e.new_value is None else json.dumps(e.new_value)
+        old = "(unset)" if e.old_value is None else json.dumps(e.old_value)
+        print(
+            f"r{e.revision} {e.changed_at:%Y-%m-%d %H:%M:%S} {e.key}: {old} -> {new}  [{e.task_id}]"
+        )
+    return 0
+
+
+def _status(args: argparse.Namespace, _: list[str]) -> int:
+    from store.schema import SCHEMA_VERSION, schema_version
+
+    settings = _settings()
+    backend = _configured()
+    report: dict[str, Any] = {
+        "embedded": settings.embedded,
+        "database_url": redact_url(settings.database_url),
+        "redis_url": redact_url(settings.redis_url),
+        "broker_url": redact_url(settings.broker_url),
+        "local_cache": settings.local_cache,
+    }
+    with backend.db.connection() as conn:
+        report["schema_version"] = schema_version(conn)
+        report["schema_expected"] = SCHEMA_VERSION
+        if report["schema_version"] >= 1:
+            (count,) = conn.execute("SELECT count(*) FROM options_scope").fetchone()
+            (pending,) = conn.execute(
+                "SELECT count(*) FROM options_write WHERE announced_at IS NULL"
+            ).fetchone()
+            report["scopes"] = count
+            report["unannounced_writes"] = pending
+    try:
+        report["redis"] = "up" if backend.redis and backend.redis.ping() else "down"
+    except Exception as exc:  # a status report shows every failure instead of raising
+        report["redis"] = f"down ({type(exc).__name__})"
+    if args.json:
+        _print_json(report)
+    else:
+        for key, value in report.items():
+            print(f"{key:20} {value}")
+    return 0
+
+
+def _worker(args: argparse.Namespace, extra: list[str]) -> int:
+    from store.schema import migrate
+
+    settings = _settings()  # starts the embedded servers first, when they are the default
+    migrate(settings.database_url)
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker",
+        "worker",
+        *(extra or DEFAULT_WORKER_ARGS),
+    ]
+    os.execv(sys.executable, argv)  # noqa: S606 (replaces this process with the worker)
+
+
+def _embedded(args: argparse.Namespace, _: list[str]) -> int:
+    from pathlib import Path
+
+    from store.embedded import embedded_status, ensure_embedded, stop_embedded
+
+    state_dir = Path(os.environ.get("OPTIONS_STATE_DIR") or ".optionstore").absolute()
+    if args.action == "stop":
+        stop_embedded(state_dir)
+        print(f"stopped the embedded servers in {state_dir}")
+        return 0
+    if args.action == "status":
+        status = embedded_status(state_dir)
+        if args.json:
+            _print_json(status)
+        else:
+            for name, info in status.items():
+                print(f"{name:10} {info}")
+        return 0
+    services = ensure_embedded(state_dir)
+    if args.action == "env":
+        print(f"export OPTIONS_DATABASE_URL={services.database_url}")
+        print(f"export OPTIONS_REDIS_URL={services.redis_url}")
+    else:
+        print(f"postgres  {services.database_url}\nredis     {services.redis_url}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
