@@ -1,0 +1,288 @@
+"""Fixtures: real PostgreSQL and Redis (embedded, and the machine's when named), real workers.
+
+Every test that needs services runs once per target: ``embedded`` (the embedded default, always
+available) and ``machine`` (the services named by OPTIONS_TEST_DATABASE_URL and
+OPTIONS_TEST_REDIS_URL; skipped when unset, a failure under CI=true).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI") == "true"
+
+# The test process is hermetic: whatever the shell exports, the code under test only sees what
+# a fixture hands it, and `import worker` lands on this run's own embedded servers.
+for _name in (
+    "OPTIONS_DATABASE_URL",
+    "OPTIONS_REDIS_URL",
+    "CELERY_BROKER_URL",
+    "CELERY_RESULT_BACKEND",
+    "OPTIONS_LOCAL_CACHE",
+    "OPTIONS_NAMESPACE",
+    "OPTIONS_TASK_QUEUE",
+):
+    os.environ.pop(_name, None)
+STATE_DIR = Path(tempfile.mkdtemp(prefix="optionstore-tests-"))
+os.environ["OPTIONS_STATE_DIR"] = str(STATE_DIR)
+os.environ.setdefault("OPTIONS_LOG_FORMAT", "json")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    from store.embedded import stop_embedded
+
+    stop_embedded(STATE_DIR)
+
+
+def wait_for(
+    condition: Callable[[], Any],
+    *,
+    timeout: float = 30.0,
+    interval: float = 0.02,
+    message: str = "condition",
+) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def fresh_id() -> int:
+    """An id no other test uses, so tests share one database without cleaning it."""
+    return random.randint(10**9, 2**62)  # noqa: S311
+
+
+@dataclass
+class Services:
+    """One target: where PostgreSQL and Redis are, and the names that isolate this run on them."""
+
+    name: str
+    database_url: str
+    redis_url: str
+    namespace: str = field(default_factory=lambda: f"t{uuid.uuid4().hex[:10]}")
+
+    @property
+    def broker_url(self) -> str:
+        return self.redis_url
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OPTIONS_", "CELERY_"))}
+        env.update(
+            OPTIONS_DATABASE_URL=self.database_url,
+            OPTIONS_REDIS_URL=self.redis_url,
+            CELERY_BROKER_URL=self.broker_url,
+            CELERY_RESULT_BACKEND=self.redis_url,
+            OPTIONS_NAMESPACE=self.namespace,
+            OPTIONS_TASK_QUEUE=f"{self.namespace}.tasks",
+            OPTIONS_STATE_DIR=str(STATE_DIR),
+            OPTIONS_LOG_FORMAT="json",
+            PYTHONPATH=str(ROOT),
+        )
+        env.update(extra)
+        return env
+
+
+def _with_database(url: str, database: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+def _machine_services() -> Iterator[Services]:
+    database_url = os.environ.get("OPTIONS_TEST_DATABASE_URL")
+    redis_url = os.environ.get("OPTIONS_TEST_REDIS_URL")
+    if not (database_url and redis_url):
+        if IN_CI:
+            pytest.fail("CI=true but OPTIONS_TEST_DATABASE_URL / OPTIONS_TEST_REDIS_URL are unset")
+        pytest.skip(
+            "machine services not named (OPTIONS_TEST_DATABASE_URL, OPTIONS_TEST_REDIS_URL)"
+        )
+    name = f"optionstore_t_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    services = Services("machine", _with_database(database_url, name), redis_url)
+    try:
+        yield services
+    finally:
+        client = redis.Redis.from_url(redis_url)
+        for key in client.scan_iter(match=f"{services.namespace}*", count=1000):
+            client.delete(key)
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session", params=["embedded", "machine"])
+def services(request: pytest.FixtureRequest) -> Iterator[Services]:
+    from store.embedded import ensure_embedded
+    from store.schema import migrate
+
+    if request.param == "embedded":
+        found = ensure_embedded(STATE_DIR)
+        target = Services("embedded", found.database_url, found.redis_url)
+        migrate(target.database_url)
+        yield target
+        return
+    for target in _machine_services():
+        migrate(target.database_url)
+        yield target
+
+
+@pytest.fixture
+def backend(services: Services) -> Iterator[Any]:
+    """The in-process store, pointed at ``services``."""
+    import store
+
+    configured = store.configure(
+        database_url=services.database_url,
+        redis_url=services.redis_url,
+        redis_prefix=services.namespace,
+    )
+    yield configured
+    store.clear_local_cache()
+
+
+class Worker:
+    """A real `celery -A worker worker` process with prefork children, and a producer for it."""
+
+    def __init__(
+        self,
+        services: Services,
+        *,
+        pool: str = "prefork",
+        concurrency: int = 2,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        from celery import Celery
+
+        self.services = services
+        self.env = services.env(**(extra_env or {}))
+        self.queue = self.env["OPTIONS_TASK_QUEUE"]
+        self.log_path = Path(tempfile.mkstemp(prefix=f"worker-{pool}-", suffix=".log")[1])
+        self.pool = pool
+        self.concurrency = concurrency
+        self.process: subprocess.Popen[bytes] | None = None
+        self.producer = Celery("producer", broker=services.broker_url, backend=services.redis_url)
+        self.producer.conf.update(
+            task_serializer="json",
+            result_serializer="json",
+            accept_content=["json"],
+            task_default_queue=self.queue,
+        )
+
+    def start(self) -> Worker:
+        command = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker",
+            "worker",
+            "--pool",
+            self.pool,
+            "--concurrency",
+            str(self.concurrency),
+            "--queues",
+            self.queue,
+            "--hostname",
+            f"{self.services.namespace}-{self.pool}@%h",
+            "--include",
+            "tests.probe_tasks",
+            "--without-mingle",
+            "--without-gossip",
+            "--loglevel",
+            "INFO",
+        ]
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.call("probe.pid", timeout=90)
+        return self
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def send(self, name: str, *args: Any, **options: Any) -> Any:
+        return self.producer.send_task(name, args=list(args), **options)
+
+    def call(self, name: str, *args: Any, timeout: float = 30.0) -> Any:
+        """Send a task by name and wait for its result (raising the task's error)."""
+        try:
+            return self.send(name, *args).get(timeout=timeout, propagate=True)
+        except Exception:
+            if self.process is not None and self.process.poll() is not None:
+                pytest.fail(f"worker exited with {self.process.returncode}:\n{self.log()[-4000:]}")
+            raise
+
+    def child_pids(self) -> set[int]:
+        import psutil
+
+        assert self.process is not None
+        return {child.pid for child in psutil.Process(self.process.pid).children(recursive=True)}
+
+    def read_everywhere(self, reader: str, method: str, *args: Any) -> dict[int, Any]:
+        """Run the same read in every child (prefork) or in the worker (solo/threads)."""
+        expected = self.child_pids() if self.pool == "prefork" else {self.process.pid}  # type: ignore[union-attr]
+        answers: dict[int, Any] = {}
+
+        def all_answered() -> bool:
+            pending = [
+                self.send("probe.read", reader, method, list(args), 0.2)
+                for _ in range(self.concurrency * 2)
+            ]
+            for result in pending:
+                answer = result.get(timeout=30)
+                answers[answer["pid"]] = answer["result"]
+            return expected <= set(answers)
+
+        wait_for(
+            all_answered,
+            timeout=60,
+            interval=0,
+            message=f"every process to answer {reader}.{method}",
+        )
+        return {pid: answers[pid] for pid in expected}
+
+
+@pytest.fixture(scope="session")
+def worker(services: Services) -> Iterator[Worker]:
+    """A prefork worker with 2 children on ``services``, shared by the tests of one target."""
+    running = Worker(services).start()
+    yield running
+    running.stop()
