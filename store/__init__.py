@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from store.broadcast import Publisher
 from store.errors import (
     InvalidOption,
     MigrationError,
@@ -31,14 +32,25 @@ def configure(
     redis_url: str | None,
     local_cache: str = TASK,
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
-    redis_prefix: str = "optionstore",
     grace_period: float = 300.0,
     pool_max_size: int = 8,
+    broker_url: str | None = None,
+    namespace: str = "optionstore",
+    skip_announce: bool = False,
 ) -> LayeredStore:
-    """Point this process at its services; connections open lazily, after any fork."""
+    """Point this process at its services; connections open lazily, after any fork.
+
+    With ``broker_url``, every committed change is also broadcast on the reload exchange.
+    """
+    publisher = (
+        None if broker_url is None else Publisher(broker_url=broker_url, namespace=namespace)
+    )
+    backend.publisher = publisher
     backend.configure(
+        announcers=[] if publisher is None else [publisher.announce],
+        skip_announce=skip_announce,
         postgres=PostgresStore(conninfo=database_url, max_size=pool_max_size),
-        redis_cache=None if redis_url is None else RedisCache(url=redis_url, prefix=redis_prefix),
+        redis_cache=None if redis_url is None else RedisCache(url=redis_url, prefix=namespace),
         local_cache=local_cache,
         max_value_bytes=max_value_bytes,
         grace_period=grace_period,

@@ -12,6 +12,7 @@ import psycopg_pool
 import redis
 import structlog
 
+from store.broadcast import Publisher, ReloadMessage
 from store.errors import NotConfigured, StoreUnavailable
 from store.local import TASK, LocalCache, ScopeState
 from store.postgres import PostgresStore, Snapshot
@@ -69,6 +70,9 @@ class LayeredStore:
         self._lock = threading.Lock()
         # Called with each committed result; the broadcast publisher hooks in here.
         self.announcers: list[Callable[[WriteResult], None]] = []
+        # Fault injection for tests: commit, then act as if the process died before announcing.
+        self.skip_announce = False
+        self.publisher: Publisher | None = None
 
     def configure(
         self,
@@ -78,8 +82,12 @@ class LayeredStore:
         local_cache: str = TASK,
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
         grace_period: float = 300.0,
+        announcers: list[Callable[[WriteResult], None]] | None = None,
+        skip_announce: bool = False,
     ) -> None:
         with self._lock:
+            self.announcers = list(announcers or [])
+            self.skip_announce = skip_announce
             if self.postgres is not None:
                 self.postgres.close()
             self.postgres = postgres
@@ -102,11 +110,21 @@ class LayeredStore:
     # -- reads ----------------------------------------------------------------
 
     def state(self, scope: str) -> ScopeState:
-        scopes = self.local.holder.scopes
+        local = self.local
+        scopes = local.holder.scopes
         state = scopes.get(scope)
         if state is None:
             state = self.load(scope)
-            scopes[scope] = state
+            floors = local.floors
+            if state.revision < floors.get(scope, 0):
+                # Redis answered before a change we already heard about reached it.
+                state = self.load(scope, use_redis=False)
+            if local.synced:
+                scopes[scope] = state
+                # The broadcast consumer sets the floor before it scans the caches; checking
+                # again after the insert closes the gap between our load and our insert.
+                if floors.get(scope, 0) > state.revision and scopes.get(scope) is state:
+                    del scopes[scope]
         return state
 
     def states(self, names: list[str]) -> dict[str, ScopeState]:
@@ -115,17 +133,18 @@ class LayeredStore:
         missing = [name for name in names if name not in found]
         if missing:
             for name, state in self.load_many(missing).items():
-                scopes[name] = state
                 found[name] = state
+                if self.local.synced and state.revision >= self.local.floors.get(name, 0):
+                    scopes[name] = state
         return found
 
-    def load(self, scope: str) -> ScopeState:
-        return self.load_many([scope])[scope]
+    def load(self, scope: str, *, use_redis: bool = True) -> ScopeState:
+        return self.load_many([scope], use_redis=use_redis)[scope]
 
-    def load_many(self, scopes: list[str]) -> dict[str, ScopeState]:
+    def load_many(self, scopes: list[str], *, use_redis: bool = True) -> dict[str, ScopeState]:
         """Fresh states from Redis, or PostgreSQL (refilling Redis), or last-known values."""
         snapshots: dict[str, Snapshot | None] = dict.fromkeys(scopes)
-        cached = self._from_redis(lambda r: r.get_many(scopes))
+        cached = self._from_redis(lambda r: r.get_many(scopes)) if use_redis else None
         if cached is not None:
             snapshots.update(cached)
         missing = [scope for scope, snap in snapshots.items() if snap is None]
@@ -196,7 +215,10 @@ class LayeredStore:
         """Persist ``write`` (once per task id), then bring the caches forward."""
         started = time.perf_counter()
         result, first_run = self.db.apply(write, task_id=task_id)
-        if result.changed:
+        if result.changed and first_run and self.skip_announce:
+            log.warning("fault.skip_announce", scope=result.scope, revision=result.revision)
+        elif result.changed:
+            # A re-run announces again: its first run may have died between commit and here.
             self.announce(result)
         log.info(
             "option.write",
@@ -208,6 +230,17 @@ class LayeredStore:
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
         )
         return result
+
+    def apply_message(self, message: ReloadMessage) -> str:
+        """Apply a received change to this process's caches, in revision order."""
+        outcome = self.local.apply_change(
+            message.scope, message.revision, message.sets, message.unsets
+        )
+        known = self._last_known.get(message.scope)
+        if known is not None and known[1].revision < message.revision:
+            # Never fall back, during an outage, to a state older than one we heard of.
+            self._last_known.pop(message.scope, None)
+        return outcome
 
     def announce(self, result: WriteResult) -> bool:
         """Tell the caches about a committed change; False leaves it to the outbox relay."""

@@ -10,6 +10,9 @@ from typing import Any
 from store.postgres import Snapshot
 from store.validation import decode_value
 
+# Past this many scopes the revision floors are forgotten; see LocalCache.floors.
+MAX_FLOORS = 100_000
+
 TASK = "task"
 PROCESS = "process"
 MODES = (TASK, PROCESS)
@@ -66,6 +69,12 @@ class LocalCache:
         self._threads = _ThreadHolder(self._registry)
         self.mode = TASK
         self.holder: _Holder | _ThreadHolder = self._threads
+        # The newest revision announced per scope: a load that comes back older than this
+        # (Redis read before the change landed) is not cached.
+        self.floors: dict[str, int] = {}
+        # False while broadcasts may be missed (not yet subscribed, connection lost, silence):
+        # reads then go to Redis or PostgreSQL every time and nothing is kept locally.
+        self.synced = True
         self.set_mode(mode)
 
     def set_mode(self, mode: str) -> None:
@@ -88,9 +97,57 @@ class LocalCache:
         for scopes in self.all_maps():
             scopes.clear()
 
+    def desync(self) -> None:
+        """Broadcasts may have been missed: drop everything and keep nothing until resynced."""
+        self.synced = False
+        self.clear()
+
+    def resync(self) -> None:
+        """Subscribed again: drop whatever was read while deaf, then cache again."""
+        self.clear()
+        self.synced = True
+
     def drop(self, scope: str) -> None:
         for scopes in self.all_maps():
             scopes.pop(scope, None)
+
+    def apply_change(
+        self, scope: str, revision: int, sets: dict[str, Any], unsets: tuple[str, ...]
+    ) -> str:
+        """Apply one announced change in revision order; returns what happened to the cache.
+
+        ``applied``: the direct successor of a cached state; ``old``: a duplicate or stale
+        message, nothing changes; ``gap``: a revision was missed, the scope is dropped and the
+        next read reloads it; ``absent``: nothing cached here.
+        """
+        floors = self.floors
+        if len(floors) >= MAX_FLOORS:
+            floors.clear()
+        if floors.get(scope, 0) < revision:
+            floors[scope] = revision  # set before the scan below: see LayeredStore.state
+        outcome = "absent"
+        successors: dict[int, ScopeState] = {}
+        for scopes in self.all_maps():
+            state = scopes.get(scope)
+            if state is None:
+                continue
+            if state.revision >= revision:
+                outcome = "old"
+            elif state.revision == revision - 1:
+                # A new state object, swapped in whole: a reader never sees half a set_many.
+                successor = successors.get(id(state))
+                if successor is None:
+                    values = dict(state.values)
+                    values.update(sets)
+                    for key in unsets:
+                        values.pop(key, None)
+                    successor = successors[id(state)] = ScopeState(revision, values)
+                scopes[scope] = successor
+                outcome = "applied"
+            else:
+                scopes.pop(scope, None)
+                outcome = "gap"
+        return outcome
 
     def all_maps(self) -> Iterator[dict[str, ScopeState]]:
         yield self._shared.scopes

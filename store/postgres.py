@@ -57,6 +57,9 @@ class PostgresStore:
         self._timeout = timeout
         self._pool: ConnectionPool[Connection] | None = None
         self._pool_pid = 0
+        # Pools inherited through fork. Kept referenced, never closed: freeing one would make
+        # libpq send Terminate over sockets the parent process is still using.
+        self._inherited: list[ConnectionPool[Connection]] = []
         self._lock = threading.Lock()
 
     @contextmanager
@@ -71,6 +74,8 @@ class PostgresStore:
             return pool
         with self._lock:
             if self._pool is None or self._pool_pid != os.getpid():
+                if self._pool is not None:
+                    self._inherited.append(self._pool)
                 self._pool = ConnectionPool(
                     self.conninfo,
                     min_size=self._min_size,
@@ -213,14 +218,26 @@ class PostgresStore:
                 (ids,),
             )
 
-    def write_record(self, task_id: str) -> WriteResult | None:
+    def write_record(self, task_id: str) -> tuple[WriteResult, bool] | None:
+        """The committed result of a write task and whether it was announced, or None."""
         with self.connection() as conn:
             row = conn.execute(
-                "SELECT scope, revision, changed, changes, extract(epoch FROM committed_at)"
-                " FROM options_write WHERE task_id = %s",
+                "SELECT scope, revision, changed, changes, extract(epoch FROM committed_at),"
+                " announced_at IS NOT NULL FROM options_write WHERE task_id = %s",
                 (task_id,),
             ).fetchone()
-        return None if row is None else _result_from_row(task_id, row)
+        return None if row is None else (_result_from_row(task_id, row[:5]), bool(row[5]))
+
+    def recent_writes(self, *, limit: int = 200) -> list[tuple[WriteResult, bool]]:
+        """The latest changing writes, newest first, with whether each was announced."""
+        with self.connection() as conn:
+            rows = conn.execute(
+                "SELECT task_id, scope, revision, changed, changes,"
+                " extract(epoch FROM committed_at), announced_at IS NOT NULL"
+                " FROM options_write WHERE changed ORDER BY committed_at DESC LIMIT %s",
+                (limit,),
+            ).fetchall()
+        return [(_result_from_row(row[0], row[1:6]), bool(row[6])) for row in rows]
 
     # -- reads ----------------------------------------------------------------
 

@@ -26,6 +26,8 @@ class Settings:
     namespace: str = "optionstore"
     task_queue: str = "celery"
     log_format: str = "auto"
+    # Fault injection for the test suite only; see LayeredStore.skip_announce.
+    fault: str = ""
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -68,6 +70,7 @@ class Settings:
             namespace=env.get("OPTIONS_NAMESPACE") or "optionstore",
             task_queue=env.get("OPTIONS_TASK_QUEUE") or "celery",
             log_format=env.get("OPTIONS_LOG_FORMAT") or "auto",
+            fault=env.get("OPTIONS_FAULT") or "",
         )
 
 

@@ -71,7 +71,7 @@ def wait_for(
 
 def fresh_id() -> int:
     """An id no other test uses, so tests share one database without cleaning it."""
-    return random.randint(10**9, 2**62)  # noqa: S311
+    return random.randint(10**9, 2**62)
 
 
 @dataclass
@@ -156,7 +156,7 @@ def backend(services: Services) -> Iterator[Any]:
     configured = store.configure(
         database_url=services.database_url,
         redis_url=services.redis_url,
-        redis_prefix=services.namespace,
+        namespace=services.namespace,
     )
     yield configured
     store.clear_local_cache()

@@ -16,7 +16,9 @@ store.configure(
     redis_url=settings.redis_url,
     local_cache=settings.local_cache,
     max_value_bytes=settings.max_value_bytes,
-    redis_prefix=settings.namespace,
+    namespace=settings.namespace,
+    broker_url=settings.broker_url,
+    skip_announce=settings.fault == "skip_announce",
 )
 
 app = Celery("optionstore")

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from store.errors import InvalidOption, OptionsError
+from store.presence import Presence, lagging
 from store.scopes import GLOBAL, GROUP, PROJECT, TAGKEYS, USER, Scope
 from store.settings import Settings, redact_url
 from store.validation import validate_key
+
+T = TypeVar("T")
 
 DEFAULT_WORKER_ARGS = ["--pool", "prefork", "--concurrency", "2", "--loglevel", "INFO"]
 
@@ -62,7 +66,11 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("key")
         if name == "set":
             cmd.add_argument("value", metavar="JSON")
-        cmd.add_argument("--wait", action="store_true", help="return once the write committed")
+        cmd.add_argument(
+            "--wait",
+            action="store_true",
+            help="return once the write committed and every live worker process applied it",
+        )
         cmd.add_argument("--timeout", type=float, default=30.0, help="seconds --wait waits (30)")
     history = command(
         "history", _history, "print the change history of a scope or key", json_flag=True
@@ -84,16 +92,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@functools.cache
 def _settings() -> Settings:
     return Settings.from_environ()
 
 
+@functools.cache
 def _configured() -> Any:
     import store
 
     settings = _settings()
-    store.configure(database_url=settings.database_url, redis_url=settings.redis_url)
-    return store.backend
+    return store.configure(
+        database_url=settings.database_url,
+        redis_url=settings.redis_url,
+        namespace=settings.namespace,
+        max_value_bytes=settings.max_value_bytes,
+    )
 
 
 def _print_json(data: object) -> None:
@@ -174,15 +188,44 @@ def _enqueue(args: argparse.Namespace, value: Any, *, unset: bool) -> int:
     if not args.wait:
         return 0
     deadline = time.monotonic() + args.timeout
-    while time.monotonic() < deadline:
-        record = backend.db.write_record(task_id)
-        if record is not None:
-            state = "changed" if record.changed else "unchanged"
-            print(f"committed: {record.scope} at revision {record.revision} ({state})")
-            return 0
-        time.sleep(0.05)
-    print(f"not committed after {args.timeout:.0f}s: is a worker running?", file=sys.stderr)
+    record = _poll(lambda: backend.db.write_record(task_id), deadline)
+    if record is None:
+        print(f"not committed after {args.timeout:.0f}s: is a worker running?", file=sys.stderr)
+        return 1
+    result = record[0]
+    state = "changed" if result.changed else "unchanged"
+    print(f"committed: {result.scope} at revision {result.revision} ({state})")
+    if not result.changed:
+        return 0
+    presence = _presence(backend)
+
+    def converged() -> dict[str, list[str]] | None:
+        current = backend.db.write_record(task_id)
+        behind = lagging(presence.processes(), [current] if current else [])
+        return behind if not any(behind.values()) else None
+
+    done = _poll(converged, deadline)
+    if done is not None:
+        print(f"applied by {len(done)} live worker processes")
+        return 0
+    behind = lagging(presence.processes(), [r for r in [backend.db.write_record(task_id)] if r])
+    late = sorted(name for name, missing in behind.items() if missing)
+    print(f"not applied after {args.timeout:.0f}s by: {', '.join(late)}", file=sys.stderr)
     return 1
+
+
+def _poll(probe: Callable[[], T | None], deadline: float, interval: float = 0.02) -> T | None:
+    while True:
+        found = probe()
+        if found is not None or time.monotonic() >= deadline:
+            return found
+        time.sleep(interval)
+
+
+def _presence(backend: Any) -> Presence:
+    if backend.redis is None:
+        raise OptionsError("process reports live in Redis, and no Redis is configured")
+    return Presence(backend.redis.client, namespace=_settings().namespace)
 
 
 def _set(args: argparse.Namespace, _: list[str]) -> int:
@@ -251,14 +294,50 @@ def _status(args: argparse.Namespace, _: list[str]) -> int:
             report["unannounced_writes"] = pending
     try:
         report["redis"] = "up" if backend.redis and backend.redis.ping() else "down"
+        report["processes"] = _process_table(backend)
     except Exception as exc:  # a status report shows every failure instead of raising
         report["redis"] = f"down ({type(exc).__name__})"
+        report["processes"] = []
+    report["converged"] = all(p["converged"] for p in report["processes"])
     if args.json:
         _print_json(report)
-    else:
-        for key, value in report.items():
+        return 0
+    for key, value in report.items():
+        if key != "processes":
             print(f"{key:20} {value}")
+    print(f"\n{'process':28} {'pool':8} {'mode':8} {'synced':7} {'heard':>8}  converged")
+    for p in report["processes"]:
+        heard = f"{p['heard_ago_s']:.1f}s" if p["heard_ago_s"] is not None else "never"
+        state = "yes" if p["converged"] else f"no: behind on {', '.join(p['behind'][:5])}"
+        print(
+            f"{p['process']:28} {p['pool']:8} {p['mode']:8} {p['synced']!s:7} {heard:>8}  {state}"
+        )
     return 0
+
+
+def _process_table(backend: Any) -> list[dict[str, Any]]:
+    """Each live worker process, and which of the latest writes it has not applied."""
+    reports = _presence(backend).processes()
+    latest: dict[str, tuple[Any, bool]] = {}
+    for result, announced in backend.db.recent_writes(limit=200):
+        latest.setdefault(result.scope, (result, announced))  # newest first: keep the first
+    behind = lagging(reports, latest.values())
+    now = time.time()
+    return [
+        {
+            "process": r.name,
+            "hostname": r.hostname,
+            "pid": r.pid,
+            "pool": r.pool,
+            "mode": r.mode,
+            "synced": r.synced,
+            "heard_ago_s": round(now - r.heard_at, 3) if r.heard_at else None,
+            "messages": r.messages,
+            "converged": r.synced and not behind[r.name],
+            "behind": behind[r.name],
+        }
+        for r in reports
+    ]
 
 
 def _worker(args: argparse.Namespace, extra: list[str]) -> int:

@@ -1,0 +1,187 @@
+"""Reload messages on a kombu fanout exchange: their shape, their checks, and the publisher."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import kombu
+import structlog
+
+from store.scopes import Scope
+from store.validation import decode_value
+from store.writes import WriteResult
+
+log = structlog.get_logger("optionstore")
+
+VERSION = 1
+CHANGE = "change"
+HEARTBEAT = "heartbeat"
+
+
+class MalformedMessage(ValueError):
+    """A reload message that does not follow the schema; logged and ignored, never applied."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadMessage:
+    """What changed in one scope at one revision, or a heartbeat. Never the whole scope."""
+
+    kind: str
+    scope: str = ""
+    revision: int = 0
+    sets: dict[str, Any] = field(default_factory=dict)
+    unsets: tuple[str, ...] = ()
+    committed_at: float = 0.0
+    sent_at: float = 0.0
+    origin: str = ""
+
+    @classmethod
+    def change(cls, result: WriteResult, *, origin: str = "") -> ReloadMessage:
+        sets = {k: decode_value(v) for k, v in result.changes.items() if v is not None}
+        unsets = tuple(k for k, v in result.changes.items() if v is None)
+        return cls(
+            CHANGE,
+            result.scope,
+            result.revision,
+            sets,
+            unsets,
+            result.committed_at,
+            time.time(),
+            origin,
+        )
+
+    @classmethod
+    def heartbeat(cls, *, origin: str) -> ReloadMessage:
+        return cls(HEARTBEAT, sent_at=time.time(), origin=origin)
+
+    def to_body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "v": VERSION,
+            "kind": self.kind,
+            "sent_at": self.sent_at,
+            "origin": self.origin,
+        }
+        if self.kind == CHANGE:
+            body.update(
+                scope=self.scope,
+                revision=self.revision,
+                set=self.sets,
+                unset=list(self.unsets),
+                committed_at=self.committed_at,
+            )
+        return body
+
+    @classmethod
+    def from_body(cls, body: object) -> ReloadMessage:
+        """Check a received body field by field; raise MalformedMessage naming the first fault."""
+        if not isinstance(body, dict):
+            raise MalformedMessage(f"body must be an object, got {type(body).__name__}")
+        if body.get("v") != VERSION:
+            raise MalformedMessage(f"v: unsupported version {body.get('v')!r}")
+        kind = body.get("kind")
+        sent_at = _number(body, "sent_at")
+        origin = body.get("origin", "")
+        if not isinstance(origin, str):
+            raise MalformedMessage("origin: must be a string")
+        if kind == HEARTBEAT:
+            return cls(HEARTBEAT, sent_at=sent_at, origin=origin)
+        if kind != CHANGE:
+            raise MalformedMessage(f"kind: unknown {kind!r}")
+        try:
+            scope = Scope.parse(body.get("scope")).name
+        except ValueError as exc:
+            raise MalformedMessage(str(exc)) from None
+        revision = body.get("revision")
+        if type(revision) is not int or revision < 1:
+            raise MalformedMessage(f"revision: must be a positive integer, got {revision!r}")
+        sets = body.get("set")
+        unsets = body.get("unset")
+        if not isinstance(sets, dict) or not all(isinstance(k, str) for k in sets):
+            raise MalformedMessage("set: must be an object with string keys")
+        if not isinstance(unsets, list) or not all(isinstance(k, str) for k in unsets):
+            raise MalformedMessage("unset: must be a list of strings")
+        return cls(
+            CHANGE,
+            scope,
+            revision,
+            sets,
+            tuple(unsets),
+            _number(body, "committed_at"),
+            sent_at,
+            origin,
+        )
+
+
+def _number(body: dict[str, Any], name: str) -> float:
+    value = body.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise MalformedMessage(f"{name}: must be a number, got {value!r}")
+    return float(value)
+
+
+def reload_exchange(namespace: str) -> kombu.Exchange:
+    # Transient: reload messages are worthless once every process has moved on.
+    return kombu.Exchange(f"{namespace}.reload", type="fanout", durable=False, auto_delete=False)
+
+
+def reload_queue(namespace: str, name: str) -> kombu.Queue:
+    """This process's own queue: exclusive and auto-deleted, so it dies with the connection."""
+    return kombu.Queue(
+        f"{namespace}.reload.{name}",
+        exchange=reload_exchange(namespace),
+        routing_key="",  # on Redis a non-empty key changes the pub/sub topic: both sides use ''
+        durable=False,
+        exclusive=True,
+        auto_delete=True,
+        no_ack=True,
+    )
+
+
+class Publisher:
+    """Publishes reload messages from this process over its own broker connection."""
+
+    def __init__(self, *, broker_url: str, namespace: str, origin: str = "") -> None:
+        self.broker_url = broker_url
+        self.exchange = reload_exchange(namespace)
+        self.origin = origin or f"{os.uname().nodename}:{os.getpid()}"
+        self._connection: kombu.Connection | None = None
+        self._producer: kombu.Producer | None = None
+        self._pid = 0
+        # kombu connections are not thread-safe; a threads-pool worker shares this one.
+        self._lock = threading.Lock()
+
+    def publish(self, message: ReloadMessage) -> None:
+        with self._lock:
+            producer = self._get_producer()
+            producer.publish(
+                message.to_body(),
+                exchange=self.exchange,
+                routing_key="",
+                serializer="json",
+                delivery_mode=1,  # transient
+                retry=True,
+                retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
+                declare=[self.exchange],
+            )
+
+    def announce(self, result: WriteResult) -> None:
+        self.publish(ReloadMessage.change(result, origin=self.origin))
+
+    def _get_producer(self) -> kombu.Producer:
+        if self._producer is None or self._pid != os.getpid():
+            # After a fork the parent's socket is not ours: open a new connection.
+            self._connection = kombu.Connection(self.broker_url, connect_timeout=2)
+            self._producer = kombu.Producer(self._connection.default_channel)
+            self._pid = os.getpid()
+        return self._producer
+
+    def close(self) -> None:
+        with self._lock:
+            if self._connection is not None and self._pid == os.getpid():
+                self._connection.release()
+            self._connection = None
+            self._producer = None

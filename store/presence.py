@@ -1,0 +1,128 @@
+"""What each worker process has applied, kept in Redis with an expiry, and who has converged."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from store.writes import WriteResult
+
+REVISION_PREFIX = "r:"
+
+
+@dataclass(frozen=True)
+class ProcessReport:
+    """One live process as it last reported itself."""
+
+    hostname: str
+    pid: int
+    pool: str
+    mode: str
+    synced: bool
+    synced_at: float
+    heard_at: float
+    reported_at: float
+    messages: int
+    revisions: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.hostname}:{self.pid}"
+
+    def has_applied(self, scope: str, revision: int, committed_at: float, announced: bool) -> bool:
+        """True if this process will never serve ``scope`` older than ``revision``."""
+        if self.revisions.get(scope, 0) >= revision:
+            return True
+        # Subscribed after the change was committed and announced: it cached nothing older.
+        return self.synced and announced and self.synced_at > committed_at
+
+
+def lagging(
+    reports: Iterable[ProcessReport], writes: Iterable[tuple[WriteResult, bool]]
+) -> dict[str, list[str]]:
+    """For each process, the ``scope@revision`` of the given writes it has not applied."""
+    writes = list(writes)
+    behind: dict[str, list[str]] = {}
+    for report in reports:
+        missing = [
+            f"{w.scope}@{w.revision}"
+            for w, announced in writes
+            if not report.has_applied(w.scope, w.revision, w.committed_at, announced)
+        ]
+        behind[report.name] = missing
+    return behind
+
+
+class Presence:
+    """Process reports under ``<namespace>:proc:<hostname>:<pid>``, expiring unless refreshed."""
+
+    def __init__(self, client: redis.Redis, *, namespace: str, ttl: float = 15.0) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.ttl = ttl
+
+    def key(self, hostname: str, pid: int) -> str:
+        return f"{self.namespace}:proc:{hostname}:{pid}"
+
+    def report(
+        self,
+        *,
+        hostname: str,
+        pid: int,
+        fields: dict[str, Any],
+        revisions: dict[str, int],
+        forgotten: Iterable[str] = (),
+    ) -> None:
+        key = self.key(hostname, pid)
+        mapping: dict[Any, Any] = {name: json.dumps(value) for name, value in fields.items()}
+        mapping["reported_at"] = json.dumps(time.time())
+        mapping.update({REVISION_PREFIX + scope: rev for scope, rev in revisions.items()})
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(key, mapping=mapping)
+        stale = [REVISION_PREFIX + scope for scope in forgotten]
+        if stale:
+            pipe.hdel(key, *stale)
+        pipe.pexpire(key, int(self.ttl * 1000))
+        pipe.execute()
+
+    def remove(self, hostname: str, pid: int) -> None:
+        self.client.delete(self.key(hostname, pid))
+
+    def processes(self) -> list[ProcessReport]:
+        keys = sorted(self.client.scan_iter(match=f"{self.namespace}:proc:*", count=500))
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.hgetall(key)
+        reports = []
+        for raw in pipe.execute():
+            if raw:  # expired between the scan and the read
+                reports.append(_parse(raw))
+        return reports
+
+
+def _parse(raw: dict[bytes, bytes]) -> ProcessReport:
+    fields: dict[str, Any] = {}
+    revisions: dict[str, int] = {}
+    for name_bytes, value in raw.items():
+        name = name_bytes.decode()
+        if name.startswith(REVISION_PREFIX):
+            revisions[name[len(REVISION_PREFIX) :]] = int(value)
+        else:
+            fields[name] = json.loads(value)
+    return ProcessReport(
+        hostname=str(fields.get("hostname", "?")),
+        pid=int(fields.get("pid", 0)),
+        pool=str(fields.get("pool", "?")),
+        mode=str(fields.get("mode", "?")),
+        synced=bool(fields.get("synced", False)),
+        synced_at=float(fields.get("synced_at", 0.0)),
+        heard_at=float(fields.get("heard_at", 0.0)),
+        reported_at=float(fields.get("reported_at", 0.0)),
+        messages=int(fields.get("messages", 0)),
+        revisions=revisions,
+    )

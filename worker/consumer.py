@@ -1,0 +1,207 @@
+"""The per-process reload consumer: a thread with its own broker connection, opened after fork."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from typing import Any
+
+import kombu
+import structlog
+
+from store.broadcast import (
+    CHANGE,
+    HEARTBEAT,
+    MalformedMessage,
+    ReloadMessage,
+    reload_exchange,
+    reload_queue,
+)
+from store.layered import LayeredStore
+from store.presence import Presence
+
+log = structlog.get_logger("optionstore")
+
+REPORTED_SCOPES = 5000  # revisions a process reports; older ones fall off its report
+
+
+class Silence(Exception):
+    """Nothing was heard from the exchange for longer than the heartbeat deadline."""
+
+
+class ReloadConsumer(threading.Thread):
+    """Applies reload messages to this process's caches and reports what it has applied.
+
+    The process counts as synced only once it has received its own hello through the exchange:
+    that proves the subscription is live end to end (on Redis, kombu subscribes lazily).
+    Losing the connection, or hearing nothing for ``deadline`` seconds, drops the local cache
+    and stops caching until the next hello comes back.
+    """
+
+    def __init__(
+        self,
+        *,
+        backend: LayeredStore,
+        broker_url: str,
+        namespace: str,
+        presence: Presence | None,
+        pool: str,
+        deadline: float = 5.0,
+        report_interval: float = 0.02,
+    ) -> None:
+        super().__init__(name="optionstore-reload", daemon=True)
+        self.backend = backend
+        self.broker_url = broker_url
+        self.namespace = namespace
+        self.presence = presence
+        self.pool = pool
+        self.deadline = deadline
+        self.report_interval = report_interval
+        self.hostname = socket.gethostname()
+        self.pid = os.getpid()
+        self.stopping = threading.Event()
+        self.subscribed = threading.Event()
+        self._hello = ""
+        self._last_heard = time.monotonic()
+        self._heard_at = 0.0
+        self._synced_at = 0.0
+        self._messages = 0
+        self._revisions: OrderedDict[str, int] = OrderedDict()
+        self._unreported: dict[str, int] = {}
+        self._forgotten: list[str] = []
+        self._last_report = 0.0
+
+    # -- the loop -------------------------------------------------------------
+
+    def run(self) -> None:
+        self.backend.local.desync()
+        backoff = 0.05
+        while not self.stopping.is_set():
+            try:
+                self._consume()
+                backoff = 0.05
+            except Exception as exc:  # any failure: deafen, then reconnect with backoff
+                self.backend.local.desync()
+                self.subscribed.clear()
+                log.warning("broadcast.lost", error=f"{type(exc).__name__}: {exc}", pid=self.pid)
+                self._report(force=True)
+                self.stopping.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def _consume(self) -> None:
+        self._hello = uuid.uuid4().hex
+        queue = reload_queue(self.namespace, f"{self.hostname}.{self.pid}.{self._hello[:8]}")
+        with kombu.Connection(self.broker_url, connect_timeout=2, heartbeat=10) as conn:
+            conn.ensure_connection(max_retries=1)
+            with conn.Consumer(queue, callbacks=[self._on_message], accept=["json"], no_ack=True):
+                hello_at = 0.0
+                self._last_heard = time.monotonic()
+                while not self.stopping.is_set():
+                    if not self.subscribed.is_set() and time.monotonic() - hello_at > 0.5:
+                        self._say_hello(conn)
+                        hello_at = time.monotonic()
+                    try:
+                        conn.drain_events(timeout=0.1)
+                    except TimeoutError:
+                        conn.heartbeat_check()
+                    silent = time.monotonic() - self._last_heard
+                    if silent > self.deadline:
+                        raise Silence(f"nothing heard for {silent:.1f}s")
+                    self._report()
+
+    def _say_hello(self, conn: kombu.Connection) -> None:
+        body = ReloadMessage.heartbeat(origin=f"hello:{self._hello}").to_body()
+        exchange = reload_exchange(self.namespace)
+        with conn.channel() as channel:
+            kombu.Producer(channel).publish(
+                body,
+                exchange=exchange,
+                routing_key="",
+                serializer="json",
+                delivery_mode=1,
+                declare=[exchange],
+            )
+
+    # -- messages -------------------------------------------------------------
+
+    def _on_message(self, body: Any, message: kombu.Message) -> None:
+        self._last_heard = time.monotonic()
+        self._heard_at = time.time()
+        try:
+            reload = ReloadMessage.from_body(body)
+        except MalformedMessage as exc:
+            log.warning("broadcast.malformed", error=str(exc), body=repr(body)[:200])
+            return
+        self._messages += 1
+        if reload.kind == HEARTBEAT:
+            if reload.origin == f"hello:{self._hello}" and not self.subscribed.is_set():
+                # Our own hello came back: every later change reaches us. What was read
+                # while deaf may be stale, so start from nothing.
+                self.backend.local.resync()
+                self._synced_at = time.time()
+                self.subscribed.set()
+                log.info("broadcast.subscribed", pid=self.pid, pool=self.pool)
+                self._report(force=True)
+            return
+        assert reload.kind == CHANGE
+        outcome = self.backend.apply_message(reload)
+        self._remember(reload.scope, reload.revision)
+        log.info(
+            "broadcast.applied",
+            scope=reload.scope,
+            revision=reload.revision,
+            outcome=outcome,
+            lag_ms=round((time.time() - reload.committed_at) * 1000, 3),
+        )
+
+    def _remember(self, scope: str, revision: int) -> None:
+        if self._revisions.get(scope, 0) >= revision:
+            return
+        self._revisions[scope] = revision
+        self._revisions.move_to_end(scope)
+        self._unreported[scope] = revision
+        while len(self._revisions) > REPORTED_SCOPES:
+            old, _ = self._revisions.popitem(last=False)
+            self._unreported.pop(old, None)
+            self._forgotten.append(old)
+
+    # -- reports --------------------------------------------------------------
+
+    def _report(self, *, force: bool = False) -> None:
+        if self.presence is None:
+            return
+        now = time.monotonic()
+        due = self._unreported and now - self._last_report >= self.report_interval
+        if not (force or due or now - self._last_report >= 1.0):
+            return
+        revisions, self._unreported = self._unreported, {}
+        forgotten, self._forgotten = self._forgotten, []
+        try:
+            self.presence.report(
+                hostname=self.hostname,
+                pid=self.pid,
+                fields={
+                    "hostname": self.hostname,
+                    "pid": self.pid,
+                    "pool": self.pool,
+                    "mode": self.backend.local.mode,
+                    "synced": self.subscribed.is_set(),
+                    "synced_at": self._synced_at,
+                    "heard_at": self._heard_at,
+                    "messages": self._messages,
+                },
+                revisions=revisions,
+                forgotten=forgotten,
+            )
+        except Exception as exc:  # a report is best effort; the next one carries these too
+            self._unreported = {**revisions, **self._unreported}
+            self._forgotten = forgotten + self._forgotten
+            log.warning("presence.report_failed", error=f"{type(exc).__name__}: {exc}")
+        self._last_report = now
