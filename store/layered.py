@@ -72,6 +72,8 @@ class LayeredStore:
         self.announcers: list[Callable[[WriteResult], None]] = []
         # Fault injection for tests: commit, then act as if the process died before announcing.
         self.skip_announce = False
+        # Round trips made on behalf of reads (misses only; a local hit touches nothing).
+        self.stats = {"redis_reads": 0, "postgres_reads": 0}
         self.publisher: Publisher | None = None
 
     def configure(
@@ -165,6 +167,7 @@ class LayeredStore:
         cache = self.redis
         if cache is None or not self._redis_breaker.available():
             return None
+        self.stats["redis_reads"] += 1
         try:
             result = call(cache)
         except REDIS_ERRORS as exc:
@@ -178,6 +181,7 @@ class LayeredStore:
         try:
             if not self._postgres_breaker.available():
                 raise StoreUnavailable("PostgreSQL failed moments ago")
+            self.stats["postgres_reads"] += 1
             snapshots = self.db.load_scopes(scopes)
         except _READ_ERRORS as exc:
             self._postgres_breaker.trip()

@@ -33,3 +33,39 @@ def read(reader: str, method: str, args: list[Any], hold: float = 0.0) -> dict[s
 def pid(hold: float = 0.0) -> int:
     time.sleep(hold)
     return os.getpid()
+
+
+@app.task(name="probe.stats")
+def stats(reader: str, method: str, args: list[Any], hold: float = 0.0) -> dict[str, Any]:
+    """Like probe.read, plus the read round trips this process has made so far (before/after)."""
+    before = dict(store.backend.stats)
+    answer = read(reader, method, args, hold)
+    answer["before"] = before
+    answer["after"] = dict(store.backend.stats)
+    answer["mode"] = store.backend.local.mode
+    return answer
+
+
+@app.task(name="probe.poll")
+def poll(
+    reader: str, method: str, args: list[Any], expected: Any, marker: str, timeout: float = 20.0
+) -> dict[str, Any]:
+    """Read once, raise ``marker`` in Redis, then poll the same read until it returns
+    ``expected`` (or ``timeout``), all inside this one running task."""
+    first = getattr(getattr(store, reader), method)(*args)
+    assert store.backend.redis is not None
+    store.backend.redis.client.set(marker, os.getpid(), ex=60)
+    deadline = time.monotonic() + timeout
+    value = first
+    polls = 0
+    while value != expected and time.monotonic() < deadline:
+        time.sleep(0.001)
+        value = getattr(getattr(store, reader), method)(*args)
+        polls += 1
+    return {
+        "pid": os.getpid(),
+        "first": first,
+        "last": value,
+        "polls": polls,
+        "stats": dict(store.backend.stats),
+    }
