@@ -172,17 +172,19 @@ class Worker:
         pool: str = "prefork",
         concurrency: int = 2,
         extra_env: dict[str, str] | None = None,
+        broker_url: str | None = None,
     ) -> None:
         from celery import Celery
 
         self.services = services
-        self.env = services.env(**(extra_env or {}))
+        self.broker_url = broker_url or services.broker_url
+        self.env = services.env(CELERY_BROKER_URL=self.broker_url, **(extra_env or {}))
         self.queue = self.env["OPTIONS_TASK_QUEUE"]
         self.log_path = Path(tempfile.mkstemp(prefix=f"worker-{pool}-", suffix=".log")[1])
         self.pool = pool
         self.concurrency = concurrency
         self.process: subprocess.Popen[bytes] | None = None
-        self.producer = Celery("producer", broker=services.broker_url, backend=services.redis_url)
+        self.producer = Celery("producer", broker=self.broker_url, backend=services.redis_url)
         self.producer.conf.update(
             task_serializer="json",
             result_serializer="json",
@@ -278,6 +280,16 @@ class Worker:
             message=f"every process to answer {reader}.{method}",
         )
         return {pid: answers[pid] for pid in expected}
+
+
+def amqp_url() -> str:
+    """The machine's RabbitMQ (OPTIONS_TEST_AMQP_URL); skips, or fails under CI=true, if unset."""
+    url = os.environ.get("OPTIONS_TEST_AMQP_URL")
+    if not url:
+        if IN_CI:
+            pytest.fail("CI=true but OPTIONS_TEST_AMQP_URL is unset")
+        pytest.skip("RabbitMQ not named (OPTIONS_TEST_AMQP_URL)")
+    return url
 
 
 @pytest.fixture(scope="session")

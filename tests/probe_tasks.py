@@ -47,7 +47,7 @@ def stats(reader: str, method: str, args: list[Any], hold: float = 0.0) -> dict[
 
 
 @app.task(name="probe.poll")
-def poll(
+def poll(  # noqa: PLR0917 (a task's arguments arrive positionally)
     reader: str, method: str, args: list[Any], expected: Any, marker: str, timeout: float = 20.0
 ) -> dict[str, Any]:
     """Read once, raise ``marker`` in Redis, then poll the same read until it returns
