@@ -11,13 +11,13 @@ class InvalidOption(OptionsError, ValueError):
     """A write or a scope failed an input rule; ``field`` names the offending argument."""
 
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
+        # Both in args: Celery ships an exception as its args (JSON) and rebuilds it from them.
+        super().__init__(field, message)
         self.field = field
         self.reason = message
 
-    def __reduce__(self) -> tuple[type[InvalidOption], tuple[str, str]]:
-        # Celery rebuilds exceptions from their args; keep (field, message) round-trippable.
-        return (type(self), (self.field, self.reason))
+    def __str__(self) -> str:
+        return f"{self.field}: {self.reason}"
 
 
 class NotConfigured(OptionsError):

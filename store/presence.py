@@ -77,7 +77,8 @@ class Presence:
         fields: dict[str, Any],
         revisions: dict[str, int],
         forgotten: Iterable[str] = (),
-    ) -> None:
+    ) -> bool:
+        """Write a report; True if the hash was (re)created and so lacks earlier revisions."""
         key = self.key(hostname, pid)
         mapping: dict[Any, Any] = {name: json.dumps(value) for name, value in fields.items()}
         mapping["reported_at"] = json.dumps(time.time())
@@ -88,7 +89,10 @@ class Presence:
         if stale:
             pipe.hdel(key, *stale)
         pipe.pexpire(key, int(self.ttl * 1000))
-        pipe.execute()
+        # HSET answers how many fields were new: "reported_at" is new only in a fresh hash
+        # (first report, or Redis lost it), whose revisions must then be sent again in full.
+        added = pipe.execute()[0]
+        return bool(added) and added >= len(mapping)
 
     def remove(self, hostname: str, pid: int) -> None:
         self.client.delete(self.key(hostname, pid))

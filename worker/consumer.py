@@ -184,7 +184,7 @@ class ReloadConsumer(threading.Thread):
         revisions, self._unreported = self._unreported, {}
         forgotten, self._forgotten = self._forgotten, []
         try:
-            self.presence.report(
+            recreated = self.presence.report(
                 hostname=self.hostname,
                 pid=self.pid,
                 fields={
@@ -200,6 +200,10 @@ class ReloadConsumer(threading.Thread):
                 revisions=revisions,
                 forgotten=forgotten,
             )
+            if recreated and len(self._revisions) > len(revisions):
+                self.presence.report(
+                    hostname=self.hostname, pid=self.pid, fields={}, revisions=dict(self._revisions)
+                )
         except Exception as exc:  # a report is best effort; the next one carries these too
             self._unreported = {**revisions, **self._unreported}
             self._forgotten = forgotten + self._forgotten
