@@ -32,7 +32,18 @@ def validate_key(value: object, field: str = "key", *, max_length: int = MAX_KEY
     for char in value:
         if _is_control(char):
             raise InvalidOption(field, f"must not contain control characters, found {char!r}")
+    _check_utf8(value, field)
     return value
+
+
+def _check_utf8(text: str, field: str) -> bytes:
+    # JSON can carry a lone surrogate ("\ud800"); UTF-8, PostgreSQL and Redis cannot.
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidOption(
+            field, f"contains a lone surrogate {text[exc.start]!r}, which is not valid Unicode"
+        ) from None
 
 
 def validate_tag_key(value: object, field: str = "key") -> str:
@@ -51,7 +62,7 @@ def encode_value(
     """Check ``value`` is plain JSON and return its canonical encoding (sorted keys, compact)."""
     _check_json(value, field, 0)
     text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    size = len(text.encode("utf-8"))
+    size = len(_check_utf8(text, field))
     if size > max_bytes:
         raise InvalidOption(field, f"encodes to {size} bytes, more than the limit of {max_bytes}")
     return text
