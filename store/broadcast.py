@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -120,7 +121,13 @@ def _number(body: dict[str, Any], name: str) -> float:
     value = body.get(name)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise MalformedMessage(f"{name}: must be a number, got {value!r}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        raise MalformedMessage(f"{name}: out of range") from None
+    if not math.isfinite(number):
+        raise MalformedMessage(f"{name}: must be finite, got {number!r}")
+    return number
 
 
 def reload_exchange(namespace: str) -> kombu.Exchange:

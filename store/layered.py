@@ -34,6 +34,9 @@ REDIS_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.BusyLoadingError,
     redis.exceptions.ReadOnlyError,
 )
+# Scopes remembered for outages; past this, expired ones are dropped.
+MAX_LAST_KNOWN = 50_000
+
 _READ_ERRORS: tuple[type[BaseException], ...] = (*POSTGRES_ERRORS, StoreUnavailable)
 
 
@@ -121,24 +124,35 @@ class LayeredStore:
             if state.revision < floors.get(scope, 0):
                 # Redis answered before a change we already heard about reached it.
                 state = self.load(scope, use_redis=False)
-            if local.synced:
-                scopes[scope] = state
-                # The broadcast consumer sets the floor before it scans the caches; checking
-                # again after the insert closes the gap between our load and our insert.
-                if floors.get(scope, 0) > state.revision and scopes.get(scope) is state:
-                    del scopes[scope]
+            self._keep(scopes, scope, state)
         return state
 
     def states(self, names: list[str]) -> dict[str, ScopeState]:
-        scopes = self.local.holder.scopes
+        local = self.local
+        scopes = local.holder.scopes
         found = {name: scopes[name] for name in names if name in scopes}
         missing = [name for name in names if name not in found]
-        if missing:
-            for name, state in self.load_many(missing).items():
-                found[name] = state
-                if self.local.synced and state.revision >= self.local.floors.get(name, 0):
-                    scopes[name] = state
+        if not missing:
+            return found
+        loaded = self.load_many(missing)
+        floors = local.floors
+        behind = [name for name, state in loaded.items() if state.revision < floors.get(name, 0)]
+        if behind:
+            loaded.update(self.load_many(behind, use_redis=False))
+        for name, state in loaded.items():
+            found[name] = state
+            self._keep(scopes, name, state)
         return found
+
+    def _keep(self, scopes: dict[str, ScopeState], name: str, state: ScopeState) -> None:
+        """Cache a freshly loaded state unless a newer revision was announced meanwhile."""
+        if not self.local.synced:
+            return
+        scopes[name] = state
+        # The broadcast consumer sets the floor before it scans the caches; checking again
+        # after the insert closes the gap between our load and our insert.
+        if self.local.floors.get(name, 0) > state.revision and scopes.get(name) is state:
+            del scopes[name]
 
     def load(self, scope: str, *, use_redis: bool = True) -> ScopeState:
         return self.load_many([scope], use_redis=use_redis)[scope]
@@ -159,6 +173,8 @@ class LayeredStore:
                 states[scope] = self._last_known[scope][1]
                 continue
             state = ScopeState.from_snapshot(snapshot)
+            if len(self._last_known) >= MAX_LAST_KNOWN:
+                self._forget_expired(now)
             self._last_known[scope] = (now, state)
             states[scope] = state
         return states
@@ -190,6 +206,13 @@ class LayeredStore:
         for scope, snapshot in snapshots.items():
             self._from_redis(lambda r, s=scope, snap=snapshot: r.fill(s, snap))  # type: ignore[misc]
         return dict(snapshots)
+
+    def _forget_expired(self, now: float) -> None:
+        expired = [s for s, (at, _) in self._last_known.items() if now - at > self.grace_period]
+        for scope in expired:
+            self._last_known.pop(scope, None)
+        if len(self._last_known) >= MAX_LAST_KNOWN:
+            self._last_known.clear()  # still full: an outage now reads PostgreSQL or fails
 
     def _last_known_or_raise(
         self, scopes: list[str], exc: BaseException

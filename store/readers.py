@@ -37,11 +37,13 @@ class ProjectOptions(_Reader):
     __slots__ = ()
 
     def get_value(self, project_id: int, key: str, default: Any = None) -> Any:
-        scope = f"project:{project_id}"
-        state = self._local.holder.scopes.get(scope)
-        if state is None:
-            state = self._store.state(project_scope(project_id).name)
-        return state.values.get(key, default)
+        # The hot path: an exact int check is cheaper than the full validation, and keeps
+        # "42" from being served from the cache of project 42.
+        if type(project_id) is int:
+            state = self._local.holder.scopes.get(f"project:{project_id}")
+            if state is not None:
+                return state.values.get(key, default)
+        return self._store.state(project_scope(project_id).name).values.get(key, default)
 
     def get_all_values(self, project_id: int) -> dict[str, Any]:
         return dict(self._store.state(project_scope(project_id).name).values)

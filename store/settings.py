@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,9 +75,16 @@ class Settings:
         )
 
 
+_SECRET_PARAMS = re.compile(r"(?i)\b(password|passwd|pwd)\s*=\s*('(?:[^'\\]|\\.)*'|[^\s&;]*)")
+
+
 def redact_url(url: str | None) -> str | None:
-    """The URL with any password replaced, fit for a log line or a status report."""
+    """The URL or libpq DSN with every password replaced, fit for a log line or a report."""
     if not url:
+        return url
+    # libpq also takes passwords as a query parameter or in a key=value DSN.
+    url = _SECRET_PARAMS.sub(lambda m: f"{m.group(1)}=***", url)
+    if "://" not in url:
         return url
     parts = urlsplit(url)
     if parts.password is None:

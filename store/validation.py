@@ -61,7 +61,10 @@ def encode_value(
 ) -> str:
     """Check ``value`` is plain JSON and return its canonical encoding (sorted keys, compact)."""
     _check_json(value, field, 0)
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    try:
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    except ValueError as exc:  # an int past Python's int-to-str digit limit
+        raise InvalidOption(field, f"cannot be encoded as JSON: {exc}") from None
     size = len(_check_utf8(text, field))
     if size > max_bytes:
         raise InvalidOption(field, f"encodes to {size} bytes, more than the limit of {max_bytes}")

@@ -228,14 +228,17 @@ class Worker:
         return self
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+        if self.broker_url.startswith("amqp"):
+            # A durable task queue on the shared RabbitMQ outlives the test run otherwise.
+            with self.producer.connection_for_write() as conn:
+                conn.default_channel.queue_delete(self.queue)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

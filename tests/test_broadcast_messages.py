@@ -110,12 +110,6 @@ def test_from_body_rejects_a_malformed_body_naming_the_field(body: object, field
     assert str(caught.value).startswith(f"{field}"), str(caught.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OverflowError,
-    reason="store/broadcast.py _number(): float() of a JSON integer past 1e308 raises "
-    "OverflowError, not MalformedMessage, so the consumer loop treats it as a lost connection",
-)
 @pytest.mark.parametrize("field", ["sent_at", "committed_at"])
 def test_from_body_rejects_a_number_too_large_for_a_float(field: str) -> None:
     """A timestamp that JSON can carry but a float cannot hold is a malformed message."""
@@ -236,12 +230,6 @@ def test_floor_raised_between_load_and_insert_uncaches_the_load() -> None:
     assert SCOPE not in store.local.scopes
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="store/layered.py LayeredStore.states(): the floor is checked once, before the "
-    "insert, with no re-check after it (state() has one), so a broadcast landing in between "
-    "leaves an older state cached for good in process mode",
-)
 def test_floor_raised_between_bulk_load_and_insert_uncaches_the_load() -> None:
     """The bulk read path also removes a load a broadcast overtook before it was inserted."""
     old = ScopeState(3, {"k": "old"})
@@ -251,12 +239,6 @@ def test_floor_raised_between_bulk_load_and_insert_uncaches_the_load() -> None:
     assert SCOPE not in store.local.scopes
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="store/layered.py LayeredStore.states(): a Redis answer older than the floor is "
-    "returned as is (state() reloads it from PostgreSQL), so get_value_bulk can serve a "
-    "revision older than one this process has already applied",
-)
 def test_bulk_read_older_than_the_floor_is_reloaded_from_postgres() -> None:
     """get_value_bulk's path, like get_value's, replaces a Redis answer older than the floor."""
     store = CannedLoads(redis=ScopeState(3, {"k": "old"}), postgres=ScopeState(4, {"k": "new"}))
@@ -470,27 +452,12 @@ def test_malformed_messages_are_logged_ignored_and_survived(target: Target) -> N
     warm(target, project, key, "real")
 
 
-UNDECODABLE_REASON = (
-    "worker/consumer.py ReloadConsumer._consume: conn.Consumer(..., accept=['json']) has no "
-    "on_decode_error, so a body that cannot be decoded raises out of drain_events and every "
-    "process treats it as a lost connection (desync, reconnect) instead of logging "
-    "broadcast.malformed"
-)
-OVERFLOW_REASON = (
-    "store/broadcast.py _number(): OverflowError from float() escapes from_body and "
-    "ReloadConsumer._on_message, so every process treats it as a lost connection"
-)
-
-
 @pytest.mark.parametrize(
     "kind",
     [
-        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=reason))
-        for name, reason in (
-            ("pickle-content-type", UNDECODABLE_REASON),
-            ("invalid-json", UNDECODABLE_REASON),
-            ("number-too-large-for-a-float", OVERFLOW_REASON),
-        )
+        "pickle-content-type",
+        "invalid-json",
+        "number-too-large-for-a-float",
     ],
 )
 def test_undecodable_message_is_logged_without_dropping_the_subscription(

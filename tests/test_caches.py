@@ -392,11 +392,6 @@ def test_postgres_down_with_nothing_known_raises_store_unavailable(
         ProjectOptions(layered).get_value(fresh_id(), "k")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ProjectOptions.get_value looks up f'project:{project_id}' in the local cache before "
-    "validating the id: '42' is served when project:42 is cached and rejected when it is not",
-)
 def test_project_read_with_a_string_id_is_rejected_even_when_cached(backend: Any) -> None:
     """A project id passed as a str is rejected naming project_id whether or not it is cached."""
     project = fresh_id()

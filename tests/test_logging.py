@@ -138,11 +138,6 @@ def test_redact_url_leaves_urls_without_password_alone(url: str | None) -> None:
     assert redact_url(url) == url
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="redact_url only looks at the URL's userinfo: a libpq password given as a query "
-    "parameter or in a key=value DSN (both valid OPTIONS_DATABASE_URL values) is returned as is",
-)
 @pytest.mark.parametrize(
     "dsn",
     ["postgresql://u@h/db?password=secret", "host=h dbname=db user=u password=secret"],

@@ -100,7 +100,13 @@ class ReloadConsumer(threading.Thread):
         queue = reload_queue(self.namespace, f"{self.hostname}.{self.pid}.{self._hello[:8]}")
         with kombu.Connection(self.broker_url, connect_timeout=2, heartbeat=10) as conn:
             conn.ensure_connection(max_retries=1)
-            with conn.Consumer(queue, callbacks=[self._on_message], accept=["json"], no_ack=True):
+            with conn.Consumer(
+                queue,
+                callbacks=[self._on_message],
+                accept=["json"],
+                no_ack=True,
+                on_decode_error=self._on_undecodable,
+            ):
                 hello_at = 0.0
                 self._last_heard = time.monotonic()
                 while not self.stopping.is_set():
@@ -159,6 +165,15 @@ class ReloadConsumer(threading.Thread):
             revision=reload.revision,
             outcome=outcome,
             lag_ms=round((time.time() - reload.committed_at) * 1000, 3),
+        )
+
+    def _on_undecodable(self, message: kombu.Message, exc: Exception) -> None:
+        # Pickle, or bytes that are not JSON: never decoded, never applied, never fatal.
+        self._last_heard = time.monotonic()
+        log.warning(
+            "broadcast.malformed",
+            error=f"undecodable body ({type(exc).__name__}: {exc})",
+            content_type=getattr(message, "content_type", None),
         )
 
     def _remember(self, scope: str, revision: int) -> None:

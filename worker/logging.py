@@ -26,6 +26,8 @@ def configure_logging(*, log_format: str = "auto", level: int = logging.INFO) ->
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        # One write() per event: prefork children share stderr, and print() writes the event
+        # and its newline separately, which interleaves lines.
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
