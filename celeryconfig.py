@@ -25,8 +25,9 @@ task_acks_late = True
 task_reject_on_worker_lost = True
 # One unacknowledged write per child at a time: a crash redelivers at most that one.
 worker_prefetch_multiplier = 1
-# Redis redelivers unacknowledged messages after this long (kombu's default is an hour).
-broker_transport_options = {"visibility_timeout": 300}
+# Redis redelivers unacknowledged messages after this long (kombu's default is an hour). A
+# redelivered write is harmless: a re-run of a task id changes nothing.
+broker_transport_options = {"visibility_timeout": SETTINGS.visibility_timeout}
 result_expires = 3600
 worker_hijack_root_logger = False
 worker_send_task_events = False

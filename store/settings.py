@@ -27,6 +27,7 @@ class Settings:
     namespace: str = "optionstore"
     task_queue: str = "celery"
     log_format: str = "auto"
+    visibility_timeout: int = 300
     # Fault injection for the test suite only; see LayeredStore.skip_announce.
     fault: str = ""
 
@@ -50,15 +51,7 @@ class Settings:
             raise InvalidOption(
                 "OPTIONS_LOCAL_CACHE", f"must be one of {MODES}, got {local_cache!r}"
             )
-        raw_limit = env.get("OPTIONS_MAX_VALUE_BYTES") or str(DEFAULT_MAX_VALUE_BYTES)
-        try:
-            max_value_bytes = int(raw_limit)
-        except ValueError:
-            raise InvalidOption(
-                "OPTIONS_MAX_VALUE_BYTES", f"must be an integer, got {raw_limit!r}"
-            ) from None
-        if max_value_bytes < 1:
-            raise InvalidOption("OPTIONS_MAX_VALUE_BYTES", "must be at least 1")
+        max_value_bytes = _positive_int(env, "OPTIONS_MAX_VALUE_BYTES", DEFAULT_MAX_VALUE_BYTES)
         return cls(
             database_url=database_url,
             redis_url=redis_url,
@@ -72,7 +65,19 @@ class Settings:
             task_queue=env.get("OPTIONS_TASK_QUEUE") or "celery",
             log_format=env.get("OPTIONS_LOG_FORMAT") or "auto",
             fault=env.get("OPTIONS_FAULT") or "",
+            visibility_timeout=_positive_int(env, "OPTIONS_VISIBILITY_TIMEOUT", 300),
         )
+
+
+def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name) or str(default)
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidOption(name, f"must be an integer, got {raw!r}") from None
+    if value < 1:
+        raise InvalidOption(name, f"must be at least 1, got {value}")
+    return value
 
 
 _SECRET_PARAMS = re.compile(r"(?i)\b(password|passwd|pwd)\s*=\s*('(?:[^'\\]|\\.)*'|[^\s&;]*)")
