@@ -274,28 +274,22 @@ class LayeredStore:
         # Our own process first: whatever happens below, this process reads the new state.
         self.local.drop(result.scope)
         self._last_known.pop(result.scope, None)
-        announced = True
+        # Redis first: a process that hears the broadcast and reloads must find the change there.
+        steps: list[tuple[str, Callable[[WriteResult], object]]] = []
         if self.redis is not None:
+            redis_cache = self.redis
+            steps.append(("redis", lambda r: redis_cache.apply(r.scope, r.revision, r.changes)))
+        steps += [("broadcast", announcer) for announcer in self.announcers]
+        announced = True
+        for layer, step in steps:
             try:
-                self.redis.apply(result.scope, result.revision, result.changes)
-            except REDIS_ERRORS as exc:
-                # PostgreSQL holds the change; the relay brings Redis forward when it is back.
-                announced = False
-                log.warning(
-                    "cache.announce_failed",
-                    layer="redis",
-                    scope=result.scope,
-                    revision=result.revision,
-                    error=_describe(exc),
-                )
-        for announcer in self.announcers:
-            try:
-                announcer(result)
+                step(result)
             except Exception as exc:
+                # PostgreSQL holds the change; the outbox relay finishes the job later.
                 announced = False
                 log.warning(
                     "cache.announce_failed",
-                    layer="broadcast",
+                    layer=layer,
                     scope=result.scope,
                     revision=result.revision,
                     error=_describe(exc),

@@ -345,16 +345,8 @@ def _worker(args: argparse.Namespace, extra: list[str]) -> int:
 
     settings = _settings()  # starts the embedded servers first, when they are the default
     migrate(settings.database_url)
-    argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "worker",
-        "worker",
-        *(extra or DEFAULT_WORKER_ARGS),
-    ]
-    os.execv(sys.executable, argv)  # noqa: S606 (replaces this process with the worker)
+    argv = [sys.executable, "-m", "celery", "-A", "worker", "worker"]
+    os.execv(sys.executable, [*argv, *(extra or DEFAULT_WORKER_ARGS)])  # noqa: S606 (replaces this process with the worker)
 
 
 def _embedded(args: argparse.Namespace, _: list[str]) -> int:
