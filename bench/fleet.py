@@ -1,0 +1,299 @@
+"""Fleet figures on real prefork workers: propagation of a commit, visibility of a write task.
+
+Workers run with ``OPTIONS_LOCAL_CACHE=process`` and every child holds the scope in its local
+cache, so a child serves the new value only once it has applied the broadcast: the moment each
+child applied it is read from that child's own ``broadcast.applied`` log event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import statistics
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench import rawfanout
+from bench.env import (
+    Services,
+    Worker,
+    forget_results,
+    iso_to_epoch,
+    producer,
+    wait_for,
+)
+from bench.figures import Figure, Series
+from bench.reads import KEY, PROJECT_ID, option_values, seed_scope
+
+REP_TIMEOUT = 20.0
+
+
+@dataclass
+class Fleet:
+    """A running worker, the store configured to publish to it, and what its children logged."""
+
+    worker: Worker
+    backend: Any
+    producer: Any
+    pids: list[int]
+    applied: dict[tuple[str, int], list[dict[str, Any]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    writes: dict[str, int] = field(default_factory=dict)  # task id -> revision
+    task_ids: list[str] = field(default_factory=list)
+
+    def collect(self) -> None:
+        for event in self.worker.events():
+            name = event.get("event")
+            if name == "broadcast.applied":
+                self.applied[(event["scope"], event["revision"])].append(event)
+            elif name == "option.write" and event.get("task_id"):
+                self.writes[event["task_id"]] = event["revision"]
+
+    def all_applied(self, scope: str, revision: int) -> list[dict[str, Any]]:
+        """Wait until every child logged applying ``scope@revision``; returns their events."""
+
+        def done() -> list[dict[str, Any]] | None:
+            self.collect()
+            events = self.applied.get((scope, revision), [])
+            return events if len(events) >= len(self.pids) else None
+
+        return wait_for(done, timeout=REP_TIMEOUT, what=f"{scope}@{revision}", interval=0.005)
+
+    def warm(self, project_id: int | None, key: str) -> None:
+        """Run reads until every child has answered one: each then caches the scope."""
+        seen: set[int] = set()
+        deadline = time.monotonic() + 120
+        while not set(self.pids) <= seen:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"children {set(self.pids) - seen} never ran a warm-up read")
+            pending = [
+                self.producer.send_task("bench.warm", args=[project_id, key, 0.3])
+                for _ in range(len(self.pids) * 2)
+            ]
+            for result in pending:
+                seen.add(result.get(timeout=60)["pid"])
+                self.task_ids.append(result.id)
+
+
+@contextlib.contextmanager
+def fleet(run: Services, label: str, concurrency: int) -> Iterator[Fleet]:
+    namespace = run.namespace(label)
+    backend = run.configure_store(namespace, broker_url=run.broker_url)
+    seed_scope(backend, PROJECT_ID, option_values(10))
+    worker = Worker(run, namespace, concurrency=concurrency, local_cache="process").start()
+    running = None
+    try:
+        pids = worker.wait_synced(backend)
+        running = Fleet(worker, backend, producer(run, worker.queue), pids)
+        running.warm(PROJECT_ID, KEY)
+        yield running
+    finally:
+        worker.stop()
+        if running is not None:
+            forget_results(run, running.task_ids)
+            running.producer.close()
+
+
+def _processes(pids: list[int]) -> list[Any]:
+    import psutil
+
+    return [psutil.Process(pid) for pid in pids]
+
+
+def _cpu_seconds(processes: list[Any]) -> float:
+    total = 0.0
+    for process in processes:
+        times = process.cpu_times()
+        total += times.user + times.system
+    return total
+
+
+def _idle_cpu(groups: dict[str, list[Any]], seconds: float = 2.0) -> dict[str, float]:
+    """CPU seconds per second each group uses with no messages (heartbeats, polling, reports)."""
+    before = {name: _cpu_seconds(group) for name, group in groups.items()}
+    time.sleep(seconds)
+    return {name: (_cpu_seconds(group) - before[name]) / seconds for name, group in groups.items()}
+
+
+def _propagation_at(run: Services, count: int, reps: int) -> list[Figure]:
+    from store.scopes import project_scope
+    from store.writes import set_write
+
+    scope = project_scope(PROJECT_ID)
+    ours: list[float] = []
+    after_publish: list[float] = []
+    raw: list[float] = []
+    outcomes: dict[str, int] = defaultdict(int)
+    with fleet(run, f"fleet{count}", count) as running:
+        backend = running.backend
+        # Remember when the announcement is handed to kombu: splits the figure in two.
+        publish_times: list[float] = []
+        announce = backend.announcers[0]
+
+        def timed_announce(result: Any) -> None:
+            publish_times.append(time.time())
+            announce(result)
+
+        backend.announcers = [timed_announce]
+        baseline = rawfanout.RawFanout(run, running.worker.namespace, count)
+        try:
+            baseline.wait_subscribed()
+            groups = {"ours": _processes(running.pids), "raw": _processes(baseline.pids)}
+            idle = _idle_cpu(groups)
+            cpu: dict[str, list[float]] = {"ours": [], "raw": []}
+            for i in range(-3, reps):  # three warm-up rounds, not recorded
+                for ours_first in (True, False) if i % 2 == 0 else (False, True):
+                    group = "ours" if ours_first else "raw"
+                    cpu_before, started = _cpu_seconds(groups[group]), time.monotonic()
+                    if ours_first:
+                        value = f"[Prod {uuid.uuid4().hex[:8]}]"
+                        result = backend.commit(
+                            set_write(scope, KEY, value), task_id=f"bench-{uuid.uuid4()}"
+                        )
+                        events = running.all_applied(result.scope, result.revision)
+                        last = max(e["lag_ms"] for e in events)
+                        if i >= 0:
+                            ours.append(last)
+                            after_publish.append(
+                                (result.committed_at + last / 1000 - publish_times[-1]) * 1000
+                            )
+                            for e in events:
+                                outcomes[e["outcome"]] += 1
+                    else:
+                        sent = baseline.publish(i + 10, rawfanout.body(scope.name, i, KEY))
+                        received = baseline.all_received(i + 10)
+                        if i >= 0:
+                            raw.append((max(received) - sent) * 1000)
+                    time.sleep(0.03 + random.random() * 0.02)  # let reports and logs settle
+                    if i >= 0:
+                        # CPU the group spent on this round, less what it burns when idle.
+                        spent = _cpu_seconds(groups[group]) - cpu_before
+                        spent -= idle[group] * (time.monotonic() - started)
+                        cpu[group].append(spent)
+        finally:
+            baseline.stop()
+    method = (
+        f"{count} prefork children (one `celery worker --concurrency {count}`, "
+        "OPTIONS_LOCAL_CACHE=process, every child holding the scope); this process commits a "
+        "one-key change with `store.backend.commit` (which publishes); each child's own "
+        "`broadcast.applied` log event gives lag_ms = its apply time minus the commit's "
+        "clock_timestamp() in PostgreSQL (taken inside the transaction, before COMMIT); the "
+        "sample is the max over children. Baseline: "
+        f"{count} processes each consuming an exclusive queue on a raw kombu fanout exchange "
+        "(same broker), time from publish to the last process's callback. "
+        f"{reps} rounds, alternating which goes first, 30-50 ms apart. extra.cpu_us_...: CPU "
+        "time (psutil) each process spent per round, less its idle rate"
+    )
+    extra = {
+        "publish_to_all_applied_ms_median": statistics.median(after_publish),
+        "commit_to_publish_ms_median": statistics.median(
+            o - a for o, a in zip(ours, after_publish, strict=True)
+        ),
+        "outcomes": dict(outcomes),
+        # Kernel CPU accounting ticks at 10 ms: only the mean over every round means anything.
+        "cpu_us_per_process_per_message_mean": {
+            group: sum(values) / len(values) / count * 1e6 for group, values in cpu.items()
+        },
+        "idle_cpu_ms_per_s_all_processes": {group: rate * 1000 for group, rate in idle.items()},
+    }
+    return [
+        Figure(
+            name=f"propagation_{count}",
+            title=f"propagation: commit to every process applied, {count} processes",
+            baseline_title=f"raw kombu fanout to {count} processes",
+            value=Series("ms", ours),
+            baseline=Series("ms", raw),
+            goal="<= 1.5x",
+            tail_in_goal=True,
+            method=method,
+            extra=extra,
+        )
+    ]
+
+
+def propagation(run: Services, *, quick: bool) -> list[Figure]:
+    return _propagation_at(run, 4, 40 if quick else 300) + _propagation_at(
+        run, 32, 20 if quick else 150
+    )
+
+
+def visibility(run: Services, *, quick: bool) -> Figure:
+    import tasks
+    from bench import noop_tasks
+
+    reps = 40 if quick else 300
+    key = "bench.visibility"
+    ours: list[float] = []
+    raw: list[float] = []
+    timeline: dict[str, tuple[float, float]] = {}  # task id -> (delay() returned, all applied)
+    with fleet(run, "fleet4", 4) as running:
+        # This process's worker.app sends to the fleet4 queue (see bench.env.prepare_process).
+        assert tasks.set_option.app.conf.task_default_queue == running.worker.queue
+        running.task_ids.append(tasks.set_option.delay(key, "warm-up").id)
+        running.warm(None, key)
+        for i in range(-3, reps):
+            for ours_first in (True, False) if i % 2 == 0 else (False, True):
+                if ours_first:
+                    sent = tasks.set_option.delay(key, f"value-{uuid.uuid4().hex}")
+                    returned = time.time()
+                    running.task_ids.append(sent.id)
+
+                    def revision(task_id: str = sent.id) -> int | None:
+                        running.collect()
+                        return running.writes.get(task_id)
+
+                    rev = wait_for(revision, timeout=REP_TIMEOUT, what="the write", interval=0.005)
+                    events = running.all_applied("global", rev)
+                    seen = max(iso_to_epoch(e["timestamp"]) for e in events)
+                    if i >= 0:
+                        ours.append((seen - returned) * 1000)
+                        timeline[sent.id] = (returned, seen)
+                else:
+                    sent = noop_tasks.noop.delay()
+                    returned = time.time()
+                    started = sent.get(timeout=REP_TIMEOUT)
+                    running.task_ids.append(sent.id)
+                    if i >= 0:
+                        raw.append((started - returned) * 1000)
+                time.sleep(0.03 + random.random() * 0.02)
+        committed = _commit_times(running.backend, list(timeline))
+    to_commit = [(committed[t] - r) * 1000 for t, (r, _) in timeline.items()]
+    from_commit = [(a - committed[t]) * 1000 for t, (_, a) in timeline.items()]
+    return Figure(
+        name="visibility",
+        title="visibility: `set_option.delay()` returns to every process reads the new value",
+        baseline_title="no-op task, enqueue to start",
+        value=Series("ms", ours),
+        baseline=Series("ms", raw),
+        goal="<= 2x",
+        tail_in_goal=True,
+        method=(
+            "one `celery worker --concurrency 4`, OPTIONS_LOCAL_CACHE=process, every child holding "
+            "the global scope: a child reads the new value exactly once it has applied the "
+            "broadcast (the writing child drops the scope and rereads from Redis, which the task "
+            "updated before publishing). Sample: from `set_option.delay()` returning to the "
+            "latest `broadcast.applied` timestamp of the 4 children for the task's revision. "
+            "Baseline: `noop.delay()` returning to the time the no-op task started (its return "
+            f"value), same worker and broker. {reps} rounds, alternating, 30-50 ms apart. "
+            "extra: the same interval split at the commit's clock_timestamp() in PostgreSQL"
+        ),
+        extra={
+            "returned_to_commit_ms_median": statistics.median(to_commit),
+            "commit_to_all_applied_ms_median": statistics.median(from_commit),
+        },
+    )
+
+
+def _commit_times(backend: Any, task_ids: list[str]) -> dict[str, float]:
+    with backend.db.connection() as conn:
+        rows = conn.execute(
+            "SELECT task_id, extract(epoch FROM committed_at) FROM options_write"
+            " WHERE task_id = ANY(%s)",
+            (task_ids,),
+        ).fetchall()
+    return {task_id: float(at) for task_id, at in rows}

@@ -1,0 +1,178 @@
+"""Read figures, measured in this process against the run's PostgreSQL and Redis.
+
+``read_hit``: ``store.project_options.get_value`` served from the local cache, against a bare
+``dict.get``. ``read_miss``: the first read of a scope in a task (local cache empty, Redis holds
+the scope), against one raw redis-py ``HGETALL`` of the same hash.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+import timeit
+from typing import Any
+
+import redis
+
+from bench.env import Services
+from bench.figures import Figure, Series
+
+PROJECT_ID = 4242
+KEY = "mail:subject_prefix"
+
+
+def option_values(count: int, *, seed: int = 7) -> dict[str, Any]:
+    """A realistic mix of option values: short strings, numbers, flags, small lists and objects."""
+    rng = random.Random(seed)
+    values: dict[str, Any] = {KEY: "[Prod] "}
+    kinds = (
+        lambda i: f"value-{i}-{rng.randrange(10**6)}",
+        lambda i: rng.randrange(10**6),
+        lambda i: rng.random() < 0.5,
+        lambda i: [rng.randrange(100) for _ in range(4)],
+        lambda i: {"enabled": True, "rate": round(rng.random(), 3), "owner": f"team-{i}"},
+        lambda i: rng.random(),
+    )
+    for i in range(count - 1):
+        values[f"option.key.{i:06d}"] = kinds[i % len(kinds)](i)
+    return values
+
+
+def seed_scope(backend: Any, project_id: int, values: dict[str, Any]) -> None:
+    """Commit ``values`` to ``project:<id>`` through the store, then load it once so Redis holds
+    the full scope (a first commit leaves only a revision floor there)."""
+    from store.scopes import project_scope
+    from store.writes import many_write
+
+    scope = project_scope(project_id)
+    items = list(values.items())
+    for start in range(0, len(items), 5000):
+        backend.commit(many_write(scope, dict(items[start : start + 5000]), []))
+    backend.local.clear()
+    backend.state(scope.name)
+    backend.local.clear()
+
+
+def read_hit(run: Services, *, quick: bool) -> Figure:
+    import store
+
+    backend = run.configure_store(run.namespace("reads"))
+    values = option_values(10)
+    seed_scope(backend, PROJECT_ID, values)
+    store.project_options.get_value(PROJECT_ID, KEY)  # now cached locally
+    assert f"project:{PROJECT_ID}" in backend.local.scopes
+    reads_before = dict(backend.stats)
+    namespace = {
+        "project_options": store.project_options,
+        "d": dict(values),
+        "key": KEY,
+        "pid": PROJECT_ID,
+    }
+    timers = {
+        "loop": timeit.Timer("pass", globals=namespace),
+        "dict": timeit.Timer("d.get(key)", globals=namespace),
+        "store": timeit.Timer("project_options.get_value(pid, key)", globals=namespace),
+    }
+    number, reps = (20_000, 40) if quick else (20_000, 300)
+    raw: dict[str, list[float]] = {name: [] for name in timers}
+    for _ in range(reps):
+        for name, timer in timers.items():
+            raw[name].append(timer.timeit(number) / number * 1e9)
+    loop = raw["loop"]
+    store_net = [s - e for s, e in zip(raw["store"], loop, strict=True)]
+    dict_net = [d - e for d, e in zip(raw["dict"], loop, strict=True)]
+    assert backend.stats == reads_before, "every timed read must be a local hit"
+    return Figure(
+        name="read_hit",
+        title="read, local cache hit (`store.project_options.get_value`)",
+        baseline_title="bare `dict.get`",
+        value=Series("ns/call", store_net),
+        baseline=Series("ns/call", dict_net),
+        goal="<= 10x",
+        method=(
+            f"timeit in this process, task-mode local cache, a 10-key project scope; {reps} "
+            f"repetitions of {number:,} calls each, interleaved with the baseline; per-call time "
+            "net of timeit's empty loop (measured in the same repetitions), so the ratio compares "
+            "the calls themselves"
+        ),
+        extra={"gross_ns_median": {name: statistics.median(v) for name, v in raw.items()}},
+    )
+
+
+def _miss_samples(
+    backend: Any, client: redis.Redis, project_id: int, n: int
+) -> tuple[list[float], list[float]]:
+    import store
+
+    redis_key = backend.redis.key(f"project:{project_id}")
+    store.clear_local_cache()
+    store.project_options.get_value(project_id, KEY)  # opens the connection, fills Redis if needed
+    client.hgetall(redis_key)
+    postgres_before = backend.stats["postgres_reads"]
+    ours: list[float] = []
+    raw: list[float] = []
+    perf = time.perf_counter
+    for i in range(n):
+        store.clear_local_cache()  # what task_postrun does; not timed
+        for first in (i % 2 == 0, i % 2 == 1):
+            if first:
+                start = perf()
+                store.project_options.get_value(project_id, KEY)
+                ours.append((perf() - start) * 1e6)
+            else:
+                start = perf()
+                client.hgetall(redis_key)
+                raw.append((perf() - start) * 1e6)
+    assert backend.stats["postgres_reads"] == postgres_before, "every timed miss must hit Redis"
+    return ours, raw
+
+
+def _miss_cpu(backend: Any, client: redis.Redis, project_id: int, n: int) -> dict[str, float]:
+    """CPU time (this process, user + system) per read: unlike latency, not moved by load."""
+    import store
+
+    redis_key = backend.redis.key(f"project:{project_id}")
+    clock = time.process_time
+    start = clock()
+    for _ in range(n):
+        store.clear_local_cache()
+        client.hgetall(redis_key)
+    middle = clock()
+    for _ in range(n):
+        store.clear_local_cache()
+        store.project_options.get_value(project_id, KEY)
+    end = clock()
+    return {"store_us": (end - middle) / n * 1e6, "hgetall_us": (middle - start) / n * 1e6}
+
+
+def read_miss(run: Services, *, quick: bool) -> Figure:
+    backend = run.configure_store(run.namespace("reads"))
+    client = redis.Redis.from_url(run.redis_url)  # a plain client, as a caller would make
+    seed_scope(backend, PROJECT_ID, option_values(10))
+    seed_scope(backend, PROJECT_ID + 1, option_values(100))
+    n = 300 if quick else 3000
+    ours, raw = _miss_samples(backend, client, PROJECT_ID, n)
+    ours100, raw100 = _miss_samples(backend, client, PROJECT_ID + 1, max(100, n // 4))
+    med = statistics.median(ours100) / statistics.median(raw100)
+    cpu = _miss_cpu(backend, client, PROJECT_ID, n)
+    client.close()
+    return Figure(
+        name="read_miss",
+        title="read, first in a task (local miss, Redis hit)",
+        baseline_title="one raw redis-py `HGETALL` of the same hash",
+        value=Series("us/read", ours),
+        baseline=Series("us/read", raw),
+        goal="<= 1.3x",
+        method=(
+            f"in this process: {n} samples of `get_value` on a 10-key project scope right after "
+            "`clear_local_cache()` (what task_postrun does, not timed), each paired with a "
+            "`HGETALL` of the same Redis hash on a plain `redis.Redis` client, in alternating "
+            "order; every timed read verified to come from Redis, none from PostgreSQL"
+        ),
+        extra={
+            "ratio_median_100_key_scope": med,
+            "samples_100_key_scope": len(ours100),
+            "cpu_per_read_10_key_scope": cpu,
+        },
+    )
