@@ -75,13 +75,23 @@ class LocalCache:
         # False while broadcasts may be missed (not yet subscribed, connection lost, silence):
         # reads then go to Redis or PostgreSQL every time and nothing is kept locally.
         self.synced = True
+        self.one_task_at_a_time = False
         self.set_mode(mode)
 
-    def set_mode(self, mode: str) -> None:
+    def set_mode(self, mode: str, *, one_task_at_a_time: bool | None = None) -> None:
+        """Choose task or process mode.
+
+        ``one_task_at_a_time``: the process never runs two tasks at once (prefork child, solo),
+        so task mode can use one map instead of a thread-local one, which is cheaper to reach
+        on every read. Unset keeps the previous choice; the default is per thread (safe).
+        """
         if mode not in MODES:
             raise ValueError(f"local cache mode must be one of {MODES}, got {mode!r}")
+        if one_task_at_a_time is not None:
+            self.one_task_at_a_time = one_task_at_a_time
         self.mode = mode
-        self.holder = self._threads if mode == TASK else self._shared
+        per_thread = mode == TASK and not self.one_task_at_a_time
+        self.holder = self._threads if per_thread else self._shared
 
     @property
     def scopes(self) -> dict[str, ScopeState]:
@@ -90,7 +100,7 @@ class LocalCache:
     def end_task(self) -> None:
         """A task finished: in task mode its thread starts the next task empty."""
         if self.mode == TASK:
-            self._threads.scopes.clear()
+            self.holder.scopes.clear()
 
     def clear(self) -> None:
         """Drop everything this process holds, in every thread."""

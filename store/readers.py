@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from store.layered import LayeredStore
-from store.scopes import group_scope, project_scope, tag_keys_scope, user_scope
+from store.scopes import Scope, group_scope, project_scope, tag_keys_scope, user_scope
+
+_PROJECT_NAMES: dict[int, str] = {}
+_GROUP_NAMES: dict[int, str] = {}
+
+
+# Scope names of ids already validated, so a local hit skips formatting an int (the slowest
+# step of a read). Bounded: past the limit it simply starts over.
+_NAMES_LIMIT = 100_000
+
+
+def _named(names: dict[int, str], ident: object, make: Callable[[object], Scope]) -> str:
+    name = make(ident).name  # validates
+    if len(names) >= _NAMES_LIMIT:
+        names.clear()
+    names[ident] = name  # type: ignore[index]  # validated above: an int
+    return name
 
 
 class _Reader:
@@ -37,13 +53,15 @@ class ProjectOptions(_Reader):
     __slots__ = ()
 
     def get_value(self, project_id: int, key: str, default: Any = None) -> Any:
-        # The hot path: an exact int check is cheaper than the full validation, and keeps
-        # "42" from being served from the cache of project 42.
+        # The hot path. The exact int check keeps "42" and True away from project 42's cache.
         if type(project_id) is int:
-            state = self._local.holder.scopes.get(f"project:{project_id}")
-            if state is not None:
-                return state.values.get(key, default)
-        return self._store.state(project_scope(project_id).name).values.get(key, default)
+            name = _PROJECT_NAMES.get(project_id)
+            if name is not None:
+                state = self._local.holder.scopes.get(name)
+                if state is not None:
+                    return state.values.get(key, default)
+        name = _named(_PROJECT_NAMES, project_id, project_scope)
+        return self._store.state(name).values.get(key, default)
 
     def get_all_values(self, project_id: int) -> dict[str, Any]:
         return dict(self._store.state(project_scope(project_id).name).values)
@@ -70,7 +88,15 @@ class GroupMeta(_Reader):
     __slots__ = ()
 
     def get_value(self, group_id: int, key: str, default: Any = None) -> Any:
-        return self._store.state(group_scope(group_id).name).values.get(key, default)
+        if type(group_id) is int:
+            name = _GROUP_NAMES.get(group_id)
+            if name is not None:
+                state = self._local.holder.scopes.get(name)
+                if state is not None:
+                    return state.values.get(key, default)
+        return self._store.state(_named(_GROUP_NAMES, group_id, group_scope)).values.get(
+            key, default
+        )
 
     def get_all_values(self, group_id: int) -> dict[str, Any]:
         return dict(self._store.state(group_scope(group_id).name).values)

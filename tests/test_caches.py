@@ -403,3 +403,24 @@ def test_project_read_with_a_string_id_is_rejected_even_when_cached(backend: Any
     with pytest.raises(InvalidOption) as caught:
         store.project_options.get_value(str(project), "k")
     assert caught.value.field == "project_id"
+
+
+def test_one_task_at_a_time_task_mode_uses_one_map_cleared_at_task_end() -> None:
+    """A prefork child's task-mode cache is one map for every thread, emptied when its task ends."""
+    cache = LocalCache(TASK)
+    cache.set_mode(TASK, one_task_at_a_time=True)
+    cache.scopes["project:1"] = ScopeState(1, {"k": 1})
+    seen: list[bool] = []
+    thread = threading.Thread(target=lambda: seen.append("project:1" in cache.scopes))
+    thread.start()
+    thread.join()
+    assert seen == [True]
+    cache.end_task()
+    assert cache.scopes == {}
+    cache.set_mode(TASK, one_task_at_a_time=False)
+    cache.scopes["project:2"] = ScopeState(1, {})
+    other: list[bool] = []
+    thread = threading.Thread(target=lambda: other.append("project:2" in cache.scopes))
+    thread.start()
+    thread.join()
+    assert other == [False]

@@ -47,6 +47,9 @@ def _remember_pool(sender: Any = None, **_: Any) -> None:
     pool_cls = getattr(sender, "pool_cls", None)
     module = getattr(pool_cls, "__module__", "") or str(pool_cls)
     _pool["name"] = module.rsplit(".", 1)[-1] if module else "prefork"
+    # A prefork child or a solo worker runs one task at a time: one map, no thread-local.
+    local = store.backend.local
+    local.set_mode(local.mode, one_task_at_a_time=_pool["name"] in ("prefork", "solo"))
 
 
 @worker_process_init.connect
