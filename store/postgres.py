@@ -13,7 +13,6 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import TupleRow
-from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from store.writes import Write, WriteResult
@@ -83,7 +82,9 @@ class PostgresStore:
                     timeout=self._timeout,
                     open=True,
                     name="optionstore",
-                    kwargs={"connect_timeout": max(1, int(self._timeout))},
+                    # Autocommit: a write is one function call, its own transaction; reads
+                    # that need a snapshot open one explicitly.
+                    kwargs={"connect_timeout": max(1, int(self._timeout)), "autocommit": True},
                 )
                 self._pool_pid = os.getpid()
             return self._pool
@@ -114,109 +115,31 @@ class PostgresStore:
         raise AssertionError("unreachable: a unique violation twice for one task id")
 
     def _apply(self, conn: Connection, write: Write, task_id: str) -> tuple[WriteResult, bool]:
-        scope = write.scope.name
-        with conn.transaction():
-            recorded = conn.execute(
-                "SELECT scope, revision, changed, changes, extract(epoch FROM committed_at)"
-                " FROM options_write WHERE task_id = %s",
-                (task_id,),
-            ).fetchone()
-            if recorded is not None:
-                return _result_from_row(task_id, recorded), False
-            # The upsert takes the scope's row lock: writers of one scope commit in turn,
-            # so revisions are gapless and history is in revision order.
-            (revision,) = conn.execute(
-                "INSERT INTO options_scope AS s (scope) VALUES (%s)"
-                " ON CONFLICT (scope) DO UPDATE SET scope = s.scope RETURNING revision",
-                (scope,),
-            ).fetchone()  # type: ignore[misc]
-            current: dict[str, str] = dict(
-                conn.execute(
-                    "SELECT key, value::text FROM options_value WHERE scope = %s AND key = ANY(%s)",
-                    (scope, write.keys),
-                ).fetchall()
-            )
-            changes: dict[str, str | None] = {}
-            for key, text in write.sets.items():
-                if current.get(key) != text:
-                    changes[key] = text
-            for key in write.unsets:
-                if key in current:
-                    changes[key] = None
-            if changes:
-                revision += 1
-                self._write_changes(
-                    conn,
-                    scope=scope,
-                    revision=revision,
-                    changes=changes,
-                    current=current,
-                    task_id=task_id,
-                )
-            (committed_at,) = conn.execute(
-                "INSERT INTO options_write"
-                " (task_id, scope, revision, changed, changes, announced_at)"
-                " VALUES (%s, %s, %s, %s, %s, CASE WHEN %s THEN NULL ELSE now() END)"
-                " RETURNING extract(epoch FROM committed_at)",
-                (task_id, scope, revision, bool(changes), Jsonb(changes), bool(changes)),
-            ).fetchone()  # type: ignore[misc]
-        result = WriteResult(scope, revision, bool(changes), changes, task_id, float(committed_at))
-        return result, True
-
-    @staticmethod
-    def _write_changes(
-        conn: Connection,
-        *,
-        scope: str,
-        revision: int,
-        changes: dict[str, str | None],
-        current: dict[str, str],
-        task_id: str,
-    ) -> None:
-        sets = {k: v for k, v in changes.items() if v is not None}
-        unsets = [k for k, v in changes.items() if v is None]
-        conn.execute(
-            "UPDATE options_scope SET revision = %s, updated_at = now() WHERE scope = %s",
-            (revision, scope),
+        keys = [*write.sets, *write.unsets]
+        values: list[str | None] = [*write.sets.values(), *([None] * len(write.unsets))]
+        # One round trip and one transaction: see options_apply in store/schema.py.
+        row = conn.execute(
+            "SELECT * FROM options_apply(%s, %s, %s::text[], %s::text[])",
+            (write.scope.name, task_id, keys, values),
+        ).fetchone()
+        assert row is not None
+        revision, changed, changes, committed_at, first_run = row
+        result = WriteResult(
+            write.scope.name,
+            int(revision),
+            bool(changed),
+            dict(changes),
+            task_id,
+            float(committed_at),
         )
-        if sets:
-            # unnest: one statement whatever the number of keys (set_many of thousands).
-            conn.execute(
-                "INSERT INTO options_value (scope, key, value, revision)"
-                " SELECT %s, k, v::json, %s FROM unnest(%s::text[], %s::text[]) AS t(k, v)"
-                " ON CONFLICT (scope, key) DO UPDATE"
-                " SET value = EXCLUDED.value, revision = EXCLUDED.revision",
-                (scope, revision, list(sets), list(sets.values())),
-            )
-        if unsets:
-            conn.execute(
-                "DELETE FROM options_value WHERE scope = %s AND key = ANY(%s)", (scope, unsets)
-            )
-        keys = list(changes)
-        conn.execute(
-            "INSERT INTO options_history (scope, key, old_value, new_value, revision, task_id)"
-            " SELECT %s, k, o::json, n::json, %s, %s"
-            " FROM unnest(%s::text[], %s::text[], %s::text[]) AS t(k, o, n)",
-            (
-                scope,
-                revision,
-                task_id,
-                keys,
-                [current.get(k) for k in keys],
-                [changes[k] for k in keys],
-            ),
-        )
+        return result, bool(first_run)
 
     def mark_announced(self, task_ids: Iterable[str]) -> None:
         ids = list(task_ids)
         if not ids:
             return
         with self.connection() as conn:
-            conn.execute(
-                "UPDATE options_write SET announced_at = now()"
-                " WHERE task_id = ANY(%s) AND announced_at IS NULL",
-                (ids,),
-            )
+            conn.execute("SELECT options_mark_announced(%s::text[])", (ids,))
 
     def write_record(self, task_id: str) -> tuple[WriteResult, bool] | None:
         """The committed result of a write task and whether it was announced, or None."""
