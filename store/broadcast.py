@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -162,18 +163,32 @@ class Publisher:
         self._lock = threading.Lock()
 
     def publish(self, message: ReloadMessage) -> None:
+        body = message.to_body()
         with self._lock:
-            producer = self._get_producer()
-            producer.publish(
-                message.to_body(),
-                exchange=self.exchange,
-                routing_key="",
-                serializer="json",
-                delivery_mode=1,  # transient
-                retry=True,
-                retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
-                declare=[self.exchange],
-            )
+            try:
+                self._send(body)
+            except Exception:
+                # One fresh connection and one more try (kombu's own retry wrapper costs on
+                # every message); if that fails too, the outbox relay announces it later.
+                self._reset()
+                self._send(body)
+
+    def _send(self, body: dict[str, Any]) -> None:
+        self._get_producer().publish(
+            body,
+            exchange=self.exchange,
+            routing_key="",
+            serializer="json",
+            delivery_mode=1,  # transient
+            declare=[self.exchange],
+        )
+
+    def _reset(self) -> None:
+        if self._connection is not None and self._pid == os.getpid():
+            with contextlib.suppress(Exception):
+                self._connection.release()
+        self._connection = None
+        self._producer = None
 
     def announce(self, result: WriteResult) -> None:
         self.publish(ReloadMessage.change(result, origin=self.origin))
@@ -188,7 +203,4 @@ class Publisher:
 
     def close(self) -> None:
         with self._lock:
-            if self._connection is not None and self._pid == os.getpid():
-                self._connection.release()
-            self._connection = None
-            self._producer = None
+            self._reset()

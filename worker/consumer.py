@@ -74,6 +74,7 @@ class ReloadConsumer(threading.Thread):
         self._unreported: dict[str, int] = {}
         self._forgotten: list[str] = []
         self._last_report = 0.0
+        self._unreported_since = 0.0
 
     # -- the loop -------------------------------------------------------------
 
@@ -114,7 +115,7 @@ class ReloadConsumer(threading.Thread):
                         self._say_hello(conn)
                         hello_at = time.monotonic()
                     try:
-                        conn.drain_events(timeout=0.1)
+                        conn.drain_events(timeout=self._drain_timeout())
                     except TimeoutError:
                         conn.heartbeat_check()
                     silent = time.monotonic() - self._last_heard
@@ -181,6 +182,8 @@ class ReloadConsumer(threading.Thread):
             return
         self._revisions[scope] = revision
         self._revisions.move_to_end(scope)
+        if not self._unreported:
+            self._unreported_since = time.monotonic()
         self._unreported[scope] = revision
         while len(self._revisions) > REPORTED_SCOPES:
             old, _ = self._revisions.popitem(last=False)
@@ -189,11 +192,18 @@ class ReloadConsumer(threading.Thread):
 
     # -- reports --------------------------------------------------------------
 
+    def _drain_timeout(self) -> float:
+        if self._unreported:
+            return max(0.0, self._unreported_since + self.report_interval - time.monotonic())
+        return 0.1
+
     def _report(self, *, force: bool = False) -> None:
         if self.presence is None:
             return
         now = time.monotonic()
-        due = self._unreported and now - self._last_report >= self.report_interval
+        # Reported a little after the first unreported change, not at once: the report is a
+        # Redis write, and the processes still applying the same message share the CPU.
+        due = self._unreported and now - self._unreported_since >= self.report_interval
         if not (force or due or now - self._last_report >= 1.0):
             return
         revisions, self._unreported = self._unreported, {}
