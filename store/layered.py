@@ -274,12 +274,16 @@ class LayeredStore:
         # Our own process first: whatever happens below, this process reads the new state.
         self.local.drop(result.scope)
         self._last_known.pop(result.scope, None)
-        # Redis first: a process that hears the broadcast and reloads must find the change there.
-        steps: list[tuple[str, Callable[[WriteResult], object]]] = []
+        # The broadcast first, it is what the running tasks wait for. Safe before Redis: a
+        # process that heard it holds a revision floor, so if it reloads the scope before Redis
+        # caught up it finds Redis behind the floor and reads PostgreSQL instead. The task
+        # returns only after both, so every task started later finds Redis current.
+        steps: list[tuple[str, Callable[[WriteResult], object]]] = [
+            ("broadcast", announcer) for announcer in self.announcers
+        ]
         if self.redis is not None:
             redis_cache = self.redis
             steps.append(("redis", lambda r: redis_cache.apply(r.scope, r.revision, r.changes)))
-        steps += [("broadcast", announcer) for announcer in self.announcers]
         announced = True
         for layer, step in steps:
             try:
