@@ -27,7 +27,13 @@ task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 # Redis redelivers unacknowledged messages after this long (kombu's default is an hour). A
 # redelivered write is harmless: a re-run of a task id changes nothing.
-broker_transport_options = {"visibility_timeout": SETTINGS.visibility_timeout}
+# kombu looks for expired unacknowledged messages only every unacked_restore_interval times
+# throttle seconds (100 s by default): sweep often enough for the timeout to mean something.
+broker_transport_options = {
+    "visibility_timeout": SETTINGS.visibility_timeout,
+    "unacked_restore_interval": max(1, min(10, SETTINGS.visibility_timeout // 2)),
+    "unacked_restore_throttle": 1,
+}
 result_expires = 3600
 worker_hijack_root_logger = False
 worker_send_task_events = False

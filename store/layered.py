@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 import psycopg_pool
@@ -17,7 +17,7 @@ from store.errors import NotConfigured, StoreUnavailable
 from store.local import TASK, LocalCache, ScopeState
 from store.postgres import PostgresStore, Snapshot
 from store.redis_cache import RedisCache
-from store.validation import DEFAULT_MAX_VALUE_BYTES
+from store.validation import DEFAULT_MAX_VALUE_BYTES, decode_value
 from store.writes import Write, WriteResult
 
 log = structlog.get_logger("optionstore")
@@ -263,17 +263,38 @@ class LayeredStore:
         outcome = self.local.apply_change(
             message.scope, message.revision, message.sets, message.unsets
         )
-        known = self._last_known.get(message.scope)
-        if known is not None and known[1].revision < message.revision:
-            # Never fall back, during an outage, to a state older than one we heard of.
-            self._last_known.pop(message.scope, None)
+        self._advance_last_known(message.scope, message.revision, message.sets, message.unsets)
         return outcome
+
+    def _advance_last_known(
+        self, scope: str, revision: int, sets: dict[str, Any], unsets: tuple[str, ...]
+    ) -> None:
+        """Move the outage copy of ``scope`` forward by one change, or forget it on a gap.
+
+        Never fall back, during an outage, to a state older than one this process heard of.
+        """
+        known = self._last_known.get(scope)
+        if known is None or known[1].revision >= revision:
+            return
+        if known[1].revision != revision - 1:
+            self._last_known.pop(scope, None)
+            return
+        values = dict(known[1].values)
+        values.update(sets)
+        for key in unsets:
+            values.pop(key, None)
+        self._last_known[scope] = (time.monotonic(), ScopeState(revision, values))
 
     def announce(self, result: WriteResult) -> bool:
         """Tell the caches about a committed change; False leaves it to the outbox relay."""
         # Our own process first: whatever happens below, this process reads the new state.
         self.local.drop(result.scope)
-        self._last_known.pop(result.scope, None)
+        self._advance_last_known(
+            result.scope,
+            result.revision,
+            {k: decode_value(v) for k, v in result.changes.items() if v is not None},
+            tuple(k for k, v in result.changes.items() if v is None),
+        )
         # The broadcast first, it is what the running tasks wait for. Safe before Redis: a
         # process that heard it holds a revision floor, so if it reloads the scope before Redis
         # caught up it finds Redis behind the floor and reads PostgreSQL instead. The task

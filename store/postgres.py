@@ -82,6 +82,9 @@ class PostgresStore:
                     timeout=self._timeout,
                     open=True,
                     name="optionstore",
+                    # A pooled connection is dead after a PostgreSQL restart: check it on
+                    # checkout rather than fail the first read or write that gets it.
+                    check=ConnectionPool.check_connection,
                     # Autocommit: a write is one function call, its own transaction; reads
                     # that need a snapshot open one explicitly.
                     kwargs={"connect_timeout": max(1, int(self._timeout)), "autocommit": True},

@@ -15,15 +15,6 @@ from tests.faults.servers import PostgresServer, RedisServer
 
 
 @pytest.mark.faults
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "store/postgres.py PostgresStore._get_pool builds its ConnectionPool without a check: "
-        "after PostgreSQL restarts, each process's pooled connection is dead, the first read "
-        "that misses Redis gets it, and LayeredStore._from_postgres turns the OperationalError "
-        "into StoreUnavailable (no last-known value) although PostgreSQL is up again"
-    ),
-)
 def test_first_read_after_a_postgres_restart_answers(
     stable: PostgresServer, own_postgres: PostgresServer, own_redis: Any
 ) -> None:
@@ -50,16 +41,6 @@ def test_first_read_after_a_postgres_restart_answers(
 
 
 @pytest.mark.faults
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "store/layered.py: LayeredStore.apply_message (a broadcast heard) and "
-        "LayeredStore.announce (a write made here) drop the scope's last-known state instead of "
-        "moving it forward, so a process that followed a scope through a change has nothing to "
-        "serve in an outage if Redis lacks the scope (evicted, restarted empty, or a floor left "
-        "by two racing writers)"
-    ),
-)
 def test_scope_followed_through_a_change_is_served_during_an_outage(
     stable: PostgresServer, own_postgres: PostgresServer, own_redis: Any
 ) -> None:

@@ -38,15 +38,6 @@ TAKEN_AND_LOST = (
 
 
 @pytest.mark.faults
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "celeryconfig.broker_transport_options sets only visibility_timeout; kombu's Redis "
-        "transport sweeps expired unacknowledged messages once when a worker connects and then "
-        "every unacked_restore_interval x unacked_restore_throttle = 10 s x 10 = 100 s, so a "
-        "worker restarted at once redelivers after ~100 s whatever OPTIONS_VISIBILITY_TIMEOUT says"
-    ),
-)
 def test_restarted_worker_redelivers_within_the_visibility_timeout(
     stable: PostgresServer, own_redis: Any
 ) -> None:
