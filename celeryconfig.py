@@ -37,3 +37,8 @@ broker_transport_options = {
 result_expires = 3600
 worker_hijack_root_logger = False
 worker_send_task_events = False
+
+# On a Redis broker, a transport that cannot lose a task between handing it to a worker and
+# recording it as unacknowledged (see worker/broker.py).
+if broker_url.split("://", 1)[0] in ("redis", "rediss"):
+    broker_transport = "worker.broker:Transport"

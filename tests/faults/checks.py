@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -160,8 +161,17 @@ def read_all(worker: FaultWorker, project: int) -> dict[int, Any]:
 
 
 def broker_drained(client: redis.Redis, queue: str) -> bool:
-    """Nothing left in the broker: no queued write, none taken and unacknowledged."""
-    return client.llen(queue) == 0 and client.hlen("unacked") == 0
+    """Nothing left in the broker: no queued write, none unacknowledged, none taken by a
+    consumer and not yet recorded (worker/broker.py)."""
+    taken = [key for key in client.scan_iter(match="unacked.taken.*") if client.llen(key)]
+    return client.llen(queue) == 0 and client.hlen("unacked") == 0 and not taken
+
+
+def reclaimed(worker: FaultWorker) -> int:
+    """How many writes this worker's sweeps put back after a consumer that had taken them
+    went away (worker/broker.py logs each sweep that moved any)."""
+    found = re.findall(r"Restored (\d+) task\(s\) taken off the queue", worker.log())
+    return sum(int(n) for n in found)
 
 
 def stale_reads(worker: FaultWorker, database_url: str, projects: list[int]) -> dict[str, Any]:

@@ -52,6 +52,10 @@ class FaultWorker(Worker):
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=30)
 
+    def exited(self) -> bool:
+        """Whether the worker's main process has exited (it was started and is gone)."""
+        return self.process is not None and self.process.poll() is not None
+
     def stop(self) -> None:
         with contextlib.suppress(Exception):  # the broker may be the thing that is down
             super().stop()

@@ -1,6 +1,6 @@
 """Redelivery on a Redis broker: how soon a restarted worker gets back what a killed one held
-(OPTIONS_VISIBILITY_TIMEOUT), and what becomes of a write handed to a worker that dies, or
-whose Redis stops, before it records the write as unacknowledged."""
+(OPTIONS_VISIBILITY_TIMEOUT), and that a write handed to a worker that dies, or whose Redis
+stops, before it records the write as unacknowledged still runs (worker/broker.py)."""
 
 from __future__ import annotations
 
@@ -25,16 +25,6 @@ VISIBILITY_S = 3
 # timeout; the margin adds half of that again for a noisy machine.
 MARGIN_S = 15
 WRITES = 60
-
-# Both of the last two tests show one defect: kombu's Redis transport takes a message with
-# BRPOP and records it as unacknowledged with a second command (QoS.append); whatever ends
-# the worker's connection in between (the worker killed, Redis stopped) loses the message.
-TAKEN_AND_LOST = (
-    "kombu's Redis transport takes a task with BRPOP and records it as unacknowledged in a "
-    "second round trip; if the worker dies, or Redis stops, in between, a write the producer "
-    "was told was queued is gone (not queued, not unacknowledged, never run), against "
-    "guarantees 1 and 7, and Redis is the default broker"
-)
 
 
 @pytest.mark.faults
@@ -90,14 +80,20 @@ def test_restarted_worker_redelivers_within_the_visibility_timeout(
 
 
 def waiting_on_queue(client: redis.Redis) -> bool:
-    """Whether a worker is blocked in BRPOP on this Redis: idle, nothing reserved."""
-    return any(c["cmd"] == "brpop" and "b" in c["flags"] for c in client.client_list())
+    """Whether a worker is blocked taking from the queue on this Redis: idle, nothing reserved."""
+    return any(c["cmd"] == "blmove" and "b" in c["flags"] for c in client.client_list())
+
+
+def taken(client: redis.Redis) -> list[bytes]:
+    """What consumers have taken off the queue and not yet recorded as unacknowledged."""
+    keys = [key for key in client.scan_iter(match="unacked.taken.*") if client.type(key) == b"list"]
+    return [item for key in keys for item in client.lrange(key, 0, -1)]
 
 
 def hand_over_then(
     worker: FaultWorker, client: redis.Redis, project: int, fault: Callable[[], None]
 ) -> str:
-    """Send a write while the worker's main process is paused with its BRPOP outstanding, so
+    """Send a write while the worker's main process is paused with its BLMOVE outstanding, so
     Redis hands the write over but the worker cannot record it yet; then ``fault``.
 
     The pause stands for a busy or descheduled process: it only widens the window between
@@ -105,7 +101,7 @@ def hand_over_then(
     """
     main = worker.process
     assert main is not None
-    wait_for(lambda: waiting_on_queue(client), timeout=30, message="the worker to wait (BRPOP)")
+    wait_for(lambda: waiting_on_queue(client), timeout=30, message="the worker to wait (BLMOVE)")
     os.kill(main.pid, signal.SIGSTOP)
     try:
         task_id = f"taken-{uuid.uuid4().hex}"
@@ -123,19 +119,19 @@ def hand_over_then(
 def assert_not_lost(
     worker: FaultWorker, client: redis.Redis, database_url: str, task_id: str
 ) -> None:
-    """Once the worker waits on the queue again, the write is committed, queued, or held as
-    unacknowledged (and so comes back); then it commits."""
+    """Once the worker waits on the queue again, the write is committed, queued, held as
+    unacknowledged or taken by the consumer that went away (and so comes back); then it
+    commits."""
     wait_for(lambda: waiting_on_queue(client), timeout=60, message="the worker to wait again")
-    kept = client.lrange(worker.queue, 0, -1) + client.hvals("unacked")
+    kept = client.lrange(worker.queue, 0, -1) + client.hvals("unacked") + taken(client)
     held = any(task_id.encode() in message for message in kept)
     assert held or task_id in committed(database_url, [task_id]), (
-        "the write is neither committed nor queued nor unacknowledged: it is lost"
+        "the write is neither committed nor queued, unacknowledged or taken: it is lost"
     )
     wait_committed(database_url, [task_id], timeout=VISIBILITY_S + MARGIN_S, what="accepted write")
 
 
 @pytest.mark.faults
-@pytest.mark.xfail(strict=True, reason=TAKEN_AND_LOST)
 def test_write_taken_by_a_worker_killed_before_recording_it_runs_again(
     stable: PostgresServer, own_redis: Any
 ) -> None:
@@ -157,7 +153,6 @@ def test_write_taken_by_a_worker_killed_before_recording_it_runs_again(
 
 
 @pytest.mark.faults
-@pytest.mark.xfail(strict=True, reason=TAKEN_AND_LOST)
 def test_write_taken_as_the_broker_stops_is_not_lost(
     stable: PostgresServer, own_redis: Any
 ) -> None:

@@ -1,0 +1,222 @@
+"""The Redis broker transport of worker/broker.py against a real Redis: a task taken off the
+queue is always queued, taken or unacknowledged, and what a gone consumer took comes back."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import kombu
+import pytest
+import redis
+
+from tests.conftest import Services, wait_for
+from worker.broker import CLIENT_NAME_PREFIX, Channel
+
+TRANSPORT = "worker.broker:Transport"
+
+
+class Rig:
+    """One queue and one set of unacknowledged-message keys of this test's own on a Redis."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.redis_url = redis_url
+        self.redis = redis.Redis.from_url(redis_url)
+        tag = uuid.uuid4().hex[:12]
+        self.queue = kombu.Queue(f"broker-test-{tag}", routing_key=f"broker-test-{tag}")
+        self.options = {
+            "unacked_key": f"unacked-{tag}",
+            "unacked_index_key": f"unacked-index-{tag}",
+            "unacked_mutex_key": f"unacked-mutex-{tag}",
+        }
+
+    @property
+    def registry(self) -> str:
+        return f"{self.options['unacked_key']}.taken"
+
+    def taken_key(self, token: str) -> str:
+        return f"{self.options['unacked_key']}.taken.{token}"
+
+    def connect(self, transport: str = TRANSPORT) -> kombu.Connection:
+        return kombu.Connection(
+            self.redis_url, transport=transport, transport_options=dict(self.options)
+        )
+
+    def publish(self, body: Any, **options: Any) -> None:
+        """Send as a producer that does not import this project would: kombu's own transport."""
+        with self.connect(transport="redis") as conn:
+            conn.Producer().publish(
+                body,
+                routing_key=self.queue.name,
+                declare=[self.queue],
+                serializer="json",
+                **options,
+            )
+
+    def unacknowledged(self) -> int:
+        return int(self.redis.hlen(self.options["unacked_key"]))
+
+    def queued(self) -> int:
+        return int(self.redis.llen(self.queue.name))
+
+    def close(self) -> None:
+        names = [self.queue.name, self.registry, *self.options.values()]
+        names += [key.decode() for key in self.redis.scan_iter(match=f"{self.registry}.*")]
+        self.redis.delete(*names)
+        self.redis.close()
+
+
+@pytest.fixture
+def rig(services: Services) -> Iterator[Rig]:
+    rig = Rig(services.redis_url)
+    yield rig
+    rig.close()
+
+
+def consume(conn: kombu.Connection, queues: list[kombu.Queue], *, no_ack: bool = False) -> Any:
+    received: list[Any] = []
+
+    def on_message(body: Any, message: Any) -> None:
+        received.append((body, message))
+
+    consumer = conn.Consumer(queues, callbacks=[on_message], accept=["json"], no_ack=no_ack)
+    return consumer, received
+
+
+def drain_until(conn: kombu.Connection, received: list[Any], count: int = 1) -> None:
+    def got() -> bool:
+        with contextlib.suppress(TimeoutError):
+            conn.drain_events(timeout=0.2)
+        return len(received) >= count
+
+    wait_for(got, timeout=10, interval=0, message=f"{count} message(s) delivered")
+
+
+def taken_by_dead_consumer(rig: Rig, token: str) -> None:
+    """What a consumer that took the queued message and was killed before recording it leaves:
+    the message in its taken list, its token in the registry, no connection by its name."""
+    rig.redis.hset(rig.registry, token, rig.queue.name)
+    rig.redis.lmove(rig.queue.name, rig.taken_key(token), "RIGHT", "LEFT")
+
+
+def test_a_delivered_message_is_unacknowledged_and_no_longer_taken(rig: Rig) -> None:
+    """A consumer takes a message into its taken list and, on delivery, records it as
+    unacknowledged and releases it from the list: held in exactly one place until acked."""
+    rig.publish({"n": 1})
+    with rig.connect() as conn:
+        consumer, received = consume(conn, [rig.queue])
+        with consumer:
+            drain_until(conn, received)
+            channel: Channel = conn.default_channel
+            assert rig.redis.hget(rig.registry, channel.taken_token) == rig.queue.name.encode()
+            assert rig.redis.llen(channel.taken_key) == 0
+            assert rig.unacknowledged() == 1
+            assert rig.queued() == 0
+            received[0][1].ack()
+            assert rig.unacknowledged() == 0
+    assert received[0][0] == {"n": 1}
+
+
+def test_what_a_gone_consumer_took_is_put_back_and_delivered(rig: Rig) -> None:
+    """A message in the taken list of a consumer with no open connection goes back on the
+    queue at the next sweep and is delivered to a live consumer."""
+    rig.publish({"n": 2})
+    dead = uuid.uuid4().hex
+    taken_by_dead_consumer(rig, dead)
+    assert rig.queued() == 0
+    with rig.connect() as conn:
+        consumer, received = consume(conn, [rig.queue])
+        with consumer:
+            drain_until(conn, received)
+    assert received[0][0] == {"n": 2}
+    assert rig.redis.exists(rig.taken_key(dead)) == 0
+    assert rig.redis.hexists(rig.registry, dead) == 0
+
+
+def test_a_live_consumers_taken_list_is_left_alone(rig: Rig) -> None:
+    """While a connection named after a consumer's token is open, its taken message stays
+    with it; once that connection closes, the sweep puts the message back."""
+    rig.publish({"n": 3})
+    alive = uuid.uuid4().hex
+    taken_by_dead_consumer(rig, alive)
+    holder = redis.Redis.from_url(rig.redis_url, client_name=f"{CLIENT_NAME_PREFIX}{alive}")
+    holder.ping()
+    with rig.connect() as conn:
+        consumer, _ = consume(conn, [rig.queue])
+        with consumer:
+            channel: Channel = conn.default_channel
+            assert channel.reclaim_taken() == 0
+            assert rig.redis.llen(rig.taken_key(alive)) == 1
+            holder.close()
+            channel._next_reclaim = 0.0  # the sweep's own throttle, not what is under test
+            wait_for(
+                lambda: channel.reclaim_taken() == 1 or rig.queued() == 1,
+                timeout=10,
+                message="the closed connection to leave the server",
+            )
+    assert rig.queued() == 1
+    assert rig.redis.exists(rig.taken_key(alive)) == 0
+
+
+def test_a_message_sent_with_a_priority_is_delivered(rig: Rig) -> None:
+    """A producer that sets a priority pushes to a per-priority list the consumer does not wait
+    on; the sweep moves it to the queue and it is delivered."""
+    rig.publish({"n": 4}, priority=5)
+    assert rig.queued() == 0
+    with rig.connect() as conn:
+        consumer, received = consume(conn, [rig.queue])
+        with consumer:
+            drain_until(conn, received)
+    assert received[0][0] == {"n": 4}
+
+
+def test_an_undecodable_message_is_not_kept_taken(rig: Rig) -> None:
+    """A message that is not JSON fails its delivery as with kombu's own transport, and is not
+    left in the taken list to be put back and fail again forever."""
+    rig.redis.lpush(rig.queue.name, b"\xff not json")
+    with rig.connect() as conn:
+        consumer, received = consume(conn, [rig.queue])
+        with consumer, pytest.raises(ValueError):
+            drain_until(conn, received)
+        channel: Channel = conn.default_channel
+        assert rig.redis.llen(channel.taken_key) == 0
+    assert received == []
+    assert rig.queued() == 0
+    assert rig.unacknowledged() == 0
+
+
+def test_a_no_ack_consumer_gets_no_record(rig: Rig) -> None:
+    """A consumer that asked for no acknowledgements is delivered the message with nothing
+    left taken or unacknowledged (at most once, as it asked)."""
+    rig.publish({"n": 5})
+    with rig.connect() as conn:
+        consumer, received = consume(conn, [rig.queue], no_ack=True)
+        with consumer:
+            drain_until(conn, received)
+            channel: Channel = conn.default_channel
+            assert rig.redis.llen(channel.taken_key) == 0
+    assert received[0][0] == {"n": 5}
+    assert rig.unacknowledged() == 0
+
+
+def test_a_consumer_of_two_queues_falls_back_and_says_so(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A consumer of more than one queue cannot take with BLMOVE: it uses kombu's BRPOP,
+    registers no taken list, and logs that a taken task can be lost."""
+    other = kombu.Queue(f"{rig.queue.name}-other", routing_key=f"{rig.queue.name}-other")
+    rig.publish({"n": 6})
+    try:
+        with caplog.at_level(logging.WARNING, logger="worker.broker"), rig.connect() as conn:
+            consumer, received = consume(conn, [rig.queue, other])
+            with consumer:
+                drain_until(conn, received)
+                channel: Channel = conn.default_channel
+                assert not rig.redis.hexists(rig.registry, channel.taken_token)
+        assert received[0][0] == {"n": 6}
+        assert "it consumes 2 queues" in caplog.text
+    finally:
+        rig.redis.delete(other.name)

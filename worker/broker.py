@@ -1,0 +1,311 @@
+"""A Redis broker transport that cannot lose a task between handing it over and recording it.
+
+kombu's Redis transport takes a message with BRPOP and records it as unacknowledged in a
+second round trip. Whatever ends the consumer in between (``kill -9``, the broker stopping
+after it replied) loses the message: it is in no queue, not unacknowledged, never run.
+
+Here a consumer of one queue takes a message with BLMOVE into a list of its own (its
+"taken" list), and records it as unacknowledged and removes it from that list in one
+MULTI/EXEC. Each consumer's connections carry its token as their client name; a sweep (on
+kombu's restore timer) moves whatever a consumer whose connections are all gone had taken
+back onto the queue. A message is then delivered at least once; the write tasks are
+idempotent by task id, so a second delivery changes nothing.
+
+It also keeps kombu 5.7 from building a new connection pool from a closed connection while
+it restores unacknowledged messages on a broker outage (an AttributeError that made the
+worker exit); it raises a connection error instead, which the worker's reconnect handles.
+
+The hand-over overrides private kombu methods (``_brpop_start``, ``_brpop_read``):
+pyproject.toml pins kombu to the minor version the fault suite runs against. A worker that
+consumes several queues, uses a global key prefix or talks to Redis older than 6.2 falls
+back to kombu's own hand-over and says so once in its log.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from queue import Empty
+from typing import Any
+
+import redis
+from kombu.log import get_logger
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
+
+logger = get_logger(__name__)
+
+CLIENT_NAME_PREFIX = "optionstore-taken-"
+# How often a consumer looks for messages taken by consumers that went away (it runs on
+# kombu's restore timer, so no more often than unacked_restore_interval), and how often it
+# also forgets the tokens of consumers that left nothing behind.
+RECLAIM_INTERVAL_S = 1.0
+CENSUS_INTERVAL_S = 60.0
+MIN_REDIS_VERSION = (6, 2)
+
+# Moves everything a gone consumer had taken back to the end of the queue that is read
+# next, oldest last in, so the oldest runs first; then forgets the consumer.
+# KEYS[1]: its taken list, KEYS[2]: the registry. ARGV[1]: the queue, ARGV[2]: its token.
+RECLAIM = """
+local moved = 0
+while redis.call('LMOVE', KEYS[1], ARGV[1], 'LEFT', 'RIGHT') do
+    moved = moved + 1
+end
+redis.call('HDEL', KEYS[2], ARGV[2])
+return moved
+"""
+
+# A producer that set a priority pushed to a per-priority list this consumer does not wait
+# on: move such messages to the queue's own list, in order, so they run.
+# KEYS: the per-priority lists. ARGV[1]: the queue.
+DRAIN_PRIORITIES = """
+local moved = 0
+for _, key in ipairs(KEYS) do
+    while redis.call('LMOVE', key, ARGV[1], 'RIGHT', 'LEFT') do
+        moved = moved + 1
+    end
+end
+return moved
+"""
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".")[:2] if part.isdigit())
+
+
+class QoS(kombu_redis.QoS):  # type: ignore[misc]  # kombu is untyped
+    def append(self, message: Any, delivery_tag: str) -> None:
+        channel: Channel = self.channel
+        item, channel.taken_item = channel.taken_item, None
+        if item is None:
+            super().append(message, delivery_tag)
+            return
+        delivery = message.delivery_info
+        # The same records kombu's QoS writes (restore_by_tag reads them back), plus the
+        # release from the taken list, in one transaction: taken or unacknowledged, never
+        # neither.
+        record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        with self.pipe_or_acquire() as pipe:
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
+            pipe.hset(self.unacked_key, delivery_tag, record)
+            pipe.lrem(channel.taken_key, 1, item)
+            pipe.execute()
+        virtual.QoS.append(self, message, delivery_tag)
+
+    def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
+        self.channel.reclaim_taken()
+        super().restore_visible(start=start, num=num, interval=interval)
+
+
+class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
+    QoS = QoS
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Set before kombu's __init__, which may already build connection parameters.
+        self.taken_token = uuid.uuid4().hex
+        self.taken_item: bytes | None = None
+        self._taking: str | None = None
+        self._taking_from: set[str] = set()
+        self._no_ack_queues: set[str] = set()
+        self._reliable: bool | None = None
+        self._next_reclaim = 0.0
+        self._next_census = 0.0
+        super().__init__(*args, **kwargs)
+
+    # -- names -----------------------------------------------------------------------------
+
+    @property
+    def taken_registry(self) -> str:
+        """A hash of every consumer's token and the queue it takes from."""
+        return f"{self.unacked_key}.taken"
+
+    def taken_key_of(self, token: str) -> str:
+        return f"{self.unacked_key}.taken.{token}"
+
+    @property
+    def taken_key(self) -> str:
+        return self.taken_key_of(self.taken_token)
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        if self.connection is None or self.connection.client is None:
+            # kombu 5.7 restores unacknowledged messages while it closes a channel whose
+            # connection is already detached; a connection error is what the worker's
+            # reconnect expects (the messages stay unacknowledged and come back after the
+            # visibility timeout).
+            raise redis.exceptions.ConnectionError("the broker connection is closed")
+        params: dict[str, Any] = super()._connparams(asynchronous=asynchronous)
+        # Every connection of this channel carries its token: while one is open, the
+        # consumer is alive and its taken list is its own.
+        params["client_name"] = f"{CLIENT_NAME_PREFIX}{self.taken_token}"
+        return params
+
+    # -- the hand-over ---------------------------------------------------------------------
+
+    def _single_queue(self) -> str | None:
+        """The queue to take from with BLMOVE, or None to fall back to kombu's BRPOP."""
+        queues = self.active_queues
+        if self._reliable is None:
+            self._reliable = self._can_take_reliably()
+        if not self._reliable or len(queues) != 1:
+            return None
+        queue: str = queues[0]
+        return queue
+
+    def _can_take_reliably(self) -> bool:
+        if self.global_keyprefix:
+            reason = "a global key prefix is set"
+        elif len(self.active_queues) > 1:
+            reason = f"it consumes {len(self.active_queues)} queues"
+        else:
+            server = self.client.info("server")
+            if parse_version(str(server.get("redis_version", "0"))) >= MIN_REDIS_VERSION:
+                return True
+            reason = f"Redis {server.get('redis_version')} has no BLMOVE (6.2 or later has)"
+        logger.warning(
+            "A task taken off the Redis queue can be lost if this worker dies before it "
+            "records the task as unacknowledged: %s",
+            reason,
+        )
+        return False
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        queue = self._single_queue()
+        if queue is None:
+            super()._brpop_start(timeout)
+            return
+        if queue not in self._taking_from:
+            # Registered before the first take, so a taken list always has an owner on record.
+            self.client.hset(self.taken_registry, self.taken_token, queue)
+            self._taking_from.add(queue)
+        wait = self.brpop_timeout if timeout is None else timeout
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = time.monotonic()
+        self._taking = queue
+        self.client.connection.send_command(
+            "BLMOVE", queue, self.taken_key, "RIGHT", "LEFT", wait or 0
+        )
+
+    def _brpop_read(self, **options: Any) -> bool:
+        queue = self._taking
+        if queue is None:
+            result: bool = super()._brpop_read(**options)
+            return result
+        try:
+            try:
+                item = self.client.parse_response(self.client.connection, "BLMOVE", **options)
+            except self.connection_errors:
+                # Reconnect on the next round; what BLMOVE moved stays taken until reclaimed.
+                self.client.connection.disconnect()
+                raise
+            if item is None:
+                raise Empty()
+            self._hand_over(queue, item)
+            return True
+        finally:
+            self._in_poll = None
+            self._taking = None
+            self._flush_brpop_reauth()
+
+    def _poll_error(self, type: str, **options: Any) -> None:
+        if type == "BRPOP" and self._taking is not None:
+            self.client.parse_response(self.client.connection, "BLMOVE")
+            return
+        super()._poll_error(type, **options)
+
+    def _hand_over(self, queue: str, item: bytes) -> None:
+        if self._no_ack(queue):
+            # The consumer asked for at most once: no record, release before delivering.
+            self.client.lrem(self.taken_key, 1, item)
+            self.connection._deliver(loads(bytes_to_str(item)), queue)
+            return
+        self.taken_item = item  # QoS.append records it and releases it in one transaction
+        try:
+            self.connection._deliver(loads(bytes_to_str(item)), queue)
+        except self.connection_errors:
+            # Not recorded and cannot be released: it stays taken and a sweep puts it back.
+            self.taken_item = None
+            raise
+        finally:
+            left, self.taken_item = self.taken_item, None
+            if left is not None:
+                # Delivered without a record (another channel recorded it), or refused before
+                # one (undecodable): release it, as kombu's BRPOP would have consumed it.
+                self.client.lrem(self.taken_key, 1, left)
+
+    def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
+        no_ack = kwargs["no_ack"] if "no_ack" in kwargs else (args[0] if args else False)
+        if no_ack:
+            self._no_ack_queues.add(queue)
+        else:
+            self._no_ack_queues.discard(queue)
+        return super().basic_consume(queue, *args, **kwargs)
+
+    def _no_ack(self, queue: str) -> bool:
+        return queue in self._no_ack_queues
+
+    # -- the sweep ---------------------------------------------------------------------------
+
+    def reclaim_taken(self) -> int:
+        """Put back on their queues the messages taken by consumers that went away."""
+        if not self.active_queues:
+            return 0
+        now = time.monotonic()
+        if now < self._next_reclaim:
+            return 0
+        self._next_reclaim = now + RECLAIM_INTERVAL_S
+        moved = 0
+        with self.conn_or_acquire() as client:
+            for queue in self._taking_from:
+                subqueues = [self._q_for_pri(queue, step) for step in self.priority_steps]
+                subqueues = [name for name in subqueues if name != queue]
+                if subqueues:
+                    client.eval(DRAIN_PRIORITIES, len(subqueues), *subqueues, queue)
+            registry = {
+                bytes_to_str(token): bytes_to_str(queue)
+                for token, queue in client.hgetall(self.taken_registry).items()
+            }
+            others = [token for token in registry if token != self.taken_token]
+            if not others:
+                return 0
+            with client.pipeline(transaction=False) as pipe:
+                for token in others:
+                    pipe.exists(self.taken_key_of(token))
+                held = pipe.execute()
+            holding = [token for token, n in zip(others, held, strict=True) if n]
+            census = now >= self._next_census
+            if not holding and not census:
+                return 0
+            if census:
+                self._next_census = now + CENSUS_INTERVAL_S
+            try:
+                alive = {str(entry.get("name", "")) for entry in client.client_list()}
+            except self.ResponseError as exc:
+                # A server that refuses CLIENT LIST cannot tell us who is gone: leave every
+                # taken list where it is rather than take one from a live consumer.
+                self._next_census = self._next_reclaim = now + CENSUS_INTERVAL_S
+                logger.warning("Cannot look for tasks taken by gone consumers: %s", exc)
+                return 0
+            for token in holding if not census else others:
+                if f"{CLIENT_NAME_PREFIX}{token}" in alive:
+                    continue
+                moved += int(
+                    client.eval(
+                        RECLAIM,
+                        2,
+                        self.taken_key_of(token),
+                        self.taken_registry,
+                        registry[token],
+                        token,
+                    )
+                )
+        if moved:
+            logger.warning(
+                "Restored %d task(s) taken off the queue by a consumer that went away", moved
+            )
+        return moved
+
+
+class Transport(kombu_redis.Transport):  # type: ignore[misc]  # kombu is untyped
+    Channel = Channel
