@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +21,8 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import redis
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.processes import ROOT, log_events, start_group, stop_group, worker_command
+
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
@@ -200,37 +199,15 @@ class Worker:
         self.log = LogTail(self.log_path)
 
     def start(self) -> Worker:
-        command = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "worker",
-            "worker",
-            "--pool",
-            self.pool,
-            "--concurrency",
-            str(self.concurrency),
-            "--queues",
-            self.queue,
-            "--hostname",
-            self.hostname,
-            "--include",
-            "bench.noop_tasks",
-            "--without-mingle",
-            "--without-gossip",
-            "--loglevel",
-            "WARNING",
-        ]
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                command,
-                cwd=ROOT,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        command = worker_command(
+            pool=self.pool,
+            concurrency=self.concurrency,
+            queue=self.queue,
+            hostname=self.hostname,
+            include="bench.noop_tasks",
+            loglevel="WARNING",
+        )
+        self.process = start_group(command, env=self.env, log_path=self.log_path)
         return self
 
     def wait_synced(self, run_store: Any, *, timeout: float = 180.0) -> list[int]:
@@ -262,14 +239,7 @@ class Worker:
         return self.log.read()
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
+        stop_group(self.process, timeout=30)
         self.log_path.unlink(missing_ok=True)
 
 
@@ -291,27 +261,8 @@ class LogTail:
         found: list[dict[str, Any]] = []
         for line in lines:
             if line.startswith(b"{"):
-                found += _json_objects(line.decode(errors="replace"))
+                found += log_events(line.decode(errors="replace"))
         return found
-
-
-_DECODER = json.JSONDecoder()
-
-
-def _json_objects(line: str) -> list[dict[str, Any]]:
-    """Every JSON object on a line. Prefork children share one stderr and structlog's
-    PrintLogger writes an event and its newline separately, so two events can share a line."""
-    found = []
-    position = 0
-    while position < len(line) and line[position] == "{":
-        try:
-            event, position = _DECODER.raw_decode(line, position)
-        except ValueError:
-            break
-        found.append(event)
-        while position < len(line) and line[position].isspace():
-            position += 1
-    return found
 
 
 def wait_for(

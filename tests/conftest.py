@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -25,7 +23,10 @@ import psycopg
 import pytest
 import redis
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.processes import ROOT, log_events, start_group, stop_group, worker_command
+
+__all__ = ["ROOT"]  # where tests that import ROOT from here have always found it
+
 IN_CI = os.environ.get("CI") == "true"
 
 # The test process is hermetic: whatever the shell exports, the code under test only sees what
@@ -193,48 +194,20 @@ class Worker:
         )
 
     def start(self) -> Worker:
-        command = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "worker",
-            "worker",
-            "--pool",
-            self.pool,
-            "--concurrency",
-            str(self.concurrency),
-            "--queues",
-            self.queue,
-            "--hostname",
-            f"{self.services.namespace}-{self.pool}@%h",
-            "--include",
-            "tests.probe_tasks",
-            "--without-mingle",
-            "--without-gossip",
-            "--loglevel",
-            "INFO",
-        ]
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                command,
-                cwd=ROOT,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        command = worker_command(
+            pool=self.pool,
+            concurrency=self.concurrency,
+            queue=self.queue,
+            hostname=f"{self.services.namespace}-{self.pool}@%h",
+            include="tests.probe_tasks",
+            loglevel="INFO",
+        )
+        self.process = start_group(command, env=self.env, log_path=self.log_path)
         self.call("probe.pid", timeout=90)
         return self
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
+        stop_group(self.process, timeout=20)
         if self.broker_url.startswith("amqp"):
             # A durable task queue on the shared RabbitMQ outlives the test run otherwise.
             with self.producer.connection_for_write() as conn:
@@ -242,6 +215,10 @@ class Worker:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def events(self, *names: str, since: int = 0) -> list[dict[str, Any]]:
+        """The structured events called one of ``names`` in the log, from offset ``since``."""
+        return log_events(self.log()[since:], *names)
 
     def send(self, name: str, *args: Any, **options: Any) -> Any:
         return self.producer.send_task(name, args=list(args), **options)

@@ -136,30 +136,6 @@ def start(services: Services, **options: Any) -> Worker:
     return worker
 
 
-_DECODER = json.JSONDecoder()
-
-
-def events(worker: Worker, *names: str, since: int = 0) -> list[dict[str, Any]]:
-    """The structured events called one of ``names`` in the worker's log, in order, from
-    offset ``since``.
-
-    Read object by object, not line by line: the children share one stderr, and structlog's
-    print writes an event and its newline separately, so two events can share a line.
-    """
-    text = worker.log()[since:]
-    found = []
-    position = 0
-    while (start := text.find("{", position)) >= 0:
-        try:
-            event, position = _DECODER.raw_decode(text, start)
-        except ValueError:
-            position = start + 1
-            continue
-        if isinstance(event, dict) and event.get("event") in names:
-            found.append(event)
-    return found
-
-
 def first_answers(worker: Worker, reader: str, method: str, *args: Any) -> dict[int, Any]:
     """Each process's first ``probe.stats`` answer to the same read, after this call began."""
     expected = processes_of(worker)
@@ -403,7 +379,7 @@ def test_commit_left_unannounced_is_relayed(process_fleet: ProcessFleet) -> None
     wait_for(
         lambda: (
             (result["scope"], result["revision"])
-            in {(e["scope"], e["revision"]) for e in events(fleet.faulty, "fault.skip_announce")}
+            in {(e["scope"], e["revision"]) for e in fleet.faulty.events("fault.skip_announce")}
         ),
         timeout=10,
         message="the faulty worker to log fault.skip_announce",
@@ -425,7 +401,7 @@ def test_commit_left_unannounced_is_relayed(process_fleet: ProcessFleet) -> None
         return [
             e
             for worker in fleet.workers
-            for e in events(worker, "outbox.relayed")
+            for e in worker.events("outbox.relayed")
             if e["scope"] == result["scope"] and e["revision"] == result["revision"]
         ]
 
@@ -510,7 +486,7 @@ def test_cut_connection_drops_then_resubscribes(fleet: Fleet) -> None:
     def recovered() -> bool:
         lost: set[int] = set()
         back: set[int] = set()
-        for event in events(worker, "broadcast.lost", "broadcast.subscribed", since=since):
+        for event in worker.events("broadcast.lost", "broadcast.subscribed", since=since):
             if event["event"] == "broadcast.lost":
                 lost.add(event["pid"])
             elif event["pid"] in lost:

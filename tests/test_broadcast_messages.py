@@ -29,7 +29,7 @@ from store.redis_cache import RedisCache
 from store.scopes import project_scope
 from store.writes import WriteResult, many_write, set_write
 from tests.conftest import Services, Worker, amqp_url, fresh_id, wait_for
-from tests.test_broadcast import events, first_answers, isolated, start, wait_applied, wait_synced
+from tests.test_broadcast import first_answers, isolated, start, wait_applied, wait_synced
 
 SCOPE = "project:42"
 
@@ -326,7 +326,7 @@ class Target:
     def outcomes(self, scope: str, revision: int, since: int = 0) -> list[str]:
         return [
             e["outcome"]
-            for e in events(self.worker, "broadcast.applied", since=since)
+            for e in self.worker.events("broadcast.applied", since=since)
             if e.get("scope") == scope and e.get("revision") == revision
         ]
 
@@ -432,7 +432,7 @@ def test_malformed_messages_are_logged_ignored_and_survived(target: Target) -> N
         target.publish_raw(body)
 
     def logged() -> list[dict[str, Any]]:
-        found = events(target.worker, "broadcast.malformed", since=since)
+        found = target.worker.events("broadcast.malformed", since=since)
         return [e for e in found if tag in e.get("body", "")]
 
     wait_for(
@@ -440,7 +440,7 @@ def test_malformed_messages_are_logged_ignored_and_survived(target: Target) -> N
         timeout=15,
         message=f"{3 * len(bodies)} broadcast.malformed events",
     )
-    assert events(target.worker, "broadcast.lost", since=since) == []
+    assert target.worker.events("broadcast.lost", since=since) == []
 
     answers = first_answers(target.worker, "project_options", "get_value", project, key)
     for pid, answer in answers.items():
@@ -492,20 +492,20 @@ def test_undecodable_message_is_logged_without_dropping_the_subscription(
         )
 
         def settled() -> bool:
-            lost = events(target.worker, "broadcast.lost", since=since)
+            lost = target.worker.events("broadcast.lost", since=since)
             applied = [
                 e
-                for e in events(target.worker, "broadcast.applied", since=since)
+                for e in target.worker.events("broadcast.applied", since=since)
                 if e.get("scope") == f"project:{marker}"
             ]
             return bool(lost) or len(applied) >= 3
 
         wait_for(settled, timeout=15, message="the children to handle both messages")
-        assert events(target.worker, "broadcast.lost", since=since) == []
-        assert len(events(target.worker, "broadcast.malformed", since=since)) >= 3
+        assert target.worker.events("broadcast.lost", since=since) == []
+        assert len(target.worker.events("broadcast.malformed", since=since)) >= 3
     finally:
         # Leave the children subscribed again for the tests that follow.
-        if events(target.worker, "broadcast.lost", since=since):
+        if target.worker.events("broadcast.lost", since=since):
             wait_for(
                 lambda: all(
                     report.synced and report.synced_at > sent_at

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import threading
@@ -186,27 +185,3 @@ class Stream(threading.Thread):
         if self.failure is not None:
             raise AssertionError(f"the producer gave up: {self.failure!r}") from self.failure
         return self.sent
-
-
-# -- the worker's log ------------------------------------------------------------------------
-
-_DECODER = json.JSONDecoder()
-
-
-def events(worker: Worker, *names: str, since: int = 0) -> list[dict[str, Any]]:
-    """The structured events called one of ``names`` in the worker's log, from offset ``since``.
-
-    Read object by object: the children share one stderr, so two events can share a line.
-    """
-    text = worker.log()[since:]
-    found = []
-    position = 0
-    while (start := text.find("{", position)) >= 0:
-        try:
-            event, position = _DECODER.raw_decode(text, start)
-        except ValueError:
-            position = start + 1
-            continue
-        if isinstance(event, dict) and event.get("event") in names:
-            found.append(event)
-    return found

@@ -23,7 +23,7 @@ from tests.faults.checks import (
     wait_converged,
     wait_status_converged,
 )
-from tests.faults.fleet import FaultWorker, Fleet, Stream, events, fleet
+from tests.faults.fleet import FaultWorker, Fleet, Stream, fleet
 from tests.faults.servers import PostgresServer, RedisServer
 
 OUTAGE_S = 10.0
@@ -151,7 +151,7 @@ def test_postgres_stopped_for_ten_seconds_under_load(
         assert all(values == KEPT for values in seen.last_known.values()), seen.last_known
         fallbacks = [
             e
-            for e in events(reader, "cache.fallback", since=since)
+            for e in reader.events("cache.fallback", since=since)
             if e.get("to") == "last_known" and e.get("scope") == f"project:{quiet}"
         ]
         # Each reader process answered `quiet` with its Redis entry gone and PostgreSQL down,
