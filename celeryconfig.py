@@ -7,6 +7,9 @@ from store.settings import Settings
 SETTINGS = Settings.from_environ()
 
 broker_url = SETTINGS.broker_url
+# On a Redis broker, a transport that cannot lose a task between handing it to a worker and
+# recording it as unacknowledged (worker/broker.py); None keeps the URL's own.
+broker_transport = SETTINGS.broker_transport
 result_backend = SETTINGS.result_backend
 broker_connection_retry_on_startup = True
 
@@ -37,8 +40,3 @@ broker_transport_options = {
 result_expires = 3600
 worker_hijack_root_logger = False
 worker_send_task_events = False
-
-# On a Redis broker, a transport that cannot lose a task between handing it to a worker and
-# recording it as unacknowledged (see worker/broker.py).
-if broker_url.split("://", 1)[0] in ("redis", "rediss"):
-    broker_transport = "worker.broker:Transport"

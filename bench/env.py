@@ -69,8 +69,12 @@ class Services:
         return redis.Redis.from_url(self.redis_url)
 
     def configure_store(self, namespace: str, **options: Any) -> Any:
+        """The store of this process, publishing (with ``broker_url``) as a worker would."""
         import store
+        from store.settings import broker_transport_for
 
+        if options.get("broker_url"):
+            options.setdefault("broker_transport", broker_transport_for(options["broker_url"]))
         return store.configure(
             database_url=self.database_url,
             redis_url=self.redis_url,

@@ -35,15 +35,20 @@ def configure(
     grace_period: float = 300.0,
     pool_max_size: int = 8,
     broker_url: str | None = None,
+    broker_transport: str | None = None,
     namespace: str = "optionstore",
     skip_announce: bool = False,
 ) -> LayeredStore:
     """Point this process at its services; connections open lazily, after any fork.
 
-    With ``broker_url``, every committed change is also broadcast on the reload exchange.
+    With ``broker_url``, every committed change is also broadcast on the reload exchange,
+    through kombu's ``broker_transport`` if one is named (the worker names worker/broker.py's
+    on a Redis broker) or the URL's own.
     """
     publisher = (
-        None if broker_url is None else Publisher(broker_url=broker_url, namespace=namespace)
+        None
+        if broker_url is None
+        else Publisher(broker_url=broker_url, namespace=namespace, transport=broker_transport)
     )
     backend.publisher = publisher
     backend.configure(

@@ -152,8 +152,16 @@ def reload_queue(namespace: str, name: str) -> kombu.Queue:
 class Publisher:
     """Publishes reload messages from this process over its own broker connection."""
 
-    def __init__(self, *, broker_url: str, namespace: str, origin: str = "") -> None:
+    def __init__(
+        self,
+        *,
+        broker_url: str,
+        namespace: str,
+        origin: str = "",
+        transport: str | None = None,
+    ) -> None:
         self.broker_url = broker_url
+        self.transport = transport
         self.exchange = reload_exchange(namespace)
         self.origin = origin or f"{os.uname().nodename}:{os.getpid()}"
         self._connection: kombu.Connection | None = None
@@ -196,7 +204,9 @@ class Publisher:
     def _get_producer(self) -> kombu.Producer:
         if self._producer is None or self._pid != os.getpid():
             # After a fork the parent's socket is not ours: open a new connection.
-            self._connection = kombu.Connection(self.broker_url, connect_timeout=2)
+            self._connection = kombu.Connection(
+                self.broker_url, transport=self.transport, connect_timeout=2
+            )
             self._producer = kombu.Producer(self._connection.default_channel)
             self._pid = os.getpid()
         return self._producer

@@ -14,6 +14,14 @@ from store.local import MODES, TASK
 from store.validation import DEFAULT_MAX_VALUE_BYTES
 
 
+def broker_transport_for(broker_url: str) -> str | None:
+    """The kombu transport for a broker URL: on Redis, the one of worker/broker.py (a task
+    taken off the queue is never lost); otherwise None, the URL's own."""
+    if broker_url.split("://", 1)[0] in ("redis", "rediss"):
+        return "worker.broker:Transport"
+    return None
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str
@@ -30,6 +38,10 @@ class Settings:
     visibility_timeout: int = 300
     # Fault injection for the test suite only; see LayeredStore.skip_announce.
     fault: str = ""
+
+    @property
+    def broker_transport(self) -> str | None:
+        return broker_transport_for(self.broker_url)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -18,6 +18,7 @@ store.configure(
     max_value_bytes=settings.max_value_bytes,
     namespace=settings.namespace,
     broker_url=settings.broker_url,
+    broker_transport=settings.broker_transport,
     skip_announce=settings.fault == "skip_announce",
 )
 

@@ -67,7 +67,11 @@ def _start_main_threads(**_: Any) -> None:
         # threads, gevent and eventlet pools never send worker_process_init.
         start_consumer()
     origin = f"beacon:{socket.gethostname()}:{os.getpid()}"
-    publisher = Publisher(broker_url=settings.broker_url, namespace=settings.namespace)
+    publisher = Publisher(
+        broker_url=settings.broker_url,
+        namespace=settings.namespace,
+        transport=settings.broker_transport,
+    )
     beacon = Beacon(backend=store.backend, publisher=publisher, origin=origin)
     _beacons[os.getpid()] = beacon
     beacon.start()
