@@ -170,7 +170,9 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
         queues = self.active_queues
         if self._reliable is None:
             self._reliable = self._can_take_reliably()
-        if not self._reliable or len(queues) != 1:
+        if not self._reliable or len(queues) != 1 or queues[0] in self._no_ack_queues:
+            # A consumer without acknowledgements (a `celery inspect` reply queue) asked for
+            # at most once: kombu's BRPOP is exactly that.
             return None
         queue: str = queues[0]
         return queue
@@ -237,11 +239,6 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
         super()._poll_error(type, **options)
 
     def _hand_over(self, queue: str, item: bytes) -> None:
-        if self._no_ack(queue):
-            # The consumer asked for at most once: no record, release before delivering.
-            self.client.lrem(self.taken_key, 1, item)
-            self.connection._deliver(loads(bytes_to_str(item)), queue)
-            return
         self.taken_item = item  # QoS.append records it and releases it in one transaction
         try:
             self.connection._deliver(loads(bytes_to_str(item)), queue)
@@ -263,9 +260,6 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
         else:
             self._no_ack_queues.discard(queue)
         return super().basic_consume(queue, *args, **kwargs)
-
-    def _no_ack(self, queue: str) -> bool:
-        return queue in self._no_ack_queues
 
     # -- the sweep ---------------------------------------------------------------------------
 
