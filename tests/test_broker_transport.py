@@ -98,8 +98,17 @@ def drain_until(conn: kombu.Connection, received: list[Any], count: int = 1) -> 
 def taken_by_dead_consumer(rig: Rig, token: str) -> None:
     """What a consumer that took the queued message and was killed before recording it leaves:
     the message in its taken list, its token in the registry, no connection by its name."""
-    rig.redis.hset(rig.registry, token, rig.queue.name)
+    rig.redis.hset(rig.registry, token, f"{uuid.uuid4().hex[:12]}:{rig.queue.name}")
     rig.redis.lmove(rig.queue.name, rig.taken_key(token), "RIGHT", "LEFT")
+
+
+def kill_connections(client: redis.Redis, token: str) -> int:
+    """CLIENT KILL every connection named after a consumer's token, as an idle timeout or a
+    proxy would close them."""
+    named = [c for c in client.client_list() if c.get("name") == f"{CLIENT_NAME_PREFIX}{token}"]
+    for connection in named:
+        client.client_kill_filter(_id=connection["id"])
+    return len(named)
 
 
 def test_a_delivered_message_is_unacknowledged_and_no_longer_taken(rig: Rig) -> None:
@@ -111,7 +120,8 @@ def test_a_delivered_message_is_unacknowledged_and_no_longer_taken(rig: Rig) -> 
         with consumer:
             drain_until(conn, received)
             channel: Channel = conn.default_channel
-            assert rig.redis.hget(rig.registry, channel.taken_token) == rig.queue.name.encode()
+            entry = rig.redis.hget(rig.registry, channel.taken_token)
+            assert entry is not None and entry.decode().endswith(f":{rig.queue.name}")
             assert rig.redis.llen(channel.taken_key) == 0
             assert rig.unacknowledged() == 1
             assert rig.queued() == 0
@@ -221,3 +231,46 @@ def test_a_consumer_of_two_queues_falls_back_and_says_so(
         assert "it consumes 2 queues" in caplog.text
     finally:
         rig.redis.delete(other.name)
+
+
+def test_a_consumer_forgotten_while_disconnected_registers_again_and_puts_back_its_take(
+    rig: Rig,
+) -> None:
+    """A consumer whose connections were all closed (and whom a sweep therefore forgot) is on
+    record again before its next take on a new connection, and what it had taken on the lost
+    connection goes back on the queue and is delivered."""
+    rig.publish({"n": 7})
+    with rig.connect() as conn:
+        consumer, received = consume(conn, [rig.queue])
+        with consumer:
+            drain_until(conn, received)
+            channel: Channel = conn.default_channel
+            # Taken on the connection about to be lost, never recorded; then a sweep that saw
+            # no connection under its name forgets the consumer.
+            rig.publish({"n": 8})
+            rig.redis.lmove(rig.queue.name, channel.taken_key, "RIGHT", "LEFT")
+            assert kill_connections(rig.redis, channel.taken_token) >= 1
+            rig.redis.hdel(rig.registry, channel.taken_token)
+            # What kombu does when the idle connection turns out closed: reconnect on the next
+            # round, on the same channel.
+            channel.client.connection.disconnect()
+            drain_until(conn, received, count=2)
+            assert rig.redis.hexists(rig.registry, channel.taken_token)
+            assert rig.redis.llen(channel.taken_key) == 0
+    assert [body for body, _ in received] == [{"n": 7}, {"n": 8}]
+
+
+def test_a_sweep_does_not_forget_a_consumer_that_registered_again(rig: Rig) -> None:
+    """The sweep forgets a gone consumer only if its registry entry is still the one the sweep
+    read: a consumer that registered again in between keeps its entry."""
+    from worker.broker import RECLAIM
+
+    token = uuid.uuid4().hex
+    rig.redis.hset(rig.registry, token, f"old:{rig.queue.name}")
+    seen = rig.redis.hget(rig.registry, token)
+    rig.redis.hset(rig.registry, token, f"new:{rig.queue.name}")  # back, on a new connection
+    rig.redis.eval(RECLAIM, 2, rig.taken_key(token), rig.registry, rig.queue.name, token, seen)
+    assert rig.redis.hget(rig.registry, token) == f"new:{rig.queue.name}".encode()
+    now = rig.redis.hget(rig.registry, token)
+    rig.redis.eval(RECLAIM, 2, rig.taken_key(token), rig.registry, rig.queue.name, token, now)
+    assert not rig.redis.hexists(rig.registry, token)

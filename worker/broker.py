@@ -47,15 +47,36 @@ RECLAIM_INTERVAL_S = 1.0
 CENSUS_INTERVAL_S = 60.0
 MIN_REDIS_VERSION = (6, 2)
 
+# A consumer's entry in the registry is "<nonce>:<queue>"; the nonce changes each time the
+# consumer registers again, so a sweep never forgets a consumer that came back meanwhile.
+
 # Moves everything a gone consumer had taken back to the end of the queue that is read
-# next, oldest last in, so the oldest runs first; then forgets the consumer.
-# KEYS[1]: its taken list, KEYS[2]: the registry. ARGV[1]: the queue, ARGV[2]: its token.
+# next, oldest last in, so the oldest runs first; then forgets the consumer, unless it
+# registered again since the sweep looked (then it is alive and keeps its entry).
+# KEYS[1]: its taken list, KEYS[2]: the registry.
+# ARGV[1]: the queue, ARGV[2]: its token, ARGV[3]: its entry as the sweep read it.
 RECLAIM = """
 local moved = 0
 while redis.call('LMOVE', KEYS[1], ARGV[1], 'LEFT', 'RIGHT') do
     moved = moved + 1
 end
-redis.call('HDEL', KEYS[2], ARGV[2])
+if redis.call('HGET', KEYS[2], ARGV[2]) == ARGV[3] then
+    redis.call('HDEL', KEYS[2], ARGV[2])
+end
+return moved
+"""
+
+# A consumer about to take on a new connection: whatever its taken list holds was taken on a
+# connection that is gone and never recorded (nothing is in flight now), so it goes back on
+# the queue; then the consumer (re-)registers.
+# KEYS[1]: its taken list, KEYS[2]: the registry.
+# ARGV[1]: the queue, ARGV[2]: its token, ARGV[3]: its new entry.
+REGISTER = """
+local moved = 0
+while redis.call('LMOVE', KEYS[1], ARGV[1], 'LEFT', 'RIGHT') do
+    moved = moved + 1
+end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 return moved
 """
 
@@ -97,7 +118,13 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]  # kombu is untyped
         virtual.QoS.append(self, message, delivery_tag)
 
     def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
-        self.channel.reclaim_taken()
+        channel: Channel = self.channel
+        try:
+            channel.reclaim_taken()
+        except channel.ResponseError as exc:
+            # (EVAL refused by an ACL, BUSY, OOM): the sweep waits, the visibility-timeout
+            # redelivery below must not.
+            logger.warning("Cannot look for tasks taken by gone consumers: %s", exc)
         super().restore_visible(start=start, num=num, interval=interval)
 
 
@@ -109,7 +136,8 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
         self.taken_token = uuid.uuid4().hex
         self.taken_item: bytes | None = None
         self._taking: str | None = None
-        self._taking_from: set[str] = set()
+        # The connection (socket) this consumer last registered on; a new one re-registers.
+        self._registered_on: Any = None
         self._no_ack_queues: set[str] = set()
         self._reliable: bool | None = None
         self._next_reclaim = 0.0
@@ -163,6 +191,16 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
         self._shared_client = None  # it holds the pool being dropped
         super()._disconnect_pools()
 
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            # kombu's close restores unacknowledged messages after it dropped the pools, which
+            # opens a new one; a connection left open under this consumer's name would make it
+            # look alive to the sweeps of others until garbage collection.
+            with contextlib.suppress(Exception):
+                self._disconnect_pools()
+
     # -- the hand-over ---------------------------------------------------------------------
 
     def _single_queue(self) -> str | None:
@@ -195,14 +233,13 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
         return False
 
     def _brpop_start(self, timeout: float | None = None) -> None:
+        self._taking = None
         queue = self._single_queue()
         if queue is None:
             super()._brpop_start(timeout)
             return
-        if queue not in self._taking_from:
-            # Registered before the first take, so a taken list always has an owner on record.
-            self.client.hset(self.taken_registry, self.taken_token, queue)
-            self._taking_from.add(queue)
+        if self._registered_on is None or self._registered_on is not self._socket():
+            self._register(queue)
         wait = self.brpop_timeout if timeout is None else timeout
         self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()
@@ -210,6 +247,28 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
         self.client.connection.send_command(
             "BLMOVE", queue, self.taken_key, "RIGHT", "LEFT", wait or 0
         )
+
+    def _socket(self) -> Any:
+        return getattr(self.client.connection, "_sock", None)
+
+    def _register(self, queue: str) -> None:
+        """On the first take, and on every new connection: put back what this consumer took on
+        a connection that is gone, and be on record (again) before the next take.
+
+        A sweep may have forgotten this consumer while it had no connection open (an idle
+        timeout, a Redis restart); a taken list with no entry would never be swept.
+        """
+        entry = f"{uuid.uuid4().hex[:12]}:{queue}"
+        moved = int(
+            self.client.eval(
+                REGISTER, 2, self.taken_key, self.taken_registry, queue, self.taken_token, entry
+            )
+        )
+        self._registered_on = self._socket()
+        if moved:
+            logger.warning(
+                "Restored %d task(s) taken off the queue on a connection that was lost", moved
+            )
 
     def _brpop_read(self, **options: Any) -> bool:
         queue = self._taking
@@ -220,7 +279,8 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
             try:
                 item = self.client.parse_response(self.client.connection, "BLMOVE", **options)
             except self.connection_errors:
-                # Reconnect on the next round; what BLMOVE moved stays taken until reclaimed.
+                # Reconnect on the next round, where _register puts back what BLMOVE moved.
+                self._registered_on = None
                 self.client.connection.disconnect()
                 raise
             if item is None:
@@ -234,7 +294,11 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
 
     def _poll_error(self, type: str, **options: Any) -> None:
         if type == "BRPOP" and self._taking is not None:
-            self.client.parse_response(self.client.connection, "BLMOVE")
+            # Whatever the reply holds is delivered (or stays taken and is put back on the
+            # next connection), not read and dropped.
+            self._registered_on = None
+            with contextlib.suppress(Empty):
+                self._brpop_read(**options)
             return
         super()._poll_error(type, **options)
 
@@ -243,8 +307,10 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
         try:
             self.connection._deliver(loads(bytes_to_str(item)), queue)
         except self.connection_errors:
-            # Not recorded and cannot be released: it stays taken and a sweep puts it back.
+            # Not recorded and cannot be released: it stays taken, and is put back when this
+            # consumer registers on its next connection (or by a sweep, if it is gone).
             self.taken_item = None
+            self._registered_on = None
             raise
         finally:
             left, self.taken_item = self.taken_item, None
@@ -264,7 +330,11 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
     # -- the sweep ---------------------------------------------------------------------------
 
     def reclaim_taken(self) -> int:
-        """Put back on their queues the messages taken by consumers that went away."""
+        """Put back on their queues the messages taken by consumers that went away.
+
+        Runs on whichever channel kombu's restore timer picks (a worker's gossip or event
+        channel too), so it works from the registry, not from what this channel consumes.
+        """
         if not self.active_queues:
             return 0
         now = time.monotonic()
@@ -273,16 +343,13 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
         self._next_reclaim = now + RECLAIM_INTERVAL_S
         moved = 0
         with self.conn_or_acquire() as client:
-            for queue in self._taking_from:
-                subqueues = [self._q_for_pri(queue, step) for step in self.priority_steps]
-                subqueues = [name for name in subqueues if name != queue]
-                if subqueues:
-                    client.eval(DRAIN_PRIORITIES, len(subqueues), *subqueues, queue)
-            registry = {
-                bytes_to_str(token): bytes_to_str(queue)
-                for token, queue in client.hgetall(self.taken_registry).items()
+            entries = {
+                bytes_to_str(token): bytes_to_str(entry)
+                for token, entry in client.hgetall(self.taken_registry).items()
             }
-            others = [token for token in registry if token != self.taken_token]
+            queues = {token: entry.split(":", 1)[-1] for token, entry in entries.items()}
+            self._drain_priorities(client, set(queues.values()))
+            others = [token for token in entries if token != self.taken_token]
             if not others:
                 return 0
             with client.pipeline(transaction=False) as pipe:
@@ -312,8 +379,9 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
                         2,
                         self.taken_key_of(token),
                         self.taken_registry,
-                        registry[token],
+                        queues[token],
                         token,
+                        entries[token],
                     )
                 )
         if moved:
@@ -321,6 +389,13 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
                 "Restored %d task(s) taken off the queue by a consumer that went away", moved
             )
         return moved
+
+    def _drain_priorities(self, client: Any, queues: set[str]) -> None:
+        for queue in queues:
+            subqueues = [self._q_for_pri(queue, step) for step in self.priority_steps]
+            subqueues = [name for name in subqueues if name != queue]
+            if queue and subqueues:
+                client.eval(DRAIN_PRIORITIES, len(subqueues), *subqueues, queue)
 
 
 class Transport(kombu_redis.Transport):  # type: ignore[misc]  # kombu is untyped
