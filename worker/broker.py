@@ -149,7 +149,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
 
     @property
     def taken_registry(self) -> str:
-        """A hash of every consumer's token and the queue it takes from."""
+        """A hash of every consumer's token and its entry, ``<nonce>:<queue it takes from>``."""
         return f"{self.unacked_key}.taken"
 
     def taken_key_of(self, token: str) -> str:
