@@ -243,3 +243,21 @@ def test_status_never_prints_passwords(services: Services) -> None:
     for output in (as_json.stdout, as_json.stderr, plain.stdout, plain.stderr):
         assert "s3cret" not in output
         assert "r3dis-pw" not in output
+
+
+def test_status_into_a_closed_pipe_exits_without_a_traceback(services: Services) -> None:
+    """`optionstore status | head -1`: a reader that leaves before the output is written
+    gets no traceback on stderr, and the command exits non-zero without one."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "status"],
+        cwd=ROOT,
+        env=services.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    process.stdout.close()  # the reader is gone before the first line is printed
+    _, stderr = process.communicate(timeout=120)
+    assert "Traceback" not in stderr, stderr
+    assert process.returncode == 1

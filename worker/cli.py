@@ -35,6 +35,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OptionsError as exc:
         print(f"optionstore: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader left (`optionstore status | head`): not our error. Point stdout at
+        # /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return result
 
 
