@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,7 +20,14 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import redis
 
-from tests.processes import ROOT, log_events, start_group, stop_group, worker_command
+from tests.processes import (
+    ROOT,
+    log_events,
+    poll_until,
+    start_group,
+    stop_group,
+    worker_command,
+)
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -272,14 +278,7 @@ class LogTail:
 def wait_for(
     condition: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.05
 ) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+    return poll_until(condition, timeout=timeout, interval=interval, what=what)
 
 
 def iso_to_epoch(text: str) -> float:

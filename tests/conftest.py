@@ -11,7 +11,6 @@ import os
 import random
 import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,7 +22,14 @@ import psycopg
 import pytest
 import redis
 
-from tests.processes import ROOT, log_events, start_group, stop_group, worker_command
+from tests.processes import (
+    ROOT,
+    log_events,
+    poll_until,
+    start_group,
+    stop_group,
+    worker_command,
+)
 
 __all__ = ["ROOT"]  # where tests that import ROOT from here have always found it
 
@@ -60,14 +66,10 @@ def wait_for(
     message: str = "condition",
 ) -> Any:
     """Poll ``condition`` until it returns something truthy; fail the test at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {message}")
-        time.sleep(interval)
+    try:
+        return poll_until(condition, timeout=timeout, interval=interval, what=message)
+    except TimeoutError as exc:
+        pytest.fail(str(exc))
 
 
 def fresh_id() -> int:

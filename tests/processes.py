@@ -1,5 +1,6 @@
 """Real `celery -A worker worker` processes for the tests and the benchmarks: the command
-line, a process group of their own, a clean stop, and the structured events in their logs."""
+line, a process group of their own, a clean stop, the structured events in their logs, and
+waiting on a condition with a deadline."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,3 +78,16 @@ def log_events(text: str, *names: str) -> list[dict[str, Any]]:
         if isinstance(event, dict) and (not names or event.get("event") in names):
             found.append(event)
     return found
+
+
+def poll_until(condition: Callable[[], Any], *, timeout: float, interval: float, what: str) -> Any:
+    """Poll ``condition`` until it returns something truthy, and return that; TimeoutError
+    naming ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
