@@ -291,7 +291,7 @@ def prepare_process(run: Services) -> None:
     import logging
 
     os.environ.update(run.env(run.namespace("fleet4")))
-    import worker.app  # noqa: F401 (resolves its settings from the environment set above)
+    import worker  # noqa: F401 (the helpers send through its app, configured from the environment above)
     from worker.logging import configure_logging
 
     configure_logging(log_format="console", level=logging.WARNING)

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 import store
-from worker.app import app
+from worker import app
 
 
 @app.task(name="bench.noop")

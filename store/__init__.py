@@ -1,8 +1,15 @@
-"""optionstore's read API and configuration; usable inside any Celery task."""
+"""optionstore's read API and configuration; usable inside any Celery task or any process.
+
+Importing it connects nothing and reads no setting: the first read (or write) configures the
+process from the environment, unless ``configure()`` or ``worker.install()`` did it before.
+"""
 
 from __future__ import annotations
 
-from store.broadcast import Publisher
+import functools
+
+import kombu
+
 from store.errors import (
     InvalidOption,
     MigrationError,
@@ -12,12 +19,12 @@ from store.errors import (
 )
 from store.layered import LayeredStore
 from store.local import TASK
-from store.postgres import PostgresStore
 from store.readers import GroupMeta, Options, ProjectOptions, TagKeys, UserOptions
-from store.redis_cache import RedisCache
+from store.runtime import WEB, WORKER, Runtime
 from store.validation import DEFAULT_MAX_VALUE_BYTES
 
 backend = LayeredStore()
+runtime = Runtime(backend)
 
 options = Options(backend)
 project_options = ProjectOptions(backend)
@@ -37,30 +44,38 @@ def configure(
     broker_url: str | None = None,
     broker_transport: str | None = None,
     namespace: str = "optionstore",
-    skip_announce: bool = False,
+    follow_broadcasts: bool = False,
 ) -> LayeredStore:
-    """Point this process at its services; connections open lazily, after any fork.
+    """Point this process at its services by hand; connections open lazily, after any fork.
 
     With ``broker_url``, every committed change is also broadcast on the reload exchange,
-    through kombu's ``broker_transport`` if one is named (the worker names worker/broker.py's
-    on a Redis broker) or the URL's own.
+    through kombu's ``broker_transport`` if one is named, or the URL's own. With
+    ``follow_broadcasts`` too, this process runs a reload consumer and caches only while it
+    hears every change; without, its local cache is trusted until cleared.
     """
-    publisher = (
+    connect = (
         None
         if broker_url is None
-        else Publisher(broker_url=broker_url, namespace=namespace, transport=broker_transport)
+        else functools.partial(
+            kombu.Connection, broker_url, transport=broker_transport, connect_timeout=2
+        )
     )
-    backend.publisher = publisher
-    backend.configure(
-        announcers=[] if publisher is None else [publisher.announce],
-        skip_announce=skip_announce,
-        postgres=PostgresStore(conninfo=database_url, max_size=pool_max_size),
-        redis_cache=None if redis_url is None else RedisCache(url=redis_url, prefix=namespace),
+    follow = (
+        functools.partial(kombu.Connection, broker_url, connect_timeout=2, heartbeat=10)
+        if broker_url is not None and follow_broadcasts
+        else None
+    )
+    return runtime.configure(
+        database_url=database_url,
+        redis_url=redis_url,
         local_cache=local_cache,
         max_value_bytes=max_value_bytes,
         grace_period=grace_period,
+        pool_max_size=pool_max_size,
+        namespace=namespace,
+        publish=connect,
+        follow=follow,
     )
-    return backend
 
 
 def clear_local_cache() -> None:
@@ -69,6 +84,8 @@ def clear_local_cache() -> None:
 
 
 __all__ = [
+    "WEB",
+    "WORKER",
     "InvalidOption",
     "MigrationError",
     "NotConfigured",
@@ -80,6 +97,7 @@ __all__ = [
     "group_meta",
     "options",
     "project_options",
+    "runtime",
     "tag_keys",
     "user_options",
 ]

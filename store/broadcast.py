@@ -7,12 +7,14 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import kombu
 import structlog
 
+from store.fork import after_fork_in_child
 from store.scopes import Scope
 from store.validation import decode_value
 from store.writes import WriteResult
@@ -155,20 +157,19 @@ class Publisher:
     def __init__(
         self,
         *,
-        broker_url: str,
+        connect: Callable[[], kombu.Connection],
         namespace: str,
         origin: str = "",
-        transport: str | None = None,
     ) -> None:
-        self.broker_url = broker_url
-        self.transport = transport
+        # Makes a new connection to the broker: the app's own (its transport options and TLS).
+        self.connect = connect
         self.exchange = reload_exchange(namespace)
         self.origin = origin or f"{os.uname().nodename}:{os.getpid()}"
         self._connection: kombu.Connection | None = None
         self._producer: kombu.Producer | None = None
-        self._pid = 0
         # kombu connections are not thread-safe; a threads-pool worker shares this one.
         self._lock = threading.Lock()
+        after_fork_in_child(self._forget_after_fork)
 
     def publish(self, message: ReloadMessage) -> None:
         body = message.to_body()
@@ -192,9 +193,17 @@ class Publisher:
         )
 
     def _reset(self) -> None:
-        if self._connection is not None and self._pid == os.getpid():
+        if self._connection is not None:
             with contextlib.suppress(Exception):
                 self._connection.release()
+        self._connection = None
+        self._producer = None
+
+    def _forget_after_fork(self) -> None:
+        # The parent's socket is not ours, and its lock may have been held at the fork (a
+        # relay publishing): a new lock, and a new connection on first use. Never released:
+        # closing it would close the parent's connection too.
+        self._lock = threading.Lock()
         self._connection = None
         self._producer = None
 
@@ -202,13 +211,9 @@ class Publisher:
         self.publish(ReloadMessage.change(result, origin=self.origin))
 
     def _get_producer(self) -> kombu.Producer:
-        if self._producer is None or self._pid != os.getpid():
-            # After a fork the parent's socket is not ours: open a new connection.
-            self._connection = kombu.Connection(
-                self.broker_url, transport=self.transport, connect_timeout=2
-            )
+        if self._producer is None:
+            self._connection = self.connect()
             self._producer = kombu.Producer(self._connection.default_channel)
-            self._pid = os.getpid()
         return self._producer
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ import structlog
 
 from store.broadcast import Publisher, ReloadMessage
 from store.errors import NotConfigured, StoreUnavailable
+from store.fork import after_fork_in_child
 from store.local import TASK, LocalCache, ScopeState
 from store.postgres import PostgresStore, Snapshot
 from store.redis_cache import RedisCache
@@ -71,13 +72,18 @@ class LayeredStore:
         self._redis_breaker = _Breaker(2.0)
         self._postgres_breaker = _Breaker(1.0)
         self._lock = threading.Lock()
+        after_fork_in_child(self._new_lock)
         # Called with each committed result; the broadcast publisher hooks in here.
         self.announcers: list[Callable[[WriteResult], None]] = []
-        # Fault injection for tests: commit, then act as if the process died before announcing.
-        self.skip_announce = False
         # Round trips made on behalf of reads (misses only; a local hit touches nothing).
         self.stats = {"redis_reads": 0, "postgres_reads": 0}
         self.publisher: Publisher | None = None
+        # Set by the process's Runtime: configure on first use; start following broadcasts.
+        self.on_first_use: Callable[[], None] = _nothing
+        self.on_unsynced_read: Callable[[], None] = _nothing
+
+    def _new_lock(self) -> None:
+        self._lock = threading.Lock()
 
     def configure(
         self,
@@ -88,11 +94,9 @@ class LayeredStore:
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
         grace_period: float = 300.0,
         announcers: list[Callable[[WriteResult], None]] | None = None,
-        skip_announce: bool = False,
     ) -> None:
         with self._lock:
             self.announcers = list(announcers or [])
-            self.skip_announce = skip_announce
             if self.postgres is not None:
                 self.postgres.close()
             self.postgres = postgres
@@ -106,9 +110,11 @@ class LayeredStore:
     @property
     def db(self) -> PostgresStore:
         if self.postgres is None:
+            self.on_first_use()
+        if self.postgres is None:
             raise NotConfigured(
-                "optionstore is not configured: call store.configure(database_url=..., "
-                "redis_url=...) or run inside a worker started with `celery -A worker worker`"
+                "optionstore is not configured: set OPTIONS_DATABASE_URL and OPTIONS_REDIS_URL "
+                "(or neither, for the embedded default), or call store.configure()"
             )
         return self.postgres
 
@@ -119,6 +125,8 @@ class LayeredStore:
         scopes = local.holder.scopes
         state = scopes.get(scope)
         if state is None:
+            if not local.synced:
+                self.on_unsynced_read()
             state = self.load(scope)
             floors = local.floors
             if state.revision < floors.get(scope, 0):
@@ -134,6 +142,8 @@ class LayeredStore:
         missing = [name for name in names if name not in found]
         if not missing:
             return found
+        if not local.synced:
+            self.on_unsynced_read()
         loaded = self.load_many(missing)
         floors = local.floors
         behind = [name for name, state in loaded.items() if state.revision < floors.get(name, 0)]
@@ -159,6 +169,8 @@ class LayeredStore:
 
     def load_many(self, scopes: list[str], *, use_redis: bool = True) -> dict[str, ScopeState]:
         """Fresh states from Redis, or PostgreSQL (refilling Redis), or last-known values."""
+        if self.postgres is None:
+            self.on_first_use()
         snapshots: dict[str, Snapshot | None] = dict.fromkeys(scopes)
         cached = self._from_redis(lambda r: r.get_many(scopes)) if use_redis else None
         if cached is not None:
@@ -242,9 +254,7 @@ class LayeredStore:
         """Persist ``write`` (once per task id), then bring the caches forward."""
         started = time.perf_counter()
         result, first_run = self.db.apply(write, task_id=task_id)
-        if result.changed and first_run and self.skip_announce:
-            log.warning("fault.skip_announce", scope=result.scope, revision=result.revision)
-        elif result.changed:
+        if result.changed:
             # A re-run announces again: its first run may have died between commit and here.
             self.announce(result)
         log.info(
@@ -326,6 +336,10 @@ class LayeredStore:
                 # Harmless: the relay announces it again, and an old revision changes nothing.
                 log.warning("outbox.mark_failed", task_id=result.task_id, error=_describe(exc))
         return announced
+
+
+def _nothing() -> None:
+    pass
 
 
 def _describe(exc: BaseException) -> str:

@@ -15,6 +15,7 @@ import psycopg
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
+from store.fork import after_fork_in_child
 from store.writes import Write, WriteResult
 
 Connection = psycopg.Connection[TupleRow]
@@ -59,6 +60,11 @@ class PostgresStore:
         # Pools inherited through fork. Kept referenced, never closed: freeing one would make
         # libpq send Terminate over sockets the parent process is still using.
         self._inherited: list[ConnectionPool[Connection]] = []
+        self._lock = threading.Lock()
+        after_fork_in_child(self._new_lock)
+
+    def _new_lock(self) -> None:
+        # The parent may have held it at the fork, opening its pool.
         self._lock = threading.Lock()
 
     @contextmanager

@@ -21,6 +21,7 @@ class ProcessReport:
 
     hostname: str
     pid: int
+    kind: str  # "worker", or "web" for any other process that reads (a web server, a script)
     pool: str
     mode: str
     synced: bool
@@ -121,6 +122,7 @@ def _parse(raw: dict[bytes, bytes]) -> ProcessReport:
     return ProcessReport(
         hostname=str(fields.get("hostname", "?")),
         pid=int(fields.get("pid", 0)),
+        kind=str(fields.get("kind", "worker")),
         pool=str(fields.get("pool", "?")),
         mode=str(fields.get("mode", "?")),
         synced=bool(fields.get("synced", False)),

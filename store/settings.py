@@ -1,17 +1,34 @@
-"""Settings read from the environment at the edges (celeryconfig, the CLI), not in library code."""
+"""Settings from the environment and explicit overrides, resolved on first use, never at import."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from store.errors import InvalidOption
 from store.local import MODES, TASK
 from store.validation import DEFAULT_MAX_VALUE_BYTES
+
+# The names an override may take, each the keyword form of one environment variable.
+OVERRIDES = {
+    "database_url": "OPTIONS_DATABASE_URL",
+    "redis_url": "OPTIONS_REDIS_URL",
+    "broker_url": "CELERY_BROKER_URL",
+    "result_backend": "CELERY_RESULT_BACKEND",
+    "local_cache": "OPTIONS_LOCAL_CACHE",
+    "max_value_bytes": "OPTIONS_MAX_VALUE_BYTES",
+    "state_dir": "OPTIONS_STATE_DIR",
+    "namespace": "OPTIONS_NAMESPACE",
+    "task_queue": "OPTIONS_TASK_QUEUE",
+    "log_format": "OPTIONS_LOG_FORMAT",
+    "visibility_timeout": "OPTIONS_VISIBILITY_TIMEOUT",
+}
 
 
 def broker_transport_for(broker_url: str) -> str | None:
@@ -24,61 +41,78 @@ def broker_transport_for(broker_url: str) -> str | None:
 
 @dataclass(frozen=True)
 class Settings:
-    database_url: str
-    redis_url: str
-    broker_url: str
-    result_backend: str | None
+    """What a process needs to know about its services.
+
+    Everything but the service URLs is read and checked when the object is made. A URL left
+    unset means the embedded default, whose servers start when that URL is first asked for.
+    """
+
+    configured_database_url: str = ""
+    configured_redis_url: str = ""
+    configured_broker_url: str = ""
+    result_backend: str | None = None
     local_cache: str = TASK
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
-    state_dir: Path = Path(".optionstore")
-    embedded: bool = False
+    state_dir: Path = field(default_factory=lambda: Path(".optionstore").absolute())
     namespace: str = "optionstore"
     task_queue: str = "celery"
     log_format: str = "auto"
     visibility_timeout: int = 300
-    # Fault injection for the test suite only; see LayeredStore.skip_announce.
-    fault: str = ""
-
-    @property
-    def broker_transport(self) -> str | None:
-        return broker_transport_for(self.broker_url)
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Resolve the contract's variables; unset service URLs mean the embedded default."""
-        env = os.environ if environ is None else environ
-        state_dir = Path(env.get("OPTIONS_STATE_DIR") or ".optionstore").absolute()
-        database_url = env.get("OPTIONS_DATABASE_URL") or ""
-        redis_url = env.get("OPTIONS_REDIS_URL") or ""
-        embedded = not (database_url and redis_url)
-        if embedded:
-            # Imported here: processes pointed at real services never load the embedded servers.
-            from store.embedded import ensure_embedded
-
-            services = ensure_embedded(state_dir)
-            database_url = database_url or services.database_url
-            redis_url = redis_url or services.redis_url
+    def from_environ(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read the contract's variables; keyword ``overrides`` (e.g. ``database_url=``) win."""
+        unknown = set(overrides) - set(OVERRIDES)
+        if unknown:
+            raise TypeError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        env = dict(os.environ if environ is None else environ)
+        env.update({OVERRIDES[k]: str(v) for k, v in overrides.items() if v is not None})
         local_cache = env.get("OPTIONS_LOCAL_CACHE") or TASK
         if local_cache not in MODES:
             raise InvalidOption(
                 "OPTIONS_LOCAL_CACHE", f"must be one of {MODES}, got {local_cache!r}"
             )
-        max_value_bytes = _positive_int(env, "OPTIONS_MAX_VALUE_BYTES", DEFAULT_MAX_VALUE_BYTES)
         return cls(
-            database_url=database_url,
-            redis_url=redis_url,
-            broker_url=env.get("CELERY_BROKER_URL") or redis_url,
+            configured_database_url=env.get("OPTIONS_DATABASE_URL") or "",
+            configured_redis_url=env.get("OPTIONS_REDIS_URL") or "",
+            configured_broker_url=env.get("CELERY_BROKER_URL") or "",
             result_backend=env.get("CELERY_RESULT_BACKEND") or None,
             local_cache=local_cache,
-            max_value_bytes=max_value_bytes,
-            state_dir=state_dir,
-            embedded=embedded,
+            max_value_bytes=_positive_int(env, "OPTIONS_MAX_VALUE_BYTES", DEFAULT_MAX_VALUE_BYTES),
+            state_dir=Path(env.get("OPTIONS_STATE_DIR") or ".optionstore").absolute(),
             namespace=env.get("OPTIONS_NAMESPACE") or "optionstore",
             task_queue=env.get("OPTIONS_TASK_QUEUE") or "celery",
             log_format=env.get("OPTIONS_LOG_FORMAT") or "auto",
-            fault=env.get("OPTIONS_FAULT") or "",
             visibility_timeout=_positive_int(env, "OPTIONS_VISIBILITY_TIMEOUT", 300),
         )
+
+    @property
+    def embedded(self) -> bool:
+        """Whether a service URL is left to the embedded default."""
+        return not (self.configured_database_url and self.configured_redis_url)
+
+    @functools.cached_property
+    def database_url(self) -> str:
+        return self.configured_database_url or self._embedded_urls()[0]
+
+    @functools.cached_property
+    def redis_url(self) -> str:
+        return self.configured_redis_url or self._embedded_urls()[1]
+
+    @functools.cached_property
+    def broker_url(self) -> str:
+        return self.configured_broker_url or self.redis_url
+
+    @property
+    def broker_transport(self) -> str | None:
+        return broker_transport_for(self.broker_url)
+
+    def _embedded_urls(self) -> tuple[str, str]:
+        # Imported here: processes pointed at real services never load the embedded servers.
+        from store.embedded import ensure_embedded
+
+        services = ensure_embedded(self.state_dir)
+        return services.database_url, services.redis_url
 
 
 def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:

@@ -1,10 +1,20 @@
-"""The write tasks of the contract; each builds a checked ``Write`` that ``WriteTask`` commits."""
+"""The write tasks of the contract, registered on a Celery app by ``register(app)`` (which
+``worker.install`` calls). Each task builds a checked ``Write`` that ``WriteTask`` commits.
+
+The module's ``set_option``, ``set_project_option``, ... are the task helpers
+(``tasks.set_project_option.delay(42, "k", "v")``): they send through the app installed last
+in this process.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+from celery.local import Proxy
+
 import store
+from store.errors import NotConfigured
 from store.scopes import Scope, global_scope, group_scope, project_scope, tag_keys_scope, user_scope
 from store.writes import (
     Write,
@@ -15,70 +25,116 @@ from store.writes import (
     unset_write,
 )
 from tasks.base import WriteTask
-from worker.app import app
 
 
 def _limit() -> int:
-    return store.backend.max_value_bytes
+    return store.runtime.max_value_bytes()
 
 
-@app.task(base=WriteTask, name="options.set_option")
-def set_option(key: str, value: Any) -> Write:
+def _set_option(key: str, value: Any) -> Write:
     return set_write(global_scope(), key, value, max_value_bytes=_limit())
 
 
-@app.task(base=WriteTask, name="options.unset_option")
-def unset_option(key: str) -> Write:
+def _unset_option(key: str) -> Write:
     return unset_write(global_scope(), key)
 
 
-@app.task(base=WriteTask, name="options.set_project_option")
-def set_project_option(project_id: int, key: str, value: Any) -> Write:
+def _set_project_option(project_id: int, key: str, value: Any) -> Write:
     return set_write(project_scope(project_id), key, value, max_value_bytes=_limit())
 
 
-@app.task(base=WriteTask, name="options.unset_project_option")
-def unset_project_option(project_id: int, key: str) -> Write:
+def _unset_project_option(project_id: int, key: str) -> Write:
     return unset_write(project_scope(project_id), key)
 
 
-@app.task(base=WriteTask, name="options.set_user_option")
-def set_user_option(user_id: int, project_id: int | None, key: str, value: Any) -> Write:
+def _set_user_option(user_id: int, project_id: int | None, key: str, value: Any) -> Write:
     return set_write(user_scope(user_id, project_id), key, value, max_value_bytes=_limit())
 
 
-@app.task(base=WriteTask, name="options.unset_user_option")
-def unset_user_option(user_id: int, project_id: int | None, key: str) -> Write:
+def _unset_user_option(user_id: int, project_id: int | None, key: str) -> Write:
     return unset_write(user_scope(user_id, project_id), key)
 
 
-@app.task(base=WriteTask, name="options.set_group_meta")
-def set_group_meta(group_id: int, key: str, value: Any) -> Write:
+def _set_group_meta(group_id: int, key: str, value: Any) -> Write:
     return set_write(group_scope(group_id), key, value, max_value_bytes=_limit())
 
 
-@app.task(base=WriteTask, name="options.unset_group_meta")
-def unset_group_meta(group_id: int, key: str) -> Write:
+def _unset_group_meta(group_id: int, key: str) -> Write:
     return unset_write(group_scope(group_id), key)
 
 
-@app.task(base=WriteTask, name="options.add_tag_key")
-def add_tag_key(project_id: int, key: str) -> Write:
+def _add_tag_key(project_id: int, key: str) -> Write:
     return add_tag_key_write(tag_keys_scope(project_id), key)
 
 
-@app.task(base=WriteTask, name="options.remove_tag_key")
-def remove_tag_key(project_id: int, key: str) -> Write:
+def _remove_tag_key(project_id: int, key: str) -> Write:
     return remove_tag_key_write(tag_keys_scope(project_id), key)
 
 
-@app.task(base=WriteTask, name="options.set_many")
-def set_many(scope: str, values: dict[str, Any], unset: list[str]) -> Write:
+def _set_many(scope: str, values: dict[str, Any], unset: list[str]) -> Write:
     return many_write(Scope.parse(scope), values, unset, max_value_bytes=_limit())
 
 
+# The contract's task names and what each one's run() is.
+WRITE_TASKS: dict[str, Callable[..., Write]] = {
+    "options.set_option": _set_option,
+    "options.unset_option": _unset_option,
+    "options.set_project_option": _set_project_option,
+    "options.unset_project_option": _unset_project_option,
+    "options.set_user_option": _set_user_option,
+    "options.unset_user_option": _unset_user_option,
+    "options.set_group_meta": _set_group_meta,
+    "options.unset_group_meta": _unset_group_meta,
+    "options.add_tag_key": _add_tag_key,
+    "options.remove_tag_key": _remove_tag_key,
+    "options.set_many": _set_many,
+}
+
+# Apps the write tasks are registered on, in order; the helpers send through the last one.
+_apps: list[Any] = []
+
+
+def register(app: Any) -> dict[str, Any]:
+    """Register the write tasks on ``app``; returns them by name. Idempotent per app."""
+    registered = {
+        name: app.task(base=WriteTask, name=name, typing=True)(run)
+        for name, run in WRITE_TASKS.items()
+    }
+    if app in _apps:
+        _apps.remove(app)
+    _apps.append(app)
+    return registered
+
+
+def _sending_app() -> Any:
+    if not _apps:
+        raise NotConfigured(
+            "the task helpers send through an optionstore app: call worker.install(app) on "
+            "yours, or import worker for the project's own"
+        )
+    return _apps[-1]
+
+
+def _helper(name: str) -> Any:
+    return Proxy(lambda: _sending_app().tasks[name], __doc__=f"The ``{name}`` task.")
+
+
+set_option = _helper("options.set_option")
+unset_option = _helper("options.unset_option")
+set_project_option = _helper("options.set_project_option")
+unset_project_option = _helper("options.unset_project_option")
+set_user_option = _helper("options.set_user_option")
+unset_user_option = _helper("options.unset_user_option")
+set_group_meta = _helper("options.set_group_meta")
+unset_group_meta = _helper("options.unset_group_meta")
+add_tag_key = _helper("options.add_tag_key")
+remove_tag_key = _helper("options.remove_tag_key")
+set_many = _helper("options.set_many")
+
 __all__ = [
+    "WRITE_TASKS",
     "add_tag_key",
+    "register",
     "remove_tag_key",
     "set_group_meta",
     "set_many",

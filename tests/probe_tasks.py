@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 import store
-from worker.app import app
+from worker import app
 
 READERS = ("options", "project_options", "user_options", "group_meta", "tag_keys")
 METHODS = ("get_value", "get_all_values", "get_value_bulk", "all_keys")

@@ -28,7 +28,7 @@ from tests.conftest import ROOT, Services, Worker, amqp_url, fresh_id, wait_for
 
 CONCURRENCY = 3
 # The relay's documented bound: a commit is re-announced once it is older than the grace
-# period, checked every beacon interval (worker/beacon.py).
+# period, checked every second by the worker's main process (worker/relay.py).
 RELAY_GRACE_S = 2.0
 RELAY_INTERVAL_S = 1.0
 
@@ -267,10 +267,8 @@ def process_fleet(services: Services, broker: str) -> Iterator[ProcessFleet]:
             pool="threads",
             concurrency=1,
             broker_url=broker,
-            extra_env={
-                "OPTIONS_TASK_QUEUE": f"{own.namespace}.faulty",
-                "OPTIONS_FAULT": "skip_announce",
-            },
+            extra_env={"OPTIONS_TASK_QUEUE": f"{own.namespace}.faulty"},
+            include="tests.probe_tasks,tests.skip_announce",
         )
         stack.callback(faulty.stop)
         yield ProcessFleet(own, readers, writer, faulty)

@@ -13,7 +13,7 @@ from structlog.testing import capture_logs
 
 import store
 import tasks
-import worker.signals  # noqa: F401 (connects the handlers under test)
+import worker  # noqa: F401 (installs the project app, whose handlers are under test)
 from store.layered import LayeredStore
 from store.postgres import PostgresStore
 from store.readers import ProjectOptions

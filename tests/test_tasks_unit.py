@@ -14,6 +14,7 @@ from celery.exceptions import Retry
 
 import store
 import tasks
+import worker  # noqa: F401 (the project app: the helpers send through it)
 from store.errors import InvalidOption, StoreUnavailable
 from store.postgres import PostgresStore
 from store.scopes import project_scope
@@ -119,7 +120,7 @@ def test_delay_with_good_input_is_sent_by_its_contract_name(broker: SentRecorder
 
 def test_task_value_limit_follows_the_configured_store(monkeypatch: pytest.MonkeyPatch) -> None:
     """The tasks apply the store's max_value_bytes (OPTIONS_MAX_VALUE_BYTES), to the byte."""
-    monkeypatch.setattr(store.backend, "max_value_bytes", 10)
+    monkeypatch.setattr(store.runtime, "max_value_bytes", lambda: 10)
     assert tasks.set_option.run("k", "x" * 8).sets == {"k": '"xxxxxxxx"'}
     with pytest.raises(InvalidOption) as caught:
         tasks.set_group_meta.run(1, "k", "x" * 9)

@@ -185,10 +185,10 @@ def _enqueue(args: argparse.Namespace, value: Any, *, unset: bool) -> int:
     validate_key(args.key)
     name, task_args = _task_call(scope, args.key, value, unset=unset)
     backend = _configured()
-    import tasks  # registers the task objects on the app
+    from worker import app
 
     # Through the task object: its apply_async applies the input rules before enqueueing.
-    task_id: str = tasks.set_option.app.tasks[name].apply_async(task_args).id
+    task_id: str = app.tasks[name].apply_async(task_args).id
     print(f"enqueued {name} {json.dumps(task_args)} as task {task_id}")
     if not args.wait:
         return 0
@@ -310,12 +310,13 @@ def _status(args: argparse.Namespace, _: list[str]) -> int:
     for key, value in report.items():
         if key != "processes":
             print(f"{key:20} {value}")
-    print(f"\n{'process':28} {'pool':8} {'mode':8} {'synced':7} {'heard':>8}  converged")
+    print(f"\n{'process':28} {'kind':6} {'pool':8} {'mode':8} {'synced':7} {'heard':>8}  converged")
     for p in report["processes"]:
         heard = f"{p['heard_ago_s']:.1f}s" if p["heard_ago_s"] is not None else "never"
         state = "yes" if p["converged"] else f"no: behind on {', '.join(p['behind'][:5])}"
         print(
-            f"{p['process']:28} {p['pool']:8} {p['mode']:8} {p['synced']!s:7} {heard:>8}  {state}"
+            f"{p['process']:28} {p['kind']:6} {p['pool']:8} {p['mode']:8} {p['synced']!s:7}"
+            f" {heard:>8}  {state}"
         )
     return 0
 
@@ -333,6 +334,7 @@ def _process_table(backend: Any) -> list[dict[str, Any]]:
             "process": r.name,
             "hostname": r.hostname,
             "pid": r.pid,
+            "kind": r.kind,
             "pool": r.pool,
             "mode": r.mode,
             "synced": r.synced,

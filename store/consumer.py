@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import kombu
@@ -46,18 +47,21 @@ class ReloadConsumer(threading.Thread):
         self,
         *,
         backend: LayeredStore,
-        broker_url: str,
+        connect: Callable[[], kombu.Connection],
         namespace: str,
         presence: Presence | None,
+        kind: str,
         pool: str,
         deadline: float = 5.0,
         report_interval: float = 0.02,
     ) -> None:
         super().__init__(name="optionstore-reload", daemon=True)
         self.backend = backend
-        self.broker_url = broker_url
+        # A new broker connection each time: the app's own (its transport options and TLS).
+        self.connect = connect
         self.namespace = namespace
         self.presence = presence
+        self.kind = kind
         self.pool = pool
         self.deadline = deadline
         self.report_interval = report_interval
@@ -99,7 +103,7 @@ class ReloadConsumer(threading.Thread):
     def _consume(self) -> None:
         self._hello = uuid.uuid4().hex
         queue = reload_queue(self.namespace, f"{self.hostname}.{self.pid}.{self._hello[:8]}")
-        with kombu.Connection(self.broker_url, connect_timeout=2, heartbeat=10) as conn:
+        with self.connect() as conn:
             conn.ensure_connection(max_retries=1)
             with conn.Consumer(
                 queue,
@@ -154,7 +158,7 @@ class ReloadConsumer(threading.Thread):
                 self.backend.local.resync()
                 self._synced_at = time.time()
                 self.subscribed.set()
-                log.info("broadcast.subscribed", pid=self.pid, pool=self.pool)
+                log.info("broadcast.subscribed", pid=self.pid, kind=self.kind, pool=self.pool)
                 self._report(force=True)
             return
         assert reload.kind == CHANGE
@@ -215,6 +219,7 @@ class ReloadConsumer(threading.Thread):
                 fields={
                     "hostname": self.hostname,
                     "pid": self.pid,
+                    "kind": self.kind,
                     "pool": self.pool,
                     "mode": self.backend.local.mode,
                     "synced": self.subscribed.is_set(),

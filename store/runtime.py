@@ -1,0 +1,209 @@
+"""This process's store: configured once, explicitly or from the environment on first use; the
+reload consumer that keeps its local cache coherent; and what a forked child starts again."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+from collections.abc import Callable
+
+import kombu
+import structlog
+
+from store.broadcast import Publisher
+from store.consumer import ReloadConsumer
+from store.fork import after_fork_in_child
+from store.layered import LayeredStore
+from store.local import PROCESS, TASK
+from store.postgres import PostgresStore
+from store.presence import Presence
+from store.redis_cache import RedisCache
+from store.settings import Settings
+from store.validation import DEFAULT_MAX_VALUE_BYTES
+
+log = structlog.get_logger("optionstore")
+
+WORKER = "worker"
+# Any process that reads options and is not a Celery worker: a web server, a script, a shell.
+WEB = "web"
+
+Connect = Callable[[], kombu.Connection]
+
+
+class Runtime:
+    """Owns the store's lifecycle in one process.
+
+    The store is configured explicitly (``store.configure``; ``worker.install`` when a worker
+    starts) or, the first time anything reads or writes, from the environment, or from the app
+    handed to ``worker.install`` in this process (``provide``). A process that follows
+    broadcasts reads through Redis and PostgreSQL, caching nothing, until its reload consumer's
+    hello has come back; the consumer starts on the first such read (or when a worker process
+    starts) and again in every child forked afterwards.
+    """
+
+    def __init__(self, backend: LayeredStore) -> None:
+        self.backend = backend
+        self.kind = WEB
+        self.pool = "-"
+        self.namespace = "optionstore"
+        self._provider: Callable[[], None] | None = None
+        self._settings: Settings | None = None
+        self._follow: Connect | None = None
+        self._consumer: ReloadConsumer | None = None
+        self._lock = threading.RLock()
+        backend.on_first_use = self.ensure_configured
+        backend.on_unsynced_read = self.ensure_following
+        after_fork_in_child(self._after_fork)
+
+    # -- configuration ----------------------------------------------------------------------
+
+    def configure(
+        self,
+        *,
+        database_url: str,
+        redis_url: str | None,
+        local_cache: str = TASK,
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        grace_period: float = 300.0,
+        pool_max_size: int = 8,
+        namespace: str = "optionstore",
+        publish: Connect | None = None,
+        follow: Connect | None = None,
+        kind: str | None = None,
+    ) -> LayeredStore:
+        """Point this process at its services; connections open lazily, after any fork.
+
+        ``publish`` opens a broker connection for announcing committed changes; ``follow`` one
+        for this process's reload consumer. Without ``follow`` the local cache is trusted as
+        it is (what a test or a single process that clears it itself wants).
+        """
+        with self._lock:
+            self._stop_consumer()
+            publisher = None if publish is None else Publisher(connect=publish, namespace=namespace)
+            self.backend.configure(
+                announcers=[] if publisher is None else [publisher.announce],
+                postgres=PostgresStore(conninfo=database_url, max_size=pool_max_size),
+                redis_cache=None if not redis_url else RedisCache(url=redis_url, prefix=namespace),
+                local_cache=local_cache,
+                max_value_bytes=max_value_bytes,
+                grace_period=grace_period,
+            )
+            self.backend.publisher = publisher
+            self.namespace = namespace
+            if kind is not None:
+                self.kind = kind
+            self._follow = follow
+            if follow is not None:
+                # Nothing is cached until the consumer proves it hears every change.
+                self.backend.local.desync()
+        return self.backend
+
+    def configure_from(
+        self, settings: Settings, *, publish: Connect, follow: Connect | None, kind: str
+    ) -> LayeredStore:
+        """Configure from resolved settings (the embedded servers start here if they are the
+        default). A process that runs no tasks has no task boundary to clear its cache at: it
+        keeps one map for all its threads, moved on by broadcasts (process mode)."""
+        self._settings = settings
+        return self.configure(
+            database_url=settings.database_url,
+            redis_url=settings.redis_url,
+            local_cache=settings.local_cache if kind == WORKER else PROCESS,
+            max_value_bytes=settings.max_value_bytes,
+            namespace=settings.namespace,
+            publish=publish,
+            follow=follow,
+            kind=kind,
+        )
+
+    def provide(self, provider: Callable[[], None] | None) -> None:
+        """Use ``provider`` instead of the environment if this process configures on first use."""
+        self._provider = provider
+
+    def ensure_configured(self) -> None:
+        """Configure from the provider or the environment, unless already configured."""
+        if self.backend.postgres is not None:
+            return
+        with self._lock:
+            if self.backend.postgres is None:
+                (self._provider or self._configure_from_environment)()
+
+    def _configure_from_environment(self) -> None:
+        settings = self.settings()
+        url = settings.broker_url
+        self.configure_from(
+            settings,
+            publish=functools.partial(kombu.Connection, url, connect_timeout=2),
+            follow=functools.partial(kombu.Connection, url, connect_timeout=2, heartbeat=10),
+            kind=WEB,
+        )
+        log.info("store.configured", source="environment", kind=WEB, pid=os.getpid())
+
+    def settings(self) -> Settings:
+        """The settings this process was configured from, else the environment's (read once;
+        reading them starts no server)."""
+        if self._settings is None:
+            self._settings = Settings.from_environ()
+        return self._settings
+
+    def max_value_bytes(self) -> int:
+        """The value size limit in force here, before anything is configured too."""
+        if self.backend.postgres is not None:
+            return self.backend.max_value_bytes
+        return self.settings().max_value_bytes
+
+    # -- the reload consumer ----------------------------------------------------------------
+
+    def ensure_following(self) -> None:
+        """Start this process's reload consumer if it follows broadcasts and has none running."""
+        consumer = self._consumer
+        if self._follow is None or (consumer is not None and consumer.is_alive()):
+            return
+        self.start_consumer()
+
+    def start_consumer(self) -> ReloadConsumer | None:
+        """This process's reload consumer, started once (None if it follows no broadcasts)."""
+        with self._lock:
+            if self._follow is None:
+                return None
+            if self._consumer is not None and self._consumer.is_alive():
+                return self._consumer
+            cache = self.backend.redis
+            consumer = ReloadConsumer(
+                backend=self.backend,
+                connect=self._follow,
+                namespace=self.namespace,
+                presence=None
+                if cache is None
+                else Presence(cache.client, namespace=self.namespace),
+                kind=self.kind,
+                pool=self.pool,
+            )
+            # Unsynced before the thread runs: a read in between must not cache.
+            self.backend.local.desync()
+            consumer.start()
+            self._consumer = consumer
+            return consumer
+
+    def stop(self) -> None:
+        """Stop this process's consumer and remove its report (best effort: reports expire)."""
+        with self._lock:
+            self._stop_consumer()
+
+    def _stop_consumer(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is None or not consumer.is_alive():
+            return
+        consumer.stop()
+        if consumer.presence is not None:
+            with contextlib.suppress(Exception):
+                consumer.presence.remove(consumer.hostname, consumer.pid)
+
+    def _after_fork(self) -> None:
+        # The consumer thread did not come along, and the parent may have held the lock.
+        self._lock = threading.RLock()
+        self._consumer = None
+        if self._follow is not None:
+            self.backend.local.desync()

@@ -1,0 +1,216 @@
+"""``install(app)``: makes any Celery app an optionstore app, and owns what that sets up."""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import kombu
+import structlog
+from celery import bootsteps
+from celery.signals import task_postrun, task_prerun, worker_process_init, worker_process_shutdown
+
+import store
+import tasks
+from store.broadcast import Publisher
+from store.settings import OVERRIDES, Settings
+from worker.heartbeat import Heartbeat
+from worker.logging import configure_logging
+from worker.relay import OutboxRelay
+
+log = structlog.get_logger("optionstore")
+
+# Pools whose processes run one task at a time: task mode keeps one map, not one per thread.
+ONE_TASK_AT_A_TIME = ("prefork", "solo")
+
+
+class Installation:
+    """optionstore on one Celery app.
+
+    Made once per app by ``install``. It registers the write tasks on the app and, in every
+    process of a worker of that app: configures the store from the environment and the
+    overrides, with the reload exchange on the app's own broker connection; starts the reload
+    consumer (in each prefork child after its fork; in the main process for the solo, threads
+    and gevent pools); clears the local cache at the end of each task; and in the worker's
+    main process runs the heartbeat and the outbox relay. A process that only reads (a web
+    server that imports the app) is configured from it on first use.
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        overrides: dict[str, Any] | None = None,
+        provide: bool = True,
+        logging: bool = False,
+        interval: float = 1.0,
+    ) -> None:
+        unknown = set(overrides or {}) - set(OVERRIDES) - {"broker_url"}
+        if unknown:
+            raise TypeError(
+                f"install() got unknown setting(s) {', '.join(sorted(unknown))}; "
+                f"known: {', '.join(sorted(OVERRIDES))}"
+            )
+        self.app = app
+        self.overrides = dict(overrides or {})
+        self.provide = provide
+        self.logging = logging
+        self.interval = interval
+        # True in a worker of this app, and in the children it forks.
+        self.running = False
+        self.pool = "-"
+        self._duties: _Every | None = None
+
+    def install(self) -> Installation:
+        tasks.register(self.app)
+        self.app.steps["worker"].add(_step_for(self))
+        task_prerun.connect(self._task_started, weak=False)
+        task_postrun.connect(self._task_ended, weak=False)
+        worker_process_init.connect(self._process_started, weak=False)
+        worker_process_shutdown.connect(self._process_ending, weak=False)
+        if self.provide:
+            store.runtime.provide(functools.partial(self.configure_store, kind=store.WEB))
+        return self
+
+    # -- settings and connections -----------------------------------------------------------
+
+    @functools.cached_property
+    def settings(self) -> Settings:
+        # The broker is the app's: its URL is not one of the store's settings.
+        return Settings.from_environ(
+            **{k: v for k, v in self.overrides.items() if k != "broker_url"}
+        )
+
+    def connect_for_write(self) -> kombu.Connection:
+        """A new connection to the app's broker, with its transport, options and TLS."""
+        return self.app.connection_for_write(self.overrides.get("broker_url"), connect_timeout=2)
+
+    def connect_for_read(self) -> kombu.Connection:
+        return self.app.connection_for_read(
+            self.overrides.get("broker_url"), connect_timeout=2, heartbeat=10
+        )
+
+    def configure_store(self, *, kind: str) -> None:
+        store.runtime.configure_from(
+            self.settings, publish=self.connect_for_write, follow=self.connect_for_read, kind=kind
+        )
+
+    # -- a worker of this app ---------------------------------------------------------------
+
+    def worker_created(self, worker: Any) -> None:
+        """In the worker's main process, before any child is forked."""
+        if self.logging:
+            configure_logging(log_format=self.settings.log_format)
+        module = getattr(worker.pool_cls, "__module__", "") or str(worker.pool_cls)
+        self.pool = module.rsplit(".", 1)[-1] or "prefork"
+        self.running = True
+        store.runtime.pool = self.pool
+        self.configure_store(kind=store.WORKER)
+        local = store.backend.local
+        local.set_mode(local.mode, one_task_at_a_time=self.pool in ONE_TASK_AT_A_TIME)
+
+    def worker_started(self, worker: Any) -> None:
+        if self.pool != "prefork":
+            # threads, gevent and eventlet pools never send worker_process_init; solo does,
+            # and starting twice is a no-op.
+            store.runtime.start_consumer()
+        origin = f"heartbeat:{socket.gethostname()}:{os.getpid()}"
+        heartbeat = Heartbeat(
+            publisher=Publisher(connect=self.connect_for_write, namespace=self.settings.namespace),
+            origin=origin,
+        )
+        relay = OutboxRelay(backend=store.backend)
+        self._duties = _Every(self.interval, [heartbeat.beat, relay.relay])
+        self._duties.start()
+
+    def worker_stopping(self, worker: Any) -> None:
+        if self._duties is not None:
+            self._duties.stop()
+            self._duties = None
+        store.runtime.stop()
+
+    # -- signals (global in Celery: each handler checks the event is this app's) -------------
+
+    def _process_started(self, **_: Any) -> None:
+        # Sent in each prefork child, and by the solo pool in the main process. It must return
+        # within worker_proc_alive_timeout: the consumer connects in its own thread.
+        if self.running:
+            store.runtime.start_consumer()
+
+    def _process_ending(self, **_: Any) -> None:
+        # Not guaranteed (children may leave with os._exit): a report left behind expires.
+        if self.running:
+            store.runtime.stop()
+
+    def _task_started(self, task_id: str | None = None, task: Any = None, **_: Any) -> None:
+        if getattr(task, "app", None) is self.app:
+            structlog.contextvars.bind_contextvars(task_id=task_id, task_name=task.name)
+
+    def _task_ended(self, task: Any = None, **_: Any) -> None:
+        # Sent from a finally in Celery's tracer: after success, failure, retry and eager runs.
+        if getattr(task, "app", None) is self.app:
+            store.backend.local.end_task()
+            structlog.contextvars.unbind_contextvars("task_id", "task_name")
+
+
+def install(app: Any, **overrides: Any) -> Installation:
+    """Make ``app`` an optionstore app (once; a second call returns the first installation).
+
+    Keyword arguments override the environment: ``database_url``, ``redis_url``,
+    ``local_cache``, ``namespace``, ``max_value_bytes``, ... and ``broker_url`` for the reload
+    exchange (default: the app's own broker).
+    """
+    existing: Installation | None = getattr(app, "optionstore", None)
+    if existing is not None:
+        return existing
+    installation = Installation(app, overrides=overrides).install()
+    app.optionstore = installation
+    return installation
+
+
+def _step_for(installation: Installation) -> type[bootsteps.StartStopStep]:
+    class OptionstoreStep(bootsteps.StartStopStep):  # type: ignore[misc]
+        """optionstore's part of a worker's life: made before the pool forks, started after."""
+
+        requires = ("celery.worker.components:Pool",)
+
+        def __init__(self, parent: Any, **kwargs: Any) -> None:
+            super().__init__(parent, **kwargs)
+            installation.worker_created(parent)
+
+        def start(self, parent: Any) -> None:
+            installation.worker_started(parent)
+
+        def stop(self, parent: Any) -> None:
+            installation.worker_stopping(parent)
+
+    return OptionstoreStep
+
+
+class _Every(threading.Thread):
+    """Calls each duty every ``interval`` seconds until stopped; a failing duty is logged."""
+
+    def __init__(self, interval: float, duties: list[Callable[[], object]]) -> None:
+        super().__init__(name="optionstore-main", daemon=True)
+        self.interval = interval
+        self.duties = duties
+        self.stopping = threading.Event()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def run(self) -> None:
+        while not self.stopping.wait(self.interval):
+            for duty in self.duties:
+                try:
+                    duty()
+                except Exception as exc:  # PostgreSQL or the broker may be down; next second
+                    log.warning(
+                        "worker.duty_failed",
+                        duty=getattr(duty, "__qualname__", repr(duty)),
+                        error=f"{type(exc).__name__}: {exc}",
+                    )
