@@ -52,7 +52,7 @@ class Gunicorn:
 
     def get(self, project: int, key: str, hold: float = 0.0) -> dict[str, Any]:
         url = f"http://127.0.0.1:{self.port}/?project={project}&key={key}&hold={hold}"
-        with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310 (loopback)
+        with urllib.request.urlopen(url, timeout=30) as response:
             answer: dict[str, Any] = json.loads(response.read())
             return answer
 
@@ -110,9 +110,7 @@ def test_gunicorn_preload_workers_see_a_change(
         message="both gunicorn workers to read the first value",
     )
     pids = gunicorn.workers()
-    presence = Presence(
-        __import__("redis").Redis.from_url(services.redis_url), namespace=services.namespace
-    )
+    presence = Presence(redis.Redis.from_url(services.redis_url), namespace=services.namespace)
 
     def synced() -> bool:
         found = {r.pid: r for r in presence.processes()}
