@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import weakref
@@ -102,6 +103,10 @@ class LocalCache:
         # False while broadcasts may be missed (not yet subscribed, connection lost, silence):
         # reads then go to Redis or PostgreSQL every time and nothing is kept locally.
         self.synced = True
+        # Moves on at every clear (so every desync and resync): a load that started in an
+        # earlier generation may predate a change this process never heard, and is not kept.
+        self._generations = itertools.count()
+        self.generation = next(self._generations)
         self.one_task_at_a_time = False
         self.set_mode(mode)
 
@@ -131,6 +136,8 @@ class LocalCache:
 
     def clear(self) -> None:
         """Drop everything this process holds, in every thread."""
+        # Before the maps are emptied: a load that inserts after this sees the new generation.
+        self.generation = next(self._generations)  # next() is atomic: no bump is lost
         for scopes in self.all_maps():
             scopes.clear()
 

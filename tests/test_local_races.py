@@ -1,14 +1,23 @@
-"""Races on the local cache: thread maps registered while others scan them."""
+"""Races on the local cache: thread maps registered while others scan them, and loads that
+straddle a desync/resync."""
 
 from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
-from store.local import TASK, LocalCache, ScopeState
+import store
+from store.layered import LayeredStore
+from store.local import PROCESS, TASK, LocalCache, ScopeState
+from store.postgres import PostgresStore
+from store.redis_cache import RedisCache
+from store.scopes import project_scope
+from store.writes import set_write
 from tests.conftest import Services, Worker, fresh_id
 
 WAIT = 10.0  # seconds a thread waits for its cue before the test fails
@@ -107,3 +116,78 @@ def test_threads_pool_worker_survives_thread_churn(services: Services) -> None:
         assert worker.events("broadcast.lost", "cache.announce_failed") == []
     finally:
         worker.stop()
+
+
+# -- loads that straddle a desync/resync ----------------------------------------------------
+
+
+@pytest.fixture
+def process_mode(backend: LayeredStore) -> Iterator[LayeredStore]:
+    """The in-process store with one map for every thread, kept across reads."""
+    backend.local.set_mode(PROCESS)
+    yield backend
+    backend.local.resync()
+    backend.local.set_mode(TASK)
+
+
+@pytest.fixture
+def elsewhere(services: Services) -> Iterator[LayeredStore]:
+    """Another process's store on the same services: its writes reach this one by broadcast only."""
+    other = LayeredStore()
+    other.configure(
+        postgres=PostgresStore(conninfo=services.database_url, max_size=2),
+        redis_cache=RedisCache(url=services.redis_url, prefix=services.namespace),
+    )
+    yield other
+    other.db.close()
+
+
+def _one(project: int) -> Any:
+    return store.project_options.get_value(project, "k")
+
+
+def _bulk(project: int) -> Any:
+    return store.project_options.get_value_bulk([project], "k").get(project)
+
+
+@pytest.mark.parametrize("read", [_one, _bulk], ids=["get_value", "get_value_bulk"])
+@pytest.mark.parametrize("deaf_at_start", [False, True], ids=["synced", "unsynced"])
+def test_load_straddling_a_desync_is_not_kept(
+    process_mode: LayeredStore,
+    elsewhere: LayeredStore,
+    monkeypatch: pytest.MonkeyPatch,
+    read: Callable[[int], Any],
+    deaf_at_start: bool,
+) -> None:
+    """A state loaded across a desync/resync, while a change was committed unheard, is not kept."""
+    local = process_mode.local
+    project = fresh_id()
+    elsewhere.commit(set_write(project_scope(project), "k", "old"), task_id=f"t-{uuid.uuid4()}")
+    loaded, release = threading.Event(), threading.Event()
+    load_many = process_mode.load_many
+
+    def held_load(*args: Any, **kwargs: Any) -> dict[str, ScopeState]:
+        states = load_many(*args, **kwargs)
+        if not loaded.is_set():  # only the first load straddles
+            loaded.set()
+            assert release.wait(WAIT), "the test never released the load"
+        return states
+
+    monkeypatch.setattr(process_mode, "load_many", held_load)
+    if deaf_at_start:
+        local.desync()
+    answer: list[Any] = []
+    reader = threading.Thread(target=lambda: answer.append(read(project)), daemon=True)
+    reader.start()
+    assert loaded.wait(WAIT), "the read never loaded"
+    if not deaf_at_start:
+        local.desync()
+    # Committed while this process is deaf: it never hears the broadcast.
+    elsewhere.commit(set_write(project_scope(project), "k", "new"), task_id=f"t-{uuid.uuid4()}")
+    local.resync()
+    release.set()
+    reader.join(WAIT)
+    assert not reader.is_alive(), "the read did not finish"
+    assert answer == ["old"]  # the straddling read itself began before the change
+    assert read(project) == "new"
+    assert _one(project) == "new"
