@@ -127,12 +127,13 @@ class LayeredStore:
         if state is None:
             if not local.synced:
                 self.on_unsynced_read()
+            generation = local.generation
             state = self.load(scope)
             floors = local.floors
             if state.revision < floors.get(scope, 0):
                 # Redis answered before a change we already heard about reached it.
                 state = self.load(scope, use_redis=False)
-            self._keep(scopes, scope, state)
+            self._keep(scopes, scope, state, generation)
         return state
 
     def states(self, names: list[str]) -> dict[str, ScopeState]:
@@ -144,6 +145,7 @@ class LayeredStore:
             return found
         if not local.synced:
             self.on_unsynced_read()
+        generation = local.generation
         loaded = self.load_many(missing)
         floors = local.floors
         behind = [name for name, state in loaded.items() if state.revision < floors.get(name, 0)]
@@ -151,17 +153,25 @@ class LayeredStore:
             loaded.update(self.load_many(behind, use_redis=False))
         for name, state in loaded.items():
             found[name] = state
-            self._keep(scopes, name, state)
+            self._keep(scopes, name, state, generation)
         return found
 
-    def _keep(self, scopes: dict[str, ScopeState], name: str, state: ScopeState) -> None:
-        """Cache a freshly loaded state unless a newer revision was announced meanwhile."""
-        if not self.local.synced:
+    def _keep(
+        self, scopes: dict[str, ScopeState], name: str, state: ScopeState, generation: int
+    ) -> None:
+        """Cache a freshly loaded state, unless the process was or went deaf since the load
+        began (``generation`` is the cache's when it began) or a newer revision was announced."""
+        local = self.local
+        if not local.synced or local.generation != generation:
+            # A load that straddled a desync may predate a change this process never heard.
             return
         scopes[name] = state
-        # The broadcast consumer sets the floor before it scans the caches; checking again
-        # after the insert closes the gap between our load and our insert.
-        if self.local.floors.get(name, 0) > state.revision and scopes.get(name) is state:
+        # The broadcast consumer sets the floor before it scans the caches, and clear() moves
+        # the generation on before it empties them: checking again after the insert closes the
+        # gap between our check and our insert.
+        if (
+            local.floors.get(name, 0) > state.revision or local.generation != generation
+        ) and scopes.get(name) is state:
             del scopes[name]
 
     def load(self, scope: str, *, use_redis: bool = True) -> ScopeState:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import threading
 import weakref
 from collections.abc import Iterator
@@ -45,13 +47,38 @@ class _Holder:
     scopes: dict[str, ScopeState]
 
 
+class _Registry:
+    """Every thread's map, so code outside a thread (a broadcast, a write) can reach it.
+
+    Readers take a snapshot that never changes size: the entries live in a tuple replaced whole
+    under a lock, never mutated, so ``maps()`` needs no lock while threads register and die.
+    Threads are held weakly and without a callback (a callback would run at any point, in any
+    thread): a dead thread's entry is skipped, and removed the next time a thread registers.
+    """
+
+    def __init__(self) -> None:
+        self._entries: tuple[tuple[weakref.ref[threading.Thread], dict[str, ScopeState]], ...] = ()
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def add(self, thread: threading.Thread, scopes: dict[str, ScopeState]) -> None:
+        if self._pid != os.getpid():
+            # Forked while another thread may have held the lock: the child gets its own.
+            self._lock = threading.Lock()
+            self._pid = os.getpid()
+        with self._lock:
+            live = tuple(entry for entry in self._entries if entry[0]() is not None)
+            self._entries = (*live, (weakref.ref(thread), scopes))
+
+    def maps(self) -> list[dict[str, ScopeState]]:
+        return [scopes for thread, scopes in self._entries if thread() is not None]
+
+
 class _ThreadHolder(threading.local):
-    def __init__(
-        self, registry: weakref.WeakKeyDictionary[threading.Thread, dict[str, ScopeState]]
-    ) -> None:
+    def __init__(self, registry: _Registry) -> None:
         self.scopes: dict[str, ScopeState] = {}
         # Remembered so code outside this thread (a broadcast) can reach every thread's cache.
-        registry[threading.current_thread()] = self.scopes
+        registry.add(threading.current_thread(), self.scopes)
 
 
 class LocalCache:
@@ -64,9 +91,7 @@ class LocalCache:
     """
 
     def __init__(self, mode: str = TASK) -> None:
-        self._registry: weakref.WeakKeyDictionary[threading.Thread, dict[str, ScopeState]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._registry = _Registry()
         self._shared = _Holder()
         self._shared.scopes = {}
         self._threads = _ThreadHolder(self._registry)
@@ -78,6 +103,10 @@ class LocalCache:
         # False while broadcasts may be missed (not yet subscribed, connection lost, silence):
         # reads then go to Redis or PostgreSQL every time and nothing is kept locally.
         self.synced = True
+        # Moves on at every clear (so every desync and resync): a load that started in an
+        # earlier generation may predate a change this process never heard, and is not kept.
+        self._generations = itertools.count()
+        self.generation = next(self._generations)
         self.one_task_at_a_time = False
         self.set_mode(mode)
 
@@ -107,6 +136,8 @@ class LocalCache:
 
     def clear(self) -> None:
         """Drop everything this process holds, in every thread."""
+        # Before the maps are emptied: a load that inserts after this sees the new generation.
+        self.generation = next(self._generations)  # next() is atomic: no bump is lost
         for scopes in self.all_maps():
             scopes.clear()
 
@@ -164,4 +195,4 @@ class LocalCache:
 
     def all_maps(self) -> Iterator[dict[str, ScopeState]]:
         yield self._shared.scopes
-        yield from list(self._registry.values())
+        yield from self._registry.maps()

@@ -7,6 +7,8 @@ the child's pid with the answer.
 from __future__ import annotations
 
 import os
+import sys
+import threading
 import time
 from typing import Any
 
@@ -69,3 +71,35 @@ def poll(  # noqa: PLR0917 (a task's arguments arrive positionally)
         "polls": polls,
         "stats": dict(store.backend.stats),
     }
+
+
+@app.task(name="probe.churn")
+def churn(project_ids: list[int], key: str, threads: int) -> dict[str, Any]:
+    """Start ``threads`` short-lived threads, one after another, that each read ``key`` of every
+    project (so each gets a local cache of its own) and end: churn beside the pool's threads.
+
+    One at a time, so a pool of 32 churning stays within the Redis client's connection pool.
+    """
+    errors: list[str] = []
+
+    def read() -> None:
+        try:
+            for project_id in project_ids:
+                store.project_options.get_value(project_id, key)
+        except Exception as exc:  # reported in the answer, the test fails on it
+            errors.append(f"{type(exc).__name__}: {exc}")
+
+    for _ in range(threads):
+        thread = threading.Thread(target=read)
+        thread.start()
+        thread.join()
+    return {"pid": os.getpid(), "threads": threads, "errors": errors}
+
+
+@app.task(name="probe.switch_interval")
+def switch_interval(seconds: float) -> float:
+    """Set how often this process switches threads (``sys.setswitchinterval``); returns the old
+    value. A short interval makes thread interleavings that are rare under light load common."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(seconds)
+    return before
