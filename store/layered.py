@@ -7,9 +7,6 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import psycopg
-import psycopg_pool
-import redis
 import structlog
 
 from store.broadcast import Publisher, ReloadMessage
@@ -18,6 +15,7 @@ from store.fork import after_fork_in_child
 from store.local import TASK, LocalCache, ScopeState
 from store.postgres import PostgresStore, Snapshot
 from store.redis_cache import RedisCache
+from store.transient import postgres_unavailable, redis_unavailable
 from store.validation import DEFAULT_MAX_VALUE_BYTES, decode_value
 from store.writes import Write, WriteResult
 
@@ -25,20 +23,8 @@ log = structlog.get_logger("optionstore")
 
 T = TypeVar("T")
 
-POSTGRES_ERRORS: tuple[type[BaseException], ...] = (
-    psycopg.OperationalError,
-    psycopg_pool.PoolTimeout,
-)
-REDIS_ERRORS: tuple[type[BaseException], ...] = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    redis.exceptions.BusyLoadingError,
-    redis.exceptions.ReadOnlyError,
-)
 # Scopes remembered for outages; past this, expired ones are dropped.
 MAX_LAST_KNOWN = 50_000
-
-_READ_ERRORS: tuple[type[BaseException], ...] = (*POSTGRES_ERRORS, StoreUnavailable)
 
 
 class _Breaker:
@@ -208,7 +194,9 @@ class LayeredStore:
         self.stats["redis_reads"] += 1
         try:
             result = call(cache)
-        except REDIS_ERRORS as exc:
+        except Exception as exc:
+            if not redis_unavailable(exc):
+                raise
             self._redis_breaker.trip()
             log.warning("cache.fallback", layer="redis", to="postgres", error=_describe(exc))
             return None
@@ -221,7 +209,9 @@ class LayeredStore:
                 raise StoreUnavailable("PostgreSQL failed moments ago")
             self.stats["postgres_reads"] += 1
             snapshots = self.db.load_scopes(scopes)
-        except _READ_ERRORS as exc:
+        except Exception as exc:
+            if not (isinstance(exc, StoreUnavailable) or postgres_unavailable(exc)):
+                raise
             self._postgres_breaker.trip()
             return self._last_known_or_raise(scopes, exc)
         self._postgres_breaker.reset()
@@ -342,7 +332,9 @@ class LayeredStore:
         if announced:
             try:
                 self.db.mark_announced([result.task_id])
-            except POSTGRES_ERRORS as exc:
+            except Exception as exc:
+                if not postgres_unavailable(exc):
+                    raise
                 # Harmless: the relay announces it again, and an old revision changes nothing.
                 log.warning("outbox.mark_failed", task_id=result.task_id, error=_describe(exc))
         return announced

@@ -70,7 +70,14 @@ class PostgresStore:
     @contextmanager
     def connection(self) -> Iterator[Connection]:
         with self._get_pool().connection(timeout=self._timeout) as conn:
-            yield conn
+            try:
+                yield conn
+            except psycopg.errors.ReadOnlySqlTransaction:
+                # The session is stuck read-only (opened on a demoted primary, or before a
+                # failover finished): closed, the pool replaces it with one opened afresh,
+                # which may reach the new primary. Kept, every retry would fail the same way.
+                conn.close()
+                raise
 
     def _get_pool(self) -> ConnectionPool[Connection]:
         pool = self._pool
@@ -92,8 +99,17 @@ class PostgresStore:
                     # checkout rather than fail the first read or write that gets it.
                     check=ConnectionPool.check_connection,
                     # Autocommit: a write is one function call, its own transaction; reads
-                    # that need a snapshot open one explicitly.
-                    kwargs={"connect_timeout": max(1, int(self._timeout)), "autocommit": True},
+                    # that need a snapshot open one explicitly. No server-side prepared
+                    # statements (psycopg prepares a query after its 5th run by default): behind
+                    # PgBouncer in transaction pooling, the next transaction may run on another
+                    # server connection, which lacks it or has one of the same name. Nothing
+                    # else here outlives a transaction either: no SET outside one, no session
+                    # advisory lock, no LISTEN, no temporary table.
+                    kwargs={
+                        "connect_timeout": max(1, int(self._timeout)),
+                        "autocommit": True,
+                        "prepare_threshold": None,
+                    },
                 )
                 self._pool_pid = os.getpid()
             return self._pool

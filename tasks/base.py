@@ -8,16 +8,17 @@ from typing import Any
 from celery import Task
 
 import store
-from store.errors import StoreUnavailable
-from store.layered import POSTGRES_ERRORS, REDIS_ERRORS
+from store.errors import InvalidOption, StoreUnavailable
+from store.transient import postgres_unavailable, redis_unavailable
 from store.writes import Write
 
-# Worth another try: the database or a cache is briefly gone. Bad input is never retried.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    *POSTGRES_ERRORS,
-    *REDIS_ERRORS,
-    StoreUnavailable,
-)
+
+def worth_retrying(exc: BaseException) -> bool:
+    """Whether a write that raised ``exc`` may succeed later: the database or a cache is
+    briefly unavailable (a failover, a restart, a pooler's error). Bad input never is."""
+    if isinstance(exc, InvalidOption):
+        return False
+    return isinstance(exc, StoreUnavailable) or postgres_unavailable(exc) or redis_unavailable(exc)
 
 
 class WriteTask(Task):  # type: ignore[misc]
@@ -36,8 +37,10 @@ class WriteTask(Task):  # type: ignore[misc]
         write: Write = self.run(*args, **kwargs)
         try:
             result = store.backend.commit(write, task_id=self.request.id)
-        except TRANSIENT_ERRORS as exc:
-            if self.request.called_directly:
+        except Exception as exc:
+            # Acknowledged as failed only for a reason that will not pass: with acks_late, a
+            # failure is final and the write is gone.
+            if self.request.called_directly or not worth_retrying(exc):
                 raise
             raise self.retry(exc=exc, countdown=self.backoff(self.request.retries)) from exc
         return result.as_task_result(write.keys)

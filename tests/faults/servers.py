@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -219,3 +220,83 @@ class RabbitNode:
             self.stop()
         with contextlib.suppress(OSError, ValueError):
             os.kill(int((self.directory / "node.pid").read_text()), signal.SIGKILL)
+
+
+def pgbouncer_binary() -> Path | None:
+    """PgBouncer's executable (Debian installs it in /usr/sbin, often not on PATH)."""
+    found = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin:/usr/bin")
+    return Path(found) if found else None
+
+
+class PgBouncer:
+    """A PgBouncer of our own in transaction pooling mode, in front of one PostgreSQL server,
+    with few server connections so that clients' transactions share them."""
+
+    def __init__(
+        self, binary: Path, database_url: str, *, pool_size: int = 2, **settings: str
+    ) -> None:
+        self.binary = binary
+        target = urlsplit(database_url)
+        self.server = f"host={target.hostname or '127.0.0.1'} port={target.port or 5432}"
+        self.user = target.username or "postgres"
+        self.port = free_port()
+        # PgBouncer refuses to run as root: it runs as the postgres user, which must be able
+        # to read its config and write its log, so its folder is not under a root-only one.
+        self.directory = Path(tempfile.mkdtemp(prefix="optionstore-pgbouncer-"))
+        self.settings = {
+            "listen_addr": "127.0.0.1",
+            "listen_port": str(self.port),
+            "unix_socket_dir": "",
+            "auth_type": "trust",
+            "auth_file": str(self.directory / "users.txt"),
+            "pool_mode": "transaction",
+            "default_pool_size": str(pool_size),
+            "max_client_conn": "500",
+            "ignore_startup_parameters": "extra_float_digits,options",
+            "logfile": str(self.directory / "pgbouncer.log"),
+            "pidfile": str(self.directory / "pgbouncer.pid"),
+            **settings,
+        }
+        self.databases: dict[str, str] = {"*": self.server}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def url(self, database: str) -> str:
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
+
+    def start(self) -> PgBouncer:
+        (self.directory / "users.txt").write_text(f'"{self.user}" ""\n')
+        lines = ["[databases]", *(f"{k} = {v}" for k, v in self.databases.items())]
+        lines += ["[pgbouncer]", *(f"{k} = {v}" for k, v in self.settings.items())]
+        config = self.directory / "pgbouncer.ini"
+        config.write_text("\n".join(lines) + "\n")
+        command = [str(self.binary), str(config)]
+        if os.geteuid() == 0:
+            shutil.chown(self.directory, "postgres")
+            command[1:1] = ["-u", "postgres"]
+        self.directory.chmod(0o755)
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        wait_for(self.listens, timeout=30, message=f"pgbouncer on port {self.port}")
+        return self
+
+    def listens(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            pytest.fail(f"pgbouncer exited with {self.process.returncode}:\n{self.log()[-2000:]}")
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def log(self) -> str:
+        path = self.directory / "pgbouncer.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        shutil.rmtree(self.directory, ignore_errors=True)
