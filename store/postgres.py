@@ -227,6 +227,33 @@ class PostgresStore:
             ).fetchall()
         return [_result_from_row(row[0], row[1:]) for row in rows]
 
+    def recent_revisions(
+        self, *, window: float, settle: float, limit: int
+    ) -> tuple[dict[str, int], bool]:
+        """The newest revision per scope among changes committed between ``window`` and
+        ``settle`` seconds ago, newest first, at most ``limit`` scopes; and whether that is all.
+        """
+        with self.connection() as conn:
+            rows = conn.execute(
+                "SELECT scope, max(revision) FROM options_write WHERE changed"
+                " AND committed_at > clock_timestamp() - make_interval(secs => %s)"
+                " AND committed_at <= clock_timestamp() - make_interval(secs => %s)"
+                " GROUP BY scope ORDER BY max(committed_at) DESC LIMIT %s",
+                (window, settle, limit + 1),
+            ).fetchall()
+        return {scope: int(rev) for scope, rev in rows[:limit]}, len(rows) <= limit
+
+    def scope_revisions(self, *, after: str, limit: int, settle: float) -> list[tuple[str, int]]:
+        """One page of every scope's revision, in scope order after ``after``; scopes changed in
+        the last ``settle`` seconds are left out (their announcement may still be under way)."""
+        with self.connection() as conn:
+            rows = conn.execute(
+                "SELECT scope, revision FROM options_scope WHERE scope > %s AND revision > 0"
+                " AND updated_at <= now() - make_interval(secs => %s) ORDER BY scope LIMIT %s",
+                (after, settle, limit),
+            ).fetchall()
+        return [(scope, int(revision)) for scope, revision in rows]
+
 
 def _result_from_row(task_id: str, row: tuple[Any, ...]) -> WriteResult:
     scope, revision, changed, changes, committed_at = row
