@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from store.broadcast import Publisher
+from store.broadcast import DEFAULT_MAX_MESSAGE_BYTES, Publisher
 from store.errors import (
     InvalidOption,
     MigrationError,
@@ -38,17 +38,24 @@ def configure(
     broker_transport: str | None = None,
     namespace: str = "optionstore",
     skip_announce: bool = False,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> LayeredStore:
     """Point this process at its services; connections open lazily, after any fork.
 
     With ``broker_url``, every committed change is also broadcast on the reload exchange,
     through kombu's ``broker_transport`` if one is named (the worker names worker/broker.py's
-    on a Redis broker) or the URL's own.
+    on a Redis broker) or the URL's own. A change whose message would encode larger than
+    ``max_message_bytes`` is broadcast as "reload this scope".
     """
     publisher = (
         None
         if broker_url is None
-        else Publisher(broker_url=broker_url, namespace=namespace, transport=broker_transport)
+        else Publisher(
+            broker_url=broker_url,
+            namespace=namespace,
+            transport=broker_transport,
+            max_message_bytes=max_message_bytes,
+        )
     )
     backend.publisher = publisher
     backend.configure(

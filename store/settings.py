@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from store.broadcast import DEFAULT_MAX_MESSAGE_BYTES
 from store.errors import InvalidOption
 from store.local import MODES, TASK
 from store.validation import DEFAULT_MAX_VALUE_BYTES
@@ -30,6 +31,8 @@ class Settings:
     result_backend: str | None
     local_cache: str = TASK
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
+    # A change encoding larger than this is broadcast as "reload this scope" instead.
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     state_dir: Path = Path(".optionstore")
     embedded: bool = False
     namespace: str = "optionstore"
@@ -71,6 +74,9 @@ class Settings:
             result_backend=env.get("CELERY_RESULT_BACKEND") or None,
             local_cache=local_cache,
             max_value_bytes=max_value_bytes,
+            max_message_bytes=_positive_int(
+                env, "OPTIONS_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES
+            ),
             state_dir=state_dir,
             embedded=embedded,
             namespace=env.get("OPTIONS_NAMESPACE") or "optionstore",

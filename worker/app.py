@@ -20,6 +20,7 @@ store.configure(
     broker_url=settings.broker_url,
     broker_transport=settings.broker_transport,
     skip_announce=settings.fault == "skip_announce",
+    max_message_bytes=settings.max_message_bytes,
 )
 
 app = Celery("optionstore")
