@@ -7,8 +7,9 @@ import time
 
 import structlog
 
-from store.broadcast import Publisher, ReloadMessage
+from store.broadcast import Publisher
 from store.layered import LayeredStore
+from store.reconcile import Reconciler
 
 log = structlog.get_logger("optionstore")
 
@@ -37,6 +38,7 @@ class Beacon(threading.Thread):
         self.interval = interval
         self.grace = grace
         self.stopping = threading.Event()
+        self.reconciler = Reconciler(postgres=backend.db, cache=backend.redis)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -47,13 +49,14 @@ class Beacon(threading.Thread):
 
     def beat(self) -> None:
         try:
-            self.publisher.publish(ReloadMessage.heartbeat(origin=self.origin))
+            self.publisher.publish(self.reconciler.heartbeat(origin=self.origin))
         except Exception as exc:  # the broker may be down; consumers notice the silence
             log.warning("beacon.heartbeat_failed", error=f"{type(exc).__name__}: {exc}")
         try:
             self.relay()
         except Exception as exc:  # PostgreSQL may be down; the outbox waits for it
             log.warning("outbox.relay_failed", error=f"{type(exc).__name__}: {exc}")
+        self.reconciler.run_once()
 
     def relay(self) -> int:
         """Announce every commit left unannounced for longer than the grace period."""
