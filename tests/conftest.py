@@ -176,6 +176,7 @@ class Worker:
         concurrency: int = 2,
         extra_env: dict[str, str] | None = None,
         broker_url: str | None = None,
+        include: str = "tests.probe_tasks",
     ) -> None:
         from celery import Celery
 
@@ -186,6 +187,7 @@ class Worker:
         self.log_path = Path(tempfile.mkstemp(prefix=f"worker-{pool}-", suffix=".log")[1])
         self.pool = pool
         self.concurrency = concurrency
+        self.include = include
         self.process: subprocess.Popen[bytes] | None = None
         self.producer = Celery("producer", broker=self.broker_url, backend=services.redis_url)
         self.producer.conf.update(
@@ -201,7 +203,7 @@ class Worker:
             concurrency=self.concurrency,
             queue=self.queue,
             hostname=f"{self.services.namespace}-{self.pool}@%h",
-            include="tests.probe_tasks",
+            include=self.include,
             loglevel="INFO",
         )
         self.process = start_group(command, env=self.env, log_path=self.log_path)
