@@ -230,14 +230,18 @@ class PostgresStore:
     def recent_revisions(
         self, *, window: float, settle: float, limit: int
     ) -> tuple[dict[str, int], bool]:
-        """The newest revision per scope among changes committed between ``window`` and
-        ``settle`` seconds ago, newest first, at most ``limit`` scopes; and whether that is all.
+        """The newest revision per scope among changes committed in the last ``window``
+        seconds and announced at least ``settle`` seconds ago, newest first, at most ``limit``
+        scopes; and whether that is all.
+
+        Unannounced commits are left out: the relay announces them, and until then nobody
+        can have heard of them.
         """
         with self.connection() as conn:
             rows = conn.execute(
                 "SELECT scope, max(revision) FROM options_write WHERE changed"
                 " AND committed_at > clock_timestamp() - make_interval(secs => %s)"
-                " AND committed_at <= clock_timestamp() - make_interval(secs => %s)"
+                " AND announced_at <= clock_timestamp() - make_interval(secs => %s)"
                 " GROUP BY scope ORDER BY max(committed_at) DESC LIMIT %s",
                 (window, settle, limit + 1),
             ).fetchall()
@@ -245,11 +249,15 @@ class PostgresStore:
 
     def scope_revisions(self, *, after: str, limit: int, settle: float) -> list[tuple[str, int]]:
         """One page of every scope's revision, in scope order after ``after``; scopes changed in
-        the last ``settle`` seconds are left out (their announcement may still be under way)."""
+        the last ``settle`` seconds, or with a change not yet announced, are left out (their
+        announcement, which moves Redis forward, may still be under way)."""
         with self.connection() as conn:
             rows = conn.execute(
-                "SELECT scope, revision FROM options_scope WHERE scope > %s AND revision > 0"
-                " AND updated_at <= now() - make_interval(secs => %s) ORDER BY scope LIMIT %s",
+                "SELECT scope, revision FROM options_scope s WHERE scope > %s AND revision > 0"
+                " AND updated_at <= now() - make_interval(secs => %s)"
+                " AND NOT EXISTS (SELECT 1 FROM options_write w"
+                "   WHERE w.announced_at IS NULL AND w.scope = s.scope)"
+                " ORDER BY scope LIMIT %s",
                 (after, settle, limit),
             ).fetchall()
         return [(scope, int(revision)) for scope, revision in rows]

@@ -27,8 +27,9 @@ class Reconciler:
     pages of ``urgent_page`` until it has seen them all.
 
     ``heartbeat`` builds the relay's heartbeat with its marks: the newest revision of every
-    scope changed between ``mark_window`` and ``mark_settle`` seconds ago. A process holding
-    an older state of one of them missed that change and drops it.
+    scope committed in the last ``mark_window`` seconds and announced at least ``mark_settle``
+    seconds ago. A process holding an older state of one of them missed that change (its
+    broadcast was lost) and drops it.
     """
 
     def __init__(
@@ -41,7 +42,7 @@ class Reconciler:
         page: int = 200,
         urgent_page: int = 5000,
         settle: float = 1.0,
-        mark_window: float = 5.0,
+        mark_window: float = 8.0,
         mark_settle: float = 1.0,
         mark_limit: int = 1000,
     ) -> None:
@@ -51,7 +52,7 @@ class Reconciler:
         self.window_limit = window_limit
         self.page = page
         self.urgent_page = urgent_page
-        # A change this recent may still be on its way to Redis: not judged yet.
+        # A change announced this recently may still be on its way: not judged yet.
         self.settle = settle
         self.mark_window = mark_window
         self.mark_settle = mark_settle
