@@ -10,6 +10,7 @@ import functools
 
 import kombu
 
+from store.broadcast import DEFAULT_MAX_MESSAGE_BYTES, publish_transport_options
 from store.errors import (
     InvalidOption,
     MigrationError,
@@ -45,19 +46,25 @@ def configure(
     broker_transport: str | None = None,
     namespace: str = "optionstore",
     follow_broadcasts: bool = False,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> LayeredStore:
     """Point this process at its services by hand; connections open lazily, after any fork.
 
     With ``broker_url``, every committed change is also broadcast on the reload exchange,
     through kombu's ``broker_transport`` if one is named, or the URL's own. With
     ``follow_broadcasts`` too, this process runs a reload consumer and caches only while it
-    hears every change; without, its local cache is trusted until cleared.
+    hears every change; without, its local cache is trusted until cleared. A change whose
+    message would encode larger than ``max_message_bytes`` is broadcast as "reload this scope".
     """
     connect = (
         None
         if broker_url is None
         else functools.partial(
-            kombu.Connection, broker_url, transport=broker_transport, connect_timeout=2
+            kombu.Connection,
+            broker_url,
+            transport=broker_transport,
+            connect_timeout=2,
+            transport_options=publish_transport_options(broker_url),
         )
     )
     follow = (
@@ -75,6 +82,7 @@ def configure(
         namespace=namespace,
         publish=connect,
         follow=follow,
+        max_message_bytes=max_message_bytes,
     )
 
 

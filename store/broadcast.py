@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import threading
@@ -24,6 +25,14 @@ log = structlog.get_logger("optionstore")
 VERSION = 1
 CHANGE = "change"
 HEARTBEAT = "heartbeat"
+# "Reload this scope": a change too large to carry (see Publisher.max_message_bytes).
+RELOAD = "reload"
+
+# A change whose message would encode larger than this is announced as a RELOAD instead:
+# well under every broker's limit (RabbitMQ's max_message_size, Redis's pub/sub buffers).
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024
+# Seconds a publish on AMQP waits for the broker's confirm before it counts as failed.
+CONFIRM_TIMEOUT = 5.0
 
 
 class MalformedMessage(ValueError):
@@ -32,7 +41,13 @@ class MalformedMessage(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class ReloadMessage:
-    """What changed in one scope at one revision, or a heartbeat. Never the whole scope."""
+    """What changed in one scope at one revision, or a heartbeat. Never the whole scope.
+
+    A heartbeat may carry ``marks``: the newest committed revision of every scope changed in
+    the last few seconds (store/reconcile.py), so a process that missed a change notices it;
+    ``marks_complete`` is False when the list was cut short. A RELOAD names a scope and a
+    revision without the values.
+    """
 
     kind: str
     scope: str = ""
@@ -42,6 +57,8 @@ class ReloadMessage:
     committed_at: float = 0.0
     sent_at: float = 0.0
     origin: str = ""
+    marks: dict[str, int] | None = None
+    marks_complete: bool = True
 
     @classmethod
     def change(cls, result: WriteResult, *, origin: str = "") -> ReloadMessage:
@@ -59,8 +76,36 @@ class ReloadMessage:
         )
 
     @classmethod
-    def heartbeat(cls, *, origin: str) -> ReloadMessage:
-        return cls(HEARTBEAT, sent_at=time.time(), origin=origin)
+    def for_result(
+        cls, result: WriteResult, *, origin: str = "", max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    ) -> ReloadMessage:
+        """The change message for ``result``, or a RELOAD if it would encode over ``max_bytes``."""
+        # The texts are canonical JSON; re-encoded with ASCII escapes a character takes at most
+        # 12 bytes, so only a change near the limit pays for an exact measure.
+        rough = sum(len(k) + len(v or "") for k, v in result.changes.items())
+        message = cls.change(result, origin=origin)
+        if rough * 12 + 4096 <= max_bytes or len(json.dumps(message.to_body())) <= max_bytes:
+            return message
+        return cls(
+            RELOAD,
+            result.scope,
+            result.revision,
+            committed_at=result.committed_at,
+            sent_at=time.time(),
+            origin=origin,
+        )
+
+    @classmethod
+    def heartbeat(
+        cls, *, origin: str, marks: dict[str, int] | None = None, marks_complete: bool = True
+    ) -> ReloadMessage:
+        return cls(
+            HEARTBEAT,
+            sent_at=time.time(),
+            origin=origin,
+            marks=marks,
+            marks_complete=marks_complete,
+        )
 
     def to_body(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -77,6 +122,10 @@ class ReloadMessage:
                 unset=list(self.unsets),
                 committed_at=self.committed_at,
             )
+        elif self.kind == RELOAD:
+            body.update(scope=self.scope, revision=self.revision, committed_at=self.committed_at)
+        elif self.marks is not None:
+            body.update(marks=self.marks, marks_complete=self.marks_complete)
         return body
 
     @classmethod
@@ -92,16 +141,27 @@ class ReloadMessage:
         if not isinstance(origin, str):
             raise MalformedMessage("origin: must be a string")
         if kind == HEARTBEAT:
-            return cls(HEARTBEAT, sent_at=sent_at, origin=origin)
-        if kind != CHANGE:
+            # Heartbeats from before marks existed have neither field: still valid.
+            complete = body.get("marks_complete", True)
+            if not isinstance(complete, bool):
+                raise MalformedMessage("marks_complete: must be a boolean")
+            marks = _marks(body.get("marks"))
+            return cls(
+                HEARTBEAT, sent_at=sent_at, origin=origin, marks=marks, marks_complete=complete
+            )
+        if kind not in (CHANGE, RELOAD):
             raise MalformedMessage(f"kind: unknown {kind!r}")
-        try:
-            scope = Scope.parse(body.get("scope")).name
-        except ValueError as exc:
-            raise MalformedMessage(str(exc)) from None
-        revision = body.get("revision")
-        if type(revision) is not int or revision < 1:
-            raise MalformedMessage(f"revision: must be a positive integer, got {revision!r}")
+        scope = _scope(body.get("scope"))
+        revision = _revision(body.get("revision"), "revision")
+        if kind == RELOAD:
+            return cls(
+                RELOAD,
+                scope,
+                revision,
+                committed_at=_number(body, "committed_at"),
+                sent_at=sent_at,
+                origin=origin,
+            )
         sets = body.get("set")
         unsets = body.get("unset")
         if not isinstance(sets, dict) or not all(isinstance(k, str) for k in sets):
@@ -118,6 +178,39 @@ class ReloadMessage:
             sent_at,
             origin,
         )
+
+
+def _scope(value: object) -> str:
+    try:
+        return Scope.parse(value).name
+    except ValueError as exc:
+        raise MalformedMessage(str(exc)) from None
+
+
+def _revision(value: object, name: str) -> int:
+    if type(value) is not int or value < 1:
+        raise MalformedMessage(f"{name}: must be a positive integer, got {value!r}")
+    return value
+
+
+def _marks(value: object) -> dict[str, int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise MalformedMessage("marks: must be an object of scope -> revision")
+    # Canonical names only: a mark is compared with cache keys as is.
+    return {_scope(scope): _revision(rev, f"marks.{scope}") for scope, rev in value.items()}
+
+
+def publish_transport_options(broker_url: str) -> dict[str, Any]:
+    """kombu transport options for a connection that publishes reload messages.
+
+    On AMQP, publisher confirms: without them a publish into a dying connection, or one the
+    broker refuses, returns as if delivered, and the outbox row is marked announced.
+    """
+    if broker_url.split("://", 1)[0] in ("amqp", "amqps", "pyamqp"):
+        return {"confirm_publish": True}
+    return {}
 
 
 def _number(body: dict[str, Any], name: str) -> float:
@@ -160,9 +253,12 @@ class Publisher:
         connect: Callable[[], kombu.Connection],
         namespace: str,
         origin: str = "",
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        # Makes a new connection to the broker: the app's own (its transport options and TLS).
+        # Makes a new connection to the broker: the app's own (its transport options and TLS),
+        # with publisher confirms on AMQP (publish_transport_options).
         self.connect = connect
+        self.max_message_bytes = max_message_bytes
         self.exchange = reload_exchange(namespace)
         self.origin = origin or f"{os.uname().nodename}:{os.getpid()}"
         self._connection: kombu.Connection | None = None
@@ -190,6 +286,7 @@ class Publisher:
             serializer="json",
             delivery_mode=1,  # transient
             declare=[self.exchange],
+            confirm_timeout=CONFIRM_TIMEOUT,  # AMQP with confirms only; ignored elsewhere
         )
 
     def _reset(self) -> None:
@@ -208,7 +305,9 @@ class Publisher:
         self._producer = None
 
     def announce(self, result: WriteResult) -> None:
-        self.publish(ReloadMessage.change(result, origin=self.origin))
+        self.publish(
+            ReloadMessage.for_result(result, origin=self.origin, max_bytes=self.max_message_bytes)
+        )
 
     def _get_producer(self) -> kombu.Producer:
         if self._producer is None:

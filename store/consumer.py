@@ -15,7 +15,6 @@ import kombu
 import structlog
 
 from store.broadcast import (
-    CHANGE,
     HEARTBEAT,
     MalformedMessage,
     ReloadMessage,
@@ -160,8 +159,8 @@ class ReloadConsumer(threading.Thread):
                 self.subscribed.set()
                 log.info("broadcast.subscribed", pid=self.pid, kind=self.kind, pool=self.pool)
                 self._report(force=True)
+            self.backend.apply_message(reload)  # its marks, if any
             return
-        assert reload.kind == CHANGE
         outcome = self.backend.apply_message(reload)
         self._remember(reload.scope, reload.revision)
         log.info(

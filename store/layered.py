@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from store.broadcast import Publisher, ReloadMessage
+from store.broadcast import HEARTBEAT, RELOAD, Publisher, ReloadMessage
 from store.errors import NotConfigured, StoreUnavailable
 from store.fork import after_fork_in_child
 from store.local import TASK, LocalCache, ScopeState
@@ -269,12 +269,44 @@ class LayeredStore:
         return result
 
     def apply_message(self, message: ReloadMessage) -> str:
-        """Apply a received change to this process's caches, in revision order."""
+        """Apply a received message to this process's caches: a change in revision order; a
+        RELOAD or a heartbeat's marks by dropping whatever they prove older."""
+        if message.kind == HEARTBEAT:
+            return self._apply_marks(message)
+        if message.kind == RELOAD:
+            self._forget_older(message.scope, message.revision)
+            return "dropped" if self.local.invalidate(message.scope, message.revision) else "absent"
         outcome = self.local.apply_change(
             message.scope, message.revision, message.sets, message.unsets
         )
         self._advance_last_known(message.scope, message.revision, message.sets, message.unsets)
         return outcome
+
+    def _apply_marks(self, message: ReloadMessage) -> str:
+        if message.marks is None:
+            return "none"
+        missed = []
+        for scope, revision in message.marks.items():
+            self._forget_older(scope, revision)
+            if self.local.invalidate(scope, revision):
+                missed.append(scope)
+        if not message.marks_complete:
+            # More changed than one heartbeat names: nothing cached can be proved current.
+            self.local.clear()
+        if missed or not message.marks_complete:
+            log.warning(
+                "broadcast.missed",
+                scopes=missed[:20],
+                missed=len(missed),
+                marks_complete=message.marks_complete,
+            )
+            return "dropped"
+        return "current"
+
+    def _forget_older(self, scope: str, revision: int) -> None:
+        known = self._last_known.get(scope)
+        if known is not None and known[1].revision < revision:
+            self._last_known.pop(scope, None)
 
     def _advance_last_known(
         self, scope: str, revision: int, sets: dict[str, Any], unsets: tuple[str, ...]

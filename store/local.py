@@ -193,6 +193,27 @@ class LocalCache:
                 outcome = "gap"
         return outcome
 
+    def invalidate(self, scope: str, revision: int) -> bool:
+        """``revision`` of ``scope`` is committed: drop any state older than it and raise the
+        floor, so the next read cannot settle for an older one (Redis behind included).
+
+        Returns whether a cached state was dropped: this process had missed that change.
+        """
+        floors = self.floors
+        if len(floors) >= MAX_FLOORS:
+            floors.clear()
+        if floors.get(scope, 0) < revision:
+            floors[scope] = revision  # before the scan, as in apply_change
+        dropped = False
+        for scopes in self.all_maps():
+            state = scopes.get(scope)
+            if state is not None and state.revision < revision:
+                # Only if it is still that state: a newer one may have been swapped in.
+                if scopes.get(scope) is state:
+                    scopes.pop(scope, None)
+                dropped = True
+        return dropped
+
     def all_maps(self) -> Iterator[dict[str, ScopeState]]:
         yield self._shared.scopes
         yield from self._registry.maps()

@@ -249,6 +249,41 @@ class PostgresStore:
             ).fetchall()
         return [_result_from_row(row[0], row[1:]) for row in rows]
 
+    def recent_revisions(
+        self, *, window: float, settle: float, limit: int
+    ) -> tuple[dict[str, int], bool]:
+        """The newest revision per scope among changes committed in the last ``window``
+        seconds and announced at least ``settle`` seconds ago, newest first, at most ``limit``
+        scopes; and whether that is all.
+
+        Unannounced commits are left out: the relay announces them, and until then nobody
+        can have heard of them.
+        """
+        with self.connection() as conn:
+            rows = conn.execute(
+                "SELECT scope, max(revision) FROM options_write WHERE changed"
+                " AND committed_at > clock_timestamp() - make_interval(secs => %s)"
+                " AND announced_at <= clock_timestamp() - make_interval(secs => %s)"
+                " GROUP BY scope ORDER BY max(committed_at) DESC LIMIT %s",
+                (window, settle, limit + 1),
+            ).fetchall()
+        return {scope: int(rev) for scope, rev in rows[:limit]}, len(rows) <= limit
+
+    def scope_revisions(self, *, after: str, limit: int, settle: float) -> list[tuple[str, int]]:
+        """One page of every scope's revision, in scope order after ``after``; scopes changed in
+        the last ``settle`` seconds, or with a change not yet announced, are left out (their
+        announcement, which moves Redis forward, may still be under way)."""
+        with self.connection() as conn:
+            rows = conn.execute(
+                "SELECT scope, revision FROM options_scope s WHERE scope > %s AND revision > 0"
+                " AND updated_at <= now() - make_interval(secs => %s)"
+                " AND NOT EXISTS (SELECT 1 FROM options_write w"
+                "   WHERE w.announced_at IS NULL AND w.scope = s.scope)"
+                " ORDER BY scope LIMIT %s",
+                (after, settle, limit),
+            ).fetchall()
+        return [(scope, int(revision)) for scope, revision in rows]
+
 
 def _result_from_row(task_id: str, row: tuple[Any, ...]) -> WriteResult:
     scope, revision, changed, changes, committed_at = row

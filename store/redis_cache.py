@@ -60,6 +60,17 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 'applied'
 """
 
+# Turn a cached scope that is behind ``new`` into a floor at ``new`` (no values, stale mark):
+# readers then load PostgreSQL and refill. An absent hash is left absent, a current one alone.
+_RAISE = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if (not cur) or tonumber(cur) >= tonumber(ARGV[3]) then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3], ARGV[2], '1')
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
 
 class RedisCache:
     """Scope snapshots in Redis hashes, written with revision checks done inside Redis."""
@@ -82,6 +93,7 @@ class RedisCache:
         self.ttl = ttl
         self._fill = self.client.register_script(_FILL)
         self._delta = self.client.register_script(_DELTA)
+        self._raise = self.client.register_script(_RAISE)
 
     def key(self, scope: str) -> str:
         return f"{self.prefix}:scope:{scope}"
@@ -112,6 +124,26 @@ class RedisCache:
         args += [k for k, v in changes.items() if v is None]
         outcome = self._delta(keys=[self.key(scope)], args=args)
         return outcome.decode() if isinstance(outcome, bytes) else str(outcome)
+
+    def revisions(self, scopes: list[str]) -> dict[str, int | None]:
+        """The revision each scope's hash holds (a floor's too), or None where there is none."""
+        pipe = self.client.pipeline(transaction=False)
+        for scope in scopes:
+            pipe.hget(self.key(scope), REVISION_FIELD)
+        return {
+            scope: None if raw is None else int(raw)
+            for scope, raw in zip(scopes, pipe.execute(), strict=True)
+        }
+
+    def raise_floor(self, scope: str, revision: int) -> bool:
+        """Make a hash older than ``revision`` a floor at ``revision``; True if it was older."""
+        args: list[str | bytes | int] = [REVISION_FIELD, STALE_FIELD, revision, self.ttl]
+        return bool(self._raise(keys=[self.key(scope)], args=args))
+
+    def run_id(self) -> str:
+        """The server's run id: a new one means Redis restarted (or another server answers)."""
+        info = self.client.info("server")
+        return str(info.get("run_id", ""))
 
     def ping(self) -> bool:
         return bool(self.client.ping())

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import kombu
 import structlog
 
-from store.broadcast import Publisher
+from store.broadcast import DEFAULT_MAX_MESSAGE_BYTES, Publisher, publish_transport_options
 from store.consumer import ReloadConsumer
 from store.fork import after_fork_in_child
 from store.layered import LayeredStore
@@ -72,6 +72,7 @@ class Runtime:
         publish: Connect | None = None,
         follow: Connect | None = None,
         kind: str | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> LayeredStore:
         """Point this process at its services; connections open lazily, after any fork.
 
@@ -81,7 +82,13 @@ class Runtime:
         """
         with self._lock:
             self._stop_consumer()
-            publisher = None if publish is None else Publisher(connect=publish, namespace=namespace)
+            publisher = (
+                None
+                if publish is None
+                else Publisher(
+                    connect=publish, namespace=namespace, max_message_bytes=max_message_bytes
+                )
+            )
             self.backend.configure(
                 announcers=[] if publisher is None else [publisher.announce],
                 postgres=PostgresStore(conninfo=database_url, max_size=pool_max_size),
@@ -116,6 +123,7 @@ class Runtime:
             publish=publish,
             follow=follow,
             kind=kind,
+            max_message_bytes=settings.max_message_bytes,
         )
 
     def provide(self, provider: Callable[[], None] | None) -> None:
@@ -135,7 +143,12 @@ class Runtime:
         url = settings.broker_url
         self.configure_from(
             settings,
-            publish=functools.partial(kombu.Connection, url, connect_timeout=2),
+            publish=functools.partial(
+                kombu.Connection,
+                url,
+                connect_timeout=2,
+                transport_options=publish_transport_options(url),
+            ),
             follow=functools.partial(kombu.Connection, url, connect_timeout=2, heartbeat=10),
             kind=WEB,
         )

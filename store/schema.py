@@ -111,6 +111,11 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE task_id = ANY(p_task_ids) AND announced_at IS NULL;
     $fn$;
     """,
+    # Recent commits by time, for the heartbeat's high-water marks and the cache reconciler
+    # (store/reconcile.py): both ask "which scopes changed in the last few seconds/minutes".
+    """
+    CREATE INDEX options_write_recent ON options_write (committed_at) WHERE changed;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

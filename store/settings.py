@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from store.broadcast import DEFAULT_MAX_MESSAGE_BYTES
 from store.errors import InvalidOption
 from store.local import MODES, TASK
 from store.validation import DEFAULT_MAX_VALUE_BYTES
@@ -23,6 +24,7 @@ OVERRIDES = {
     "result_backend": "CELERY_RESULT_BACKEND",
     "local_cache": "OPTIONS_LOCAL_CACHE",
     "max_value_bytes": "OPTIONS_MAX_VALUE_BYTES",
+    "max_message_bytes": "OPTIONS_MAX_MESSAGE_BYTES",
     "state_dir": "OPTIONS_STATE_DIR",
     "namespace": "OPTIONS_NAMESPACE",
     "task_queue": "OPTIONS_TASK_QUEUE",
@@ -53,6 +55,8 @@ class Settings:
     result_backend: str | None = None
     local_cache: str = TASK
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
+    # A change encoding larger than this is broadcast as "reload this scope" instead.
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     state_dir: Path = field(default_factory=lambda: Path(".optionstore").absolute())
     namespace: str = "optionstore"
     task_queue: str = "celery"
@@ -79,6 +83,9 @@ class Settings:
             result_backend=env.get("CELERY_RESULT_BACKEND") or None,
             local_cache=local_cache,
             max_value_bytes=_positive_int(env, "OPTIONS_MAX_VALUE_BYTES", DEFAULT_MAX_VALUE_BYTES),
+            max_message_bytes=_positive_int(
+                env, "OPTIONS_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES
+            ),
             state_dir=Path(env.get("OPTIONS_STATE_DIR") or ".optionstore").absolute(),
             namespace=env.get("OPTIONS_NAMESPACE") or "optionstore",
             task_queue=env.get("OPTIONS_TASK_QUEUE") or "celery",

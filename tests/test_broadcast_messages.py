@@ -4,6 +4,7 @@ published straight onto a running worker's reload exchange."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import threading
 import time
@@ -348,7 +349,11 @@ def target(request: pytest.FixtureRequest, services: Services) -> Iterator[Targe
         stack.callback(worker.stop)
         quiet = quiet_store(own)
         stack.callback(lambda: quiet.postgres.close() if quiet.postgres else None)
-        publisher = Publisher(broker_url=broker, namespace=own.namespace, origin="test")
+        publisher = Publisher(
+            connect=functools.partial(kombu.Connection, broker, connect_timeout=2),
+            namespace=own.namespace,
+            origin="test",
+        )
         stack.callback(publisher.close)
         connection = stack.enter_context(kombu.Connection(broker))
         yield Target(own, worker, quiet, publisher, kombu.Producer(connection.default_channel))

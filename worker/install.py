@@ -16,7 +16,8 @@ from celery.signals import task_postrun, task_prerun, worker_process_init, worke
 
 import store
 import tasks
-from store.broadcast import Publisher
+from store.broadcast import Publisher, publish_transport_options
+from store.reconcile import Reconciler
 from store.settings import OVERRIDES, Settings
 from worker.heartbeat import Heartbeat
 from worker.logging import configure_logging
@@ -87,7 +88,10 @@ class Installation:
 
     def connect_for_write(self) -> kombu.Connection:
         """A new connection to the app's broker, with its transport, options and TLS."""
-        return self.app.connection_for_write(self.overrides.get("broker_url"), connect_timeout=2)
+        url = self.overrides.get("broker_url") or self.app.conf.broker_write_url
+        return self.app.connection_for_write(
+            url, connect_timeout=2, transport_options=publish_transport_options(url or "")
+        )
 
     def connect_for_read(self) -> kombu.Connection:
         return self.app.connection_for_read(
@@ -119,12 +123,15 @@ class Installation:
             # and starting twice is a no-op.
             store.runtime.start_consumer()
         origin = f"heartbeat:{socket.gethostname()}:{os.getpid()}"
+        backend = store.backend
+        reconciler = Reconciler(postgres=backend.db, cache=backend.redis)
         heartbeat = Heartbeat(
             publisher=Publisher(connect=self.connect_for_write, namespace=self.settings.namespace),
+            reconciler=reconciler,
             origin=origin,
         )
-        relay = OutboxRelay(backend=store.backend)
-        self._duties = _Every(self.interval, [heartbeat.beat, relay.relay])
+        relay = OutboxRelay(backend=backend)
+        self._duties = _Every(self.interval, [heartbeat.beat, relay.relay, reconciler.run_once])
         self._duties.start()
 
     def worker_stopping(self, worker: Any) -> None:

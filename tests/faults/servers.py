@@ -43,10 +43,12 @@ class RedisServer:
     """A redis-server of our own on a fixed port; its append-only file lets a broker's queues
     survive a restart, as a production broker's would."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, appendonly: bool = True) -> None:
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        # Without it, only what a SAVE wrote to dump.rdb survives a restart.
+        self.appendonly = appendonly
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -57,7 +59,7 @@ class RedisServer:
         command = [
             str(_redis_binary()),
             *("--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory)),
-            *("--appendonly", "yes", "--save", ""),
+            *("--appendonly", "yes" if self.appendonly else "no", "--save", ""),
             *("--logfile", str(self.directory / "redis.log")),
         ]
         self.process = subprocess.Popen(

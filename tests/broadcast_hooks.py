@@ -1,0 +1,23 @@
+"""Fault injection for tests only, loaded into a worker with ``--include``: a reload message
+for a change that sets a value starting with ``swallowed:`` is dropped on the way, and the
+publish returns as if the broker had taken it (a publish into a dying connection)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from store.broadcast import Publisher
+
+SWALLOW_PREFIX = "swallowed:"
+
+_send = Publisher._send
+
+
+def _swallowing_send(self: Publisher, body: dict[str, Any]) -> None:
+    values = body.get("set") or {}
+    if any(isinstance(v, str) and v.startswith(SWALLOW_PREFIX) for v in values.values()):
+        return
+    _send(self, body)
+
+
+Publisher._send = _swallowing_send  # type: ignore[method-assign]
