@@ -25,6 +25,8 @@ _FIGURES: dict[str, tuple[str, str]] = {
     "read_hit": ("reads", "read_hit"),
     "read_miss": ("reads", "read_miss"),
     "propagation": ("fleet", "propagation"),
+    "installed": ("hosts", "installed"),
+    "gunicorn": ("hosts", "gunicorn"),
     "visibility": ("fleet", "visibility"),
     "writes": ("writes", "throughput"),
     "broadcast_size": ("footprint", "broadcast_size"),

@@ -196,6 +196,8 @@ class Worker:
         concurrency: int,
         local_cache: str = "task",
         pool: str = "prefork",
+        app: str = "worker",
+        include: str = "bench.noop_tasks",
     ) -> None:
         self.run = run
         self.namespace = namespace
@@ -203,6 +205,8 @@ class Worker:
         self.queue = self.env["OPTIONS_TASK_QUEUE"]
         self.concurrency = concurrency
         self.pool = pool
+        self.app = app
+        self.include = include
         self.hostname = f"{namespace}@{socket.gethostname()}"
         self.log_path = Path(tempfile.mkstemp(prefix=f"{namespace}-", suffix=".log")[1])
         self.process: subprocess.Popen[bytes] | None = None
@@ -214,8 +218,9 @@ class Worker:
             concurrency=self.concurrency,
             queue=self.queue,
             hostname=self.hostname,
-            include="bench.noop_tasks",
+            include=self.include,
             loglevel="WARNING",
+            app=self.app,
         )
         self.process = start_group(command, env=self.env, log_path=self.log_path)
         return self

@@ -13,7 +13,7 @@ import statistics
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,11 +81,27 @@ class Fleet:
 
 
 @contextlib.contextmanager
-def fleet(run: Services, label: str, concurrency: int) -> Iterator[Fleet]:
+def fleet(
+    run: Services,
+    label: str,
+    concurrency: int,
+    *,
+    app: str = "worker",
+    local_cache: str = "process",
+) -> Iterator[Fleet]:
+    """A worker of ``app`` (``bench.userapp``: a user's own app, installed) with its children
+    subscribed and holding the benchmark's scope."""
     namespace = run.namespace(label)
     backend = run.configure_store(namespace, broker_url=run.broker_url)
     seed_scope(backend, PROJECT_ID, option_values(10))
-    worker = Worker(run, namespace, concurrency=concurrency, local_cache="process").start()
+    worker = Worker(
+        run,
+        namespace,
+        concurrency=concurrency,
+        local_cache=local_cache,
+        app=app,
+        include="" if app != "worker" else "bench.noop_tasks",
+    ).start()
     running = None
     try:
         pids = worker.wait_synced(backend)
@@ -120,7 +136,16 @@ def _idle_cpu(groups: dict[str, list[Any]], seconds: float = 2.0) -> dict[str, f
     return {name: (_cpu_seconds(group) - before[name]) / seconds for name, group in groups.items()}
 
 
-def _propagation_at(run: Services, count: int, reps: int) -> list[Figure]:
+def _propagation_at(
+    run: Services,
+    count: int,
+    reps: int,
+    *,
+    host: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+    name: str = "",
+    title: str = "",
+    who: str = "",
+) -> list[Figure]:
     from store.scopes import project_scope
     from store.writes import set_write
 
@@ -129,7 +154,8 @@ def _propagation_at(run: Services, count: int, reps: int) -> list[Figure]:
     after_publish: list[float] = []
     raw: list[float] = []
     outcomes: dict[str, int] = defaultdict(int)
-    with fleet(run, f"fleet{count}", count) as running:
+    opened = host() if host is not None else fleet(run, f"fleet{count}", count)
+    with opened as running:
         backend = running.backend
         # Remember when the announcement is handed to kombu: splits the figure in two.
         publish_times: list[float] = []
@@ -177,9 +203,12 @@ def _propagation_at(run: Services, count: int, reps: int) -> list[Figure]:
                         cpu[group].append(spent)
         finally:
             baseline.stop()
-    method = (
+    who = who or (
         f"{count} prefork children (one `celery worker --concurrency {count}`, "
-        "OPTIONS_LOCAL_CACHE=process, every child holding the scope); this process commits a "
+        "OPTIONS_LOCAL_CACHE=process, every child holding the scope)"
+    )
+    method = (
+        f"{who}; this process commits a "
         "one-key change with `store.backend.commit` (which publishes); each child's own "
         "`broadcast.applied` log event gives lag_ms = its apply time minus the commit's "
         "clock_timestamp() in PostgreSQL (taken inside the transaction, before COMMIT); the "
@@ -203,8 +232,8 @@ def _propagation_at(run: Services, count: int, reps: int) -> list[Figure]:
     }
     return [
         Figure(
-            name=f"propagation_{count}",
-            title=f"propagation: commit to every process applied, {count} processes",
+            name=name or f"propagation_{count}",
+            title=title or f"propagation: commit to every process applied, {count} processes",
             baseline_title=f"raw kombu fanout to {count} processes",
             value=Series("ms", ours),
             baseline=Series("ms", raw),

@@ -196,7 +196,7 @@ def _child(config: dict[str, Any]) -> dict[str, int]:
     for project_id in ids:
         store.project_options.get_value(project_id, "mail:subject_prefix")
     store.clear_local_cache()
-    backend._last_known.clear()
+    backend.last_known.clear()
     client = redis.Redis.from_url(config["redis_url"])
     raw = {pid: client.hgetall(backend.redis.key(f"project:{pid}")) for pid in ids}
     tracemalloc.start()

@@ -1,47 +1,31 @@
-"""Reads through local cache, Redis and PostgreSQL; writes to PostgreSQL first, then the caches."""
+"""``LayeredStore``: reads through the local cache, Redis and PostgreSQL; the entry points of the
+write path (store/propagation.py) and of received broadcasts (store/applier.py)."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import structlog
 
-from store.broadcast import HEARTBEAT, RELOAD, Publisher, ReloadMessage
+from store.applier import apply_message
+from store.broadcast import Publisher, ReloadMessage
 from store.errors import NotConfigured, StoreUnavailable
+from store.fallback import Breaker, LastKnown, describe
 from store.fork import after_fork_in_child
 from store.local import TASK, LocalCache, ScopeState
 from store.postgres import PostgresStore, Snapshot
+from store.propagation import propagate
 from store.redis_cache import RedisCache
 from store.transient import postgres_unavailable, redis_unavailable
-from store.validation import DEFAULT_MAX_VALUE_BYTES, decode_value
+from store.validation import DEFAULT_MAX_VALUE_BYTES
 from store.writes import Write, WriteResult
 
 log = structlog.get_logger("optionstore")
 
 T = TypeVar("T")
-
-# Scopes remembered for outages; past this, expired ones are dropped.
-MAX_LAST_KNOWN = 50_000
-
-
-class _Breaker:
-    """After a failure, skip a service for ``pause`` seconds instead of waiting on every read."""
-
-    def __init__(self, pause: float) -> None:
-        self.pause = pause
-        self.open_until = 0.0
-
-    def available(self) -> bool:
-        return time.monotonic() >= self.open_until
-
-    def trip(self) -> None:
-        self.open_until = time.monotonic() + self.pause
-
-    def reset(self) -> None:
-        self.open_until = 0.0
 
 
 class LayeredStore:
@@ -52,11 +36,10 @@ class LayeredStore:
         self.postgres: PostgresStore | None = None
         self.redis: RedisCache | None = None
         self.max_value_bytes = DEFAULT_MAX_VALUE_BYTES
-        self.grace_period = 300.0
-        # Last state loaded per scope, kept across tasks: served only when PostgreSQL is down.
-        self._last_known: dict[str, tuple[float, ScopeState]] = {}
-        self._redis_breaker = _Breaker(2.0)
-        self._postgres_breaker = _Breaker(1.0)
+        # The last state loaded per scope: served only when PostgreSQL is down.
+        self.last_known = LastKnown()
+        self._redis_breaker = Breaker(2.0)
+        self._postgres_breaker = Breaker(1.0)
         self._lock = threading.Lock()
         after_fork_in_child(self._new_lock)
         # Called with each committed result; the broadcast publisher hooks in here.
@@ -90,8 +73,7 @@ class LayeredStore:
             self.local.set_mode(local_cache)
             self.local.clear()
             self.max_value_bytes = max_value_bytes
-            self.grace_period = grace_period
-            self._last_known.clear()
+            self.last_known = LastKnown(grace_period)
 
     @property
     def db(self) -> PostgresStore:
@@ -174,16 +156,13 @@ class LayeredStore:
         missing = [scope for scope, snap in snapshots.items() if snap is None]
         if missing:
             snapshots.update(self._from_postgres(missing))
-        now = time.monotonic()
         states: dict[str, ScopeState] = {}
         for scope, snapshot in snapshots.items():
             if snapshot is None:  # PostgreSQL down; a last-known state was served instead
-                states[scope] = self._last_known[scope][1]
+                states[scope] = self.last_known.get(scope)
                 continue
             state = ScopeState.from_snapshot(snapshot)
-            if len(self._last_known) >= MAX_LAST_KNOWN:
-                self._forget_expired(now)
-            self._last_known[scope] = (now, state)
+            self.last_known.remember(scope, state)
             states[scope] = state
         return states
 
@@ -198,7 +177,7 @@ class LayeredStore:
             if not redis_unavailable(exc):
                 raise
             self._redis_breaker.trip()
-            log.warning("cache.fallback", layer="redis", to="postgres", error=_describe(exc))
+            log.warning("cache.fallback", layer="redis", to="postgres", error=describe(exc))
             return None
         self._redis_breaker.reset()
         return result
@@ -213,50 +192,22 @@ class LayeredStore:
             if not (isinstance(exc, StoreUnavailable) or postgres_unavailable(exc)):
                 raise
             self._postgres_breaker.trip()
-            return self._last_known_or_raise(scopes, exc)
+            self.last_known.serve(scopes, exc)
+            return dict.fromkeys(scopes)
         self._postgres_breaker.reset()
         for scope, snapshot in snapshots.items():
             self._from_redis(lambda r, s=scope, snap=snapshot: r.fill(s, snap))  # type: ignore[misc]
         return dict(snapshots)
 
-    def _forget_expired(self, now: float) -> None:
-        expired = [s for s, (at, _) in self._last_known.items() if now - at > self.grace_period]
-        for scope in expired:
-            self._last_known.pop(scope, None)
-        if len(self._last_known) >= MAX_LAST_KNOWN:
-            self._last_known.clear()  # still full: an outage now reads PostgreSQL or fails
-
-    def _last_known_or_raise(
-        self, scopes: list[str], exc: BaseException
-    ) -> dict[str, Snapshot | None]:
-        now = time.monotonic()
-        for scope in scopes:
-            entry = self._last_known.get(scope)
-            if entry is None or now - entry[0] > self.grace_period:
-                raise StoreUnavailable(
-                    f"cannot read {scope}: PostgreSQL is unavailable ({_describe(exc)}) and no "
-                    f"value was loaded in the last {self.grace_period:.0f}s"
-                ) from exc
-        for scope in scopes:
-            log.warning(
-                "cache.fallback",
-                layer="postgres",
-                to="last_known",
-                scope=scope,
-                age_s=round(now - self._last_known[scope][0], 3),
-                error=_describe(exc),
-            )
-        return dict.fromkeys(scopes)
-
-    # -- writes ---------------------------------------------------------------
+    # -- writes and what arrives -------------------------------------------------------------
 
     def commit(self, write: Write, *, task_id: str | None = None) -> WriteResult:
         """Persist ``write`` (once per task id), then bring the caches forward."""
         started = time.perf_counter()
         result, first_run = self.db.apply(write, task_id=task_id)
         if result.changed:
-            # A re-run announces again: its first run may have died between commit and here.
-            self.announce(result)
+            # A re-run propagates again: its first run may have died between commit and here.
+            self.propagate(result)
         log.info(
             "option.write",
             scope=result.scope,
@@ -268,114 +219,15 @@ class LayeredStore:
         )
         return result
 
+    def propagate(self, result: WriteResult) -> bool:
+        """Bring every cache forward after a commit (store/propagation.py); False leaves it to
+        the outbox relay."""
+        return propagate(self, result)
+
     def apply_message(self, message: ReloadMessage) -> str:
-        """Apply a received message to this process's caches: a change in revision order; a
-        RELOAD or a heartbeat's marks by dropping whatever they prove older."""
-        if message.kind == HEARTBEAT:
-            return self._apply_marks(message)
-        if message.kind == RELOAD:
-            self._forget_older(message.scope, message.revision)
-            return "dropped" if self.local.invalidate(message.scope, message.revision) else "absent"
-        outcome = self.local.apply_change(
-            message.scope, message.revision, message.sets, message.unsets
-        )
-        self._advance_last_known(message.scope, message.revision, message.sets, message.unsets)
-        return outcome
-
-    def _apply_marks(self, message: ReloadMessage) -> str:
-        if message.marks is None:
-            return "none"
-        missed = []
-        for scope, revision in message.marks.items():
-            self._forget_older(scope, revision)
-            if self.local.invalidate(scope, revision):
-                missed.append(scope)
-        if not message.marks_complete:
-            # More changed than one heartbeat names: nothing cached can be proved current.
-            self.local.clear()
-        if missed or not message.marks_complete:
-            log.warning(
-                "broadcast.missed",
-                scopes=missed[:20],
-                missed=len(missed),
-                marks_complete=message.marks_complete,
-            )
-            return "dropped"
-        return "current"
-
-    def _forget_older(self, scope: str, revision: int) -> None:
-        known = self._last_known.get(scope)
-        if known is not None and known[1].revision < revision:
-            self._last_known.pop(scope, None)
-
-    def _advance_last_known(
-        self, scope: str, revision: int, sets: dict[str, Any], unsets: tuple[str, ...]
-    ) -> None:
-        """Move the outage copy of ``scope`` forward by one change, or forget it on a gap.
-
-        Never fall back, during an outage, to a state older than one this process heard of.
-        """
-        known = self._last_known.get(scope)
-        if known is None or known[1].revision >= revision:
-            return
-        if known[1].revision != revision - 1:
-            self._last_known.pop(scope, None)
-            return
-        values = dict(known[1].values)
-        values.update(sets)
-        for key in unsets:
-            values.pop(key, None)
-        self._last_known[scope] = (time.monotonic(), ScopeState(revision, values))
-
-    def announce(self, result: WriteResult) -> bool:
-        """Tell the caches about a committed change; False leaves it to the outbox relay."""
-        # Our own process first: whatever happens below, this process reads the new state.
-        self.local.drop(result.scope)
-        self._advance_last_known(
-            result.scope,
-            result.revision,
-            {k: decode_value(v) for k, v in result.changes.items() if v is not None},
-            tuple(k for k, v in result.changes.items() if v is None),
-        )
-        # The broadcast first, it is what the running tasks wait for. Safe before Redis: a
-        # process that heard it holds a revision floor, so if it reloads the scope before Redis
-        # caught up it finds Redis behind the floor and reads PostgreSQL instead. The task
-        # returns only after both, so every task started later finds Redis current.
-        steps: list[tuple[str, Callable[[WriteResult], object]]] = [
-            ("broadcast", announcer) for announcer in self.announcers
-        ]
-        if self.redis is not None:
-            redis_cache = self.redis
-            steps.append(("redis", lambda r: redis_cache.apply(r.scope, r.revision, r.changes)))
-        announced = True
-        for layer, step in steps:
-            try:
-                step(result)
-            except Exception as exc:
-                # PostgreSQL holds the change; the outbox relay finishes the job later.
-                announced = False
-                log.warning(
-                    "cache.announce_failed",
-                    layer=layer,
-                    scope=result.scope,
-                    revision=result.revision,
-                    error=_describe(exc),
-                )
-        if announced:
-            try:
-                self.db.mark_announced([result.task_id])
-            except Exception as exc:
-                if not postgres_unavailable(exc):
-                    raise
-                # Harmless: the relay announces it again, and an old revision changes nothing.
-                log.warning("outbox.mark_failed", task_id=result.task_id, error=_describe(exc))
-        return announced
+        """Apply a received reload message to this process's caches (store/applier.py)."""
+        return apply_message(self.local, self.last_known, message)
 
 
 def _nothing() -> None:
     pass
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"

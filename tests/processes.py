@@ -20,14 +20,21 @@ _DECODER = json.JSONDecoder()
 
 
 def worker_command(
-    *, pool: str, concurrency: int, queue: str, hostname: str, include: str, loglevel: str
+    *,
+    pool: str,
+    concurrency: int,
+    queue: str,
+    hostname: str,
+    include: str,
+    loglevel: str,
+    app: str = "worker",
 ) -> list[str]:
-    """The command line of a worker of this project's app on one queue, with ``include``'s
-    tasks (probes, no-op tasks) registered next to the write tasks."""
+    """The command line of a worker of ``app`` (this project's by default) on one queue, with
+    ``include``'s tasks (probes, no-op tasks) registered next to the write tasks."""
     return [
-        *(sys.executable, "-m", "celery", "-A", "worker", "worker"),
+        *(sys.executable, "-m", "celery", "-A", app, "worker"),
         *("--pool", pool, "--concurrency", str(concurrency), "--queues", queue),
-        *("--hostname", hostname, "--include", include),
+        *("--hostname", hostname, *(("--include", include) if include else ())),
         *("--without-mingle", "--without-gossip", "--loglevel", loglevel),
     ]
 

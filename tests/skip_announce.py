@@ -20,7 +20,7 @@ def _commit_without_announcing(write: Write, *, task_id: str | None = None) -> W
     if result.changed and first_run:
         log.warning("fault.skip_announce", scope=result.scope, revision=result.revision)
     elif result.changed:
-        _backend.announce(result)
+        _backend.propagate(result)
     return result
 
 

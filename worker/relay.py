@@ -31,7 +31,7 @@ class OutboxRelay:
             log.warning("outbox.relay_failed", error=f"{type(exc).__name__}: {exc}")
             return 0
         for result in pending:
-            self.backend.announce(result)
+            self.backend.propagate(result)
             log.info(
                 "outbox.relayed",
                 scope=result.scope,
