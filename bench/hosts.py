@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-import statistics
 import sys
 import tempfile
 import threading
@@ -19,33 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.env import LogTail, Services, wait_for
-from bench.figures import Figure, Series
+from bench.figures import Figure
 from bench.fleet import Fleet, _propagation_at, fleet
+from bench.hit import hit_figure
 from bench.reads import KEY, PROJECT_ID, option_values, seed_scope
 from tests.processes import start_group, stop_group
 
 USER_APP = "bench.userapp"
-
-
-def _hit_figure(name: str, title: str, answer: dict[str, Any], where: str) -> Figure:
-    samples = answer["samples"]
-    loop = samples["loop"]
-    store_net = [s - e for s, e in zip(samples["store"], loop, strict=True)]
-    dict_net = [d - e for d, e in zip(samples["dict"], loop, strict=True)]
-    assert answer["round_trips"] == 0, "every timed read must be a local hit"
-    return Figure(
-        name=name,
-        title=title,
-        baseline_title="bare `dict.get` (same process)",
-        value=Series("ns/call", store_net),
-        baseline=Series("ns/call", dict_net),
-        goal="<= 10x",
-        method=(
-            f"timeit inside {where} ({answer['mode']} mode), a 10-key project scope; "
-            f"{len(loop)} repetitions interleaved with the baseline, net of timeit's empty loop"
-        ),
-        extra={"gross_ns_median": {k: statistics.median(v) for k, v in samples.items()}},
-    )
 
 
 def installed(run: Services, *, quick: bool) -> list[Figure]:
@@ -56,7 +35,7 @@ def installed(run: Services, *, quick: bool) -> list[Figure]:
             "bench.read_hit", args=[PROJECT_ID, KEY, option_values(10), number, reps]
         ).get(timeout=900)
     figures = [
-        _hit_figure(
+        hit_figure(
             "read_hit_installed",
             "read, local hit, in a task of a `worker.install()`ed app",
             answer,
@@ -159,7 +138,7 @@ def gunicorn(run: Services, *, quick: bool) -> list[Figure]:
             reps=reps,
         )
     figures = [
-        _hit_figure(
+        hit_figure(
             "read_hit_gunicorn",
             "read, local hit, in a gunicorn worker (no configure call)",
             answer,

@@ -10,13 +10,13 @@ from __future__ import annotations
 import random
 import statistics
 import time
-import timeit
 from typing import Any
 
 import redis
 
 from bench.env import Services
 from bench.figures import Figure, Series
+from bench.hit import hit_figure, time_hits
 
 PROJECT_ID = 4242
 KEY = "mail:subject_prefix"
@@ -55,48 +55,15 @@ def seed_scope(backend: Any, project_id: int, values: dict[str, Any]) -> None:
 
 
 def read_hit(run: Services, *, quick: bool) -> Figure:
-    import store
-
     backend = run.configure_store(run.namespace("reads"))
     values = option_values(10)
     seed_scope(backend, PROJECT_ID, values)
-    store.project_options.get_value(PROJECT_ID, KEY)  # now cached locally
-    assert f"project:{PROJECT_ID}" in backend.local.scopes
-    reads_before = dict(backend.stats)
-    namespace = {
-        "project_options": store.project_options,
-        "d": dict(values),
-        "key": KEY,
-        "pid": PROJECT_ID,
-    }
-    timers = {
-        "loop": timeit.Timer("pass", globals=namespace),
-        "dict": timeit.Timer("d.get(key)", globals=namespace),
-        "store": timeit.Timer("project_options.get_value(pid, key)", globals=namespace),
-    }
     number, reps = (20_000, 40) if quick else (20_000, 300)
-    raw: dict[str, list[float]] = {name: [] for name in timers}
-    for _ in range(reps):
-        for name, timer in timers.items():
-            raw[name].append(timer.timeit(number) / number * 1e9)
-    loop = raw["loop"]
-    store_net = [s - e for s, e in zip(raw["store"], loop, strict=True)]
-    dict_net = [d - e for d, e in zip(raw["dict"], loop, strict=True)]
-    assert backend.stats == reads_before, "every timed read must be a local hit"
-    return Figure(
-        name="read_hit",
-        title="read, local cache hit (`store.project_options.get_value`)",
-        baseline_title="bare `dict.get`",
-        value=Series("ns/call", store_net),
-        baseline=Series("ns/call", dict_net),
-        goal="<= 10x",
-        method=(
-            f"timeit in this process, task-mode local cache, a 10-key project scope; {reps} "
-            f"repetitions of {number:,} calls each, interleaved with the baseline; per-call time "
-            "net of timeit's empty loop (measured in the same repetitions), so the ratio compares "
-            "the calls themselves"
-        ),
-        extra={"gross_ns_median": {name: statistics.median(v) for name, v in raw.items()}},
+    return hit_figure(
+        "read_hit",
+        "read, local cache hit (`store.project_options.get_value`)",
+        time_hits(PROJECT_ID, KEY, values, number, reps),
+        "this process",
     )
 
 

@@ -7,9 +7,11 @@ OPTIONS_TEST_REDIS_URL; skipped when unset, a failure under CI=true).
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -264,6 +266,26 @@ class Worker:
             message=f"every process to answer {reader}.{method}",
         )
         return {pid: answers[pid] for pid in expected}
+
+
+def read_in_new_process(services: Services, project: int, key: str) -> Any:
+    """What a freshly configured process (no local cache, no floors) reads first."""
+    code = (
+        "import json, store; "
+        f"store.configure(database_url={services.database_url!r}, "
+        f"redis_url={services.redis_url!r}, namespace={services.namespace!r}); "
+        f"print(json.dumps(store.project_options.get_value({project}, {key!r})))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=services.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def amqp_url() -> str:

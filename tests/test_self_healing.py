@@ -5,8 +5,6 @@ message for changes too large to carry, and publisher confirms on AMQP."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -28,7 +26,14 @@ from store.presence import Presence
 from store.reconcile import Reconciler
 from store.scopes import project_scope
 from store.writes import Write
-from tests.conftest import ROOT, Services, Worker, amqp_url, fresh_id, wait_for
+from tests.conftest import (
+    Services,
+    Worker,
+    amqp_url,
+    fresh_id,
+    read_in_new_process,
+    wait_for,
+)
 
 # The bound of guarantee 8, as a deadline on a wait.
 ROLLBACK_BOUND_S = 10.0
@@ -215,26 +220,6 @@ def test_a_publish_the_broker_refuses_leaves_the_commit_unannounced(services: Se
             )
 
 
-def _read_in_new_process(services: Services, project: int, key: str) -> Any:
-    """What a freshly configured process (no local cache, no floors) reads first."""
-    code = (
-        "import json, store; "
-        f"store.configure(database_url={services.database_url!r}, "
-        f"redis_url={services.redis_url!r}, namespace={services.namespace!r}); "
-        f"print(json.dumps(store.project_options.get_value({project}, {key!r})))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        env=services.env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def test_restored_cache_is_repaired_for_new_and_running_processes(
     services: Services, worker: Worker
 ) -> None:
@@ -253,7 +238,7 @@ def test_restored_cache_is_repaired_for_new_and_running_processes(
     client.restore(name, 0, dumped, replace=True)
     restored = time.monotonic()
     wait_for(
-        lambda: _read_in_new_process(services, project, "k") == "new",
+        lambda: read_in_new_process(services, project, "k") == "new",
         timeout=ROLLBACK_BOUND_S,
         interval=0.05,
         message="a new process to read the committed value",

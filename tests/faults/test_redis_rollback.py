@@ -4,9 +4,6 @@ value for longer than 10 s."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -15,32 +12,12 @@ from typing import Any
 import pytest
 import redis
 
-from tests.conftest import ROOT, Services, fresh_id, wait_for
+from tests.conftest import fresh_id, read_in_new_process, wait_for
 from tests.faults.checks import record
 from tests.faults.fleet import fleet
 from tests.faults.servers import PostgresServer, RedisServer
 
 ROLLBACK_BOUND_S = 10.0
-
-
-def _new_process_reads(services: Services, project: int) -> Any:
-    """What a freshly configured process (no local cache, no floors) reads first."""
-    code = (
-        "import json, store; "
-        f"store.configure(database_url={services.database_url!r}, "
-        f"redis_url={services.redis_url!r}, namespace={services.namespace!r}); "
-        f"print(json.dumps(store.project_options.get_value({project}, 'k')))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        env=services.env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.faults
@@ -70,7 +47,7 @@ def test_redis_restarted_from_an_older_rdb(stable: PostgresServer, scratch: Path
             key = f"{own.namespace}:scope:project:{project}"
             assert client.exists(key), "the RDB did not hold the scope"
             wait_for(
-                lambda: _new_process_reads(own.services, project) == "committed",
+                lambda: read_in_new_process(own.services, project, "k") == "committed",
                 timeout=ROLLBACK_BOUND_S,
                 interval=0.05,
                 message="a new process to read the committed value",
