@@ -82,6 +82,8 @@ class Runtime:
         """
         with self._lock:
             self._stop_consumer()
+            if self.backend.publisher is not None:
+                self.backend.publisher.close()
             publisher = (
                 None
                 if publish is None
