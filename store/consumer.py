@@ -22,6 +22,7 @@ from store.broadcast import (
     reload_queue,
 )
 from store.layered import LayeredStore
+from store.metrics import metrics
 from store.presence import Presence
 
 log = structlog.get_logger("optionstore")
@@ -148,6 +149,7 @@ class ReloadConsumer(threading.Thread):
             reload = ReloadMessage.from_body(body)
         except MalformedMessage as exc:
             log.warning("broadcast.malformed", error=str(exc), body=repr(body)[:200])
+            metrics.broadcast("malformed")
             return
         self._messages += 1
         if reload.kind == HEARTBEAT:
@@ -163,17 +165,20 @@ class ReloadConsumer(threading.Thread):
             return
         outcome = self.backend.apply_message(reload)
         self._remember(reload.scope, reload.revision)
+        lag = time.time() - reload.committed_at
+        metrics.broadcast(outcome, lag)
         log.info(
             "broadcast.applied",
             scope=reload.scope,
             revision=reload.revision,
             outcome=outcome,
-            lag_ms=round((time.time() - reload.committed_at) * 1000, 3),
+            lag_ms=round(lag * 1000, 3),
         )
 
     def _on_undecodable(self, message: kombu.Message, exc: Exception) -> None:
         # Pickle, or bytes that are not JSON: never decoded, never applied, never fatal.
         self._last_heard = time.monotonic()
+        metrics.broadcast("malformed")
         log.warning(
             "broadcast.malformed",
             error=f"undecodable body ({type(exc).__name__}: {exc})",

@@ -16,6 +16,7 @@ from store.errors import NotConfigured, StoreUnavailable
 from store.fallback import Breaker, LastKnown, describe
 from store.fork import after_fork_in_child
 from store.local import TASK, LocalCache, ScopeState
+from store.metrics import metrics
 from store.postgres import PostgresStore, Snapshot
 from store.propagation import propagate
 from store.redis_cache import RedisCache
@@ -154,6 +155,8 @@ class LayeredStore:
         if cached is not None:
             snapshots.update(cached)
         missing = [scope for scope, snap in snapshots.items() if snap is None]
+        if cached is not None:
+            metrics.miss("redis", len(scopes) - len(missing))
         if missing:
             snapshots.update(self._from_postgres(missing))
         states: dict[str, ScopeState] = {}
@@ -178,6 +181,7 @@ class LayeredStore:
                 raise
             self._redis_breaker.trip()
             log.warning("cache.fallback", layer="redis", to="postgres", error=describe(exc))
+            metrics.fallback("redis")
             return None
         self._redis_breaker.reset()
         return result
@@ -192,9 +196,12 @@ class LayeredStore:
             if not (isinstance(exc, StoreUnavailable) or postgres_unavailable(exc)):
                 raise
             self._postgres_breaker.trip()
+            metrics.fallback("postgres")
             self.last_known.serve(scopes, exc)
+            metrics.miss("last_known", len(scopes))
             return dict.fromkeys(scopes)
         self._postgres_breaker.reset()
+        metrics.miss("postgres", len(scopes))
         for scope, snapshot in snapshots.items():
             self._from_redis(lambda r, s=scope, snap=snapshot: r.fill(s, snap))  # type: ignore[misc]
         return dict(snapshots)

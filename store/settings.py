@@ -30,6 +30,7 @@ OVERRIDES = {
     "task_queue": "OPTIONS_TASK_QUEUE",
     "log_format": "OPTIONS_LOG_FORMAT",
     "visibility_timeout": "OPTIONS_VISIBILITY_TIMEOUT",
+    "metrics_port": "OPTIONS_METRICS_PORT",
 }
 
 
@@ -62,6 +63,8 @@ class Settings:
     task_queue: str = "celery"
     log_format: str = "auto"
     visibility_timeout: int = 300
+    # The worker host's Prometheus endpoint; None: no metrics recorded at all.
+    metrics_port: int | None = None
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -91,6 +94,11 @@ class Settings:
             task_queue=env.get("OPTIONS_TASK_QUEUE") or "celery",
             log_format=env.get("OPTIONS_LOG_FORMAT") or "auto",
             visibility_timeout=_positive_int(env, "OPTIONS_VISIBILITY_TIMEOUT", 300),
+            metrics_port=(
+                _positive_int(env, "OPTIONS_METRICS_PORT", 1)
+                if env.get("OPTIONS_METRICS_PORT")
+                else None
+            ),
         )
 
     @property

@@ -17,10 +17,12 @@ from celery.signals import task_postrun, task_prerun, worker_process_init, worke
 import store
 import tasks
 from store.broadcast import Publisher, publish_transport_options
+from store.metrics import metrics
 from store.reconcile import Reconciler
 from store.settings import OVERRIDES, Settings
 from worker.heartbeat import Heartbeat
 from worker.logging import configure_logging
+from worker.metrics import MetricsEndpoint, prepare_directory, process_ended
 from worker.relay import OutboxRelay
 
 log = structlog.get_logger("optionstore")
@@ -64,7 +66,9 @@ class Installation:
         # True in a worker of this app, and in the children it forks.
         self.running = False
         self.pool = "-"
+        self.metrics = False
         self._duties: _Every | None = None
+        self._endpoint: MetricsEndpoint | None = None
 
     def install(self) -> Installation:
         tasks.register(self.app)
@@ -112,6 +116,9 @@ class Installation:
         module = getattr(worker.pool_cls, "__module__", "") or str(worker.pool_cls)
         self.pool = module.rsplit(".", 1)[-1] or "prefork"
         self.running = True
+        if self.settings.metrics_port is not None:
+            prepare_directory()  # before any process of this worker imports prometheus_client
+            self.metrics = True
         store.runtime.pool = self.pool
         self.configure_store(kind=store.WORKER)
         local = store.backend.local
@@ -120,7 +127,9 @@ class Installation:
     def worker_started(self, worker: Any) -> None:
         if self.pool != "prefork":
             # threads, gevent and eventlet pools never send worker_process_init; solo does,
-            # and starting twice is a no-op.
+            # and starting twice is a no-op. Here the main process runs the tasks.
+            if self.metrics:
+                metrics.enable()
             store.runtime.start_consumer()
         origin = f"heartbeat:{socket.gethostname()}:{os.getpid()}"
         backend = store.backend
@@ -133,11 +142,21 @@ class Installation:
         relay = OutboxRelay(backend=backend)
         self._duties = _Every(self.interval, [heartbeat.beat, relay.relay, reconciler.run_once])
         self._duties.start()
+        if self.metrics and self.settings.metrics_port is not None:
+            # Served from the main process, which records nothing itself in prefork: it forks
+            # children, and prometheus_client's lock must never be held at a fork.
+            self._endpoint = MetricsEndpoint(
+                port=self.settings.metrics_port, backlog=lambda: relay.backlog
+            )
+            self._endpoint.start()
 
     def worker_stopping(self, worker: Any) -> None:
         if self._duties is not None:
             self._duties.stop()
             self._duties = None
+        if self._endpoint is not None:
+            self._endpoint.stop()
+            self._endpoint = None
         store.runtime.stop()
 
     # -- signals (global in Celery: each handler checks the event is this app's) -------------
@@ -146,12 +165,16 @@ class Installation:
         # Sent in each prefork child, and by the solo pool in the main process. It must return
         # within worker_proc_alive_timeout: the consumer connects in its own thread.
         if self.running:
+            if self.metrics:
+                metrics.enable()
             store.runtime.start_consumer()
 
     def _process_ending(self, **_: Any) -> None:
         # Not guaranteed (children may leave with os._exit): a report left behind expires.
         if self.running:
             store.runtime.stop()
+            if self.metrics:
+                process_ended()
 
     def _task_started(self, task_id: str | None = None, task: Any = None, **_: Any) -> None:
         if getattr(task, "app", None) is self.app:

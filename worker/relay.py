@@ -22,6 +22,8 @@ class OutboxRelay:
     def __init__(self, *, backend: LayeredStore, grace: float = 2.0) -> None:
         self.backend = backend
         self.grace = grace
+        # Unannounced commits found at the last pass (the metrics endpoint serves it).
+        self.backlog = 0
 
     def relay(self) -> int:
         """Announce what is overdue; returns how many commits that was."""
@@ -30,6 +32,7 @@ class OutboxRelay:
         except Exception as exc:  # PostgreSQL may be down; the outbox waits for it
             log.warning("outbox.relay_failed", error=f"{type(exc).__name__}: {exc}")
             return 0
+        self.backlog = len(pending)
         for result in pending:
             self.backend.propagate(result)
             log.info(

@@ -1,0 +1,83 @@
+"""The worker host's metrics endpoint: one HTTP server in a worker's main process, serving what
+every process of that worker recorded (prometheus_client's multiprocess mode), plus the relay's
+backlog."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger("optionstore")
+
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def prepare_directory() -> str:
+    """Point prometheus_client at a directory for this worker's processes, before any of them
+    imports it; children inherit the variable. A directory the operator named is emptied of a
+    previous run's files, as prometheus_client requires."""
+    directory = os.environ.get(MULTIPROC_DIR)
+    if directory:
+        for stale in Path(directory).glob("*.db"):
+            stale.unlink(missing_ok=True)
+    else:
+        directory = tempfile.mkdtemp(prefix="optionstore-metrics-")
+        os.environ[MULTIPROC_DIR] = directory
+    return directory
+
+
+class MetricsEndpoint:
+    """``/metrics`` on ``port``: every process's counters, and ``backlog()`` as a gauge."""
+
+    def __init__(self, *, port: int, backlog: Callable[[], int]) -> None:
+        self.port = port
+        self.backlog = backlog
+        self._server: Any = None
+
+    def start(self) -> None:
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped upstream
+        registry.register(_Backlog(self.backlog))
+        try:
+            self._server, _ = start_http_server(self.port, addr="0.0.0.0", registry=registry)  # noqa: S104 (scraped from other hosts)
+        except OSError as exc:
+            # Another worker on this host serves it already: one endpoint per host is enough.
+            log.warning("metrics.not_served", port=self.port, error=str(exc))
+            return
+        log.info("metrics.serving", port=self.port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+
+class _Backlog:
+    def __init__(self, backlog: Callable[[], int]) -> None:
+        self.backlog = backlog
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        yield GaugeMetricFamily(
+            "optionstore_relay_backlog",
+            "Commits the outbox relay of this worker found unannounced at its last pass",
+            value=self.backlog(),
+        )
+
+
+def process_ended() -> None:
+    """Drop this process's live gauges (a prefork child leaving)."""
+    from prometheus_client import multiprocess
+
+    with contextlib.suppress(Exception):
+        multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
