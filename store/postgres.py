@@ -47,12 +47,14 @@ class PostgresStore:
         self,
         *,
         conninfo: str,
-        min_size: int = 1,
+        min_size: int = 0,
+        max_idle: float = 60.0,
         max_size: int = 8,
         timeout: float = 5.0,
     ) -> None:
         self.conninfo = conninfo
         self._min_size = min_size
+        self._max_idle = max_idle
         self._max_size = max_size
         self._timeout = timeout
         self._pool: ConnectionPool[Connection] | None = None
@@ -91,6 +93,10 @@ class PostgresStore:
                 self._pool = ConnectionPool(
                     self.conninfo,
                     min_size=self._min_size,
+                    # No connection held by a process that stopped using the database: a
+                    # prefork child that only reads from Redis opens none, and one that wrote
+                    # gives its connections back after a minute idle.
+                    max_idle=self._max_idle,
                     max_size=self._max_size,
                     timeout=self._timeout,
                     open=True,
