@@ -1,0 +1,208 @@
+"""Fleet scale on this machine: W workers x C prefork children (16, 64 and 128 processes) on a
+Redis of their own (broker and cache), the run's PostgreSQL. Per process and in total: idle
+broker deliveries/s, idle Redis commands/s, Redis and PostgreSQL connections; and propagation
+to all of them against raw kombu fanout to as many processes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import redis
+
+from bench.env import Services, Worker, producer, wait_for
+from bench.figures import Figure, Series
+from bench.fleet import Fleet, _propagation_at
+from bench.reads import PROJECT_ID, option_values, seed_scope
+
+# (workers, children per worker)
+SHAPES = ((2, 8), (4, 16), (8, 16))
+QUICK_SHAPES = ((2, 4), (2, 8))
+IDLE_SECONDS = 10.0
+
+
+class _Redis:
+    """A redis-server of the benchmark's own: the fleet's traffic is all that it counts."""
+
+    def __init__(self) -> None:
+        from store.embedded import _redis_binary
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.directory = Path(tempfile.mkdtemp(prefix="bench-scale-redis-"))
+        self.process = subprocess.Popen(
+            [
+                str(_redis_binary()),
+                *("--port", str(self.port), "--bind", "127.0.0.1", "--save", ""),
+                *("--appendonly", "no", "--dir", str(self.directory), "--maxclients", "20000"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.client = redis.Redis.from_url(self.url)
+        wait_for(self._answers, timeout=30, what="the benchmark's redis-server")
+
+    def _answers(self) -> bool:
+        try:
+            return bool(self.client.ping())
+        except redis.RedisError:
+            return False
+
+    def commands(self) -> int:
+        return int(self.client.info("stats")["total_commands_processed"])
+
+    def clients(self) -> int:
+        return int(self.client.info("clients")["connected_clients"])
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+class _Workers:
+    """Several workers of one namespace, read as one host: their logs and their processes."""
+
+    def __init__(self, workers: list[Worker], namespace: str) -> None:
+        self.workers = workers
+        self.namespace = namespace
+
+    def events(self) -> list[dict[str, Any]]:
+        return [event for worker in self.workers for event in worker.events()]
+
+
+def _idle(run: Services, server: _Redis, pids: list[int], mains: list[int]) -> dict[str, Any]:
+    """Idle costs over IDLE_SECONDS, nothing being written."""
+    messages_before = _messages(server, pids)
+    commands_before = server.commands()
+    time.sleep(IDLE_SECONDS)
+    commands = (server.commands() - commands_before) / IDLE_SECONDS
+    deliveries = (_messages(server, pids) - messages_before) / IDLE_SECONDS
+    with psycopg.connect(run.database_url) as conn:
+        (postgres,) = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid()"
+        ).fetchone()  # type: ignore[misc]
+    processes = len(pids) + len(mains)
+    return {
+        "processes_children": len(pids),
+        "processes_main": len(mains),
+        "broker_deliveries_per_s": deliveries,
+        "broker_deliveries_per_s_per_process": deliveries / len(pids),
+        "redis_commands_per_s": commands,
+        "redis_commands_per_s_per_process": commands / processes,
+        "redis_connections": server.clients(),
+        "redis_connections_per_process": server.clients() / processes,
+        "postgres_connections": int(postgres),
+        "postgres_connections_per_process": int(postgres) / processes,
+    }
+
+
+def _messages(server: _Redis, pids: list[int]) -> int:
+    """Messages every consumer has received so far (their process reports count them)."""
+    total = 0
+    for key in server.client.scan_iter(match="*:proc:*", count=1000):
+        raw = server.client.hget(key, "messages")
+        pid = int(key.decode().rsplit(":", 1)[-1])
+        if raw is not None and pid in pids:
+            total += int(raw)
+    return total
+
+
+@contextlib.contextmanager
+def scale_fleet(
+    run: Services, server: _Redis, *, label: str, workers: int, children: int, idle: list[Any]
+) -> Iterator[Fleet]:
+    namespace = run.namespace(label)
+    backend = run.configure_store(namespace, broker_url=run.broker_url)
+    seed_scope(backend, PROJECT_ID, option_values(10))
+    started: list[Worker] = []
+    try:
+        for index in range(workers):
+            worker = Worker(run, namespace, concurrency=children, local_cache="process")
+            worker.hostname = f"{namespace}-{index}@{socket.gethostname()}"
+            started.append(worker.start())
+        pids = sorted(pid for worker in started for pid in worker.wait_synced(backend))
+        mains = [worker.process.pid for worker in started if worker.process is not None]
+        running = Fleet(
+            _Workers(started, namespace), backend, producer(run, started[0].queue), pids
+        )  # type: ignore[arg-type]
+        running.warm(PROJECT_ID, "mail:subject_prefix")
+        idle.append(_idle(run, server, pids, mains))
+        yield running
+    finally:
+        for worker in started:
+            worker.stop()
+
+
+def scale(run: Services, *, quick: bool) -> list[Figure]:
+    server = _Redis()
+    own = replace(run, redis_url=server.url, broker_url=server.url, broker="redis")
+    figures: list[Figure] = []
+    idle: list[dict[str, Any]] = []
+    # Celery prefers these variables to a producer's own broker= argument: point them at the
+    # benchmark's Redis while it runs.
+    saved = {name: os.environ.get(name) for name in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")}
+    os.environ.update(CELERY_BROKER_URL=server.url, CELERY_RESULT_BACKEND=server.url)
+    try:
+        for workers, children in QUICK_SHAPES if quick else SHAPES:
+            count = workers * children
+            figures += _propagation_at(
+                own,
+                count,
+                10 if quick else 60,
+                host=lambda w=workers, c=children: scale_fleet(
+                    own, server, label=f"scale{w * c}", workers=w, children=c, idle=idle
+                ),
+                name=f"propagation_scale_{count}",
+                title=f"propagation at scale: {workers} workers x {children} children",
+                who=(
+                    f"{workers} `celery worker --concurrency {children}` in one namespace "
+                    f"({count} prefork children, OPTIONS_LOCAL_CACHE=process) on a Redis of the "
+                    "benchmark's own"
+                ),
+            )
+            figures[-1].extra["idle"] = idle[-1]
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        server.stop()
+    first, last = idle[0], idle[-1]
+    for metric, unit in (
+        ("broker_deliveries_per_s_per_process", "deliveries/s"),
+        ("redis_commands_per_s_per_process", "commands/s"),
+        ("redis_connections_per_process", "connections"),
+        ("postgres_connections_per_process", "connections"),
+    ):
+        figures.append(
+            Figure(
+                name=f"idle_{metric}",
+                title=f"idle, per process, {last['processes_children']} children: {metric}",
+                baseline_title=f"the same at {first['processes_children']} children",
+                value=Series(unit, [last[metric]]),
+                baseline=Series(unit, [first[metric]]),
+                goal="<= 1.2x",
+                method=(
+                    f"{IDLE_SECONDS:.0f} s with nothing written, after every child subscribed "
+                    "and holding one scope; the benchmark's own redis-server counts commands "
+                    "(INFO) and clients; deliveries are the messages the processes' own reports "
+                    "count; PostgreSQL connections from pg_stat_activity of the run's database. "
+                    "Per process: over children and main processes (deliveries: children)"
+                ),
+                extra={"all_shapes": idle},
+            )
+        )
+    return figures
