@@ -74,6 +74,7 @@ def test_worker_on_tls_redis(stable: PostgresServer, tls_redis: TLSRedis) -> Non
         # The broker connections of the worker (named by worker/broker.py) are on this server.
         names = [str(c.get("name", "")) for c in tls_redis.client().client_list()]
         assert any(n.startswith("optionstore-taken-") for n in names), names
+        assert "can be lost if this worker dies" not in worker.log()
 
         web = subprocess.Popen(
             [sys.executable, "-c", WEB_READER, str(project), "k", "v2"],

@@ -33,13 +33,52 @@ def make_certificates(directory: Path) -> dict[str, Path]:
     paths = {name: directory / f"{name}.pem" for name in ("ca", "ca-key", "cert", "key")}
     csr, ext = directory / "server.csr", directory / "san.ext"
     ext.write_text("subjectAltName = IP:127.0.0.1, DNS:localhost\n")
+    ca, ca_key, cert, key = (str(paths[n]) for n in ("ca", "ca-key", "cert", "key"))
     steps = [
-        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca"]
-        + ["-keyout", str(paths["ca-key"]), "-out", str(paths["ca"])],
-        ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1"]
-        + ["-keyout", str(paths["key"]), "-out", str(csr)],
-        ["x509", "-req", "-in", str(csr), "-CA", str(paths["ca"]), "-CAkey", str(paths["ca-key"])]
-        + ["-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out", str(paths["cert"])],
+        [
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=test-ca",
+            "-keyout",
+            ca_key,
+            "-out",
+            ca,
+        ],
+        [
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            key,
+            "-out",
+            str(csr),
+        ],
+        [
+            "x509",
+            "-req",
+            "-in",
+            str(csr),
+            "-CA",
+            ca,
+            "-CAkey",
+            ca_key,
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            str(ext),
+            "-out",
+            cert,
+        ],
     ]
     for step in steps:
         subprocess.run(["openssl", *step], check=True, capture_output=True, timeout=60)
@@ -78,7 +117,11 @@ class Server:
 
     def client(self) -> redis.Redis:
         return redis.Redis(
-            "127.0.0.1", self.port, socket_timeout=2, socket_connect_timeout=2, **self._client_options
+            "127.0.0.1",
+            self.port,
+            socket_timeout=2,
+            socket_connect_timeout=2,
+            **self._client_options,
         )
 
     def answers(self) -> bool:
@@ -169,17 +212,14 @@ class SentinelGroup:
         if info.get("connected_slaves", 0) < 1:
             return False
         for sentinel in self.sentinels:
-            state = sentinel.client().execute_command("SENTINEL", "MASTER", self.master)
-            fields = dict(zip(state[::2], state[1::2], strict=True))
-            if int(fields[b"num-other-sentinels"]) < 1 or int(fields[b"num-slaves"]) < 1:
+            fields = sentinel.client().sentinel_master(self.master)
+            if int(fields["num-other-sentinels"]) < 1 or int(fields["num-slaves"]) < 1:
                 return False
         return True
 
     def primary_port(self) -> int:
         """The port the Sentinels name as the master now."""
-        host, port = self.sentinels[0].client().execute_command(
-            "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master
-        )
+        _, port = self.sentinels[0].client().sentinel_get_master_addr_by_name(self.master)
         return int(port)
 
     def primary(self) -> Server:
