@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from store.settings import Settings
+from store.settings import Settings, broker_scheme
 
 # JSON only: unpickling what a broker hands you is remote code execution.
 task_serializer = "json"
@@ -31,6 +31,9 @@ worker_prefetch_multiplier = 1
 result_expires = 3600
 worker_hijack_root_logger = False
 worker_send_task_events = False
+# RabbitMQ quorum queues (OPTIONS_TASK_QUEUE_TYPE=quorum) refuse global QoS: the worker asks for
+# a per-consumer prefetch when its queues are quorum queues.
+worker_detect_quorum_queues = True
 
 
 @functools.cache
@@ -45,11 +48,24 @@ def _broker_transport_options() -> dict[str, Any]:
     # for expired unacknowledged messages only every unacked_restore_interval times throttle
     # seconds (100 s by default): sweep often enough for the timeout to mean something.
     timeout = settings().visibility_timeout
-    return {
+    options: dict[str, Any] = {
         "visibility_timeout": timeout,
         "unacked_restore_interval": max(1, min(10, timeout // 2)),
         "unacked_restore_throttle": 1,
     }
+    # A sentinel:// broker's master name (Celery's form of it).
+    options.update(settings().broker_connection_options().get("transport_options", {}))
+    if broker_scheme(settings().broker_url) in ("amqp", "amqps", "pyamqp"):
+        # Publisher confirms: send_task returns once RabbitMQ has the write, not before.
+        options["confirm_publish"] = True
+    return options
+
+
+def _broker_use_ssl() -> dict[str, Any] | None:
+    # kombu turns TLS on by the transport's name; a rediss:// URL under the transport of
+    # worker/broker.py would otherwise connect in plain text.
+    ssl: dict[str, Any] | None = settings().broker_connection_options().get("ssl")
+    return ssl
 
 
 _FROM_ENVIRONMENT = {
@@ -60,6 +76,10 @@ _FROM_ENVIRONMENT = {
     "result_backend": lambda: settings().result_backend,
     "task_default_queue": lambda: settings().task_queue,
     "broker_transport_options": _broker_transport_options,
+    "broker_use_ssl": _broker_use_ssl,
+    # "quorum" (OPTIONS_TASK_QUEUE_TYPE) on RabbitMQ: the write queue is replicated and its
+    # messages are on disk on a majority of nodes before a confirm.
+    "task_default_queue_type": lambda: settings().task_queue_type,
 }
 
 

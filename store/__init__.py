@@ -22,6 +22,7 @@ from store.layered import LayeredStore
 from store.local import TASK
 from store.readers import GroupMeta, Options, ProjectOptions, TagKeys, UserOptions
 from store.runtime import WEB, WORKER, Runtime
+from store.settings import broker_connection_options
 from store.validation import DEFAULT_MAX_VALUE_BYTES
 
 backend = LayeredStore()
@@ -44,6 +45,7 @@ def configure(
     pool_max_size: int = 8,
     broker_url: str | None = None,
     broker_transport: str | None = None,
+    broker_master_name: str | None = None,
     namespace: str = "optionstore",
     follow_broadcasts: bool = False,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
@@ -51,11 +53,18 @@ def configure(
     """Point this process at its services by hand; connections open lazily, after any fork.
 
     With ``broker_url``, every committed change is also broadcast on the reload exchange,
-    through kombu's ``broker_transport`` if one is named, or the URL's own. With
+    through kombu's ``broker_transport`` if one is named, or the URL's own (TLS for ``rediss://``,
+    ``broker_master_name`` for ``sentinel://``). With
     ``follow_broadcasts`` too, this process runs a reload consumer and caches only while it
     hears every change; without, its local cache is trusted until cleared. A change whose
     message would encode larger than ``max_message_bytes`` is broadcast as "reload this scope".
     """
+    options = (
+        {}
+        if broker_url is None
+        else broker_connection_options(broker_url, master_name=broker_master_name)
+    )
+    sentinel = options.pop("transport_options", {})
     connect = (
         None
         if broker_url is None
@@ -64,11 +73,19 @@ def configure(
             broker_url,
             transport=broker_transport,
             connect_timeout=2,
-            transport_options=publish_transport_options(broker_url),
+            transport_options={**publish_transport_options(broker_url), **sentinel},
+            **options,
         )
     )
     follow = (
-        functools.partial(kombu.Connection, broker_url, connect_timeout=2, heartbeat=10)
+        functools.partial(
+            kombu.Connection,
+            broker_url,
+            connect_timeout=2,
+            heartbeat=10,
+            transport_options=dict(sentinel),
+            **options,
+        )
         if broker_url is not None and follow_broadcasts
         else None
     )

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
+from redis.connection import URL_QUERY_ARGUMENT_PARSERS
+from redis.sentinel import Sentinel, SentinelManagedConnection, SentinelManagedSSLConnection
 
 from store.postgres import Snapshot
 
@@ -83,7 +86,7 @@ class RedisCache:
         ttl: int = 24 * 3600,
         socket_timeout: float = 2.0,
     ) -> None:
-        self.client: redis.Redis = redis.Redis.from_url(
+        self.client: redis.Redis = redis_client(
             url,
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
@@ -147,6 +150,60 @@ class RedisCache:
 
     def ping(self) -> bool:
         return bool(self.client.ping())
+
+
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+
+
+def redis_client(url: str, **options: Any) -> redis.Redis:
+    """A client for a ``redis://``/``rediss://`` URL (redis-py's forms, TLS options in the
+    query: ``ssl_ca_certs``, ``ssl_cert_reqs``, ``ssl_certfile``, ``ssl_keyfile``), or for the
+    master behind Redis Sentinel:
+    ``redis+sentinel://[user:password@]host:26379[,host2:26379...]/<master>[/<db>]``
+    (``rediss+sentinel://`` for TLS to the master; ``sentinel_password`` in the query for
+    Sentinels that require one).
+
+    A Sentinel client asks the Sentinels for the master on every new connection, and drops a
+    connection whose server turned replica (redis-py's ``SentinelManagedConnection``): after a
+    failover it talks to the new master.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in SENTINEL_SCHEMES:
+        return redis.Redis.from_url(url, **options)
+    hosts = parts.netloc.rsplit("@", 1)[-1]
+    sentinels = []
+    for host in hosts.split(","):
+        name, _, port = host.rpartition(":")
+        sentinels.append((name or host, int(port) if name and port else 26379))
+    path = [unquote(segment) for segment in parts.path.split("/") if segment]
+    if not path:
+        raise ValueError(f"a Sentinel URL names its master: {parts.scheme}://host:26379/mymaster")
+    query = dict(parse_qsl(parts.query))
+    sentinel_password = query.pop("sentinel_password", None)
+    master_options: dict[str, Any] = dict(options)
+    for name, value in query.items():  # typed as redis-py types a redis:// URL's query
+        parser: Any = URL_QUERY_ARGUMENT_PARSERS.get(name)
+        master_options[name] = value if parser is None else parser(value)
+    if parts.username:
+        master_options["username"] = unquote(parts.username)
+    if parts.password:
+        master_options["password"] = unquote(parts.password)
+    master_options["db"] = int(path[1]) if len(path) > 1 else 0
+    tls = parts.scheme.startswith("rediss")
+    sentinel_options = {
+        k: v for k, v in options.items() if k in ("socket_timeout", "socket_connect_timeout")
+    }
+    if sentinel_password:
+        sentinel_options["password"] = sentinel_password
+    # redis-py's sentinel module carries no annotations.
+    sentinel = Sentinel(sentinels, sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
+    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        path[0],
+        redis_class=redis.Redis,
+        connection_class=SentinelManagedSSLConnection if tls else SentinelManagedConnection,
+        **master_options,
+    )
+    return client
 
 
 def _snapshot(raw: Mapping[Any, Any]) -> Snapshot | None:

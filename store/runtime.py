@@ -143,15 +143,27 @@ class Runtime:
     def _configure_from_environment(self) -> None:
         settings = self.settings()
         url = settings.broker_url
+        # TLS for rediss:// (kombu's own transport of the URL would default to not verifying
+        # the certificate), the master's name for sentinel://.
+        options = settings.broker_connection_options()
+        sentinel = options.pop("transport_options", {})
         self.configure_from(
             settings,
             publish=functools.partial(
                 kombu.Connection,
                 url,
                 connect_timeout=2,
-                transport_options=publish_transport_options(url),
+                transport_options={**publish_transport_options(url), **sentinel},
+                **options,
             ),
-            follow=functools.partial(kombu.Connection, url, connect_timeout=2, heartbeat=10),
+            follow=functools.partial(
+                kombu.Connection,
+                url,
+                connect_timeout=2,
+                heartbeat=10,
+                transport_options=dict(sentinel),
+                **options,
+            ),
             kind=WEB,
         )
         log.info("store.configured", source="environment", kind=WEB, pid=os.getpid())

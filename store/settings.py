@@ -5,16 +5,21 @@ from __future__ import annotations
 import functools
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+import structlog
 
 from store.broadcast import DEFAULT_MAX_MESSAGE_BYTES
 from store.errors import InvalidOption
 from store.local import MODES, TASK
 from store.validation import DEFAULT_MAX_VALUE_BYTES
+
+log = structlog.get_logger("optionstore")
 
 # The names an override may take, each the keyword form of one environment variable.
 OVERRIDES = {
@@ -31,15 +36,97 @@ OVERRIDES = {
     "log_format": "OPTIONS_LOG_FORMAT",
     "visibility_timeout": "OPTIONS_VISIBILITY_TIMEOUT",
     "metrics_port": "OPTIONS_METRICS_PORT",
+    "broker_master_name": "OPTIONS_BROKER_MASTER_NAME",
+    "task_queue_type": "OPTIONS_TASK_QUEUE_TYPE",
+}
+
+# The kombu versions worker/broker.py is tested with: it overrides private names of kombu's
+# Redis transport, which a patch release may change. Keep in step with pyproject.toml.
+TESTED_KOMBU = ("5.7.0",)
+QUEUE_TYPES = ("classic", "quorum")
+_REDIS_TRANSPORTS = {
+    "redis": "worker.broker:Transport",
+    "rediss": "worker.broker:Transport",
+    "sentinel": "worker.broker:SentinelTransport",
+}
+_CERT_REQS = {
+    "required": ssl.CERT_REQUIRED,
+    "optional": ssl.CERT_OPTIONAL,
+    "none": ssl.CERT_NONE,
 }
 
 
-def broker_transport_for(broker_url: str) -> str | None:
-    """The kombu transport for a broker URL: on Redis, the one of worker/broker.py (a task
-    taken off the queue is never lost); otherwise None, the URL's own."""
-    if broker_url.split("://", 1)[0] in ("redis", "rediss"):
-        return "worker.broker:Transport"
-    return None
+def broker_scheme(broker_url: str) -> str:
+    return broker_url.split("://", 1)[0].lower()
+
+
+def broker_transport_for(broker_url: str, *, kombu_version: str | None = None) -> str | None:
+    """The kombu transport for a broker URL: on Redis (and Redis Sentinel), the one of
+    worker/broker.py (a task taken off the queue is never lost); otherwise None, the URL's own.
+
+    With a kombu other than the tested ones, None too: kombu's own Redis transport, and a
+    warning that a worker killed mid hand-over can lose a task.
+    """
+    transport = _REDIS_TRANSPORTS.get(broker_scheme(broker_url))
+    if transport is None:
+        return None
+    if kombu_version is None:
+        import kombu
+
+        kombu_version = str(kombu.__version__)
+    if kombu_version not in TESTED_KOMBU:
+        log.warning(
+            "broker.transport_untested",
+            kombu=kombu_version,
+            tested=list(TESTED_KOMBU),
+            transport="kombu's own",
+            consequence="a task taken off the Redis queue is lost if its worker dies "
+            "before recording it",
+        )
+        return None
+    return transport
+
+
+def broker_ssl_options(broker_url: str) -> dict[str, Any] | None:
+    """TLS options of a ``rediss://`` broker URL for kombu (Celery's ``broker_use_ssl``).
+
+    kombu turns TLS on by the transport's name ("rediss"), which a transport of our own does
+    not have; these options turn it on by the URL. The certificate is verified unless the URL
+    says ``ssl_cert_reqs=none``; ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile`` and
+    ``ssl_check_hostname`` are taken from the query as kombu and redis-py take them.
+    """
+    if broker_scheme(broker_url) != "rediss":
+        return None
+    options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    for name, value in parse_qsl(urlsplit(broker_url).query):
+        if name == "ssl_cert_reqs":
+            reqs = _CERT_REQS.get(value.lower().removeprefix("cert_"))
+            if reqs is None:
+                raise InvalidOption(
+                    "ssl_cert_reqs", f"must be required, optional or none, got {value!r}"
+                )
+            options[name] = reqs
+        elif name == "ssl_check_hostname":
+            options[name] = value.lower() not in ("false", "0", "no")
+        elif name.startswith("ssl_"):
+            options[name] = value
+    return options
+
+
+def broker_connection_options(broker_url: str, *, master_name: str | None) -> dict[str, Any]:
+    """kombu ``Connection`` keywords a broker URL needs beyond itself: TLS for ``rediss://``,
+    the master's name for ``sentinel://``."""
+    options: dict[str, Any] = {}
+    tls = broker_ssl_options(broker_url)
+    if tls is not None:
+        options["ssl"] = tls
+    if broker_scheme(broker_url) == "sentinel":
+        if not master_name:
+            raise InvalidOption(
+                "OPTIONS_BROKER_MASTER_NAME", "a sentinel:// broker URL needs the master's name"
+            )
+        options["transport_options"] = {"master_name": master_name}
+    return options
 
 
 @dataclass(frozen=True)
@@ -65,6 +152,10 @@ class Settings:
     visibility_timeout: int = 300
     # The worker host's Prometheus endpoint; None: no metrics recorded at all.
     metrics_port: int | None = None
+    # The Sentinel master of a sentinel:// broker (Celery's broker_transport_options form).
+    broker_master_name: str | None = None
+    # "quorum" declares the task queue as a RabbitMQ quorum queue (replicated, durable).
+    task_queue_type: str = "classic"
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -78,6 +169,11 @@ class Settings:
         if local_cache not in MODES:
             raise InvalidOption(
                 "OPTIONS_LOCAL_CACHE", f"must be one of {MODES}, got {local_cache!r}"
+            )
+        queue_type = env.get("OPTIONS_TASK_QUEUE_TYPE") or "classic"
+        if queue_type not in QUEUE_TYPES:
+            raise InvalidOption(
+                "OPTIONS_TASK_QUEUE_TYPE", f"must be one of {QUEUE_TYPES}, got {queue_type!r}"
             )
         return cls(
             configured_database_url=env.get("OPTIONS_DATABASE_URL") or "",
@@ -99,6 +195,8 @@ class Settings:
                 if env.get("OPTIONS_METRICS_PORT")
                 else None
             ),
+            broker_master_name=env.get("OPTIONS_BROKER_MASTER_NAME") or None,
+            task_queue_type=queue_type,
         )
 
     @property
@@ -121,6 +219,10 @@ class Settings:
     @property
     def broker_transport(self) -> str | None:
         return broker_transport_for(self.broker_url)
+
+    def broker_connection_options(self) -> dict[str, Any]:
+        """What a kombu ``Connection`` to the broker needs beyond its URL (TLS, Sentinel)."""
+        return broker_connection_options(self.broker_url, master_name=self.broker_master_name)
 
     def _embedded_urls(self) -> tuple[str, str]:
         # Imported here: processes pointed at real services never load the embedded servers.

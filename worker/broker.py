@@ -15,10 +15,15 @@ It also keeps kombu 5.7 from building a new connection pool from a closed connec
 it restores unacknowledged messages on a broker outage (an AttributeError that made the
 worker exit); it raises a connection error instead, which the worker's reconnect handles.
 
-The hand-over overrides private kombu methods (``_brpop_start``, ``_brpop_read``):
-pyproject.toml pins kombu to the minor version the fault suite runs against. A worker that
-consumes several queues, uses a global key prefix or talks to Redis older than 6.2 falls
-back to kombu's own hand-over and says so once in its log.
+The hand-over overrides private kombu methods (``_brpop_start``, ``_brpop_read``, ...):
+pyproject.toml pins kombu to the exact version the fault suite runs against, and
+``store.settings.broker_transport_for`` picks kombu's own transport, with a warning, under
+any other. A worker that consumes several queues, uses a global key prefix or talks to Redis
+older than 6.2 falls back to kombu's own hand-over and says so once in its log.
+
+``SentinelTransport`` is the same hand-over behind Redis Sentinel (``sentinel://`` URLs with
+the ``master_name`` transport option): each new connection asks the Sentinels for the
+current master, so a consumer that lost its connection in a failover takes from the new one.
 """
 
 from __future__ import annotations
@@ -400,3 +405,12 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
 
 class Transport(kombu_redis.Transport):  # type: ignore[misc]  # kombu is untyped
     Channel = Channel
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):  # type: ignore[misc]  # untyped
+    """The hand-over above on connections kombu's Sentinel channel makes: the Sentinels name
+    the master each time a connection is opened."""
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):  # type: ignore[misc]  # untyped
+    Channel = SentinelChannel

@@ -15,6 +15,7 @@ import redis
 from celery import Celery
 
 from store.presence import Presence, ProcessReport
+from store.redis_cache import redis_client
 from tests.conftest import Services, Worker, wait_for
 
 
@@ -90,7 +91,7 @@ class Fleet:
         return set().union(*(w.pids() for w in self.workers if w.process is not None))
 
     def presence(self) -> Presence:
-        return Presence(redis.Redis.from_url(self.services.redis_url), namespace=self.namespace)
+        return Presence(redis_client(self.services.redis_url), namespace=self.namespace)
 
     @property
     def namespace(self) -> str:

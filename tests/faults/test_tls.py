@@ -1,0 +1,113 @@
+"""A Redis that speaks only TLS as broker, reload exchange and cache: a prefork worker on a
+rediss:// URL writes, reads and hears broadcasts, and a web process configured from the
+environment follows them too."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.conftest import ROOT, fresh_id, wait_for
+from tests.faults.checks import read_all, record
+from tests.faults.fleet import fleet
+from tests.faults.servers import PostgresServer
+from tests.faults.topology_servers import TLSRedis
+
+# A web process: configured from the environment on its first read, it follows broadcasts over
+# the URL's TLS, and prints what it reads until it reads the expected value.
+WEB_READER = """
+import json, sys, time, store
+project, key, want = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    value = store.project_options.get_value(project, key)
+    synced = store.backend.local.synced
+    print("READ", json.dumps({"value": value, "synced": synced}), flush=True)
+    if value == want and synced:
+        break
+    time.sleep(0.05)
+"""
+
+
+@pytest.fixture
+def tls_redis(scratch: Path) -> Iterator[TLSRedis]:
+    """A Redis of this test's own on a TLS-only port, with certificates made for it."""
+    server = TLSRedis(scratch / f"tls-{uuid.uuid4().hex[:8]}").start()
+    yield server
+    server.kill()
+
+
+@pytest.mark.faults
+def test_worker_on_tls_redis(stable: PostgresServer, tls_redis: TLSRedis) -> None:
+    """A prefork worker whose broker and cache are a rediss:// URL commits writes, its children
+    and a web process apply the broadcast of each (process mode), and every connection to Redis
+    is TLS."""
+    plain = redis.Redis("127.0.0.1", tls_redis.port, socket_timeout=2, socket_connect_timeout=2)
+    with pytest.raises(redis.ConnectionError):
+        plain.ping()  # the server has no plaintext port: whoever talks to it talks TLS
+    database_url = stable.new_database()
+    project = fresh_id()
+    with fleet(database_url, tls_redis.url, stable.redis_url) as own:
+        worker = own.start(
+            broker_url=tls_redis.url, concurrency=2, extra_env={"OPTIONS_LOCAL_CACHE": "process"}
+        )
+        worker.call("options.set_project_option", project, "k", "v0")
+        first = read_all(worker, project)
+        assert all(values == {"k": "v0"} for values in first.values()), first
+        started = time.monotonic()
+        worker.call("options.set_project_option", project, "k", "v1")
+        # Process mode: a child serves its cached v0 until the broadcast of v1 reaches it.
+        wait_for(
+            lambda: all(v == {"k": "v1"} for v in read_all(worker, project).values()),
+            timeout=30,
+            message="every child to apply the broadcast",
+        )
+        applied_s = time.monotonic() - started
+        # The broker connections of the worker (named by worker/broker.py) are on this server.
+        names = [str(c.get("name", "")) for c in tls_redis.client().client_list()]
+        assert any(n.startswith("optionstore-taken-") for n in names), names
+        assert "can be lost if this worker dies" not in worker.log()
+
+        web = subprocess.Popen(
+            [sys.executable, "-c", WEB_READER, str(project), "k", "v2"],
+            env=worker.env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert web.stdout is not None
+            lines: list[dict[str, object]] = []
+
+            def web_synced() -> bool:
+                assert web.stdout is not None
+                line = web.stdout.readline()
+                assert line, "the web process ended before it subscribed"
+                if line.startswith("READ "):  # other lines are its log
+                    lines.append(json.loads(line.removeprefix("READ ")))
+                return bool(lines and lines[-1]["synced"])
+
+            wait_for(web_synced, timeout=60, interval=0, message="the web process to subscribe")
+            assert lines[-1]["value"] == "v1"
+            worker.call("options.set_project_option", project, "k", "v2")
+            _, errors = web.communicate(timeout=90)
+            assert web.returncode == 0, errors[-3000:]
+        finally:
+            if web.poll() is None:
+                web.kill()
+    record(
+        "TLS Redis (rediss://) as broker, reload exchange and cache",
+        writes=3,
+        lost=0,
+        children=len(first),
+        broadcast_applied_s=round(applied_s, 2),
+    )
