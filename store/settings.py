@@ -30,7 +30,11 @@ OVERRIDES = {
     "task_queue": "OPTIONS_TASK_QUEUE",
     "log_format": "OPTIONS_LOG_FORMAT",
     "visibility_timeout": "OPTIONS_VISIBILITY_TIMEOUT",
+    "write_retention": "OPTIONS_WRITE_RETENTION",
+    "history_retention": "OPTIONS_HISTORY_RETENTION",
 }
+
+DAY = 24 * 3600
 
 
 def broker_transport_for(broker_url: str) -> str | None:
@@ -62,6 +66,10 @@ class Settings:
     task_queue: str = "celery"
     log_format: str = "auto"
     visibility_timeout: int = 300
+    # Seconds an announced options_write row (the outbox and the task-id record) is kept.
+    write_retention: int = 7 * DAY
+    # Seconds a superseded history entry is kept (the latest change of each key stays).
+    history_retention: int = 90 * DAY
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -75,6 +83,17 @@ class Settings:
         if local_cache not in MODES:
             raise InvalidOption(
                 "OPTIONS_LOCAL_CACHE", f"must be one of {MODES}, got {local_cache!r}"
+            )
+        visibility_timeout = _positive_int(env, "OPTIONS_VISIBILITY_TIMEOUT", 300)
+        write_retention = _positive_int(env, "OPTIONS_WRITE_RETENTION", 7 * DAY)
+        # A task redelivered after its record was pruned would commit a second time: the
+        # record must outlive every redelivery (visibility timeout, retries) by far.
+        shortest = max(3600, 10 * visibility_timeout)
+        if write_retention < shortest:
+            raise InvalidOption(
+                "OPTIONS_WRITE_RETENTION",
+                f"must be at least {shortest} s (1 h, and 10 x OPTIONS_VISIBILITY_TIMEOUT), "
+                f"got {write_retention}",
             )
         return cls(
             configured_database_url=env.get("OPTIONS_DATABASE_URL") or "",
@@ -90,7 +109,9 @@ class Settings:
             namespace=env.get("OPTIONS_NAMESPACE") or "optionstore",
             task_queue=env.get("OPTIONS_TASK_QUEUE") or "celery",
             log_format=env.get("OPTIONS_LOG_FORMAT") or "auto",
-            visibility_timeout=_positive_int(env, "OPTIONS_VISIBILITY_TIMEOUT", 300),
+            visibility_timeout=visibility_timeout,
+            write_retention=write_retention,
+            history_retention=_positive_int(env, "OPTIONS_HISTORY_RETENTION", 90 * DAY),
         )
 
     @property
