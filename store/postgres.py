@@ -289,10 +289,13 @@ class PostgresStore:
         seconds ago, oldest first; returns how many. Unannounced ones are never deleted."""
         with self.connection() as conn:
             cursor = conn.execute(
-                "DELETE FROM options_write WHERE task_id IN (SELECT task_id FROM options_write"
-                " WHERE committed_at < clock_timestamp() - make_interval(secs => %s)"
+                # = ANY(ARRAY(...)): the batch is looked up by primary key (an IN (SELECT ...)
+                # may be planned as a hash join over the whole table).
+                "DELETE FROM options_write WHERE task_id = ANY(ARRAY("
+                "SELECT task_id FROM options_write"
+                " WHERE committed_at < now() - make_interval(secs => %s)"
                 " AND announced_at IS NOT NULL"
-                " ORDER BY committed_at LIMIT %s FOR UPDATE SKIP LOCKED)",
+                " ORDER BY committed_at LIMIT %s FOR UPDATE SKIP LOCKED))",
                 (older_than, limit),
             )
             return cursor.rowcount
@@ -306,7 +309,7 @@ class PostgresStore:
             row = conn.execute(
                 "WITH page AS (SELECT id, scope, key, revision, changed_at FROM options_history"
                 "   WHERE id > %(after)s ORDER BY id LIMIT %(scan)s),"
-                " cutoff AS (SELECT clock_timestamp() - make_interval(secs => %(age)s) AS at),"
+                " cutoff AS (SELECT now() - make_interval(secs => %(age)s) AS at),"
                 " gone AS (DELETE FROM options_history h USING page p, cutoff c"
                 "   WHERE h.id = p.id AND p.changed_at < c.at"
                 "   AND EXISTS (SELECT 1 FROM options_history n"
