@@ -20,6 +20,9 @@ from store.writes import Write, WriteResult
 
 Connection = psycopg.Connection[TupleRow]
 
+# Counts a status or a scrape makes stop here: bounded work on a database of any size.
+COUNT_CAP = 100_000
+
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
@@ -254,6 +257,100 @@ class PostgresStore:
                 (older_than, limit),
             ).fetchall()
         return [_result_from_row(row[0], row[1:]) for row in rows]
+
+    def count_unannounced(self, *, cap: int = COUNT_CAP) -> int:
+        """Commits not yet announced, counted up to ``cap`` on the outbox's partial index."""
+        with self.connection() as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM (SELECT 1 FROM options_write"
+                " WHERE announced_at IS NULL LIMIT %s) w",
+                (cap,),
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def count_scopes(self, *, cap: int = COUNT_CAP) -> int:
+        """Scopes, counted up to ``cap`` on the primary key."""
+        with self.connection() as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM (SELECT 1 FROM options_scope LIMIT %s) s", (cap,)
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def claim_unannounced(
+        self, *, older_than: float, limit: int, backoff: float, max_backoff: float
+    ) -> list[tuple[WriteResult, int]]:
+        """Claim up to ``limit`` commits left unannounced ``older_than`` seconds after their
+        commit and due for an attempt; returns each with its attempt number, oldest first.
+
+        One statement: the rows are locked (``SKIP LOCKED``: a row another relay is claiming is
+        passed over) only while their next attempt is pushed ``backoff * 2**attempts`` seconds
+        (at most ``max_backoff``) ahead, so no other relay takes a claimed row before then, and
+        a row whose announcement keeps failing is tried less and less often. No lock outlives
+        the statement: it works behind PgBouncer in transaction pooling.
+        """
+        with self.connection() as conn:
+            rows = conn.execute(
+                "WITH due AS (SELECT task_id FROM options_write"
+                " WHERE announced_at IS NULL"
+                " AND committed_at < clock_timestamp() - make_interval(secs => %(grace)s)"
+                " AND (next_attempt_at IS NULL OR next_attempt_at <= clock_timestamp())"
+                " ORDER BY committed_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+                " UPDATE options_write w SET attempts = w.attempts + 1,"
+                " next_attempt_at = clock_timestamp() + make_interval(secs =>"
+                "   least(%(cap)s, %(base)s * power(2, least(w.attempts, 30))))"
+                " FROM due WHERE w.task_id = due.task_id"
+                " RETURNING w.task_id, w.scope, w.revision, w.changed, w.changes,"
+                " extract(epoch FROM w.committed_at), w.attempts",
+                {
+                    "grace": older_than,
+                    "limit": limit,
+                    "base": float(backoff),
+                    "cap": float(max_backoff),
+                },
+            ).fetchall()
+        claimed = [(_result_from_row(row[0], row[1:6]), int(row[6])) for row in rows]
+        return sorted(claimed, key=lambda item: item[0].committed_at)
+
+    def prune_writes(self, *, older_than: float, limit: int) -> int:
+        """Delete up to ``limit`` announced write records committed more than ``older_than``
+        seconds ago, oldest first; returns how many. Unannounced ones are never deleted."""
+        with self.connection() as conn:
+            cursor = conn.execute(
+                # = ANY(ARRAY(...)): the batch is looked up by primary key (an IN (SELECT ...)
+                # may be planned as a hash join over the whole table).
+                "DELETE FROM options_write WHERE task_id = ANY(ARRAY("
+                "SELECT task_id FROM options_write"
+                " WHERE committed_at < now() - make_interval(secs => %s)"
+                " AND announced_at IS NOT NULL"
+                " ORDER BY committed_at LIMIT %s FOR UPDATE SKIP LOCKED))",
+                (older_than, limit),
+            )
+            return cursor.rowcount
+
+    def prune_history(self, *, older_than: float, after: int, scan: int) -> tuple[int, int]:
+        """Look at the ``scan`` history entries after id ``after``, and delete those older than
+        ``older_than`` seconds that a newer entry of the same key supersedes (the latest
+        change of every key is kept). Returns (deleted, where the next page starts: 0 once
+        the pages reach entries younger than that, or the end)."""
+        with self.connection() as conn:
+            row = conn.execute(
+                "WITH page AS (SELECT id, scope, key, revision, changed_at FROM options_history"
+                "   WHERE id > %(after)s ORDER BY id LIMIT %(scan)s),"
+                " cutoff AS (SELECT now() - make_interval(secs => %(age)s) AS at),"
+                " gone AS (DELETE FROM options_history h USING page p, cutoff c"
+                "   WHERE h.id = p.id AND p.changed_at < c.at"
+                "   AND EXISTS (SELECT 1 FROM options_history n"
+                "     WHERE n.scope = p.scope AND n.key = p.key AND n.revision > p.revision)"
+                "   RETURNING h.id)"
+                " SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM page),"
+                " (SELECT id FROM page ORDER BY id DESC LIMIT 1),"
+                " (SELECT p.changed_at < c.at FROM page p, cutoff c ORDER BY p.id DESC LIMIT 1)",
+                {"after": after, "scan": scan, "age": older_than},
+            ).fetchone()
+        assert row is not None
+        deleted, seen, last_id, last_is_old = row
+        more = int(seen) == scan and bool(last_is_old)
+        return int(deleted), int(last_id) if more else 0
 
     def recent_revisions(
         self, *, window: float, settle: float, limit: int

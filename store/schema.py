@@ -116,6 +116,16 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX options_write_recent ON options_write (committed_at) WHERE changed;
     """,
+    # The relay claims outbox rows: a claimed row is not due again before next_attempt_at, so
+    # two relays never announce it together and a failing one backs off (worker/relay.py).
+    # Retention deletes announced rows by age (worker/retention.py), hence the index on every
+    # row's commit time.
+    """
+    ALTER TABLE options_write
+        ADD COLUMN attempts integer NOT NULL DEFAULT 0,
+        ADD COLUMN next_attempt_at timestamptz;
+    CREATE INDEX options_write_committed ON options_write (committed_at);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -38,6 +38,8 @@ OVERRIDES = {
     "metrics_port": "OPTIONS_METRICS_PORT",
     "broker_master_name": "OPTIONS_BROKER_MASTER_NAME",
     "task_queue_type": "OPTIONS_TASK_QUEUE_TYPE",
+    "write_retention": "OPTIONS_WRITE_RETENTION",
+    "history_retention": "OPTIONS_HISTORY_RETENTION",
 }
 
 # The kombu versions worker/broker.py is tested with: it overrides private names of kombu's
@@ -54,6 +56,8 @@ _CERT_REQS = {
     "optional": ssl.CERT_OPTIONAL,
     "none": ssl.CERT_NONE,
 }
+
+DAY = 24 * 3600
 
 
 def broker_scheme(broker_url: str) -> str:
@@ -156,6 +160,10 @@ class Settings:
     broker_master_name: str | None = None
     # "quorum" declares the task queue as a RabbitMQ quorum queue (replicated, durable).
     task_queue_type: str = "classic"
+    # Seconds an announced options_write row (the outbox and the task-id record) is kept.
+    write_retention: int = 7 * DAY
+    # Seconds a superseded history entry is kept (the latest change of each key stays).
+    history_retention: int = 90 * DAY
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -175,6 +183,17 @@ class Settings:
             raise InvalidOption(
                 "OPTIONS_TASK_QUEUE_TYPE", f"must be one of {QUEUE_TYPES}, got {queue_type!r}"
             )
+        visibility_timeout = _positive_int(env, "OPTIONS_VISIBILITY_TIMEOUT", 300)
+        write_retention = _positive_int(env, "OPTIONS_WRITE_RETENTION", 7 * DAY)
+        # A task redelivered after its record was pruned would commit a second time: the
+        # record must outlive every redelivery (visibility timeout, retries) by far.
+        shortest = max(3600, 10 * visibility_timeout)
+        if write_retention < shortest:
+            raise InvalidOption(
+                "OPTIONS_WRITE_RETENTION",
+                f"must be at least {shortest} s (1 h, and 10 x OPTIONS_VISIBILITY_TIMEOUT), "
+                f"got {write_retention}",
+            )
         return cls(
             configured_database_url=env.get("OPTIONS_DATABASE_URL") or "",
             configured_redis_url=env.get("OPTIONS_REDIS_URL") or "",
@@ -189,7 +208,9 @@ class Settings:
             namespace=env.get("OPTIONS_NAMESPACE") or "optionstore",
             task_queue=env.get("OPTIONS_TASK_QUEUE") or "celery",
             log_format=env.get("OPTIONS_LOG_FORMAT") or "auto",
-            visibility_timeout=_positive_int(env, "OPTIONS_VISIBILITY_TIMEOUT", 300),
+            visibility_timeout=visibility_timeout,
+            write_retention=write_retention,
+            history_retention=_positive_int(env, "OPTIONS_HISTORY_RETENTION", 90 * DAY),
             metrics_port=(
                 _positive_int(env, "OPTIONS_METRICS_PORT", 1)
                 if env.get("OPTIONS_METRICS_PORT")

@@ -85,6 +85,21 @@ redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 return moved
 """
 
+# A consumer closing cleanly: whatever its taken list still holds goes back on the queue, and
+# the consumer leaves the registry (unless its entry changed: then it is not ours to drop).
+# KEYS[1]: its taken list, KEYS[2]: the registry.
+# ARGV[1]: the queue, ARGV[2]: its token, ARGV[3]: its entry.
+UNREGISTER = """
+local moved = 0
+while redis.call('LMOVE', KEYS[1], ARGV[1], 'LEFT', 'RIGHT') do
+    moved = moved + 1
+end
+if redis.call('HGET', KEYS[2], ARGV[2]) == ARGV[3] then
+    redis.call('HDEL', KEYS[2], ARGV[2])
+end
+return moved
+"""
+
 # A producer that set a priority pushed to a per-priority list this consumer does not wait
 # on: move such messages to the queue's own list, in order, so they run.
 # KEYS: the per-priority lists. ARGV[1]: the queue.
@@ -143,6 +158,8 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
         self._taking: str | None = None
         # The connection (socket) this consumer last registered on; a new one re-registers.
         self._registered_on: Any = None
+        # (queue, entry) of this consumer's registration, for leaving on a clean close.
+        self._registration: tuple[str, str] | None = None
         self._no_ack_queues: set[str] = set()
         self._reliable: bool | None = None
         self._next_reclaim = 0.0
@@ -197,6 +214,8 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
         super()._disconnect_pools()
 
     def close(self) -> None:
+        if not self.closed and self._registration is not None:
+            self._unregister()
         try:
             super().close()
         finally:
@@ -270,10 +289,35 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
             )
         )
         self._registered_on = self._socket()
+        self._registration = (queue, entry)
         if moved:
             logger.warning(
                 "Restored %d task(s) taken off the queue on a connection that was lost", moved
             )
+
+    def _unregister(self) -> None:
+        """On a clean close: leave the registry, so it holds only live consumers and those
+        that died (the sweep's business). A take still in flight is read first (delivered, as
+        kombu's own close does), so nothing lands in the taken list after it was emptied."""
+        assert self._registration is not None
+        queue, entry = self._registration
+        self._registration = None
+        try:
+            if self._in_poll:
+                with contextlib.suppress(Empty):
+                    self._brpop_read()
+            with self.conn_or_acquire() as client:
+                client.eval(
+                    UNREGISTER,
+                    2,
+                    self.taken_key,
+                    self.taken_registry,
+                    queue,
+                    self.taken_token,
+                    entry,
+                )
+        except Exception as exc:  # the broker may be gone: the sweep forgets us later
+            logger.debug("Could not leave the registry of consumers: %s", exc)
 
     def _brpop_read(self, **options: Any) -> bool:
         queue = self._taking

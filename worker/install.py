@@ -21,9 +21,11 @@ from store.metrics import metrics
 from store.reconcile import Reconciler
 from store.settings import OVERRIDES, Settings
 from worker.heartbeat import Heartbeat
+from worker.lease import FOLLOWER, LeaderLease
 from worker.logging import configure_logging
 from worker.metrics import MetricsEndpoint, prepare_directory, process_ended
 from worker.relay import OutboxRelay
+from worker.retention import Retention
 
 log = structlog.get_logger("optionstore")
 
@@ -39,7 +41,8 @@ class Installation:
     overrides, with the reload exchange on the app's own broker connection; starts the reload
     consumer (in each prefork child after its fork; in the main process for the solo, threads
     and gevent pools); clears the local cache at the end of each task; and in the worker's
-    main process runs the heartbeat and the outbox relay. A process that only reads (a web
+    main process, while it holds the namespace's leader lease (worker/lease.py), runs the
+    heartbeat, the outbox relay, the reconciler and retention. A process that only reads (a web
     server that imports the app) is configured from it on first use.
     """
 
@@ -51,6 +54,7 @@ class Installation:
         provide: bool = True,
         logging: bool = False,
         interval: float = 1.0,
+        lease_ttl: float = 3.0,
     ) -> None:
         unknown = set(overrides or {}) - set(OVERRIDES) - {"broker_url"}
         if unknown:
@@ -63,11 +67,13 @@ class Installation:
         self.provide = provide
         self.logging = logging
         self.interval = interval
+        self.lease_ttl = lease_ttl
         # True in a worker of this app, and in the children it forks.
         self.running = False
         self.pool = "-"
         self.metrics = False
-        self._duties: _Every | None = None
+        self._duties: list[_Every] = []
+        self._lease: LeaderLease | None = None
         self._endpoint: MetricsEndpoint | None = None
 
     def install(self) -> Installation:
@@ -133,30 +139,68 @@ class Installation:
             store.runtime.start_consumer()
         origin = f"heartbeat:{socket.gethostname()}:{os.getpid()}"
         backend = store.backend
+        settings = self.settings
         reconciler = Reconciler(postgres=backend.db, cache=backend.redis)
         heartbeat = Heartbeat(
-            publisher=Publisher(connect=self.connect_for_write, namespace=self.settings.namespace),
+            # The store's own publisher, which the relay uses too: one broker connection.
+            publisher=backend.publisher
+            or Publisher(connect=self.connect_for_write, namespace=settings.namespace),
             reconciler=reconciler,
             origin=origin,
         )
         relay = OutboxRelay(backend=backend)
-        self._duties = _Every(self.interval, [heartbeat.beat, relay.relay, reconciler.run_once])
-        self._duties.start()
-        if self.metrics and self.settings.metrics_port is not None:
+        retention = Retention(
+            postgres=backend.db,
+            write_age=settings.write_retention,
+            history_age=settings.history_retention,
+        )
+        lease = LeaderLease(
+            None if backend.redis is None else backend.redis.client,
+            namespace=settings.namespace,
+            ttl=self.lease_ttl,
+        )
+        self._lease = lease
+        # Only the lease holder heartbeats, relays, reconciles and prunes; without an answer
+        # from Redis every main process does it all (the heartbeat must not fall silent, and
+        # the relay's row claims keep announcements single). The heartbeat has a thread of its
+        # own: a slow relay or PostgreSQL never delays it, nor the lease's renewal.
+        self._duties = [
+            _Every(
+                self.interval,
+                [heartbeat.beat],
+                when=lambda: lease.claim() != FOLLOWER,
+                name="optionstore-heartbeat",
+            ),
+            _Every(
+                self.interval,
+                [relay.relay, reconciler.run_once, retention.run_once],
+                when=lambda: lease.leading,
+                name="optionstore-main",
+            ),
+        ]
+        for duty in self._duties:
+            duty.start()
+        if self.metrics and settings.metrics_port is not None:
             # Served from the main process, which records nothing itself in prefork: it forks
             # children, and prometheus_client's lock must never be held at a fork.
             self._endpoint = MetricsEndpoint(
-                port=self.settings.metrics_port, backlog=lambda: relay.backlog
+                port=settings.metrics_port, backlog=backend.db.count_unannounced
             )
             self._endpoint.start()
 
     def worker_stopping(self, worker: Any) -> None:
-        if self._duties is not None:
-            self._duties.stop()
-            self._duties = None
+        for duty in self._duties:
+            duty.stop()
+        for duty in self._duties:
+            duty.join(timeout=5)
+        self._duties = []
         if self._endpoint is not None:
             self._endpoint.stop()
             self._endpoint = None
+        if self._lease is not None:
+            # A clean stop hands the lease over at once instead of after its time to live.
+            self._lease.release()
+            self._lease = None
         store.runtime.stop()
 
     # -- signals (global in Celery: each handler checks the event is this app's) -------------
@@ -222,12 +266,21 @@ def _step_for(installation: Installation) -> type[bootsteps.StartStopStep]:
 
 
 class _Every(threading.Thread):
-    """Calls each duty every ``interval`` seconds until stopped; a failing duty is logged."""
+    """Calls each duty every ``interval`` seconds, when ``when()`` says so, until stopped; a
+    failing duty is logged."""
 
-    def __init__(self, interval: float, duties: list[Callable[[], object]]) -> None:
-        super().__init__(name="optionstore-main", daemon=True)
+    def __init__(
+        self,
+        interval: float,
+        duties: list[Callable[[], object]],
+        *,
+        when: Callable[[], bool] = lambda: True,
+        name: str = "optionstore-main",
+    ) -> None:
+        super().__init__(name=name, daemon=True)
         self.interval = interval
         self.duties = duties
+        self.when = when
         self.stopping = threading.Event()
 
     def stop(self) -> None:
@@ -235,7 +288,15 @@ class _Every(threading.Thread):
 
     def run(self) -> None:
         while not self.stopping.wait(self.interval):
+            try:
+                if not self.when():
+                    continue
+            except Exception as exc:
+                log.warning("worker.duty_failed", duty="when", error=f"{type(exc).__name__}: {exc}")
+                continue
             for duty in self.duties:
+                if self.stopping.is_set():
+                    return
                 try:
                     duty()
                 except Exception as exc:  # PostgreSQL or the broker may be down; next second

@@ -68,10 +68,14 @@ class _Backlog:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
+        try:
+            backlog = float(self.backlog())
+        except Exception:  # PostgreSQL down: the scrape still answers
+            backlog = float("nan")
         yield GaugeMetricFamily(
             "optionstore_relay_backlog",
-            "Commits the outbox relay of this worker found unannounced at its last pass",
-            value=self.backlog(),
+            "Commits not yet announced (counted up to 100,000 at each scrape)",
+            value=backlog,
         )
 
 

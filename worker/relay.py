@@ -12,33 +12,69 @@ log = structlog.get_logger("optionstore")
 
 
 class OutboxRelay:
-    """Each call to ``relay`` announces every commit left unannounced for ``grace`` seconds.
+    """Each call to ``relay`` announces the commits left unannounced for ``grace`` seconds.
 
     A write whose process died between commit and announcement is still in the outbox
-    (``options_write.announced_at IS NULL``). Re-announcing is harmless: a revision a process
-    already has changes nothing.
+    (``options_write.announced_at IS NULL``). Rows are claimed ``batch`` at a time
+    (``PostgresStore.claim_unannounced``): a claimed row is not due again for ``backoff``
+    seconds, doubling with each attempt up to ``max_backoff``, so two relays never announce
+    the same row together, and a row whose announcement keeps failing is retried less and
+    less often instead of every second. One call stops after ``budget`` seconds; the rest
+    waits for the next call.
     """
 
-    def __init__(self, *, backend: LayeredStore, grace: float = 2.0) -> None:
+    def __init__(
+        self,
+        *,
+        backend: LayeredStore,
+        grace: float = 2.0,
+        batch: int = 100,
+        backoff: float = 5.0,
+        max_backoff: float = 300.0,
+        budget: float = 5.0,
+    ) -> None:
         self.backend = backend
         self.grace = grace
-        # Unannounced commits found at the last pass (the metrics endpoint serves it).
-        self.backlog = 0
+        self.batch = batch
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.budget = budget
 
     def relay(self) -> int:
-        """Announce what is overdue; returns how many commits that was."""
-        try:
-            pending = self.backend.db.unannounced(older_than=self.grace)
-        except Exception as exc:  # PostgreSQL may be down; the outbox waits for it
-            log.warning("outbox.relay_failed", error=f"{type(exc).__name__}: {exc}")
-            return 0
-        self.backlog = len(pending)
-        for result in pending:
-            self.backend.propagate(result)
-            log.info(
-                "outbox.relayed",
-                scope=result.scope,
-                revision=result.revision,
-                delay_ms=round((time.time() - result.committed_at) * 1000, 3),
-            )
-        return len(pending)
+        """Announce what is overdue; returns how many commits were announced."""
+        announced = 0
+        started = time.monotonic()
+        while time.monotonic() - started < self.budget:
+            try:
+                claimed = self.backend.db.claim_unannounced(
+                    older_than=self.grace,
+                    limit=self.batch,
+                    backoff=self.backoff,
+                    max_backoff=self.max_backoff,
+                )
+            except Exception as exc:  # PostgreSQL may be down; the outbox waits for it
+                log.warning("outbox.relay_failed", error=f"{type(exc).__name__}: {exc}")
+                break
+            for result, attempt in claimed:
+                if self.backend.propagate(result):
+                    announced += 1
+                    log.info(
+                        "outbox.relayed",
+                        scope=result.scope,
+                        revision=result.revision,
+                        task_id=result.task_id,
+                        attempt=attempt,
+                        delay_ms=round((time.time() - result.committed_at) * 1000, 3),
+                    )
+                else:
+                    log.warning(
+                        "outbox.retry_later",
+                        scope=result.scope,
+                        revision=result.revision,
+                        task_id=result.task_id,
+                        attempt=attempt,
+                        in_s=min(self.max_backoff, self.backoff * 2 ** min(attempt - 1, 30)),
+                    )
+            if len(claimed) < self.batch:
+                break
+        return announced
