@@ -38,6 +38,12 @@ class HistoryEntry:
     revision: int
     changed_at: datetime
     task_id: str | None
+    actor: str | None = None
+    reason: str | None = None
+    origin: str | None = None
+    # Whether each side was set: a JSON null and "not set" both decode to None.
+    old_set: bool = True
+    new_set: bool = True
 
 
 class PostgresStore:
@@ -142,10 +148,11 @@ class PostgresStore:
     def _apply(self, conn: Connection, write: Write, task_id: str) -> tuple[WriteResult, bool]:
         keys = [*write.sets, *write.unsets]
         values: list[str | None] = [*write.sets.values(), *([None] * len(write.unsets))]
+        audit = write.audit
         # One round trip and one transaction: see options_apply in store/schema.py.
         row = conn.execute(
-            "SELECT * FROM options_apply(%s, %s, %s::text[], %s::text[])",
-            (write.scope.name, task_id, keys, values),
+            "SELECT * FROM options_apply(%s, %s, %s::text[], %s::text[], %s, %s, %s)",
+            (write.scope.name, task_id, keys, values, audit.actor, audit.reason, audit.origin),
         ).fetchone()
         assert row is not None
         revision, changed, changes, committed_at, first_run = row
@@ -223,7 +230,8 @@ class PostgresStore:
         self, scope: str, key: str | None = None, *, limit: int = 100
     ) -> list[HistoryEntry]:
         query = (
-            "SELECT scope, key, old_value, new_value, revision, changed_at, task_id"
+            "SELECT scope, key, old_value, new_value, revision, changed_at, task_id,"
+            " actor, reason, origin, old_value IS NOT NULL, new_value IS NOT NULL"
             " FROM options_history WHERE scope = %s"
         )
         params: list[Any] = [scope]

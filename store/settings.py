@@ -30,6 +30,8 @@ OVERRIDES = {
     "task_queue": "OPTIONS_TASK_QUEUE",
     "log_format": "OPTIONS_LOG_FORMAT",
     "visibility_timeout": "OPTIONS_VISIBILITY_TIMEOUT",
+    "registry": "OPTIONS_REGISTRY",
+    "registry_strict": "OPTIONS_REGISTRY_STRICT",
 }
 
 
@@ -62,6 +64,10 @@ class Settings:
     task_queue: str = "celery"
     log_format: str = "auto"
     visibility_timeout: int = 300
+    # Declared options (store/registry.py): a TOML or JSON file, and strict mode (None: the
+    # file's own setting).
+    registry_path: str = ""
+    registry_strict: bool | None = None
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -91,6 +97,8 @@ class Settings:
             task_queue=env.get("OPTIONS_TASK_QUEUE") or "celery",
             log_format=env.get("OPTIONS_LOG_FORMAT") or "auto",
             visibility_timeout=_positive_int(env, "OPTIONS_VISIBILITY_TIMEOUT", 300),
+            registry_path=env.get("OPTIONS_REGISTRY") or "",
+            registry_strict=_flag(env, "OPTIONS_REGISTRY_STRICT"),
         )
 
     @property
@@ -120,6 +128,17 @@ class Settings:
 
         services = ensure_embedded(self.state_dir)
         return services.database_url, services.redis_url
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool | None:
+    text = (env.get(name) or "").strip().lower()
+    if not text:
+        return None
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise InvalidOption(name, f"must be 1 or 0 (true/false), got {text!r}")
 
 
 def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
