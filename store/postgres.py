@@ -183,6 +183,17 @@ class PostgresStore:
             ).fetchone()
         return None if row is None else (_result_from_row(task_id, row[:5]), bool(row[5]))
 
+    def write_records(self, task_ids: list[str]) -> dict[str, tuple[WriteResult, bool]]:
+        """``write_record`` for several task ids at once; those not committed are left out."""
+        with self.connection() as conn:
+            rows = conn.execute(
+                "SELECT task_id, scope, revision, changed, changes,"
+                " extract(epoch FROM committed_at), announced_at IS NOT NULL"
+                " FROM options_write WHERE task_id = ANY(%s)",
+                (task_ids,),
+            ).fetchall()
+        return {row[0]: (_result_from_row(row[0], row[1:6]), bool(row[6])) for row in rows}
+
     def recent_writes(self, *, limit: int = 200) -> list[tuple[WriteResult, bool]]:
         """The latest changing writes, newest first, with whether each was announced."""
         with self.connection() as conn:
