@@ -33,6 +33,8 @@ project_options = ProjectOptions(backend)
 user_options = UserOptions(backend)
 group_meta = GroupMeta(backend)
 tag_keys = TagKeys(backend)
+# Declared options (store/registry.py): declare in code, or name a file in OPTIONS_REGISTRY.
+registry = backend.registry
 
 
 def configure(
@@ -122,6 +124,7 @@ __all__ = [
     "group_meta",
     "options",
     "project_options",
+    "registry",
     "runtime",
     "tag_keys",
     "user_options",

@@ -20,6 +20,7 @@ from store.metrics import metrics
 from store.postgres import PostgresStore, Snapshot
 from store.propagation import propagate
 from store.redis_cache import RedisCache
+from store.registry import Registry
 from store.transient import postgres_unavailable, redis_unavailable
 from store.validation import DEFAULT_MAX_VALUE_BYTES
 from store.writes import Write, WriteResult
@@ -51,6 +52,8 @@ class LayeredStore:
         # Set by the process's Runtime: configure on first use; start following broadcasts.
         self.on_first_use: Callable[[], None] = _nothing
         self.on_unsynced_read: Callable[[], None] = _nothing
+        # Declared options: the policy reads (defaults) and write tasks (checks) consult.
+        self.registry = Registry()
 
     def _new_lock(self) -> None:
         self._lock = threading.Lock()

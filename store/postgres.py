@@ -41,6 +41,12 @@ class HistoryEntry:
     revision: int
     changed_at: datetime
     task_id: str | None
+    actor: str | None = None
+    reason: str | None = None
+    origin: str | None = None
+    # Whether each side was set: a JSON null and "not set" both decode to None.
+    old_set: bool = True
+    new_set: bool = True
 
 
 class PostgresStore:
@@ -151,10 +157,11 @@ class PostgresStore:
     def _apply(self, conn: Connection, write: Write, task_id: str) -> tuple[WriteResult, bool]:
         keys = [*write.sets, *write.unsets]
         values: list[str | None] = [*write.sets.values(), *([None] * len(write.unsets))]
+        audit = write.audit
         # One round trip and one transaction: see options_apply in store/schema.py.
         row = conn.execute(
-            "SELECT * FROM options_apply(%s, %s, %s::text[], %s::text[])",
-            (write.scope.name, task_id, keys, values),
+            "SELECT * FROM options_apply(%s, %s, %s::text[], %s::text[], %s, %s, %s)",
+            (write.scope.name, task_id, keys, values, audit.actor, audit.reason, audit.origin),
         ).fetchone()
         assert row is not None
         revision, changed, changes, committed_at, first_run = row
@@ -184,6 +191,17 @@ class PostgresStore:
                 (task_id,),
             ).fetchone()
         return None if row is None else (_result_from_row(task_id, row[:5]), bool(row[5]))
+
+    def write_records(self, task_ids: list[str]) -> dict[str, tuple[WriteResult, bool]]:
+        """``write_record`` for several task ids at once; those not committed are left out."""
+        with self.connection() as conn:
+            rows = conn.execute(
+                "SELECT task_id, scope, revision, changed, changes,"
+                " extract(epoch FROM committed_at), announced_at IS NOT NULL"
+                " FROM options_write WHERE task_id = ANY(%s)",
+                (task_ids,),
+            ).fetchall()
+        return {row[0]: (_result_from_row(row[0], row[1:6]), bool(row[6])) for row in rows}
 
     def recent_writes(self, *, limit: int = 200) -> list[tuple[WriteResult, bool]]:
         """The latest changing writes, newest first, with whether each was announced."""
@@ -232,7 +250,8 @@ class PostgresStore:
         self, scope: str, key: str | None = None, *, limit: int = 100
     ) -> list[HistoryEntry]:
         query = (
-            "SELECT scope, key, old_value, new_value, revision, changed_at, task_id"
+            "SELECT scope, key, old_value, new_value, revision, changed_at, task_id,"
+            " actor, reason, origin, old_value IS NOT NULL, new_value IS NOT NULL"
             " FROM options_history WHERE scope = %s"
         )
         params: list[Any] = [scope]

@@ -6,7 +6,18 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from store.layered import LayeredStore
-from store.scopes import Scope, group_scope, project_scope, tag_keys_scope, user_scope
+from store.registry import UNSET, Registry
+from store.scopes import (
+    GLOBAL,
+    GROUP,
+    PROJECT,
+    USER,
+    Scope,
+    group_scope,
+    project_scope,
+    tag_keys_scope,
+    user_scope,
+)
 
 _PROJECT_NAMES: dict[int, str] = {}
 _GROUP_NAMES: dict[int, str] = {}
@@ -26,11 +37,15 @@ def _named(names: dict[int, str], ident: object, make: Callable[[object], Scope]
 
 
 class _Reader:
-    __slots__ = ("_local", "_store")
+    # ``default`` is UNSET when the caller passed none: a key that is not set then reads as its
+    # declared default (store/registry.py), else None. A caller's default always wins. Only a
+    # miss pays for this: a hit is still one dictionary lookup and an identity check.
+    __slots__ = ("_local", "_registry", "_store")
 
     def __init__(self, store: LayeredStore) -> None:
         self._store = store
         self._local = store.local
+        self._registry: Registry = store.registry
 
 
 class Options(_Reader):
@@ -38,9 +53,13 @@ class Options(_Reader):
 
     __slots__ = ()
 
-    def get_value(self, key: str, default: Any = None) -> Any:
-        state = self._local.holder.scopes.get("global") or self._store.state("global")
-        return state.values.get(key, default)
+    def get_value(self, key: str, default: Any = UNSET) -> Any:
+        state = self._local.holder.scopes.get("global")
+        if state is None:
+            self._registry.note_read(GLOBAL, key)
+            state = self._store.state("global")
+        value = state.values.get(key, UNSET)
+        return self._registry.missing(GLOBAL, key, default) if value is UNSET else value
 
     def get_all_values(self) -> dict[str, Any]:
         # A copy: the seed handed out its cache and let callers corrupt it.
@@ -52,16 +71,21 @@ class ProjectOptions(_Reader):
 
     __slots__ = ()
 
-    def get_value(self, project_id: int, key: str, default: Any = None) -> Any:
+    def get_value(self, project_id: int, key: str, default: Any = UNSET) -> Any:
         # The hot path. The exact int check keeps "42" and True away from project 42's cache.
         if type(project_id) is int:
             name = _PROJECT_NAMES.get(project_id)
             if name is not None:
                 state = self._local.holder.scopes.get(name)
                 if state is not None:
-                    return state.values.get(key, default)
+                    value = state.values.get(key, UNSET)
+                    if value is not UNSET:
+                        return value
+                    return self._registry.missing(PROJECT, key, default)
         name = _named(_PROJECT_NAMES, project_id, project_scope)
-        return self._store.state(name).values.get(key, default)
+        self._registry.note_read(PROJECT, key)
+        value = self._store.state(name).values.get(key, UNSET)
+        return self._registry.missing(PROJECT, key, default) if value is UNSET else value
 
     def get_all_values(self, project_id: int) -> dict[str, Any]:
         return dict(self._store.state(project_scope(project_id).name).values)
@@ -75,8 +99,14 @@ class UserOptions(_Reader):
 
     __slots__ = ()
 
-    def get_value(self, user_id: int, project_id: int | None, key: str, default: Any = None) -> Any:
-        return self._store.state(user_scope(user_id, project_id).name).values.get(key, default)
+    def get_value(
+        self, user_id: int, project_id: int | None, key: str, default: Any = UNSET
+    ) -> Any:
+        value = self._store.state(user_scope(user_id, project_id).name).values.get(key, UNSET)
+        if value is UNSET:
+            return self._registry.missing(USER, key, default)
+        self._registry.note_read(USER, key)
+        return value
 
     def get_all_values(self, user_id: int, project_id: int | None = None) -> dict[str, Any]:
         return dict(self._store.state(user_scope(user_id, project_id).name).values)
@@ -87,7 +117,7 @@ class GroupMeta(_Reader):
 
     __slots__ = ()
 
-    def get_value(self, group_id: int, key: str, default: Any = None) -> Any:
+    def get_value(self, group_id: int, key: str, default: Any = UNSET) -> Any:
         # Spelled out like ProjectOptions.get_value on purpose: a shared helper would add a
         # call to every local hit, a large part of a ~150 ns read.
         if type(group_id) is int:
@@ -95,10 +125,14 @@ class GroupMeta(_Reader):
             if name is not None:
                 state = self._local.holder.scopes.get(name)
                 if state is not None:
-                    return state.values.get(key, default)
-        return self._store.state(_named(_GROUP_NAMES, group_id, group_scope)).values.get(
-            key, default
-        )
+                    value = state.values.get(key, UNSET)
+                    if value is not UNSET:
+                        return value
+                    return self._registry.missing(GROUP, key, default)
+        name = _named(_GROUP_NAMES, group_id, group_scope)
+        self._registry.note_read(GROUP, key)
+        value = self._store.state(name).values.get(key, UNSET)
+        return self._registry.missing(GROUP, key, default) if value is UNSET else value
 
     def get_all_values(self, group_id: int) -> dict[str, Any]:
         return dict(self._store.state(group_scope(group_id).name).values)

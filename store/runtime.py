@@ -55,6 +55,7 @@ class Runtime:
         self._lock = threading.RLock()
         backend.on_first_use = self.ensure_configured
         backend.on_unsynced_read = self.ensure_following
+        backend.registry.on_first_use = self._load_registry
         after_fork_in_child(self._after_fork)
 
     # -- configuration ----------------------------------------------------------------------
@@ -174,6 +175,14 @@ class Runtime:
         if self._settings is None:
             self._settings = Settings.from_environ()
         return self._settings
+
+    def _load_registry(self) -> None:
+        # The registry resolves on its first use, from the settings this process runs with.
+        settings = self.settings()
+        if settings.registry_path:
+            self.backend.registry.load(settings.registry_path, strict=settings.registry_strict)
+        else:
+            self.backend.registry.strict_override = settings.registry_strict
 
     def max_value_bytes(self) -> int:
         """The value size limit in force here, before anything is configured too."""

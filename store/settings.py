@@ -40,6 +40,8 @@ OVERRIDES = {
     "task_queue_type": "OPTIONS_TASK_QUEUE_TYPE",
     "write_retention": "OPTIONS_WRITE_RETENTION",
     "history_retention": "OPTIONS_HISTORY_RETENTION",
+    "registry": "OPTIONS_REGISTRY",
+    "registry_strict": "OPTIONS_REGISTRY_STRICT",
 }
 
 # The kombu versions worker/broker.py is tested with: it overrides private names of kombu's
@@ -164,6 +166,10 @@ class Settings:
     write_retention: int = 7 * DAY
     # Seconds a superseded history entry is kept (the latest change of each key stays).
     history_retention: int = 90 * DAY
+    # Declared options (store/registry.py): a TOML or JSON file, and strict mode (None: the
+    # file's own setting).
+    registry_path: str = ""
+    registry_strict: bool | None = None
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -218,6 +224,8 @@ class Settings:
             ),
             broker_master_name=env.get("OPTIONS_BROKER_MASTER_NAME") or None,
             task_queue_type=queue_type,
+            registry_path=env.get("OPTIONS_REGISTRY") or "",
+            registry_strict=_flag(env, "OPTIONS_REGISTRY_STRICT"),
         )
 
     @property
@@ -251,6 +259,17 @@ class Settings:
 
         services = ensure_embedded(self.state_dir)
         return services.database_url, services.redis_url
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool | None:
+    text = (env.get(name) or "").strip().lower()
+    if not text:
+        return None
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise InvalidOption(name, f"must be 1 or 0 (true/false), got {text!r}")
 
 
 def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:

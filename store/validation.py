@@ -36,6 +36,20 @@ def validate_key(value: object, field: str = "key", *, max_length: int = MAX_KEY
     return value
 
 
+def validate_text(value: object, field: str, *, max_length: int, newlines: bool = False) -> str:
+    """A short free text (an actor, a reason): a string without control characters (a reason
+    may hold newlines and tabs)."""
+    if not isinstance(value, str):
+        raise InvalidOption(field, f"must be a string, not {type(value).__name__}")
+    if len(value) > max_length:
+        raise InvalidOption(field, f"must be at most {max_length} characters, got {len(value)}")
+    for char in value:
+        if _is_control(char) and not (newlines and char in "\n\t"):
+            raise InvalidOption(field, f"must not contain control characters, found {char!r}")
+    _check_utf8(value, field)
+    return value
+
+
 def _check_utf8(text: str, field: str) -> bytes:
     # JSON can carry a lone surrogate ("\ud800"); UTF-8, PostgreSQL and Redis cannot.
     try:

@@ -13,10 +13,38 @@ from store.validation import (
     encode_value,
     validate_key,
     validate_tag_key,
+    validate_text,
 )
 
 # Tag keys are a set; each member is stored with this value.
 TAG_KEY_PRESENT = "true"
+
+MAX_ACTOR_LENGTH = 128
+MAX_REASON_LENGTH = 1000
+# Writes made by `optionstore apply` and `revert`; plan finds the last apply by this mark.
+ORIGINS = ("apply", "revert")
+
+
+@dataclass(frozen=True, slots=True)
+class Audit:
+    """Who asked for a write, why, and whether an apply or a revert made it."""
+
+    actor: str | None = None
+    reason: str | None = None
+    origin: str | None = None
+
+
+def audit(actor: object = None, reason: object = None, origin: object = None) -> Audit:
+    """A checked ``Audit``; each field is optional, and named in its error."""
+    if origin is not None and origin not in ORIGINS:
+        raise InvalidOption("origin", f"must be one of {', '.join(ORIGINS)}, got {origin!r}")
+    return Audit(
+        None if actor is None else validate_text(actor, "actor", max_length=MAX_ACTOR_LENGTH),
+        None
+        if reason is None
+        else validate_text(reason, "reason", max_length=MAX_REASON_LENGTH, newlines=True),
+        origin,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +54,7 @@ class Write:
     scope: Scope
     sets: Mapping[str, str] = field(default_factory=dict)
     unsets: tuple[str, ...] = ()
+    audit: Audit = Audit()
 
     @property
     def keys(self) -> list[str]:

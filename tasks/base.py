@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
+from collections.abc import Mapping
 from typing import Any
 
 from celery import Task
@@ -10,7 +12,14 @@ from celery import Task
 import store
 from store.errors import InvalidOption, StoreUnavailable
 from store.transient import postgres_unavailable, redis_unavailable
-from store.writes import Write
+from store.writes import Write, audit
+
+# Task headers a producer sets to say who asks for a write and why (`app.send_task(...,
+# headers={"optionstore_actor": "ana", "optionstore_reason": "incident 42"})`).
+ACTOR_HEADER = "optionstore_actor"
+REASON_HEADER = "optionstore_reason"
+ORIGIN_HEADER = "optionstore_origin"
+AUDIT_HEADERS = {"actor": ACTOR_HEADER, "reason": REASON_HEADER, "origin": ORIGIN_HEADER}
 
 
 def worth_retrying(exc: BaseException) -> bool:
@@ -34,7 +43,7 @@ class WriteTask(Task):  # type: ignore[misc]
     retry_backoff_max = 60.0
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        write: Write = self.run(*args, **kwargs)
+        write = self.checked(self.run(*args, **kwargs), _headers(self.request))
         try:
             result = store.backend.commit(write, task_id=self.request.id)
         except Exception as exc:
@@ -50,12 +59,38 @@ class WriteTask(Task):  # type: ignore[misc]
         ceiling: float = min(self.retry_backoff_max, self.retry_backoff_base * 2**retries)
         return random.uniform(0, ceiling)  # noqa: S311 (jitter, not cryptography)
 
+    def checked(self, write: Write, headers: Mapping[str, Any]) -> Write:
+        """``write`` with its audit headers, once the registry allows it (else InvalidOption)."""
+        store.registry.check_write(write, many=self.name == "options.set_many")
+        found = {field: headers.get(name) for field, name in AUDIT_HEADERS.items()}
+        return dataclasses.replace(write, audit=audit(**found))
+
     def apply_async(
         self,
         args: tuple[Any, ...] | list[Any] | None = None,
         kwargs: dict[str, Any] | None = None,
+        *,
+        actor: str | None = None,
+        reason: str | None = None,
         **options: Any,
     ) -> Any:
+        """Enqueue, with ``actor`` and ``reason`` sent as the audit headers."""
+        headers = dict(options.pop("headers", None) or {})
+        if actor is not None:
+            headers[ACTOR_HEADER] = actor
+        if reason is not None:
+            headers[REASON_HEADER] = reason
         # The helpers reject bad input before anything is enqueued; the worker checks again.
-        self.run(*(args or ()), **(kwargs or {}))
-        return super().apply_async(args, kwargs, **options)
+        self.checked(self.run(*(args or ()), **(kwargs or {})), headers)
+        return super().apply_async(args, kwargs, headers=headers or None, **options)
+
+
+def _headers(request: Any) -> dict[str, Any]:
+    # Celery hands custom headers to the task as attributes of its request (protocol 2), and
+    # keeps them in request.headers for a retry.
+    found = dict(getattr(request, "headers", None) or {})
+    for name in AUDIT_HEADERS.values():
+        value = getattr(request, name, None)
+        if value is not None:
+            found[name] = value
+    return found

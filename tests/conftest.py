@@ -47,6 +47,8 @@ for _name in (
     "OPTIONS_LOCAL_CACHE",
     "OPTIONS_NAMESPACE",
     "OPTIONS_TASK_QUEUE",
+    "OPTIONS_REGISTRY",
+    "OPTIONS_REGISTRY_STRICT",
 ):
     os.environ.pop(_name, None)
 STATE_DIR = Path(tempfile.mkdtemp(prefix="optionstore-tests-"))

@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import functools
+import getpass
 import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 from store.errors import InvalidOption, OptionsError
-from store.presence import Presence, lagging
+from store.presence import lagging
 from store.scopes import GLOBAL, GROUP, PROJECT, TAGKEYS, USER, Scope
-from store.settings import Settings, redact_url
+from store.settings import redact_url
 from store.validation import validate_key
-
-T = TypeVar("T")
+from worker.console import configured as _configured
+from worker.console import print_json as _print_json
+from worker.console import settings as _settings
+from worker.console import show, table
+from worker.operate import add_commands as add_operator_commands
+from worker.waits import presence as _presence
+from worker.waits import wait_for_writes
 
 DEFAULT_WORKER_ARGS = ["--pool", "prefork", "--concurrency", "2", "--loglevel", "INFO"]
 
@@ -79,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
             help="return once the write committed and every live worker process applied it",
         )
         cmd.add_argument("--timeout", type=float, default=30.0, help="seconds --wait waits (30)")
+        add_audit_arguments(cmd)
     history = command(
         "history", _history, "print the change history of a scope or key", json_flag=True
     )
@@ -96,29 +102,22 @@ def _parser() -> argparse.ArgumentParser:
         "embedded", _embedded, "manage the embedded PostgreSQL and Redis", json_flag=True
     )
     embedded.add_argument("action", choices=["start", "stop", "status", "env"])
+    add_operator_commands(command)
     return parser
 
 
-@functools.cache
-def _settings() -> Settings:
-    return Settings.from_environ()
+def add_audit_arguments(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--reason", help="why: stored with the change, shown by history and explain")
+    cmd.add_argument("--actor", help="who asks for the change (default: the OS user)")
 
 
-@functools.cache
-def _configured() -> Any:
-    import store
-
-    settings = _settings()
-    return store.configure(
-        database_url=settings.database_url,
-        redis_url=settings.redis_url,
-        namespace=settings.namespace,
-        max_value_bytes=settings.max_value_bytes,
-    )
-
-
-def _print_json(data: object) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True, default=str))
+def actor_of(args: argparse.Namespace) -> str:
+    if args.actor:
+        return str(args.actor)
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry for this uid (a bare container)
+        return f"uid:{os.getuid()}"
 
 
 def _migrate(args: argparse.Namespace, _: list[str]) -> int:
@@ -189,50 +188,20 @@ def _enqueue(args: argparse.Namespace, value: Any, *, unset: bool) -> int:
     backend = _configured()
     from worker import app
 
-    # Through the task object: its apply_async applies the input rules before enqueueing.
-    task_id: str = app.tasks[name].apply_async(task_args).id
+    # Through the task object: its apply_async applies the input rules (and the registry's)
+    # before enqueueing.
+    task_id: str = (
+        app.tasks[name].apply_async(task_args, actor=actor_of(args), reason=args.reason).id
+    )
     print(f"enqueued {name} {json.dumps(task_args)} as task {task_id}")
     if not args.wait:
         return 0
-    deadline = time.monotonic() + args.timeout
-    record = _poll(lambda: backend.db.write_record(task_id), deadline)
-    if record is None:
-        print(f"not committed after {args.timeout:.0f}s: is a worker running?", file=sys.stderr)
-        return 1
-    result = record[0]
-    state = "changed" if result.changed else "unchanged"
-    print(f"committed: {result.scope} at revision {result.revision} ({state})")
-    if not result.changed:
-        return 0
-    presence = _presence(backend)
 
-    def converged() -> dict[str, list[str]] | None:
-        current = backend.db.write_record(task_id)
-        behind = lagging(presence.processes(), [current] if current else [])
-        return behind if not any(behind.values()) else None
+    def committed(result: Any) -> None:
+        state = "changed" if result.changed else "unchanged"
+        print(f"committed: {result.scope} at revision {result.revision} ({state})")
 
-    done = _poll(converged, deadline)
-    if done is not None:
-        print(f"applied by {len(done)} live worker processes")
-        return 0
-    behind = lagging(presence.processes(), [r for r in [backend.db.write_record(task_id)] if r])
-    late = sorted(name for name, missing in behind.items() if missing)
-    print(f"not applied after {args.timeout:.0f}s by: {', '.join(late)}", file=sys.stderr)
-    return 1
-
-
-def _poll(probe: Callable[[], T | None], deadline: float, interval: float = 0.02) -> T | None:
-    while True:
-        found = probe()
-        if found is not None or time.monotonic() >= deadline:
-            return found
-        time.sleep(interval)
-
-
-def _presence(backend: Any) -> Presence:
-    if backend.redis is None:
-        raise OptionsError("process reports live in Redis, and no Redis is configured")
-    return Presence(backend.redis.client, namespace=_settings().namespace)
+    return wait_for_writes(backend, [task_id], timeout=args.timeout, on_commit=committed)
 
 
 def _set(args: argparse.Namespace, _: list[str]) -> int:
@@ -253,28 +222,44 @@ def _history(args: argparse.Namespace, _: list[str]) -> int:
     scope = Scope.parse(args.scope)
     entries = _configured().db.history(scope.name, args.key, limit=args.limit)
     if args.json:
-        _print_json(
-            [
-                {
-                    "scope": e.scope,
-                    "key": e.key,
-                    "revision": e.revision,
-                    "old_value": e.old_value,
-                    "new_value": e.new_value,
-                    "changed_at": e.changed_at.isoformat(),
-                    "task_id": e.task_id,
-                }
-                for e in entries
-            ]
-        )
+        _print_json([history_dict(e) for e in entries])
         return 0
-    for e in entries:
-        new = "(unset)" if e.new_value is None else json.dumps(e.new_value)
-        old = "(unset)" if e.old_value is None else json.dumps(e.old_value)
-        print(
-            f"r{e.revision} {e.changed_at:%Y-%m-%d %H:%M:%S} {e.key}: {old} -> {new}  [{e.task_id}]"
-        )
+    table(
+        ["rev", "changed at (UTC)", "key", "old", "new", "actor", "reason", "task"],
+        [
+            [
+                f"r{e.revision}",
+                f"{e.changed_at:%Y-%m-%d %H:%M:%S}",
+                e.key,
+                show(json.dumps(e.old_value) if e.old_set else None),
+                show(json.dumps(e.new_value) if e.new_set else None),
+                e.actor or "-",
+                (e.reason or "").replace("\n", " ") or "-",
+                e.task_id or "-",
+            ]
+            for e in entries
+        ],
+        width=40,
+    )
     return 0
+
+
+def history_dict(e: Any) -> dict[str, Any]:
+    """One history row for --json; ``*_set`` tell a JSON null from "not set"."""
+    return {
+        "scope": e.scope,
+        "key": e.key,
+        "revision": e.revision,
+        "old_value": e.old_value,
+        "old_set": e.old_set,
+        "new_value": e.new_value,
+        "new_set": e.new_set,
+        "changed_at": e.changed_at.isoformat(),
+        "task_id": e.task_id,
+        "actor": e.actor,
+        "reason": e.reason,
+        "origin": e.origin,
+    }
 
 
 def _status(args: argparse.Namespace, _: list[str]) -> int:
