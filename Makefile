@@ -24,8 +24,9 @@ run: venv ## migrate, then run a worker on the embedded default (or the configur
 test: venv ## run the test suite (extra arguments: PYTEST_ARGS='-k embedded -x')
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: venv ## ruff lint, ruff format check, mypy --strict
+lint: venv ## ruff lint, ruff format check, mypy --strict, no merge conflict markers
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
+	@! git grep -nE '^(<<<<<<<|>>>>>>>) ' -- . || { echo "merge conflict markers above"; exit 1; }
 
 bench: venv ## run the benchmarks
 	$(BIN)/python -m bench
