@@ -1,0 +1,87 @@
+"""The connections each kind of process holds, idle, against the documented budget (README,
+"Connection budget"); and that they do not grow with the number of workers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import psutil
+import pytest
+
+from tests.conftest import Services, Worker, wait_for
+
+# Idle, before any write: (Redis, PostgreSQL) connections per process, at most.
+BUDGET = {
+    # the task consumer (2: a blocking take, and its acknowledgements), the control channel
+    # (2), the store's Redis client (up to 2: the lease and reports, the reconciler); the
+    # leader also publishes (2: kombu's channel check and the publishes, shared by heartbeat and
+    # relay) and reads PostgreSQL from its two duty threads (2, given back after a minute idle)
+    "leader": (9, 2),
+    "follower": (6, 0),
+    # the reload consumer (2: its subscription, and the channel of its hellos), the store's
+    # Redis client (1, 2 once a task and the consumer use it together); no PostgreSQL until a
+    # read misses Redis or a task writes
+    "child": (4, 0),
+}
+
+
+def _ports(services: Services) -> tuple[int, int]:
+    redis_port = urlsplit(services.redis_url).port or 6379
+    database = urlsplit(services.database_url)
+    return redis_port, database.port or 5432
+
+
+def _count(pid: int, port: int) -> int:
+    return sum(
+        1
+        for c in psutil.Process(pid).net_connections(kind="tcp")
+        if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+    )
+
+
+@pytest.fixture(scope="module")
+def two_workers(services: Services) -> Iterator[list[Worker]]:
+    if services.name != "machine":
+        pytest.skip("counted on the machine's services (TCP); the embedded PostgreSQL is a socket")
+    workers = [Worker(services, concurrency=2).start() for _ in range(2)]
+    try:
+        yield workers
+    finally:
+        for worker in workers:
+            worker.stop()
+
+
+def test_idle_connections_stay_within_budget_and_do_not_grow_with_workers(
+    services: Services, two_workers: list[Worker]
+) -> None:
+    """With two workers idle, each main process and each child holds at most its budget of
+    Redis and PostgreSQL connections, the same whichever worker it belongs to."""
+    redis_port, postgres_port = _ports(services)
+    mains = [w.process.pid for w in two_workers if w.process is not None]
+
+    def counts() -> dict[str, list[tuple[int, int]]]:
+        found: dict[str, list[tuple[int, int]]] = {"main": [], "child": []}
+        for main in mains:
+            found["main"].append((_count(main, redis_port), _count(main, postgres_port)))
+            for child in psutil.Process(main).children():
+                found["child"].append(
+                    (_count(child.pid, redis_port), _count(child.pid, postgres_port))
+                )
+        return found
+
+    def settled() -> dict[str, list[tuple[int, int]]] | None:
+        # Connections open lazily: wait until every child has its consumer and report client.
+        found = counts()
+        ready = len(found["child"]) == 4 and all(r >= 3 for r, _ in found["child"])
+        return found if ready else None
+
+    found = wait_for(settled, timeout=30, interval=0.5, message="children to connect")
+    print(f"\nidle connections (Redis, PostgreSQL): {found}")
+    for redis_count, postgres_count in found["child"]:
+        assert redis_count <= BUDGET["child"][0] and postgres_count <= BUDGET["child"][1], found
+    leader_redis, leader_pg = BUDGET["leader"]
+    for redis_count, postgres_count in found["main"]:
+        assert redis_count <= leader_redis and postgres_count <= leader_pg, found
+    # The second worker costs what the first does: one leader, one follower.
+    assert sorted(found["main"])[0][0] <= BUDGET["follower"][0], found
