@@ -49,6 +49,9 @@ CLIENT_NAME_PREFIX = "optionstore-taken-"
 # kombu's restore timer, so no more often than unacked_restore_interval), and how often it
 # also forgets the tokens of consumers that left nothing behind.
 RECLAIM_INTERVAL_S = 1.0
+# How long one consumer's turn to sweep keeps the others from sweeping: a little under the
+# interval, so the next round is never skipped for a late timer.
+SWEEP_TURN_MS = int(RECLAIM_INTERVAL_S * 900)
 CENSUS_INTERVAL_S = 60.0
 MIN_REDIS_VERSION = (6, 2)
 
@@ -384,14 +387,17 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
         Runs on whichever channel kombu's restore timer picks (a worker's gossip or event
         channel too), so it works from the registry, not from what this channel consumes.
         """
-        if not self.active_queues:
-            return 0
         now = time.monotonic()
-        if now < self._next_reclaim:
+        if not self.active_queues or now < self._next_reclaim:
             return 0
         self._next_reclaim = now + RECLAIM_INTERVAL_S
         moved = 0
         with self.conn_or_acquire() as client:
+            # One sweep per interval for the whole fleet, by whichever consumer comes first:
+            # a sweep reads every consumer's entry, so one per consumer would cost O(N^2).
+            turn = f"{self.taken_registry}.sweeping"
+            if not client.set(turn, self.taken_token, nx=True, px=SWEEP_TURN_MS):
+                return 0
             entries = {
                 bytes_to_str(token): bytes_to_str(entry)
                 for token, entry in client.hgetall(self.taken_registry).items()
