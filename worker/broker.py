@@ -395,7 +395,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
         with self.conn_or_acquire() as client:
             # One sweep per interval for the whole fleet, by whichever consumer comes first:
             # a sweep reads every consumer's entry, so one per consumer would cost O(N^2).
-            turn = f"{self.taken_registry}.sweeping"
+            turn = f"{self.unacked_key}.sweep"
             if not client.set(turn, self.taken_token, nx=True, px=SWEEP_TURN_MS):
                 return 0
             entries = {
