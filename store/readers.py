@@ -78,10 +78,12 @@ class ProjectOptions(_Reader):
             if name is not None:
                 state = self._local.holder.scopes.get(name)
                 if state is not None:
-                    value = state.values.get(key, UNSET)
-                    if value is not UNSET:
-                        return value
-                    return self._registry.missing(PROJECT, key, default)
+                    # A subscript, not .get(): no method call on a hit, and an exception
+                    # costs nothing until a key is missing (then the registry decides).
+                    try:
+                        return state.values[key]
+                    except KeyError:
+                        return self._registry.missing(PROJECT, key, default)
         name = _named(_PROJECT_NAMES, project_id, project_scope)
         self._registry.note_read(PROJECT, key)
         value = self._store.state(name).values.get(key, UNSET)
@@ -125,10 +127,12 @@ class GroupMeta(_Reader):
             if name is not None:
                 state = self._local.holder.scopes.get(name)
                 if state is not None:
-                    value = state.values.get(key, UNSET)
-                    if value is not UNSET:
-                        return value
-                    return self._registry.missing(GROUP, key, default)
+                    # A subscript, not .get(): no method call on a hit, and an exception
+                    # costs nothing until a key is missing (then the registry decides).
+                    try:
+                        return state.values[key]
+                    except KeyError:
+                        return self._registry.missing(GROUP, key, default)
         name = _named(_GROUP_NAMES, group_id, group_scope)
         self._registry.note_read(GROUP, key)
         value = self._store.state(name).values.get(key, UNSET)
