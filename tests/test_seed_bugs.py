@@ -10,6 +10,7 @@ import pytest
 
 import store
 import tasks
+import worker  # noqa: F401 (the project app: the task helpers send through it)
 from store.errors import InvalidOption
 from store.postgres import Snapshot
 from store.redis_cache import REVISION_FIELD, STALE_FIELD
