@@ -44,7 +44,15 @@ def _count(pid: int, port: int) -> int:
 def two_workers(services: Services) -> Iterator[list[Worker]]:
     if services.name != "machine":
         pytest.skip("counted on the machine's services (TCP); the embedded PostgreSQL is a socket")
-    workers = [Worker(services, concurrency=2).start() for _ in range(2)]
+    # Queues of their own: the session's worker must not answer the tasks meant for these.
+    workers = [
+        Worker(
+            services,
+            concurrency=2,
+            extra_env={"OPTIONS_TASK_QUEUE": f"{services.namespace}.budget{index}"},
+        ).start()
+        for index in range(2)
+    ]
     try:
         yield workers
     finally:

@@ -86,7 +86,13 @@ def test_thread_maps_can_be_scanned_while_threads_start_and_end(fast_switching: 
 
 def test_threads_pool_worker_survives_thread_churn(services: Services) -> None:
     """A threads-pool worker serves concurrent writes, reads and thread churn without an error."""
-    worker = Worker(services, pool="threads", concurrency=32).start()
+    # A queue of its own: the session's prefork worker must not take these tasks.
+    worker = Worker(
+        services,
+        pool="threads",
+        concurrency=32,
+        extra_env={"OPTIONS_TASK_QUEUE": f"{services.namespace}.threads"},
+    ).start()
     try:
         worker.call("probe.switch_interval", 1e-5)
         projects = [fresh_id() for _ in range(8)]

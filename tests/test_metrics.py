@@ -23,7 +23,14 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def measured(services: Services) -> Iterator[tuple[Worker, int]]:
     port = free_port()
-    worker = Worker(services, extra_env={"OPTIONS_METRICS_PORT": str(port)}).start()
+    # A queue of its own: the session's worker must not answer the tasks meant for this one.
+    worker = Worker(
+        services,
+        extra_env={
+            "OPTIONS_METRICS_PORT": str(port),
+            "OPTIONS_TASK_QUEUE": f"{services.namespace}.metrics",
+        },
+    ).start()
     try:
         yield worker, port
     finally:
