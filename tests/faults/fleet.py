@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,6 +123,22 @@ def reports(own: Fleet) -> dict[int, ProcessReport]:
         return {report.pid: report for report in own.presence().processes()}
     except redis.RedisError:  # the cache may be the thing that is down
         return {}
+
+
+def project_writes(
+    prefix: str, projects: Sequence[int], *, count: int, keys: int
+) -> list[tuple[str, str, list[Any]]]:
+    """``count`` writes of ``set_project_option`` spread over ``projects`` and ``keys`` keys,
+    each with a task id (``<prefix>-<n>-<tag>``) and a value unique to this run."""
+    tag = uuid.uuid4().hex[:8]
+    return [
+        (
+            f"{prefix}-{i:04d}-{tag}",
+            "options.set_project_option",
+            [projects[i % len(projects)], f"k{i % keys}", f"w{i}-{tag}"],
+        )
+        for i in range(count)
+    ]
 
 
 class Stream(threading.Thread):

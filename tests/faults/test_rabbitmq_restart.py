@@ -21,7 +21,7 @@ from tests.faults.checks import (
     wait_converged,
     wait_status_converged,
 )
-from tests.faults.fleet import FaultWorker, Fleet, Stream, fleet
+from tests.faults.fleet import FaultWorker, Fleet, Stream, fleet, project_writes
 from tests.faults.servers import PostgresServer, RabbitNode, rabbit_binaries, unavailable
 
 WRITES = 400
@@ -53,15 +53,7 @@ def restart_under_load(
     that every write committed once and every process reads what PostgreSQL holds; record the
     figures as ``fault``."""
     projects = [fresh_id(), fresh_id()]
-    tag = uuid.uuid4().hex[:8]
-    writes = [
-        (
-            f"amqp-{i:04d}-{tag}",
-            "options.set_project_option",
-            [projects[i % len(projects)], f"k{i % KEYS}", f"w{i}-{tag}"],
-        )
-        for i in range(WRITES)
-    ]
+    writes = project_writes("amqp", projects, count=WRITES, keys=KEYS)
     ids = [task_id for task_id, _, _ in writes]
     for project in projects:
         worker.call("options.set_project_option", project, "warm", 0)

@@ -4,7 +4,6 @@ no write is lost, and once Redis is back no process serves a value older than Po
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any
 
 import pytest
@@ -23,7 +22,7 @@ from tests.faults.checks import (
     wait_converged,
     wait_status_converged,
 )
-from tests.faults.fleet import Stream, fleet
+from tests.faults.fleet import Stream, fleet, project_writes
 from tests.faults.servers import PostgresServer, RedisServer
 
 WRITES = 400
@@ -31,18 +30,6 @@ PER_SECOND = 40.0
 KEYS = 4
 VISIBILITY_S = 5
 CACHE_DOWN_S = 3.0
-
-
-def load(projects: list[int]) -> list[tuple[str, str, list[Any]]]:
-    tag = uuid.uuid4().hex[:8]
-    return [
-        (
-            f"redis-{i:04d}-{tag}",
-            "options.set_project_option",
-            [projects[i % len(projects)], f"k{i % KEYS}", f"w{i}-{tag}"],
-        )
-        for i in range(WRITES)
-    ]
 
 
 @pytest.mark.faults
@@ -54,7 +41,7 @@ def test_redis_restart_under_load(stable: PostgresServer, own_redis: Any, role: 
     broker = cache if role == "cache+broker" else own_redis()
     database_url = stable.new_database()
     projects = [fresh_id(), fresh_id()]
-    writes = load(projects)
+    writes = project_writes("redis", projects, count=WRITES, keys=KEYS)
     ids = [task_id for task_id, _, _ in writes]
     with fleet(database_url, cache.url, stable.redis_url) as own:
         worker = own.start(

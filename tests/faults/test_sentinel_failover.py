@@ -22,7 +22,7 @@ from tests.faults.checks import (
     wait_converged,
     wait_status_converged,
 )
-from tests.faults.fleet import FaultWorker, Stream, fleet, wait_synced
+from tests.faults.fleet import FaultWorker, Stream, fleet, project_writes, wait_synced
 from tests.faults.servers import PostgresServer
 from tests.faults.topology_servers import SentinelGroup
 
@@ -46,15 +46,7 @@ def test_sentinel_failover_under_load(stable: PostgresServer, sentinels: Sentine
     and reports what PostgreSQL holds, through the promoted replica."""
     database_url = stable.new_database()
     projects = [fresh_id(), fresh_id()]
-    tag = uuid.uuid4().hex[:8]
-    writes = [
-        (
-            f"sentinel-{i:04d}-{tag}",
-            "options.set_project_option",
-            [projects[i % len(projects)], f"k{i % KEYS}", f"w{i}-{tag}"],
-        )
-        for i in range(WRITES)
-    ]
+    writes = project_writes("sentinel", projects, count=WRITES, keys=KEYS)
     ids = [task_id for task_id, _, _ in writes]
     with fleet(database_url, sentinels.cache_url, stable.redis_url) as own:
         worker = FaultWorker(
