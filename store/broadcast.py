@@ -14,6 +14,7 @@ from typing import Any
 
 import kombu
 import structlog
+from kombu.common import maybe_declare
 
 from store.fork import after_fork_in_child
 from store.scopes import Scope
@@ -21,6 +22,8 @@ from store.validation import decode_value
 from store.writes import WriteResult
 
 log = structlog.get_logger("optionstore")
+
+_quote = json.encoder.encode_basestring_ascii  # a str as a JSON string (C, ASCII escapes)
 
 VERSION = 1
 CHANGE = "change"
@@ -86,6 +89,11 @@ class ReloadMessage:
         message = cls.change(result, origin=origin)
         if rough * 12 + 4096 <= max_bytes or len(json.dumps(message.to_body())) <= max_bytes:
             return message
+        return cls.reload(result, origin=origin)
+
+    @classmethod
+    def reload(cls, result: WriteResult, *, origin: str = "") -> ReloadMessage:
+        """ "Reload ``result.scope``": names the revision, carries no values."""
         return cls(
             RELOAD,
             result.scope,
@@ -180,6 +188,18 @@ class ReloadMessage:
         )
 
 
+def change_text(result: WriteResult, *, origin: str) -> str:
+    """``ReloadMessage.change(result).to_body()`` as JSON text, made from the canonical JSON
+    texts ``result`` holds without decoding them (the publish path of every write)."""
+    sets = ",".join(f"{_quote(k)}:{v}" for k, v in result.changes.items() if v is not None)
+    unsets = ",".join(_quote(k) for k, v in result.changes.items() if v is None)
+    return (
+        f'{{"v":{VERSION},"kind":"{CHANGE}","sent_at":{time.time()!r},"origin":{_quote(origin)},'
+        f'"scope":{_quote(result.scope)},"revision":{int(result.revision)},"set":{{{sets}}},'
+        f'"unset":[{unsets}],"committed_at":{float(result.committed_at)!r}}}'
+    )
+
+
 def _scope(value: object) -> str:
     try:
         return Scope.parse(value).name
@@ -268,24 +288,27 @@ class Publisher:
         after_fork_in_child(self._forget_after_fork)
 
     def publish(self, message: ReloadMessage) -> None:
-        body = message.to_body()
+        self._publish_text(json.dumps(message.to_body(), separators=(",", ":")))
+
+    def _publish_text(self, text: str) -> None:
         with self._lock:
             try:
-                self._send(body)
+                self._send(text)
             except Exception:
                 # One fresh connection and one more try (kombu's own retry wrapper costs on
                 # every message); if that fails too, the outbox relay announces it later.
                 self._reset()
-                self._send(body)
+                self._send(text)
 
-    def _send(self, body: dict[str, Any]) -> None:
+    def _send(self, text: str) -> None:
+        # Already JSON: kombu sends the text as is (no serializer, no per-message declare).
         self._get_producer().publish(
-            body,
+            text,
             exchange=self.exchange,
             routing_key="",
-            serializer="json",
+            content_type="application/json",
+            content_encoding="utf-8",
             delivery_mode=1,  # transient
-            declare=[self.exchange],
             confirm_timeout=CONFIRM_TIMEOUT,  # AMQP with confirms only; ignored elsewhere
         )
 
@@ -305,14 +328,19 @@ class Publisher:
         self._producer = None
 
     def announce(self, result: WriteResult) -> None:
-        self.publish(
-            ReloadMessage.for_result(result, origin=self.origin, max_bytes=self.max_message_bytes)
-        )
+        """Publish the change ``result`` committed, or a RELOAD if it is too large to carry."""
+        text = change_text(result, origin=self.origin)
+        if len(text.encode()) > self.max_message_bytes:
+            self.publish(ReloadMessage.reload(result, origin=self.origin))
+        else:
+            self._publish_text(text)
 
     def _get_producer(self) -> kombu.Producer:
         if self._producer is None:
             self._connection = self.connect()
-            self._producer = kombu.Producer(self._connection.default_channel)
+            channel = self._connection.default_channel
+            maybe_declare(self.exchange, channel)  # once per connection, not per message
+            self._producer = kombu.Producer(channel)
         return self._producer
 
     def close(self) -> None:

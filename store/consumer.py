@@ -28,6 +28,9 @@ from store.presence import Presence
 log = structlog.get_logger("optionstore")
 
 REPORTED_SCOPES = 5000  # revisions a process reports; older ones fall off its report
+# Seconds between two reports that carry revisions: under a stream of changes a process
+# reports a few times a second, not once per change (a report is a Redis write).
+REPORT_GAP = 0.1
 
 
 class Silence(Exception):
@@ -200,9 +203,14 @@ class ReloadConsumer(threading.Thread):
 
     # -- reports --------------------------------------------------------------
 
+    def _report_due_at(self) -> float:
+        # report_interval after the first unreported change, and REPORT_GAP after the last
+        # report: one change alone is reported at once, a stream in batches.
+        return max(self._unreported_since + self.report_interval, self._last_report + REPORT_GAP)
+
     def _drain_timeout(self) -> float:
         if self._unreported:
-            return max(0.0, self._unreported_since + self.report_interval - time.monotonic())
+            return min(0.1, max(0.0, self._report_due_at() - time.monotonic()))
         return 0.1
 
     def _report(self, *, force: bool = False) -> None:
@@ -211,7 +219,7 @@ class ReloadConsumer(threading.Thread):
         now = time.monotonic()
         # Reported a little after the first unreported change, not at once: the report is a
         # Redis write, and the processes still applying the same message share the CPU.
-        due = self._unreported and now - self._unreported_since >= self.report_interval
+        due = self._unreported and now >= self._report_due_at()
         if not (force or due or now - self._last_report >= 1.0):
             return
         revisions, self._unreported = self._unreported, {}

@@ -30,3 +30,9 @@ class StoreUnavailable(OptionsError):
 
 class MigrationError(OptionsError):
     """The database schema is missing, newer than this code, or could not be upgraded."""
+
+
+def describe(exc: BaseException) -> str:
+    """An exception in one line, for a log event."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"

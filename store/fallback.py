@@ -7,7 +7,7 @@ from typing import Any
 
 import structlog
 
-from store.errors import StoreUnavailable
+from store.errors import StoreUnavailable, describe
 from store.local import ScopeState
 
 log = structlog.get_logger("optionstore")
@@ -106,9 +106,3 @@ class LastKnown:
             self._states.pop(scope, None)
         if len(self._states) >= MAX_LAST_KNOWN:
             self._states.clear()  # still full: an outage now reads PostgreSQL or fails
-
-
-def describe(exc: BaseException) -> str:
-    """An exception in one line, for a log event."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"

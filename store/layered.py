@@ -12,8 +12,8 @@ import structlog
 
 from store.applier import apply_message
 from store.broadcast import Publisher, ReloadMessage
-from store.errors import NotConfigured, StoreUnavailable
-from store.fallback import Breaker, LastKnown, describe
+from store.errors import NotConfigured, StoreUnavailable, describe
+from store.fallback import Breaker, LastKnown
 from store.fork import after_fork_in_child
 from store.local import TASK, LocalCache, ScopeState
 from store.metrics import metrics

@@ -4,21 +4,31 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import uuid
-from collections.abc import Iterable, Iterator
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
 from store.fork import after_fork_in_child
+from store.marks import AnnouncedMarks
 from store.writes import Write, WriteResult
 
 Connection = psycopg.Connection[TupleRow]
+T = TypeVar("T")
+
+# A pooled connection idle longer than this is checked (one empty query) before it is handed
+# out: after a PostgreSQL restart every pooled connection is dead. One used more recently is
+# not, and if it is, the calls that cannot wait (a write, a scope load) run again once on a
+# fresh connection (``_once_more_if_broken``).
+CHECK_AFTER_IDLE = 1.0
 
 # Counts a status or a scrape makes stop here: bounded work on a database of any size.
 COUNT_CAP = 100_000
@@ -72,6 +82,13 @@ class PostgresStore:
         # libpq send Terminate over sockets the parent process is still using.
         self._inherited: list[ConnectionPool[Connection]] = []
         self._lock = threading.Lock()
+        # When each pooled connection was last given back (see CHECK_AFTER_IDLE).
+        self._returned_at: weakref.WeakKeyDictionary[Connection, float] = (
+            weakref.WeakKeyDictionary()
+        )
+        # Commits this process announced, not yet marked in options_write: the next write
+        # marks them in its own transaction (or AnnouncedMarks' flush, when none comes).
+        self.marks = AnnouncedMarks(self.mark_announced)
         after_fork_in_child(self._new_lock)
 
     def _new_lock(self) -> None:
@@ -110,9 +127,10 @@ class PostgresStore:
                     timeout=self._timeout,
                     open=True,
                     name="optionstore",
-                    # A pooled connection is dead after a PostgreSQL restart: check it on
-                    # checkout rather than fail the first read or write that gets it.
-                    check=ConnectionPool.check_connection,
+                    # A pooled connection is dead after a PostgreSQL restart: check the idle
+                    # ones on checkout rather than fail the first read or write that gets one.
+                    check=self._check_if_idle,
+                    reset=self._returned,
                     # Autocommit: a write is one function call, its own transaction; reads
                     # that need a snapshot open one explicitly. No server-side prepared
                     # statements (psycopg prepares a query after its 5th run by default): behind
@@ -129,7 +147,29 @@ class PostgresStore:
                 self._pool_pid = os.getpid()
             return self._pool
 
+    def _check_if_idle(self, conn: Connection) -> None:
+        if time.monotonic() - self._returned_at.get(conn, 0.0) >= CHECK_AFTER_IDLE:
+            ConnectionPool.check_connection(conn)
+
+    def _returned(self, conn: Connection) -> None:
+        self._returned_at[conn] = time.monotonic()
+
+    def _once_more_if_broken(self, work: Callable[[Connection], T]) -> T:
+        """``work`` on a pooled connection; run again on another if the connection it got
+        turned out dead (it was used moments before a restart, so not checked). Only for work
+        that may run twice: a read, or a write under its task id."""
+        for attempt in range(2):
+            conn: Connection | None = None
+            try:
+                with self.connection() as conn:
+                    return work(conn)
+            except psycopg.OperationalError:
+                if attempt or conn is None or not conn.broken:
+                    raise
+        raise AssertionError("unreachable")
+
     def close(self) -> None:
+        self.marks.close()
         with self._lock:
             if self._pool is not None and self._pool_pid == os.getpid():
                 self._pool.close()
@@ -144,24 +184,41 @@ class PostgresStore:
         recorded result and writes nothing.
         """
         task_id = task_id or f"direct-{uuid.uuid4()}"
-        for _attempt in range(2):
-            try:
-                with self.connection() as conn:
-                    return self._apply(conn, write, task_id)
-            except psycopg.errors.UniqueViolation:
-                # The same task committed concurrently (a redelivery racing its original):
-                # the next attempt finds its record.
-                continue
-        raise AssertionError("unreachable: a unique violation twice for one task id")
+        announced = self.marks.take()
+        try:
+            for _attempt in range(2):
+                try:
+                    return self._once_more_if_broken(
+                        lambda conn: self._apply(conn, write, task_id, announced)
+                    )
+                except psycopg.errors.UniqueViolation:
+                    # The same task committed concurrently (a redelivery racing its original):
+                    # the next attempt finds its record.
+                    continue
+            raise AssertionError("unreachable: a unique violation twice for one task id")
+        except BaseException:
+            self.marks.put_back(announced)
+            raise
 
-    def _apply(self, conn: Connection, write: Write, task_id: str) -> tuple[WriteResult, bool]:
+    def _apply(
+        self, conn: Connection, write: Write, task_id: str, announced: list[str]
+    ) -> tuple[WriteResult, bool]:
         keys = [*write.sets, *write.unsets]
         values: list[str | None] = [*write.sets.values(), *([None] * len(write.unsets))]
         audit = write.audit
         # One round trip and one transaction: see options_apply in store/schema.py.
         row = conn.execute(
-            "SELECT * FROM options_apply(%s, %s, %s::text[], %s::text[], %s, %s, %s)",
-            (write.scope.name, task_id, keys, values, audit.actor, audit.reason, audit.origin),
+            "SELECT * FROM options_apply(%s, %s, %s::text[], %s::text[], %s, %s, %s, %s::text[])",
+            (
+                write.scope.name,
+                task_id,
+                keys,
+                values,
+                audit.actor,
+                audit.reason,
+                audit.origin,
+                announced or None,
+            ),
         ).fetchone()
         assert row is not None
         revision, changed, changes, committed_at, first_run = row
@@ -176,11 +233,13 @@ class PostgresStore:
         return result, bool(first_run)
 
     def mark_announced(self, task_ids: Iterable[str]) -> None:
+        """Mark these commits announced now, in a transaction of their own."""
         ids = list(task_ids)
         if not ids:
             return
-        with self.connection() as conn:
-            conn.execute("SELECT options_mark_announced(%s::text[])", (ids,))
+        self._once_more_if_broken(
+            lambda conn: conn.execute("SELECT options_mark_announced(%s::text[])", (ids,))
+        )
 
     def write_record(self, task_id: str) -> tuple[WriteResult, bool] | None:
         """The committed result of a write task and whether it was announced, or None."""
@@ -221,10 +280,13 @@ class PostgresStore:
 
     def load_scopes(self, scopes: list[str]) -> dict[str, Snapshot]:
         """Snapshots of several scopes, each consistent with its revision."""
-        with self.connection() as conn, conn.transaction():
+        return self._once_more_if_broken(lambda conn: self._load_scopes(conn, scopes))
+
+    def _load_scopes(self, conn: Connection, scopes: list[str]) -> dict[str, Snapshot]:
+        with conn.transaction():
             # REPEATABLE READ: the revision and the values come from one snapshot.
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            revisions = dict(
+            revisions: dict[str, int] = dict(
                 conn.execute(
                     "SELECT scope, revision FROM options_scope WHERE scope = ANY(%s)", (scopes,)
                 ).fetchall()

@@ -7,8 +7,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from store.fallback import describe
-from store.transient import postgres_unavailable
+from store.errors import describe
 from store.validation import decode_value
 from store.writes import WriteResult
 
@@ -23,13 +22,7 @@ def propagate(store: LayeredStore, result: WriteResult) -> bool:
     (the broadcast) and Redis. False if a step failed: the outbox relay does it again later."""
     # Our own process first: whatever happens below, this process reads the new state.
     store.local.drop(result.scope)
-    store.last_known.advance(
-        result.scope,
-        result.revision,
-        {k: decode_value(v) for k, v in result.changes.items() if v is not None},
-        tuple(k for k, v in result.changes.items() if v is None),
-    )
-    # The broadcast first, it is what the running tasks wait for. Safe before Redis: a
+    # The broadcast next, it is what the running tasks wait for. Safe before Redis: a
     # process that heard it holds a revision floor, so if it reloads the scope before Redis
     # caught up it finds Redis behind the floor and reads PostgreSQL instead. The task
     # returns only after both, so every task started later finds Redis current.
@@ -53,12 +46,14 @@ def propagate(store: LayeredStore, result: WriteResult) -> bool:
                 revision=result.revision,
                 error=describe(exc),
             )
+    store.last_known.advance(
+        result.scope,
+        result.revision,
+        {k: decode_value(v) for k, v in result.changes.items() if v is not None},
+        tuple(k for k, v in result.changes.items() if v is None),
+    )
     if done:
-        try:
-            store.db.mark_announced([result.task_id])
-        except Exception as exc:
-            if not postgres_unavailable(exc):
-                raise
-            # Harmless: the relay announces it again, and an old revision changes nothing.
-            log.warning("outbox.mark_failed", task_id=result.task_id, error=describe(exc))
+        # Marked by this process's next write, in its transaction, or a moment later in bulk
+        # (store/marks.py): a mark needs no round trip of its own.
+        store.db.marks.add(result.task_id)
     return done

@@ -4,7 +4,7 @@ publish returns as if the broker had taken it (a publish into a dying connection
 
 from __future__ import annotations
 
-from typing import Any
+import json
 
 from store.broadcast import Publisher
 
@@ -13,11 +13,11 @@ SWALLOW_PREFIX = "swallowed:"
 _send = Publisher._send
 
 
-def _swallowing_send(self: Publisher, body: dict[str, Any]) -> None:
-    values = body.get("set") or {}
+def _swallowing_send(self: Publisher, text: str) -> None:
+    values = json.loads(text).get("set") or {}
     if any(isinstance(v, str) and v.startswith(SWALLOW_PREFIX) for v in values.values()):
         return
-    _send(self, body)
+    _send(self, text)
 
 
 Publisher._send = _swallowing_send  # type: ignore[method-assign]

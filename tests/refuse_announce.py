@@ -4,7 +4,7 @@ failing), so its outbox row stays unannounced."""
 
 from __future__ import annotations
 
-from typing import Any
+import json
 
 from store.broadcast import Publisher
 
@@ -13,11 +13,11 @@ REFUSE_PREFIX = "refused:"
 _send = Publisher._send
 
 
-def _refusing_send(self: Publisher, body: dict[str, Any]) -> None:
-    values = body.get("set") or {}
+def _refusing_send(self: Publisher, text: str) -> None:
+    values = json.loads(text).get("set") or {}
     if any(isinstance(v, str) and v.startswith(REFUSE_PREFIX) for v in values.values()):
         raise ConnectionError("the broker refused this broadcast (test fault)")
-    _send(self, body)
+    _send(self, text)
 
 
 Publisher._send = _refusing_send  # type: ignore[method-assign]

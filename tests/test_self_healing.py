@@ -42,6 +42,8 @@ HEARTBEAT_DEADLINE_S = 5.0
 
 def _write(backend: LayeredStore, project: int, key: str, value: Any) -> int:
     result = backend.commit(Write(project_scope(project), {key: json.dumps(value)}, ()))
+    # The reconciler judges announced commits only: mark this one now, not a moment later.
+    backend.db.marks.flush()
     return result.revision
 
 
