@@ -251,71 +251,141 @@ def propagation(run: Services, *, quick: bool) -> list[Figure]:
     )
 
 
-def visibility(run: Services, *, quick: bool) -> Figure:
+@dataclass
+class _VisibilityParts:
+    """One measure of each part of a visibility round, in milliseconds."""
+
+    running: Fleet
+    baseline: rawfanout.RawFanout
+    key: str
+    # task id -> (delay() returned, all applied)
+    timeline: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def write(self) -> float:
+        import tasks
+
+        sent = tasks.set_option.delay(self.key, f"value-{uuid.uuid4().hex}")
+        returned = time.time()
+        self.running.task_ids.append(sent.id)
+
+        def revision() -> int | None:
+            self.running.collect()
+            return self.running.writes.get(sent.id)
+
+        rev = wait_for(revision, timeout=REP_TIMEOUT, what="the write", interval=0.005)
+        events = self.running.all_applied("global", rev)
+        seen = max(iso_to_epoch(e["timestamp"]) for e in events)
+        self.timeline[sent.id] = (returned, seen)
+        return (seen - returned) * 1000
+
+    def noop(self) -> float:
+        from bench import noop_tasks
+
+        sent = noop_tasks.noop.delay()
+        returned = time.time()
+        started = sent.get(timeout=REP_TIMEOUT)
+        self.running.task_ids.append(sent.id)
+        return float((started - returned) * 1000)
+
+    def apply(self) -> float:
+        from store.scopes import project_scope
+        from store.writes import set_write
+
+        db = self.running.backend.db
+        write = set_write(project_scope(PROJECT_ID + 1), self.key, f"floor-{uuid.uuid4().hex}")
+        task_id = f"bench-floor-{uuid.uuid4()}"
+        t0 = time.perf_counter()
+        db.apply(write, task_id=task_id)
+        spent = (time.perf_counter() - t0) * 1000
+        db.mark_announced([task_id])  # never announced: no relay announces it mid-run
+        return spent
+
+    def fanout(self) -> float:
+        seq = len(self.baseline.received) + 10
+        sent_at = self.baseline.publish(seq, rawfanout.body("global", seq, self.key))
+        return (max(self.baseline.all_received(seq)) - sent_at) * 1000
+
+
+def visibility(run: Services, *, quick: bool) -> list[Figure]:
     import tasks
-    from bench import noop_tasks
 
     reps = 40 if quick else 300
     key = "bench.visibility"
-    ours: list[float] = []
-    raw: list[float] = []
-    timeline: dict[str, tuple[float, float]] = {}  # task id -> (delay() returned, all applied)
+    samples: dict[str, list[float]] = {"write": [], "noop": [], "apply": [], "fanout": []}
     with fleet(run, "fleet4", 4) as running:
         # This process's worker.app sends to the fleet4 queue (see bench.env.prepare_process).
         assert tasks.set_option.app.conf.task_default_queue == running.worker.queue
         running.task_ids.append(tasks.set_option.delay(key, "warm-up").id)
         running.warm(None, key)
-        for i in range(-3, reps):
-            for ours_first in (True, False) if i % 2 == 0 else (False, True):
-                if ours_first:
-                    sent = tasks.set_option.delay(key, f"value-{uuid.uuid4().hex}")
-                    returned = time.time()
-                    running.task_ids.append(sent.id)
-
-                    def revision(task_id: str = sent.id) -> int | None:
-                        running.collect()
-                        return running.writes.get(task_id)
-
-                    rev = wait_for(revision, timeout=REP_TIMEOUT, what="the write", interval=0.005)
-                    events = running.all_applied("global", rev)
-                    seen = max(iso_to_epoch(e["timestamp"]) for e in events)
+        baseline = rawfanout.RawFanout(run, running.worker.namespace, len(running.pids))
+        try:
+            baseline.wait_subscribed()
+            parts = _VisibilityParts(running, baseline, key)
+            for i in range(-3, reps):  # three warm-up rounds, not recorded
+                order = list(samples)
+                random.shuffle(order)
+                for part in order:
+                    sample = getattr(parts, part)()
                     if i >= 0:
-                        ours.append((seen - returned) * 1000)
-                        timeline[sent.id] = (returned, seen)
-                else:
-                    sent = noop_tasks.noop.delay()
-                    returned = time.time()
-                    started = sent.get(timeout=REP_TIMEOUT)
-                    running.task_ids.append(sent.id)
-                    if i >= 0:
-                        raw.append((started - returned) * 1000)
-                time.sleep(0.03 + random.random() * 0.02)
+                        samples[part].append(sample)
+                    time.sleep(0.03 + random.random() * 0.02)
+        finally:
+            baseline.stop()
+        timeline = {t: parts.timeline[t] for t in list(parts.timeline)[3:]}
         committed = _commit_times(running.backend, list(timeline))
+    ours, noop, apply_rt, fanout = (samples[p] for p in ("write", "noop", "apply", "fanout"))
     to_commit = [(committed[t] - r) * 1000 for t, (r, _) in timeline.items()]
     from_commit = [(a - committed[t]) * 1000 for t, (_, a) in timeline.items()]
-    return Figure(
-        name="visibility",
-        title="visibility: `set_option.delay()` returns to every process reads the new value",
-        baseline_title="no-op task, enqueue to start",
-        value=Series("ms", ours),
-        baseline=Series("ms", raw),
-        goal="<= 2x",
-        tail_in_goal=True,
-        method=(
-            "one `celery worker --concurrency 4`, OPTIONS_LOCAL_CACHE=process, every child holding "
-            "the global scope: a child reads the new value exactly once it has applied the "
-            "broadcast (the writing child drops the scope and rereads from Redis, which the task "
-            "updated before publishing). Sample: from `set_option.delay()` returning to the "
-            "latest `broadcast.applied` timestamp of the 4 children for the task's revision. "
-            "Baseline: `noop.delay()` returning to the time the no-op task started (its return "
-            f"value), same worker and broker. {reps} rounds, alternating, 30-50 ms apart. "
-            "extra: the same interval split at the commit's clock_timestamp() in PostgreSQL"
-        ),
-        extra={
-            "returned_to_commit_ms_median": statistics.median(to_commit),
-            "commit_to_all_applied_ms_median": statistics.median(from_commit),
-        },
+    floor = [a + b + c for a, b, c in zip(noop, apply_rt, fanout, strict=True)]
+    method = (
+        "one `celery worker --concurrency 4`, OPTIONS_LOCAL_CACHE=process, every child holding "
+        "the global scope: a child reads the new value exactly once it has applied the "
+        "broadcast (the writing child drops the scope and rereads from Redis, which the task "
+        "updated before publishing). Sample: from `set_option.delay()` returning to the "
+        "latest `broadcast.applied` timestamp of the 4 children for the task's revision. "
+        f"{reps} rounds; in each, in random order 30-50 ms apart: one write, one "
+        "`noop.delay()` (returned to the time the no-op task started, its return value; same "
+        "worker and broker), one `PostgresStore.apply` of a one-key change from this process "
+        "(one options_apply round trip), and one raw kombu fanout to 4 processes (publish to "
+        "the last callback). extra: the write's interval split at the commit's "
+        "clock_timestamp() in PostgreSQL"
     )
+    extra = {
+        "returned_to_commit_ms_median": statistics.median(to_commit),
+        "commit_to_all_applied_ms_median": statistics.median(from_commit),
+        "floor_parts_ms_median": {
+            "noop_enqueue_to_start": statistics.median(noop),
+            "options_apply_round_trip": statistics.median(apply_rt),
+            "raw_fanout_4": statistics.median(fanout),
+        },
+    }
+    return [
+        Figure(
+            name="visibility",
+            title="visibility: `set_option.delay()` returns to every process reads the new value",
+            baseline_title="no-op task, enqueue to start",
+            value=Series("ms", ours),
+            baseline=Series("ms", noop),
+            goal="<= 2x",
+            tail_in_goal=True,
+            method=method,
+            extra=extra,
+        ),
+        Figure(
+            name="visibility_floor",
+            title="visibility (as above), against its physical floor",
+            baseline_title=(
+                "floor: no-op enqueue to start + one options_apply round trip + raw kombu "
+                "fanout to 4 processes, summed per round"
+            ),
+            value=Series("ms", ours),
+            baseline=Series("ms", floor),
+            goal="<= 1.3x",
+            tail_in_goal=True,
+            method=method,
+            extra=extra,
+        ),
+    ]
 
 
 def _commit_times(backend: Any, task_ids: list[str]) -> dict[str, float]:
