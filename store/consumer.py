@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
 import threading
@@ -31,6 +33,12 @@ REPORTED_SCOPES = 5000  # revisions a process reports; older ones fall off its r
 # Seconds between two reports that carry revisions: under a stream of changes a process
 # reports a few times a second, not once per change (a report is a Redis write).
 REPORT_GAP = 0.1
+
+
+def _reads_pubsub(channel: Any) -> bool:
+    """Whether ``channel`` is a Redis channel (kombu's, the project's or Sentinel's), whose
+    fanout is a pub/sub topic this consumer can read directly."""
+    return hasattr(channel, "subclient") and hasattr(channel, "_get_publish_topics")
 
 
 class Silence(Exception):
@@ -105,9 +113,13 @@ class ReloadConsumer(threading.Thread):
 
     def _consume(self) -> None:
         self._hello = uuid.uuid4().hex
-        queue = reload_queue(self.namespace, f"{self.hostname}.{self.pid}.{self._hello[:8]}")
         with self.connect() as conn:
             conn.ensure_connection(max_retries=1)
+            channel = conn.default_channel
+            if _reads_pubsub(channel):
+                self._consume_pubsub(conn, channel)
+                return
+            queue = reload_queue(self.namespace, f"{self.hostname}.{self.pid}.{self._hello[:8]}")
             with conn.Consumer(
                 queue,
                 callbacks=[self._on_message],
@@ -115,20 +127,66 @@ class ReloadConsumer(threading.Thread):
                 no_ack=True,
                 on_decode_error=self._on_undecodable,
             ):
-                hello_at = 0.0
-                self._last_heard = time.monotonic()
-                while not self.stopping.is_set():
-                    if not self.subscribed.is_set() and time.monotonic() - hello_at > 0.5:
-                        self._say_hello(conn)
-                        hello_at = time.monotonic()
-                    try:
-                        conn.drain_events(timeout=self._drain_timeout())
-                    except TimeoutError:
-                        conn.heartbeat_check()
-                    silent = time.monotonic() - self._last_heard
-                    if silent > self.deadline:
-                        raise Silence(f"nothing heard for {silent:.1f}s")
-                    self._report()
+                self._loop(conn, lambda timeout: conn.drain_events(timeout=timeout))
+
+    def _loop(self, conn: kombu.Connection, drain: Callable[[float], object]) -> None:
+        """Hello until subscribed; ``drain`` (messages, else TimeoutError) until stopped."""
+        hello_at = 0.0
+        self._last_heard = time.monotonic()
+        while not self.stopping.is_set():
+            if not self.subscribed.is_set() and time.monotonic() - hello_at > 0.5:
+                self._say_hello(conn)
+                hello_at = time.monotonic()
+            try:
+                drain(self._drain_timeout())
+            except TimeoutError:
+                conn.heartbeat_check()
+            silent = time.monotonic() - self._last_heard
+            if silent > self.deadline:
+                raise Silence(f"nothing heard for {silent:.1f}s")
+            self._report()
+
+    def _consume_pubsub(self, conn: kombu.Connection, channel: Any) -> None:
+        """On a Redis broker: read the exchange's pub/sub topic straight from the channel's
+        pub/sub client (TLS, Sentinel and key prefix as the app configured them), without
+        kombu's consumer machinery, which costs more per message than all of ours. The
+        messages are kombu's, decoded by kombu's own Message; a fanout on Redis has no
+        queue, so none is declared."""
+        exchange = reload_exchange(self.namespace)
+        pubsub = channel.subclient
+        pubsub.psubscribe(*channel._get_publish_topics(exchange.name, ""))
+        accept = {"application/json"}
+
+        def drain(timeout: float) -> None:
+            got = pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
+            if got is None:
+                raise TimeoutError
+            while got is not None:
+                if got["type"] in ("pmessage", "message") and got["data"]:
+                    self._on_payload(channel, got["data"], accept)
+                got = pubsub.get_message(ignore_subscribe_messages=True, timeout=0.0)
+
+        try:
+            self._loop(conn, drain)
+        finally:
+            with contextlib.suppress(Exception):
+                pubsub.close()
+
+    def _on_payload(self, channel: Any, data: bytes, accept: set[str]) -> None:
+        try:
+            message = channel.Message(json.loads(data), channel=channel)
+        except (TypeError, ValueError) as exc:
+            self._last_heard = time.monotonic()
+            metrics.broadcast("malformed")
+            log.warning("broadcast.malformed", error=f"not a kombu message ({exc})")
+            return
+        message.accept = accept
+        try:
+            body = message.decode()
+        except Exception as exc:
+            self._on_undecodable(message, exc)
+            return
+        self._on_message(body, message)
 
     def _say_hello(self, conn: kombu.Connection) -> None:
         body = ReloadMessage.heartbeat(origin=f"hello:{self._hello}").to_body()
