@@ -100,6 +100,9 @@ class PostgresStore:
         with self._get_pool().connection(timeout=self._timeout) as conn:
             try:
                 yield conn
+                # When it goes back (not in a pool ``reset`` callback: that would hand every
+                # return to the pool's worker thread).
+                self._returned_at[conn] = time.monotonic()
             except psycopg.errors.ReadOnlySqlTransaction:
                 # The session is stuck read-only (opened on a demoted primary, or before a
                 # failover finished): closed, the pool replaces it with one opened afresh,
@@ -130,7 +133,6 @@ class PostgresStore:
                     # A pooled connection is dead after a PostgreSQL restart: check the idle
                     # ones on checkout rather than fail the first read or write that gets one.
                     check=self._check_if_idle,
-                    reset=self._returned,
                     # Autocommit: a write is one function call, its own transaction; reads
                     # that need a snapshot open one explicitly. No server-side prepared
                     # statements (psycopg prepares a query after its 5th run by default): behind
@@ -150,9 +152,6 @@ class PostgresStore:
     def _check_if_idle(self, conn: Connection) -> None:
         if time.monotonic() - self._returned_at.get(conn, 0.0) >= CHECK_AFTER_IDLE:
             ConnectionPool.check_connection(conn)
-
-    def _returned(self, conn: Connection) -> None:
-        self._returned_at[conn] = time.monotonic()
 
     def _once_more_if_broken(self, work: Callable[[Connection], T]) -> T:
         """``work`` on a pooled connection; run again on another if the connection it got
