@@ -198,10 +198,12 @@ class Worker:
         pool: str = "prefork",
         app: str = "worker",
         include: str = "bench.noop_tasks",
+        log_level: str = "info",
     ) -> None:
         self.run = run
         self.namespace = namespace
-        self.env = run.env(namespace, OPTIONS_LOCAL_CACHE=local_cache)
+        # "debug" where the figure reads each process's broadcast.applied events.
+        self.env = run.env(namespace, OPTIONS_LOCAL_CACHE=local_cache, OPTIONS_LOG_LEVEL=log_level)
         self.queue = self.env["OPTIONS_TASK_QUEUE"]
         self.concurrency = concurrency
         self.pool = pool

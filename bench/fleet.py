@@ -101,6 +101,7 @@ def fleet(
         local_cache=local_cache,
         app=app,
         include="" if app != "worker" else "bench.noop_tasks",
+        log_level="debug",
     ).start()
     running = None
     try:

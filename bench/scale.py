@@ -129,7 +129,9 @@ def scale_fleet(
     started: list[Worker] = []
     try:
         for index in range(workers):
-            worker = Worker(run, namespace, concurrency=children, local_cache="process")
+            worker = Worker(
+                run, namespace, concurrency=children, local_cache="process", log_level="debug"
+            )
             worker.hostname = f"{namespace}-{index}@{socket.gethostname()}"
             started.append(worker.start())
         pids = sorted(pid for worker in started for pid in worker.wait_synced(backend))

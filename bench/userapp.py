@@ -3,6 +3,7 @@ the user's way, then made an optionstore app with ``worker.install(app)``."""
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any
@@ -24,8 +25,8 @@ app.conf.update(
     accept_content=["json"],
     worker_hijack_root_logger=False,
 )
-# This user wants JSON log events, which the benchmark reads (broadcast.applied).
-configure_logging(log_format="json")
+# This user wants JSON log events, down to debug: the benchmark reads broadcast.applied.
+configure_logging(log_format="json", level=logging.DEBUG)
 worker.install(app)
 
 

@@ -6,6 +6,7 @@ has configured the store and started a consumer before it forks."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -16,7 +17,8 @@ import store
 from bench.hit import time_hits
 from worker.logging import configure_logging
 
-configure_logging(log_format="json")
+# Down to debug: the benchmark reads broadcast.applied.
+configure_logging(log_format="json", level=logging.DEBUG)
 WARM = store.options.get_value("bench:warm")
 
 

@@ -228,7 +228,8 @@ class ReloadConsumer(threading.Thread):
         self._remember(reload.scope, reload.revision)
         lag = time.time() - reload.committed_at
         metrics.broadcast(outcome, lag)
-        log.info(
+        # Debug: at info, every change would log once in every process of the fleet.
+        log.debug(
             "broadcast.applied",
             scope=reload.scope,
             revision=reload.revision,

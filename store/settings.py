@@ -34,6 +34,7 @@ OVERRIDES = {
     "namespace": "OPTIONS_NAMESPACE",
     "task_queue": "OPTIONS_TASK_QUEUE",
     "log_format": "OPTIONS_LOG_FORMAT",
+    "log_level": "OPTIONS_LOG_LEVEL",
     "visibility_timeout": "OPTIONS_VISIBILITY_TIMEOUT",
     "metrics_port": "OPTIONS_METRICS_PORT",
     "broker_master_name": "OPTIONS_BROKER_MASTER_NAME",
@@ -48,6 +49,7 @@ OVERRIDES = {
 # Redis transport, which a patch release may change. Keep in step with pyproject.toml.
 TESTED_KOMBU = ("5.7.0",)
 QUEUE_TYPES = ("classic", "quorum")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 _REDIS_TRANSPORTS = {
     "redis": "worker.broker:Transport",
     "rediss": "worker.broker:Transport",
@@ -155,6 +157,8 @@ class Settings:
     namespace: str = "optionstore"
     task_queue: str = "celery"
     log_format: str = "auto"
+    # The least severe event logged; "debug" adds one event per broadcast applied, per process.
+    log_level: str = "info"
     visibility_timeout: int = 300
     # The worker host's Prometheus endpoint; None: no metrics recorded at all.
     metrics_port: int | None = None
@@ -189,6 +193,11 @@ class Settings:
             raise InvalidOption(
                 "OPTIONS_TASK_QUEUE_TYPE", f"must be one of {QUEUE_TYPES}, got {queue_type!r}"
             )
+        log_level = (env.get("OPTIONS_LOG_LEVEL") or "info").lower()
+        if log_level not in LOG_LEVELS:
+            raise InvalidOption(
+                "OPTIONS_LOG_LEVEL", f"must be one of {LOG_LEVELS}, got {log_level!r}"
+            )
         visibility_timeout = _positive_int(env, "OPTIONS_VISIBILITY_TIMEOUT", 300)
         write_retention = _positive_int(env, "OPTIONS_WRITE_RETENTION", 7 * DAY)
         # A task redelivered after its record was pruned would commit a second time: the
@@ -214,6 +223,7 @@ class Settings:
             namespace=env.get("OPTIONS_NAMESPACE") or "optionstore",
             task_queue=env.get("OPTIONS_TASK_QUEUE") or "celery",
             log_format=env.get("OPTIONS_LOG_FORMAT") or "auto",
+            log_level=log_level,
             visibility_timeout=visibility_timeout,
             write_retention=write_retention,
             history_retention=_positive_int(env, "OPTIONS_HISTORY_RETENTION", 90 * DAY),

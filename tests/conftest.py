@@ -105,6 +105,8 @@ class Services:
             OPTIONS_TASK_QUEUE=f"{self.namespace}.tasks",
             OPTIONS_STATE_DIR=str(STATE_DIR),
             OPTIONS_LOG_FORMAT="json",
+            # The tests read broadcast.applied, a debug event.
+            OPTIONS_LOG_LEVEL="debug",
             PYTHONPATH=str(ROOT),
         )
         env.update(extra)

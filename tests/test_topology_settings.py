@@ -103,6 +103,15 @@ def test_queue_type_is_checked() -> None:
         Settings.from_environ({"OPTIONS_TASK_QUEUE_TYPE": "stream"})
 
 
+def test_log_level_is_checked() -> None:
+    """OPTIONS_LOG_LEVEL defaults to info and names itself when it is not a level."""
+    assert Settings.from_environ({}).log_level == "info"
+    assert Settings.from_environ({"OPTIONS_LOG_LEVEL": "DEBUG"}).log_level == "debug"
+    with pytest.raises(InvalidOption) as raised:
+        Settings.from_environ({"OPTIONS_LOG_LEVEL": "verbose"})
+    assert raised.value.field == "OPTIONS_LOG_LEVEL"
+
+
 def test_celeryconfig_on_rediss(celeryconfig: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """On a rediss:// broker Celery gets the project's transport and TLS options with it."""
     monkeypatch.setenv("CELERY_BROKER_URL", "rediss://h:6380/0?ssl_ca_certs=/ca.pem")

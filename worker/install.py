@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import socket
 import threading
@@ -118,7 +119,10 @@ class Installation:
     def worker_created(self, worker: Any) -> None:
         """In the worker's main process, before any child is forked."""
         if self.logging:
-            configure_logging(log_format=self.settings.log_format)
+            configure_logging(
+                log_format=self.settings.log_format,
+                level=logging.getLevelName(self.settings.log_level.upper()),
+            )
         module = getattr(worker.pool_cls, "__module__", "") or str(worker.pool_cls)
         self.pool = module.rsplit(".", 1)[-1] or "prefork"
         self.running = True
