@@ -17,12 +17,15 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
 import redis
+
+if TYPE_CHECKING:
+    from store.postgres import PostgresStore
 
 from tests.processes import (
     ROOT,
@@ -308,3 +311,23 @@ def worker(services: Services) -> Iterator[Worker]:
     running = Worker(services).start()
     yield running
     running.stop()
+
+
+@pytest.fixture
+def db(services: Services) -> Iterator[PostgresStore]:
+    """A PostgresStore on a fresh, migrated database of the target's server."""
+    from store.postgres import PostgresStore
+    from store.schema import migrate
+
+    name = f"optionstore_o_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(services.database_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = urlunsplit(urlsplit(services.database_url)._replace(path=f"/{name}"))
+    migrate(url)
+    postgres = PostgresStore(conninfo=url)
+    try:
+        yield postgres
+    finally:
+        postgres.close()
+        with psycopg.connect(services.database_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

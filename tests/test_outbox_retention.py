@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-import psycopg
 import pytest
 import redis
 
@@ -22,25 +19,6 @@ from worker.lease import ALONE, FOLLOWER, LEADER, LeaderLease
 from worker.retention import Retention
 
 DAY = 24 * 3600
-
-
-@pytest.fixture
-def db(services: Services) -> Iterator[PostgresStore]:
-    """A PostgresStore on a fresh, migrated database of the target's server."""
-    from store.schema import migrate
-
-    name = f"optionstore_o_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(services.database_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = urlunsplit(urlsplit(services.database_url)._replace(path=f"/{name}"))
-    migrate(url)
-    postgres = PostgresStore(conninfo=url)
-    try:
-        yield postgres
-    finally:
-        postgres.close()
-        with psycopg.connect(services.database_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _commit_unannounced(db: PostgresStore, value: Any = 1) -> str:

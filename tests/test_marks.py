@@ -1,0 +1,112 @@
+"""Outbox marks made in bulk (store/marks.py): carried by the process's next write, or flushed
+when none follows; on real PostgreSQL for the marks themselves, with a stand-in flush for the
+thread's own rules."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from store.marks import AnnouncedMarks
+from store.postgres import PostgresStore
+from store.scopes import project_scope
+from store.writes import set_write
+from tests.conftest import fresh_id, wait_for
+
+
+def _announced(db: PostgresStore, task_id: str) -> bool:
+    with db.connection() as conn:
+        row = conn.execute(
+            "SELECT announced_at IS NOT NULL FROM options_write WHERE task_id = %s", (task_id,)
+        ).fetchone()
+    assert row is not None, f"no write record for {task_id}"
+    return bool(row[0])
+
+
+@pytest.fixture
+def slow_marks(db: PostgresStore) -> Iterator[PostgresStore]:
+    """The store with a linger far beyond any test: only a write (or a flush) marks."""
+    db.marks.linger = 3600.0
+    yield db
+
+
+def test_the_next_write_marks_what_was_announced_before_it(slow_marks: PostgresStore) -> None:
+    """A commit handed to the marks is marked by the same process's next write, in that
+    write's own transaction; the second write stays unmarked until it is announced itself."""
+    db = slow_marks
+    first, _ = db.apply(set_write(project_scope(fresh_id()), "k", 1))
+    db.marks.add(first.task_id)
+    assert not _announced(db, first.task_id)
+    second, _ = db.apply(set_write(project_scope(fresh_id()), "k", 2))
+    assert _announced(db, first.task_id)
+    assert not _announced(db, second.task_id)
+    assert db.marks.pending() == 0
+
+
+def test_a_failed_write_gives_its_marks_back(slow_marks: PostgresStore) -> None:
+    """A write that fails (here: a value text PostgreSQL refuses as JSON) marks nothing, and
+    the marks it carried wait for the next write."""
+    db = slow_marks
+    first, _ = db.apply(set_write(project_scope(fresh_id()), "k", 1))
+    db.marks.add(first.task_id)
+    write = set_write(project_scope(fresh_id()), "k", 3)
+    broken = type(write)(write.scope, {"k": "not json"}, ())
+    with pytest.raises(psycopg.Error):
+        db.apply(broken)
+    assert not _announced(db, first.task_id)
+    assert db.marks.pending() == 1
+    db.apply(set_write(project_scope(fresh_id()), "k", 4))
+    assert _announced(db, first.task_id)
+
+
+def test_marks_with_no_write_after_them_are_flushed(db: PostgresStore) -> None:
+    """With no write after it, a mark is made by the thread, within its linger."""
+    db.marks.linger = 0.05
+    result, _ = db.apply(set_write(project_scope(fresh_id()), "k", 1))
+    db.marks.add(result.task_id)
+    wait_for(lambda: _announced(db, result.task_id), timeout=10, message="the flush")
+    assert db.marks.pending() == 0
+
+
+def test_a_transient_failure_keeps_the_marks_and_a_lasting_one_drops_them() -> None:
+    """A flush that fails for a passing reason keeps the ids for the next try; one that fails
+    for good leaves them to the relay instead of retrying forever."""
+    calls: list[list[str]] = []
+    outcomes = [psycopg.OperationalError("connection lost"), None]
+    done = threading.Event()
+
+    def flush(ids: list[str]) -> None:
+        calls.append(list(ids))
+        outcome = outcomes.pop(0) if outcomes else None
+        if outcome is not None:
+            raise outcome
+        done.set()
+
+    marks = AnnouncedMarks(flush, linger=0.01)
+    marks.add("a")
+    assert done.wait(10), "the retry after the transient failure never came"
+    assert calls == [["a"], ["a"]]
+    assert marks.pending() == 0
+    marks.close()
+
+    def refuse(ids: list[str]) -> None:
+        calls.append(list(ids))
+        raise ValueError("not a passing condition")
+
+    lasting = AnnouncedMarks(refuse, linger=0.01)
+    lasting.add("b")
+    wait_for(lambda: lasting.pending() == 0, timeout=10, message="the ids to be dropped")
+    lasting.close()
+
+
+def test_close_flushes_what_is_pending(db: PostgresStore) -> None:
+    """Closing the store marks what it still holds."""
+    db.marks.linger = 3600.0
+    result, _ = db.apply(set_write(project_scope(fresh_id()), "k", str(uuid.uuid4())))
+    db.marks.add(result.task_id)
+    db.marks.close()
+    assert _announced(db, result.task_id)
