@@ -200,11 +200,21 @@ def change_text(result: WriteResult, *, origin: str) -> str:
     )
 
 
+# Scope names already checked, each to its canonical form: a message names few scopes, often.
+_checked_scopes: dict[str, str] = {}
+_CHECKED_SCOPES_LIMIT = 10_000
+
+
 def _scope(value: object) -> str:
+    if type(value) is str and (known := _checked_scopes.get(value)) is not None:
+        return known
     try:
-        return Scope.parse(value).name
+        name = Scope.parse(value).name
     except ValueError as exc:
         raise MalformedMessage(str(exc)) from None
+    if type(value) is str and len(_checked_scopes) < _CHECKED_SCOPES_LIMIT:
+        _checked_scopes[value] = name
+    return name
 
 
 def _revision(value: object, name: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -32,13 +33,38 @@ log = structlog.get_logger("optionstore")
 REPORTED_SCOPES = 5000  # revisions a process reports; older ones fall off its report
 # Seconds between two reports that carry revisions: under a stream of changes a process
 # reports a few times a second, not once per change (a report is a Redis write).
-REPORT_GAP = 0.1
+REPORT_GAP = 0.25
 
 
 def _reads_pubsub(channel: Any) -> bool:
     """Whether ``channel`` is a Redis channel (kombu's, the project's or Sentinel's), whose
     fanout is a pub/sub topic this consumer can read directly."""
     return hasattr(channel, "subclient") and hasattr(channel, "_get_publish_topics")
+
+
+_NOT_PLAIN = object()
+
+
+def _plain_json_body(envelope: Any) -> Any:
+    """The body of a kombu message on Redis that holds plain JSON (what every publisher of
+    reload messages sends: base64 body, UTF-8, no compression), decoded; ``_NOT_PLAIN`` for
+    anything else, which goes through kombu's own decoding."""
+    if not isinstance(envelope, dict) or envelope.get("content-type") != "application/json":
+        return _NOT_PLAIN
+    properties = envelope.get("properties")
+    headers = envelope.get("headers") or {}
+    if (
+        envelope.get("content-encoding") != "utf-8"
+        or not isinstance(properties, dict)
+        or properties.get("body_encoding") != "base64"
+        or not isinstance(headers, dict)
+        or headers.get("compression")
+    ):
+        return _NOT_PLAIN
+    try:
+        return json.loads(base64.b64decode(envelope["body"], validate=True))
+    except (KeyError, TypeError, ValueError):
+        return _NOT_PLAIN
 
 
 class Silence(Exception):
@@ -89,6 +115,7 @@ class ReloadConsumer(threading.Thread):
         self._unreported: dict[str, int] = {}
         self._forgotten: list[str] = []
         self._last_report = 0.0
+        self._last_change_report = 0.0
         self._unreported_since = 0.0
 
     # -- the loop -------------------------------------------------------------
@@ -161,10 +188,8 @@ class ReloadConsumer(threading.Thread):
             got = pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
             if got is None:
                 raise TimeoutError
-            while got is not None:
-                if got["type"] in ("pmessage", "message") and got["data"]:
-                    self._on_payload(channel, got["data"], accept)
-                got = pubsub.get_message(ignore_subscribe_messages=True, timeout=0.0)
+            if got["type"] in ("pmessage", "message") and got["data"]:
+                self._on_payload(channel, got["data"], accept)
 
         try:
             self._loop(conn, drain)
@@ -174,12 +199,18 @@ class ReloadConsumer(threading.Thread):
 
     def _on_payload(self, channel: Any, data: bytes, accept: set[str]) -> None:
         try:
-            message = channel.Message(json.loads(data), channel=channel)
-        except (TypeError, ValueError) as exc:
+            envelope = json.loads(data)
+            plain = _plain_json_body(envelope)
+            if plain is not _NOT_PLAIN:
+                self._on_message(plain, None)
+                return
+            message = channel.Message(envelope, channel=channel)
+        except (TypeError, ValueError, AttributeError) as exc:
             self._last_heard = time.monotonic()
             metrics.broadcast("malformed")
             log.warning("broadcast.malformed", error=f"not a kombu message ({exc})")
             return
+        # Anything else kombu decodes, refusing all but JSON.
         message.accept = accept
         try:
             body = message.decode()
@@ -203,7 +234,7 @@ class ReloadConsumer(threading.Thread):
 
     # -- messages -------------------------------------------------------------
 
-    def _on_message(self, body: Any, message: kombu.Message) -> None:
+    def _on_message(self, body: Any, message: kombu.Message | None) -> None:
         self._last_heard = time.monotonic()
         self._heard_at = time.time()
         try:
@@ -264,8 +295,11 @@ class ReloadConsumer(threading.Thread):
 
     def _report_due_at(self) -> float:
         # report_interval after the first unreported change, and REPORT_GAP after the last
-        # report: one change alone is reported at once, a stream in batches.
-        return max(self._unreported_since + self.report_interval, self._last_report + REPORT_GAP)
+        # report that carried changes: one change alone is reported at once, a stream in
+        # batches.
+        return max(
+            self._unreported_since + self.report_interval, self._last_change_report + REPORT_GAP
+        )
 
     def _drain_timeout(self) -> float:
         if self._unreported:
@@ -282,6 +316,8 @@ class ReloadConsumer(threading.Thread):
         if not (force or due or now - self._last_report >= 1.0):
             return
         revisions, self._unreported = self._unreported, {}
+        if revisions:
+            self._last_change_report = now
         forgotten, self._forgotten = self._forgotten, []
         try:
             recreated = self.presence.report(

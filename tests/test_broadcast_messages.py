@@ -519,3 +519,43 @@ def test_undecodable_message_is_logged_without_dropping_the_subscription(
                 timeout=30,
                 message="every child to subscribe again",
             )
+
+
+@pytest.mark.parametrize("compression", [None, "zlib"])
+def test_the_consumers_decoding_agrees_with_kombus(services: Services, compression: Any) -> None:
+    """What a consumer on Redis reads off the exchange's topic decodes, on its fast path (plain
+    JSON, as every publisher of reload messages sends) or through kombu's Message (anything
+    else, here a compressed body), to the body kombu would have handed a kombu consumer."""
+    import redis
+
+    from store.consumer import _NOT_PLAIN, _plain_json_body
+
+    exchange = reload_exchange(f"t{uuid.uuid4().hex[:8]}")
+    with kombu.Connection(services.broker_url) as conn:
+        channel = conn.default_channel
+        topics = channel._get_publish_topics(exchange.name, "")
+        subscriber = redis.Redis.from_url(services.broker_url).pubsub()
+        subscriber.psubscribe(*topics)
+        wait_for(
+            lambda: subscriber.get_message(timeout=0.1) is not None, message="the subscription"
+        )
+        body = change_body(scope="project:7", revision=3, set={"k": "é", "n": [1, 2]})
+        kombu.Producer(channel).publish(
+            body,
+            exchange=exchange,
+            routing_key="",
+            serializer="json",
+            compression=compression,
+            declare=[exchange],
+        )
+        got = wait_for(lambda: subscriber.get_message(timeout=0.1), message="the message")
+        envelope = json.loads(got["data"])
+        plain = _plain_json_body(envelope)
+        message = channel.Message(envelope, channel=channel)
+        message.accept = {"application/json"}
+        assert message.decode() == body
+        if compression is None:
+            assert plain == body
+        else:
+            assert plain is _NOT_PLAIN
+        subscriber.close()
