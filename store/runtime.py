@@ -224,9 +224,13 @@ class Runtime:
             return consumer
 
     def stop(self) -> None:
-        """Stop this process's consumer and remove its report (best effort: reports expire)."""
+        """Stop this process's consumer and remove its report (best effort: reports expire),
+        and mark the commits it announced that no write has marked yet (else the relay
+        announces them once more)."""
         with self._lock:
             self._stop_consumer()
+        if self.backend.postgres is not None:
+            self.backend.postgres.marks.close()
 
     def _stop_consumer(self) -> None:
         consumer, self._consumer = self._consumer, None
