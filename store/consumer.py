@@ -177,8 +177,8 @@ class ReloadConsumer(threading.Thread):
         """On a Redis broker: read the exchange's pub/sub topic straight from the channel's
         pub/sub client (TLS, Sentinel and key prefix as the app configured them), without
         kombu's consumer machinery, which costs more per message than all of ours. The
-        messages are kombu's, decoded by kombu's own Message; a fanout on Redis has no
-        queue, so none is declared."""
+        messages are kombu's: plain JSON is decoded here, anything else by kombu's own
+        Message. A fanout on Redis has no queue, so none is declared."""
         exchange = reload_exchange(self.namespace)
         pubsub = channel.subclient
         pubsub.psubscribe(*channel._get_publish_topics(exchange.name, ""))
@@ -201,14 +201,16 @@ class ReloadConsumer(threading.Thread):
         try:
             envelope = json.loads(data)
             plain = _plain_json_body(envelope)
-            if plain is not _NOT_PLAIN:
-                self._on_message(plain, None)
-                return
-            message = channel.Message(envelope, channel=channel)
+            message = (
+                None if plain is not _NOT_PLAIN else channel.Message(envelope, channel=channel)
+            )
         except (TypeError, ValueError, AttributeError) as exc:
             self._last_heard = time.monotonic()
             metrics.broadcast("malformed")
             log.warning("broadcast.malformed", error=f"not a kombu message ({exc})")
+            return
+        if message is None:
+            self._on_message(plain, None)
             return
         # Anything else kombu decodes, refusing all but JSON.
         message.accept = accept

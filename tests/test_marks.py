@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -110,3 +111,25 @@ def test_close_flushes_what_is_pending(db: PostgresStore) -> None:
     db.marks.add(result.task_id)
     db.marks.close()
     assert _announced(db, result.task_id)
+
+
+def test_a_write_and_a_load_survive_a_connection_killed_moments_ago(
+    db: PostgresStore, services: Any
+) -> None:
+    """A pooled connection used under a second ago is not checked on checkout; if its backend
+    died meanwhile (a restart, a failover, an administrator), the write or the scope load that
+    gets it runs once more on a fresh connection instead of failing."""
+    scope = project_scope(fresh_id())
+
+    def kill_the_pooled_connection() -> None:
+        with db.connection() as conn:
+            pid = conn.info.backend_pid
+        with psycopg.connect(services.database_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+    db.apply(set_write(scope, "k", "before"))
+    kill_the_pooled_connection()
+    result, first_run = db.apply(set_write(scope, "k", "after"))
+    assert first_run and result.changed
+    kill_the_pooled_connection()
+    assert db.load_scope(scope.name).values == {"k": '"after"'}
