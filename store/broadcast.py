@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import math
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -188,6 +190,27 @@ class ReloadMessage:
         )
 
 
+def redis_message(text: str, exchange: str) -> str:
+    """The message kombu's Redis transport publishes for JSON ``text`` sent to a fanout
+    ``exchange`` (transient, priority 0): every field, so that any kombu consumer reads it.
+    store/consumer.py reads it back (``_plain_json_body``); a test holds both to kombu's."""
+    return json.dumps(
+        {
+            "body": base64.b64encode(text.encode()).decode(),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": {},
+            "properties": {
+                "delivery_mode": 1,
+                "delivery_info": {"exchange": exchange, "routing_key": ""},
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": str(uuid.uuid4()),
+            },
+        }
+    )
+
+
 def change_text(result: WriteResult, *, origin: str) -> str:
     """``ReloadMessage.change(result).to_body()`` as JSON text, made from the canonical JSON
     texts ``result`` holds without decoding them (the publish path of every write)."""
@@ -293,6 +316,8 @@ class Publisher:
         self.origin = origin or f"{os.uname().nodename}:{os.getpid()}"
         self._connection: kombu.Connection | None = None
         self._producer: kombu.Producer | None = None
+        # On a Redis broker, the pub/sub topics kombu publishes the exchange's messages to.
+        self._topics: list[str] = []
         # kombu connections are not thread-safe; a threads-pool worker shares this one.
         self._lock = threading.Lock()
         after_fork_in_child(self._forget_after_fork)
@@ -311,8 +336,18 @@ class Publisher:
                 self._send(text)
 
     def _send(self, text: str) -> None:
+        producer = self._get_producer()
+        if self._topics:
+            # A fanout on Redis is a PUBLISH of kombu's message to the exchange's topics: sent
+            # here with the channel's own client, without kombu's producer layers (their
+            # Python cost more than the PUBLISH).
+            message = redis_message(text, self.exchange.name)
+            with producer.channel.conn_or_acquire() as client:
+                for topic in self._topics:
+                    client.publish(topic, message)
+            return
         # Already JSON: kombu sends the text as is (no serializer, no per-message declare).
-        self._get_producer().publish(
+        producer.publish(
             text,
             exchange=self.exchange,
             routing_key="",
@@ -328,6 +363,7 @@ class Publisher:
                 self._connection.release()
         self._connection = None
         self._producer = None
+        self._topics = []
 
     def _forget_after_fork(self) -> None:
         # The parent's socket is not ours, and its lock may have been held at the fork (a
@@ -336,6 +372,7 @@ class Publisher:
         self._lock = threading.Lock()
         self._connection = None
         self._producer = None
+        self._topics = []
 
     def announce(self, result: WriteResult) -> None:
         """Publish the change ``result`` committed, or a RELOAD if it is too large to carry."""
@@ -351,6 +388,8 @@ class Publisher:
             channel = self._connection.default_channel
             maybe_declare(self.exchange, channel)  # once per connection, not per message
             self._producer = kombu.Producer(channel)
+            if hasattr(channel, "_get_publish_topics") and hasattr(channel, "conn_or_acquire"):
+                self._topics = list(channel._get_publish_topics(self.exchange.name, ""))
         return self._producer
 
     def close(self) -> None:

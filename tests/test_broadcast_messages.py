@@ -3,6 +3,7 @@ published straight onto a running worker's reload exchange."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import json
@@ -559,3 +560,46 @@ def test_the_consumers_decoding_agrees_with_kombus(services: Services, compressi
         else:
             assert plain is _NOT_PLAIN
         subscriber.close()
+
+
+def test_the_publishers_message_on_redis_is_kombus_own(services: Services) -> None:
+    """On Redis the publisher sends the reload message with the channel's client, not through
+    kombu's producer: what arrives on the exchange's topic is field for field what kombu's
+    producer sends for the same text (but the delivery tag, a fresh UUID each time)."""
+    import redis
+
+    namespace = f"t{uuid.uuid4().hex[:8]}"
+    exchange = reload_exchange(namespace)
+    text = json.dumps(change_body(scope="project:7", set={"k": "é"}), separators=(",", ":"))
+    publisher = Publisher(
+        connect=lambda: kombu.Connection(services.broker_url), namespace=namespace
+    )
+    with kombu.Connection(services.broker_url) as conn:
+        channel = conn.default_channel
+        subscriber = redis.Redis.from_url(services.broker_url).pubsub()
+        subscriber.psubscribe(*channel._get_publish_topics(exchange.name, ""))
+        wait_for(
+            lambda: subscriber.get_message(timeout=0.1) is not None, message="the subscription"
+        )
+        kombu.Producer(channel).publish(
+            text,
+            exchange=exchange,
+            routing_key="",
+            content_type="application/json",
+            content_encoding="utf-8",
+            delivery_mode=1,
+            declare=[exchange],
+        )
+        publisher._publish_text(text)
+        received = [
+            json.loads(
+                wait_for(lambda: subscriber.get_message(timeout=0.1), message="a message")["data"]
+            )
+            for _ in range(2)
+        ]
+        subscriber.close()
+    publisher.close()
+    tags = [m["properties"].pop("delivery_tag") for m in received]
+    assert all(uuid.UUID(tag) for tag in tags) and tags[0] != tags[1]
+    assert received[0] == received[1]
+    assert json.loads(base64.b64decode(received[1]["body"])) == json.loads(text)
