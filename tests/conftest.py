@@ -7,6 +7,7 @@ OPTIONS_TEST_REDIS_URL; skipped when unset, a failure under CI=true).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -313,21 +314,31 @@ def worker(services: Services) -> Iterator[Worker]:
     running.stop()
 
 
+@contextlib.contextmanager
+def fresh_database(services: Services, label: str) -> Iterator[str]:
+    """The URL of a new, migrated database on the target's PostgreSQL server, dropped after."""
+    from store.schema import migrate
+
+    name = f"optionstore_{label}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(services.database_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        url = urlunsplit(urlsplit(services.database_url)._replace(path=f"/{name}"))
+        migrate(url)
+        yield url
+    finally:
+        with psycopg.connect(services.database_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture
 def db(services: Services) -> Iterator[PostgresStore]:
     """A PostgresStore on a fresh, migrated database of the target's server."""
     from store.postgres import PostgresStore
-    from store.schema import migrate
 
-    name = f"optionstore_o_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(services.database_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = urlunsplit(urlsplit(services.database_url)._replace(path=f"/{name}"))
-    migrate(url)
-    postgres = PostgresStore(conninfo=url)
-    try:
-        yield postgres
-    finally:
-        postgres.close()
-        with psycopg.connect(services.database_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database(services, "o") as url:
+        postgres = PostgresStore(conninfo=url)
+        try:
+            yield postgres
+        finally:
+            postgres.close()

@@ -10,13 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 
 from store.errors import InvalidOption
 from store.scopes import Scope
 from store.writes import set_write
-from tests.conftest import ROOT, Services, Worker, fresh_id, wait_for
+from tests.conftest import ROOT, Services, Worker, fresh_database, fresh_id, wait_for
 
 REGISTRY = """
 [options."mail:subject_prefix"]
@@ -306,21 +305,12 @@ def generated(scopes: int, keys: int) -> dict[str, Any]:
 @pytest.fixture
 def empty_store(services: Services) -> Iterator[Worker]:
     """A worker on a new, empty, migrated database of the target's PostgreSQL server."""
-    from store.schema import migrate
-    from tests.test_cli import with_database
-
-    name = f"optionstore_rt_{fresh_id()}"
-    with psycopg.connect(services.database_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    other = Services(services.name, with_database(services.database_url, name), services.redis_url)
-    migrate(other.database_url)
-    running = Worker(other).start()
-    try:
-        yield running
-    finally:
-        running.stop()
-        with psycopg.connect(services.database_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database(services, "rt") as url:
+        running = Worker(Services(services.name, url, services.redis_url)).start()
+        try:
+            yield running
+        finally:
+            running.stop()
 
 
 def test_export_apply_export_round_trip_of_10000_options(
