@@ -79,9 +79,10 @@ def test_idle_connections_stay_within_budget_and_do_not_grow_with_workers(
         return found
 
     def settled() -> dict[str, list[tuple[int, int]]] | None:
-        # Connections open lazily: wait until every child has its consumer and report client.
+        # Connections open lazily: wait until every child has its consumer's (its pub/sub
+        # subscription) and its report client's.
         found = counts()
-        ready = len(found["child"]) == 4 and all(r >= 3 for r, _ in found["child"])
+        ready = len(found["child"]) == 4 and all(r >= 2 for r, _ in found["child"])
         return found if ready else None
 
     found = wait_for(settled, timeout=30, interval=0.5, message="children to connect")
