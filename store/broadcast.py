@@ -190,6 +190,17 @@ class ReloadMessage:
         )
 
 
+def redis_topics(channel: Any, exchange: str) -> list[str]:
+    """The pub/sub topics a fanout to ``exchange`` is published to, if ``channel`` is a Redis
+    channel (kombu's, the project's or Sentinel's: global key prefix and fanout options
+    applied); an empty list for any other broker's channel."""
+    # On the class: reading ``subclient`` off the channel would make its pub/sub client.
+    names = ("_get_publish_topics", "subclient", "conn_or_acquire")
+    if not all(hasattr(type(channel), name) for name in names):
+        return []
+    return list(channel._get_publish_topics(exchange, ""))
+
+
 def redis_message(text: str, exchange: str) -> str:
     """The message kombu's Redis transport publishes for JSON ``text`` sent to a fanout
     ``exchange`` (transient, priority 0): every field, so that any kombu consumer reads it.
@@ -388,8 +399,7 @@ class Publisher:
             channel = self._connection.default_channel
             maybe_declare(self.exchange, channel)  # once per connection, not per message
             self._producer = kombu.Producer(channel)
-            if hasattr(channel, "_get_publish_topics") and hasattr(channel, "conn_or_acquire"):
-                self._topics = list(channel._get_publish_topics(self.exchange.name, ""))
+            self._topics = redis_topics(channel, self.exchange.name)
         return self._producer
 
     def close(self) -> None:

@@ -21,6 +21,7 @@ from store.broadcast import (
     HEARTBEAT,
     MalformedMessage,
     ReloadMessage,
+    redis_topics,
     reload_exchange,
     reload_queue,
 )
@@ -34,12 +35,6 @@ REPORTED_SCOPES = 5000  # revisions a process reports; older ones fall off its r
 # Seconds between two reports that carry revisions: under a stream of changes a process
 # reports a few times a second, not once per change (a report is a Redis write).
 REPORT_GAP = 0.25
-
-
-def _reads_pubsub(channel: Any) -> bool:
-    """Whether ``channel`` is a Redis channel (kombu's, the project's or Sentinel's), whose
-    fanout is a pub/sub topic this consumer can read directly."""
-    return hasattr(channel, "subclient") and hasattr(channel, "_get_publish_topics")
 
 
 _NOT_PLAIN = object()
@@ -143,8 +138,9 @@ class ReloadConsumer(threading.Thread):
         with self.connect() as conn:
             conn.ensure_connection(max_retries=1)
             channel = conn.default_channel
-            if _reads_pubsub(channel):
-                self._consume_pubsub(conn, channel)
+            topics = redis_topics(channel, reload_exchange(self.namespace).name)
+            if topics:
+                self._consume_pubsub(conn, channel, topics)
                 return
             queue = reload_queue(self.namespace, f"{self.hostname}.{self.pid}.{self._hello[:8]}")
             with conn.Consumer(
@@ -173,15 +169,14 @@ class ReloadConsumer(threading.Thread):
                 raise Silence(f"nothing heard for {silent:.1f}s")
             self._report()
 
-    def _consume_pubsub(self, conn: kombu.Connection, channel: Any) -> None:
+    def _consume_pubsub(self, conn: kombu.Connection, channel: Any, topics: list[str]) -> None:
         """On a Redis broker: read the exchange's pub/sub topic straight from the channel's
         pub/sub client (TLS, Sentinel and key prefix as the app configured them), without
         kombu's consumer machinery, which costs more per message than all of ours. The
         messages are kombu's: plain JSON is decoded here, anything else by kombu's own
         Message. A fanout on Redis has no queue, so none is declared."""
-        exchange = reload_exchange(self.namespace)
         pubsub = channel.subclient
-        pubsub.psubscribe(*channel._get_publish_topics(exchange.name, ""))
+        pubsub.psubscribe(*topics)
         accept = {"application/json"}
 
         def drain(timeout: float) -> None:
