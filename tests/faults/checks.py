@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -272,3 +273,56 @@ def wait_status_converged(own: Fleet, *, timeout: float = 60.0) -> dict[str, Any
 
     wait_for(converged, timeout=timeout, interval=0.5, message=f"status to show {sorted(pids)}")
     return found
+
+
+@dataclass
+class ThroughFault:
+    """What a stream of writes through a fault came to (``writes_through_fault``)."""
+
+    ids: list[str]
+    committed_at_fault: int
+    committed_s: float  # from the moment the fault routine returned, to every write committed
+    converge_s: float  # to every process reading what PostgreSQL holds
+    counts: dict[str, int]  # history rows per task id
+    sends_refused: int
+
+
+def writes_through_fault(
+    own: Fleet,
+    worker: FaultWorker,
+    database_url: str,
+    projects: list[int],
+    writes: list[tuple[str, str, list[Any]]],
+    *,
+    fault: Callable[[], float],
+    build_up: int,
+    per_second: float,
+    after_stream: Callable[[], None] | None = None,
+    commit_timeout: float = 150.0,
+    when: str,
+) -> ThroughFault:
+    """Warm every process on ``projects``, stream ``writes`` to ``worker``, and once
+    ``build_up`` are sent run ``fault`` (it returns the moment commits are timed from). Then:
+    every write was sent, every write commits, no process reads a stale value, every process
+    converges and ``status`` says so. ``when`` names the moment in the stale-read failure."""
+    ids = [task_id for task_id, _, _ in writes]
+    for project in projects:
+        worker.call("options.set_project_option", project, "warm", 0)
+        read_all(worker, project)
+    stream = Stream(worker.producer, writes, per_second=per_second)
+    stream.start()
+    wait_for(lambda: len(stream.sent) >= build_up, timeout=60, message="load to build up")
+    at_fault = len(committed(database_url, ids))
+    since = fault()
+    sent = stream.finish()
+    assert sent == ids
+    if after_stream is not None:
+        after_stream()
+    wait_committed(database_url, ids, timeout=commit_timeout)
+    committed_s = time.monotonic() - since
+    stale = stale_reads(worker, database_url, projects)
+    assert not stale, f"stale reads {when}, every write committed: {stale}"
+    converge_s = wait_converged(own, database_url, projects) + committed_s
+    counts = history_counts(database_url, ids)
+    wait_status_converged(own)
+    return ThroughFault(ids, at_fault, committed_s, converge_s, counts, stream.refused)

@@ -10,18 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import fresh_id, wait_for
+from tests.conftest import fresh_id
 from tests.faults.checks import (
     committed,
-    history_counts,
-    read_all,
     record,
-    stale_reads,
-    wait_committed,
-    wait_converged,
-    wait_status_converged,
+    writes_through_fault,
 )
-from tests.faults.fleet import FaultWorker, Fleet, Stream, fleet, project_writes
+from tests.faults.fleet import FaultWorker, Fleet, fleet, project_writes
 from tests.faults.servers import PostgresServer, RabbitNode, rabbit_binaries, unavailable
 
 WRITES = 400
@@ -54,41 +49,40 @@ def restart_under_load(
     figures as ``fault``."""
     projects = [fresh_id(), fresh_id()]
     writes = project_writes("amqp", projects, count=WRITES, keys=KEYS)
-    ids = [task_id for task_id, _, _ in writes]
-    for project in projects:
-        worker.call("options.set_project_option", project, "warm", 0)
-        read_all(worker, project)
-    stream = Stream(worker.producer, writes, per_second=PER_SECOND)
-    stream.start()
-    wait_for(lambda: len(stream.sent) >= WRITES // 5, timeout=60, message="load to build up")
-    at_stop = len(committed(database_url, ids))
-    stopped_at = time.monotonic()
-    rabbit.stop()
-    rabbit.start()
-    back_at = time.monotonic()
-    sent = stream.finish()
-    assert sent == ids
-    wait_committed(database_url, ids, timeout=150)
-    committed_s = time.monotonic() - back_at
-    stale = stale_reads(worker, database_url, projects)
-    assert not stale, f"stale reads once RabbitMQ was back and every write committed: {stale}"
-    converge_s = wait_converged(own, database_url, projects) + committed_s
-    counts = history_counts(database_url, ids)
-    wait_status_converged(own)
+    down: list[float] = []
+
+    def restart() -> float:
+        stopped_at = time.monotonic()
+        rabbit.stop()
+        rabbit.start()
+        down.append(time.monotonic() - stopped_at)
+        return time.monotonic()
+
+    done = writes_through_fault(
+        own,
+        worker,
+        database_url,
+        projects,
+        writes,
+        fault=restart,
+        build_up=WRITES // 5,
+        per_second=PER_SECOND,
+        when="once RabbitMQ was back",
+    )
     reconnects = worker.log().count("Connection to broker lost")
     assert not own.failed_reads, own.failed_reads
-    assert set(counts) == set(ids)
-    assert set(counts.values()) == {1}, "a write is in history more than once"
+    assert set(done.counts) == set(done.ids)
+    assert set(done.counts.values()) == {1}, "a write is in history more than once"
     record(
         fault,
-        writes=len(ids),
-        lost=len(ids) - len(committed(database_url, ids)),
-        committed_when_stopped=at_stop,
-        down_s=round(back_at - stopped_at, 2),
-        sends_refused=stream.refused,
+        writes=len(done.ids),
+        lost=len(done.ids) - len(committed(database_url, done.ids)),
+        committed_when_stopped=done.committed_at_fault,
+        down_s=round(down[0], 2),
+        sends_refused=done.sends_refused,
         worker_reconnects=reconnects,
-        all_committed_s=round(committed_s, 2),
-        converge_s=round(converge_s, 2),
+        all_committed_s=round(done.committed_s, 2),
+        converge_s=round(done.converge_s, 2),
     )
 
 

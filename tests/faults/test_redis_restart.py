@@ -13,16 +13,11 @@ from tests.conftest import fresh_id, wait_for
 from tests.faults.checks import (
     broker_drained,
     committed,
-    history_counts,
-    read_all,
     reclaimed,
     record,
-    stale_reads,
-    wait_committed,
-    wait_converged,
-    wait_status_converged,
+    writes_through_fault,
 )
-from tests.faults.fleet import Stream, fleet, project_writes
+from tests.faults.fleet import fleet, project_writes
 from tests.faults.servers import PostgresServer, RedisServer
 
 WRITES = 400
@@ -49,24 +44,21 @@ def test_redis_restart_under_load(stable: PostgresServer, own_redis: Any, role: 
             concurrency=2,
             extra_env={"OPTIONS_VISIBILITY_TIMEOUT": str(VISIBILITY_S)},
         )
-        # Every process has read the scopes before the fault: Redis and local caches are warm.
-        for project in projects:
-            worker.call("options.set_project_option", project, "warm", 0)
-            read_all(worker, project)
-        stream = Stream(worker.producer, writes, per_second=PER_SECOND)
-        stream.start()
-        wait_for(lambda: len(stream.sent) >= WRITES // 5, timeout=60, message="load to build up")
-        at_stop = len(committed(database_url, ids))
-        cache.stop()
-        stopped_at = time.monotonic()
-        # As the broker, down for longer than the visibility timeout, so that the worker's
-        # reconnect sweeps back what it held when Redis went (see test_redelivery.py).
-        time.sleep(VISIBILITY_S + 1 if broker is cache else CACHE_DOWN_S)
-        cache.start()
-        back_at = time.monotonic()
-        sent = stream.finish()
-        assert sent == ids
-        if broker is cache:
+        down: list[float] = []
+
+        def restart() -> float:
+            cache.stop()
+            stopped_at = time.monotonic()
+            # As the broker, down for longer than the visibility timeout, so that the worker's
+            # reconnect sweeps back what it held when Redis went (see test_redelivery.py).
+            time.sleep(VISIBILITY_S + 1 if broker is cache else CACHE_DOWN_S)
+            cache.start()
+            down.append(time.monotonic() - stopped_at)
+            return time.monotonic()
+
+        def broker_hands_out_everything() -> None:
+            if broker is not cache:
+                return
             client = redis.Redis.from_url(broker.url)
             wait_for(
                 lambda: broker_drained(client, worker.queue) or worker.exited(),
@@ -75,26 +67,34 @@ def test_redis_restart_under_load(stable: PostgresServer, own_redis: Any, role: 
                 message="the broker to hand out and see acknowledged every write",
             )
             assert not worker.exited(), "the worker exited when its broker went away"
-        wait_committed(database_url, ids, timeout=120)
-        committed_s = time.monotonic() - back_at
-        stale = stale_reads(worker, database_url, projects)
-        assert not stale, f"stale reads once Redis was back and every write committed: {stale}"
-        converge_s = wait_converged(own, database_url, projects) + committed_s
-        counts = history_counts(database_url, ids)
-        wait_status_converged(own)
+
+        # Every process reads the scopes before the fault: Redis and local caches are warm.
+        done = writes_through_fault(
+            own,
+            worker,
+            database_url,
+            projects,
+            writes,
+            fault=restart,
+            build_up=WRITES // 5,
+            per_second=PER_SECOND,
+            after_stream=broker_hands_out_everything,
+            commit_timeout=120,
+            when="once Redis was back",
+        )
     assert not own.failed_reads, own.failed_reads
-    assert set(counts) == set(ids)
-    assert set(counts.values()) == {1}, "a write is in history more than once"
+    assert set(done.counts) == set(ids)
+    assert set(done.counts.values()) == {1}, "a write is in history more than once"
     record(
         f"redis restart ({role})",
         writes=len(ids),
         lost=len(ids) - len(committed(database_url, ids)),
         taken_and_reclaimed=reclaimed(worker),
-        committed_when_stopped=at_stop,
-        down_s=round(back_at - stopped_at, 2),
-        sends_refused=stream.refused,
-        all_committed_s=round(committed_s, 2),
-        converge_s=round(converge_s, 2),
+        committed_when_stopped=done.committed_at_fault,
+        down_s=round(down[0], 2),
+        sends_refused=done.sends_refused,
+        all_committed_s=round(done.committed_s, 2),
+        converge_s=round(done.converge_s, 2),
     )
 
 

@@ -14,15 +14,10 @@ import pytest
 from tests.conftest import fresh_id, wait_for
 from tests.faults.checks import (
     committed,
-    history_counts,
-    read_all,
     record,
-    stale_reads,
-    wait_committed,
-    wait_converged,
-    wait_status_converged,
+    writes_through_fault,
 )
-from tests.faults.fleet import FaultWorker, Stream, fleet, project_writes, wait_synced
+from tests.faults.fleet import FaultWorker, fleet, project_writes, wait_synced
 from tests.faults.servers import PostgresServer
 from tests.faults.topology_servers import SentinelGroup
 
@@ -61,48 +56,48 @@ def test_sentinel_failover_under_load(stable: PostgresServer, sentinels: Sentine
         worker.start()
         own.workers.append(worker)
         wait_synced(own, worker.pids())
-        for project in projects:
-            worker.call("options.set_project_option", project, "warm", 0)
-            read_all(worker, project)
         old = sentinels.primary()
-        stream = Stream(worker.producer, writes, per_second=PER_SECOND)
-        stream.start()
-        wait_for(lambda: len(stream.sent) >= WRITES // 3, timeout=60, message="load to build up")
-        at_kill = len(committed(database_url, ids))
-        killed_at = time.monotonic()
-        old.kill()
-        wait_for(
-            lambda: sentinels.primary_port() != old.port,
-            timeout=60,
-            interval=0.1,
-            message="the Sentinels to promote the replica",
+        promoted: list[float] = []
+
+        def kill_primary() -> float:
+            killed_at = time.monotonic()
+            old.kill()
+            wait_for(
+                lambda: sentinels.primary_port() != old.port,
+                timeout=60,
+                interval=0.1,
+                message="the Sentinels to promote the replica",
+            )
+            promoted.append(time.monotonic() - killed_at)
+            return killed_at
+
+        done = writes_through_fault(
+            own,
+            worker,
+            database_url,
+            projects,
+            writes,
+            fault=kill_primary,
+            build_up=WRITES // 3,
+            per_second=PER_SECOND,
+            when="after the failover",
         )
-        promoted_s = time.monotonic() - killed_at
-        sent = stream.finish()
-        assert sent == ids
-        wait_committed(database_url, ids, timeout=150)
-        committed_s = time.monotonic() - killed_at
-        stale = stale_reads(worker, database_url, projects)
-        assert not stale, f"stale reads after the failover, every write committed: {stale}"
-        converge_s = wait_converged(own, database_url, projects) + committed_s
-        counts = history_counts(database_url, ids)
-        wait_status_converged(own)
         # The worker takes with BLMOVE on the new master (never a silent BRPOP fall-back).
         names = [str(c.get("name", "")) for c in sentinels.primary().client().client_list()]
         assert any(n.startswith("optionstore-taken-") for n in names), names
         assert "can be lost if this worker dies" not in worker.log()
         reconnects = worker.log().count("Connection to broker lost")
     assert not own.failed_reads, own.failed_reads
-    assert set(counts) == set(ids)
-    assert set(counts.values()) == {1}, "a write is in history more than once"
+    assert set(done.counts) == set(ids)
+    assert set(done.counts.values()) == {1}, "a write is in history more than once"
     record(
         "Redis Sentinel failover (primary kill -9), broker and cache",
         writes=len(ids),
         lost=len(ids) - len(committed(database_url, ids)),
-        committed_when_killed=at_kill,
-        promoted_s=round(promoted_s, 2),
-        sends_refused=stream.refused,
+        committed_when_killed=done.committed_at_fault,
+        promoted_s=round(promoted[0], 2),
+        sends_refused=done.sends_refused,
         worker_reconnects=reconnects,
-        all_committed_s=round(committed_s, 2),
-        converge_s=round(converge_s, 2),
+        all_committed_s=round(done.committed_s, 2),
+        converge_s=round(done.converge_s, 2),
     )
