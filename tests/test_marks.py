@@ -133,3 +133,63 @@ def test_a_write_and_a_load_survive_a_connection_killed_moments_ago(
     assert first_run and result.changed
     kill_the_pooled_connection()
     assert db.load_scope(scope.name).values == {"k": '"after"'}
+
+
+def _plans(conn: psycopg.Connection[Any], call: str, args: tuple[Any, ...]) -> list[str]:
+    """The plans of every statement ``call`` runs, as auto_explain reports them."""
+    try:
+        conn.execute("LOAD 'auto_explain'")
+    except psycopg.Error as exc:  # not shipped with this server, or not a superuser
+        pytest.skip(f"auto_explain cannot be loaded here: {exc}")
+    for setting in (
+        "auto_explain.log_min_duration = 0",
+        "auto_explain.log_nested_statements = on",
+        "auto_explain.log_level = notice",
+    ):
+        conn.execute(f"SET {setting}")
+    notices: list[str] = []
+    conn.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
+    conn.execute(call, args)
+    return notices
+
+
+def _mark_plan(plans: list[str]) -> str:
+    found = [plan for plan in plans if "UPDATE options_write" in plan]
+    assert len(found) == 1, plans
+    return found[0]
+
+
+def test_marking_looks_commits_up_by_primary_key_however_many_were_marked_before(
+    db: PostgresStore,
+) -> None:
+    """A mark finds its commits by primary key, in a write and in a flush alike, on a session
+    that has marked thousands before (whose plans PostgreSQL has cached). The partial index of
+    unannounced commits still holds every commit marked since the last vacuum: scanning it
+    made each write's cost grow with the writes before it."""
+    with psycopg.connect(db.conninfo, autocommit=True) as conn:
+        previous: list[str] | None = None
+        for serial in range(1500):
+            task_id = f"mark-plan-{serial}"
+            conn.execute(
+                "SELECT * FROM options_apply(%s, %s, %s::text[], %s::text[],"
+                " NULL, NULL, NULL, %s::text[])",
+                ("global", task_id, [f"k{serial % 10}"], [str(serial)], previous),
+            )
+            previous = [task_id]
+        flushed = [f"mark-plan-{serial}" for serial in range(1500)]
+        for _ in range(10):
+            conn.execute("SELECT options_mark_announced(%s::text[])", (flushed,))
+        write = _mark_plan(
+            _plans(
+                conn,
+                "SELECT * FROM options_apply('global', 'mark-plan-last', ARRAY['k'], ARRAY['1'],"
+                " NULL, NULL, NULL, %s::text[])",
+                (previous,),
+            )
+        )
+        flush = _mark_plan(
+            _plans(conn, "SELECT options_mark_announced(%s::text[])", (["mark-plan-last"],))
+        )
+    for plan in (write, flush):
+        assert "options_write_pkey" in plan, plan
+        assert "options_write_unannounced" not in plan, plan
