@@ -35,8 +35,11 @@ def _py_spy() -> str:
     return found
 
 
-def record(label: str, *, tasks: int, rate: int, raw: bool = False, gil: bool = False) -> Path:
-    out = FLAMES / f"write-task-{label}{'-gil' if gil else ''}.{'txt' if raw else 'svg'}"
+def record(
+    label: str, *, tasks: int, rate: int, raw: bool = False, gil: bool = False, idle: bool = False
+) -> Path:
+    mode = "-gil" if gil else "-idle" if idle else ""
+    out = FLAMES / f"write-task-{label}{mode}.{'txt' if raw else 'svg'}"
     FLAMES.mkdir(exist_ok=True)
     with services(embedded=False, broker="redis") as run:
         prepare_process(run)
@@ -69,6 +72,7 @@ def record(label: str, *, tasks: int, rate: int, raw: bool = False, gil: bool = 
                     "--pid",
                     str(worker.process.pid),
                     *(["--gil"] if gil else []),
+                    *(["--idle"] if idle else []),
                 ],
                 stdout=subprocess.DEVNULL,
             )
@@ -96,10 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--gil", action="store_true", help="only samples holding the GIL (Python's own CPU)"
     )
+    parser.add_argument(
+        "--idle", action="store_true", help="also samples waiting threads (where wall time goes)"
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0 and Path("/proc/sys/kernel/yama/ptrace_scope").read_text().strip() != "0":
         print("warning: py-spy may be refused (ptrace_scope); run as root", file=sys.stderr)
-    out = record(args.label, tasks=args.tasks, rate=args.rate, raw=args.raw, gil=args.gil)
+    out = record(
+        args.label, tasks=args.tasks, rate=args.rate, raw=args.raw, gil=args.gil, idle=args.idle
+    )
     print(f"wrote {out.relative_to(HERE.parent)}")
     return 0
 

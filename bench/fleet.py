@@ -137,6 +137,29 @@ def _idle_cpu(groups: dict[str, list[Any]], seconds: float = 2.0) -> dict[str, f
     return {name: (_cpu_seconds(group) - before[name]) / seconds for name, group in groups.items()}
 
 
+class _WriterTimes:
+    """When the writer's COMMIT returned (from then on the change exists for other processes;
+    the time before it, from the commit's timestamp taken inside the transaction, is mostly
+    the WAL flush, which a raw fanout does not do) and when it handed the announcement to the
+    broker: hooks on ``backend``'s write path."""
+
+    def __init__(self, backend: Any) -> None:
+        self.committed = self.published = 0.0
+        apply, announce = backend.db.apply, backend.announcers[0]
+
+        def timed_apply(*args: Any, **kwargs: Any) -> Any:
+            done = apply(*args, **kwargs)
+            self.committed = time.time()
+            return done
+
+        def timed_announce(result: Any) -> None:
+            self.published = time.time()
+            announce(result)
+
+        backend.db.apply = timed_apply
+        backend.announcers = [timed_announce]
+
+
 def _propagation_at(
     run: Services,
     count: int,
@@ -153,21 +176,14 @@ def _propagation_at(
 
     scope = project_scope(PROJECT_ID)
     ours: list[float] = []
+    flush: list[float] = []
     after_publish: list[float] = []
     raw: list[float] = []
     outcomes: dict[str, int] = defaultdict(int)
     opened = host() if host is not None else fleet(run, f"fleet{count}", count)
     with opened as running:
         backend = running.backend
-        # Remember when the announcement is handed to kombu: splits the figure in two.
-        publish_times: list[float] = []
-        announce = backend.announcers[0]
-
-        def timed_announce(result: Any) -> None:
-            publish_times.append(time.time())
-            announce(result)
-
-        backend.announcers = [timed_announce]
+        times = _WriterTimes(backend)
         baseline = rawfanout.RawFanout(run, running.worker.namespace, count)
         try:
             baseline.wait_subscribed()
@@ -184,12 +200,11 @@ def _propagation_at(
                             set_write(scope, KEY, value), task_id=f"bench-{uuid.uuid4()}"
                         )
                         events = running.all_applied(result.scope, result.revision)
-                        last = max(e["lag_ms"] for e in events)
+                        applied = result.committed_at + max(e["lag_ms"] for e in events) / 1000
                         if i >= 0:
-                            ours.append(last)
-                            after_publish.append(
-                                (result.committed_at + last / 1000 - publish_times[-1]) * 1000
-                            )
+                            ours.append((applied - times.committed) * 1000)
+                            flush.append((times.committed - result.committed_at) * 1000)
+                            after_publish.append((applied - times.published) * 1000)
                             for e in events:
                                 outcomes[e["outcome"]] += 1
                     else:
@@ -212,9 +227,10 @@ def _propagation_at(
     method = (
         f"{who}; this process commits a "
         "one-key change with `store.backend.commit` (which publishes); each child's own "
-        "`broadcast.applied` log event gives lag_ms = its apply time minus the commit's "
-        "clock_timestamp() in PostgreSQL (taken inside the transaction, before COMMIT); the "
-        "sample is the max over children. Baseline: "
+        "`broadcast.applied` log event gives its apply time (lag_ms after the commit's "
+        "clock_timestamp() in PostgreSQL); the sample is the last child's apply time minus the "
+        "time the writer's COMMIT returned (extra.commit_flush: from the timestamp, taken "
+        "inside the transaction, to that return; mostly the WAL flush). Baseline: "
         f"{count} processes each consuming an exclusive queue on a raw kombu fanout exchange "
         "(same broker), time from publish to the last process's callback. "
         f"{reps} rounds, alternating which goes first, 30-50 ms apart. extra.cpu_us_...: CPU "
@@ -225,6 +241,11 @@ def _propagation_at(
         "commit_to_publish_ms_median": statistics.median(
             o - a for o, a in zip(ours, after_publish, strict=True)
         ),
+        "commit_flush_ms_median": statistics.median(flush),
+        "from_commit_timestamp_ratio_median": statistics.median(
+            o + f for o, f in zip(ours, flush, strict=True)
+        )
+        / statistics.median(raw),
         "outcomes": dict(outcomes),
         # Kernel CPU accounting ticks at 10 ms: only the mean over every round means anything.
         "cpu_us_per_process_per_message_mean": {
