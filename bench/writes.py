@@ -16,6 +16,7 @@ import psycopg
 
 from bench.env import Services, Worker, forget_results, iso_to_epoch, producer, wait_for
 from bench.figures import Figure, Series
+from bench.noop_tasks import COMMIT_ROW_TABLE
 
 CONCURRENCY = 2
 MANY_KEYS = 1000
@@ -108,9 +109,15 @@ class Batches:
 def throughput(run: Services, *, quick: bool) -> list[Figure]:
     namespace = run.namespace("writes")
     backend = run.configure_store(namespace)
+    with psycopg.connect(run.database_url, autocommit=True) as conn:
+        conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {COMMIT_ROW_TABLE}"
+            " (serial bigint NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp())"
+        )
     worker = Worker(run, namespace, concurrency=CONCURRENCY).start()
     reps, noops, sets, manys = (2, 500, 300, 5) if quick else (7, 3000, 1500, 20)
     noop_rates: list[float] = []
+    commit_rates: list[float] = []
     set_rates: list[float] = []
     many_rates: list[float] = []
     batches = None
@@ -138,12 +145,14 @@ def throughput(run: Services, *, quick: bool) -> list[Figure]:
 
         # Warm-up: children import, connect and fill their pools.
         batches.rate("bench.noop", [[] for _ in range(100)])
+        batches.rate("bench.commit_row", [[i] for i in range(100)])
         batches.rate("options.set_option", set_calls(100))
         batches.rate("options.set_many", many_calls(2))
         batches.cpu.clear()
         batches.counts.clear()
         for _ in range(reps):
             noop_rates.append(batches.rate("bench.noop", [[] for _ in range(noops)]))
+            commit_rates.append(batches.rate("bench.commit_row", [[i] for i in range(sets)]))
             set_rates.append(batches.rate("options.set_option", set_calls(sets)))
             many_rates.append(batches.rate("options.set_many", many_calls(manys)) * MANY_KEYS)
     finally:
@@ -175,6 +184,22 @@ def throughput(run: Services, *, quick: bool) -> list[Figure]:
                 "microseconds per task by process group (psutil), over the timed batches"
             ),
             extra={"cpu_us_per_task": cpu},
+        ),
+        Figure(
+            name="write_throughput_floor",
+            title="write throughput, `set_option` tasks per second, one worker",
+            baseline_title="a task that only commits one row to PostgreSQL, per second",
+            value=Series("tasks/s", set_rates, higher_is_better=True),
+            baseline=Series("tasks/s", commit_rates, higher_is_better=True),
+            # At most 1.3x the time per task of the least a durable write does, as visibility's
+            # goal against its floor.
+            goal=">= 0.77x",
+            method=(
+                f"{common}; the `set_option` batches above against {reps} batches of {sets} "
+                "`bench.commit_row` tasks (one INSERT in its own transaction on a connection of "
+                "the child's, synchronous_commit as the server has it: the WAL flush a durable "
+                "write waits for), interleaved with the others"
+            ),
         ),
         Figure(
             name="set_many",
