@@ -67,13 +67,15 @@ def configure(
         else broker_connection_options(broker_url, master_name=broker_master_name)
     )
     sentinel = options.pop("transport_options", {})
+    # amqps://: the transport that checks the broker certificate's name (store/amqps.py).
+    tls_transport = options.pop("transport", None)
     connect = (
         None
         if broker_url is None
         else functools.partial(
             kombu.Connection,
             broker_url,
-            transport=broker_transport,
+            transport=broker_transport or tls_transport,
             connect_timeout=2,
             transport_options={**publish_transport_options(broker_url), **sentinel},
             **options,
@@ -83,6 +85,7 @@ def configure(
         functools.partial(
             kombu.Connection,
             broker_url,
+            transport=tls_transport,
             connect_timeout=2,
             heartbeat=10,
             transport_options=dict(sentinel),

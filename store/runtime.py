@@ -145,7 +145,8 @@ class Runtime:
         settings = self.settings()
         url = settings.broker_url
         # TLS for rediss:// (kombu's own transport of the URL would default to not verifying
-        # the certificate), the master's name for sentinel://.
+        # the certificate), a transport that checks the certificate's name for amqps://, the
+        # master's name for sentinel://.
         options = settings.broker_connection_options()
         sentinel = options.pop("transport_options", {})
         self.configure_from(

@@ -288,9 +288,10 @@ MIGRATIONS: tuple[str, ...] = (
     # (coalesce). History reads each changed key's old value by primary key (a correlated
     # lookup, not a join that sorts the whole scope's values).
     """
-    CREATE OR REPLACE FUNCTION options_apply(p_scope text, p_task_id text, p_keys text[], p_values text[],
-                                  p_actor text DEFAULT NULL, p_reason text DEFAULT NULL,
-                                  p_origin text DEFAULT NULL, p_announced text[] DEFAULT NULL)
+    CREATE OR REPLACE FUNCTION options_apply(
+        p_scope text, p_task_id text, p_keys text[], p_values text[],
+        p_actor text DEFAULT NULL, p_reason text DEFAULT NULL,
+        p_origin text DEFAULT NULL, p_announced text[] DEFAULT NULL)
     RETURNS TABLE (revision bigint, changed boolean, changes jsonb, committed_at float8,
                    first_run boolean)
     LANGUAGE plpgsql AS $fn$

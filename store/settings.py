@@ -50,6 +50,7 @@ OVERRIDES = {
 TESTED_KOMBU = ("5.7.0",)
 QUEUE_TYPES = ("classic", "quorum")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+AMQPS_TRANSPORT = "store.amqps:Transport"
 _REDIS_TRANSPORTS = {
     "redis": "worker.broker:Transport",
     "rediss": "worker.broker:Transport",
@@ -70,11 +71,15 @@ def broker_scheme(broker_url: str) -> str:
 
 def broker_transport_for(broker_url: str, *, kombu_version: str | None = None) -> str | None:
     """The kombu transport for a broker URL: on Redis (and Redis Sentinel), the one of
-    worker/broker.py (a task taken off the queue is never lost); otherwise None, the URL's own.
+    worker/broker.py (a task taken off the queue is never lost); on ``amqps://``, the one of
+    store/amqps.py (the certificate's name is checked); otherwise None, the URL's own.
 
     With a kombu other than the tested ones, None too: kombu's own Redis transport, and a
     warning that a worker killed mid hand-over can lose a task.
     """
+    if broker_scheme(broker_url) == "amqps":
+        _check_amqps_query(broker_url)
+        return AMQPS_TRANSPORT
     transport = _REDIS_TRANSPORTS.get(broker_scheme(broker_url))
     if transport is None:
         return None
@@ -93,6 +98,20 @@ def broker_transport_for(broker_url: str, *, kombu_version: str | None = None) -
         )
         return None
     return transport
+
+
+def _check_amqps_query(broker_url: str) -> None:
+    from store.amqps import AMQP_SSL_OPTIONS
+
+    for name, value in parse_qsl(urlsplit(broker_url).query):
+        if not name.startswith("ssl_"):
+            continue
+        if name not in AMQP_SSL_OPTIONS:
+            raise InvalidOption(
+                name, f"is not a TLS parameter of an amqps:// URL ({', '.join(AMQP_SSL_OPTIONS)})"
+            )
+        if name == "ssl_cert_reqs" and value.lower().removeprefix("cert_") not in _CERT_REQS:
+            raise InvalidOption(name, f"must be required, optional or none, got {value!r}")
 
 
 def broker_ssl_options(broker_url: str) -> dict[str, Any] | None:
@@ -123,11 +142,14 @@ def broker_ssl_options(broker_url: str) -> dict[str, Any] | None:
 
 def broker_connection_options(broker_url: str, *, master_name: str | None) -> dict[str, Any]:
     """kombu ``Connection`` keywords a broker URL needs beyond itself: TLS for ``rediss://``,
-    the master's name for ``sentinel://``."""
+    the transport that checks the certificate's name for ``amqps://``, the master's name for
+    ``sentinel://``."""
     options: dict[str, Any] = {}
     tls = broker_ssl_options(broker_url)
     if tls is not None:
         options["ssl"] = tls
+    if broker_scheme(broker_url) == "amqps":
+        options["transport"] = broker_transport_for(broker_url)
     if broker_scheme(broker_url) == "sentinel":
         if not master_name:
             raise InvalidOption(

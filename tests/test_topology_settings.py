@@ -11,9 +11,11 @@ from typing import Any
 import kombu
 import pytest
 import redis
+from kombu.utils.url import parse_url
 from redis.sentinel import SentinelConnectionPool, SentinelManagedSSLConnection
 from structlog.testing import capture_logs
 
+from store.amqps import amqp_ssl_options
 from store.errors import InvalidOption
 from store.redis_cache import redis_client
 from store.settings import (
@@ -84,6 +86,45 @@ def test_rediss_broker_takes_the_urls_tls_parameters() -> None:
     assert raised.value.field == "ssl_cert_reqs"
 
 
+def test_amqps_broker_gets_the_transport_that_checks_names() -> None:
+    """An amqps:// URL gets store/amqps.py's transport, which renames the query's TLS
+    parameters for py-amqp, verifies the certificate and checks its name against the URL's host
+    (None: kombu fills it in), unless the URL says otherwise."""
+    url = "amqps://u:p@rabbit.internal:5671/vh?ssl_ca_certs=/ca.pem&ssl_certfile=/c.pem"
+    assert broker_transport_for(url) == "store.amqps:Transport"
+    assert broker_connection_options(url, master_name=None) == {
+        "transport": "store.amqps:Transport"
+    }
+    assert amqp_ssl_options(parse_url(url)["ssl"]) == {
+        "ca_certs": "/ca.pem",
+        "certfile": "/c.pem",
+        "cert_reqs": ssl.CERT_REQUIRED,
+        "server_hostname": None,
+    }
+    assert amqp_ssl_options(True) == {"cert_reqs": ssl.CERT_REQUIRED, "server_hostname": None}
+    unchecked = parse_url("amqps://h//?ssl_check_hostname=false")["ssl"]
+    assert amqp_ssl_options(unchecked) == {"cert_reqs": ssl.CERT_REQUIRED}
+    unverified = parse_url("amqps://h//?ssl_cert_reqs=none")["ssl"]
+    assert amqp_ssl_options(unverified) == {"cert_reqs": ssl.CERT_NONE}
+    # Options given in py-amqp's own names (a broker_use_ssl dict) are kept.
+    assert amqp_ssl_options({"ca_certs": "/ca.pem", "server_hostname": "r"}) == {
+        "ca_certs": "/ca.pem",
+        "server_hostname": "r",
+        "cert_reqs": ssl.CERT_REQUIRED,
+    }
+
+
+def test_amqps_broker_refuses_what_py_amqp_would_not_take() -> None:
+    """A TLS parameter py-amqp has no use for, or a bad ssl_cert_reqs, is refused up front,
+    naming it."""
+    with pytest.raises(InvalidOption) as raised:
+        broker_transport_for("amqps://h//?ssl_password=x")
+    assert raised.value.field == "ssl_password"
+    with pytest.raises(InvalidOption) as raised:
+        broker_transport_for("amqps://h//?ssl_cert_reqs=maybe")
+    assert raised.value.field == "ssl_cert_reqs"
+
+
 def test_sentinel_broker_needs_its_master_name() -> None:
     """A sentinel:// broker carries the master's name as kombu's transport option; without one
     it is refused up front, naming the variable."""
@@ -120,6 +161,13 @@ def test_celeryconfig_on_rediss(celeryconfig: Any, monkeypatch: pytest.MonkeyPat
         "ssl_cert_reqs": ssl.CERT_REQUIRED,
         "ssl_ca_certs": "/ca.pem",
     }
+
+
+def test_celeryconfig_on_amqps(celeryconfig: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On an amqps:// broker Celery gets the transport that checks the certificate's name."""
+    monkeypatch.setenv("CELERY_BROKER_URL", "amqps://u:p@rabbit:5671//?ssl_ca_certs=/ca.pem")
+    assert celeryconfig.broker_transport == "store.amqps:Transport"
+    assert celeryconfig.broker_use_ssl is None  # the URL's own, renamed by the transport
 
 
 def test_celeryconfig_on_sentinel(celeryconfig: Any, monkeypatch: pytest.MonkeyPatch) -> None:

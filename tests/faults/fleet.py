@@ -21,7 +21,8 @@ from tests.conftest import Services, Worker, wait_for
 
 
 def producer_app(broker_url: str, result_backend: str, queue: str) -> Celery:
-    """A Celery app that only sends tasks by name, as a producer that imports nothing of ours."""
+    """A Celery app that only sends tasks by name, as a producer that imports nothing of ours
+    (on amqps://, but the transport that reads the URL's TLS parameters)."""
     app = Celery("faults-producer", broker=broker_url, backend=result_backend)
     app.conf.update(
         task_serializer="json",
@@ -31,6 +32,9 @@ def producer_app(broker_url: str, result_backend: str, queue: str) -> Celery:
         task_default_queue=queue,
         broker_connection_retry_on_startup=True,
     )
+    if broker_url.startswith("amqps"):
+        # The transport that takes the URL's TLS parameters and checks the certificate's name.
+        app.conf.broker_transport = "store.amqps:Transport"
     if broker_url.startswith("amqp"):
         # Publisher confirms: a send returns once the broker has the task, not before.
         app.conf.broker_transport_options = {"confirm_publish": True}

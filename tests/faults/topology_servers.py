@@ -1,14 +1,18 @@
-"""Servers of the topology tests' own: a Redis that speaks only TLS (certificates made here with
-the openssl CLI), and a Redis primary with a replica behind Redis Sentinels."""
+"""Servers of the topology tests' own: a Redis and a RabbitMQ that speak only TLS (certificates
+made here with the openssl CLI), and a Redis primary with a replica behind Redis Sentinels."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
+import ssl
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import kombu
 import pytest
 import redis
 
@@ -239,3 +243,86 @@ class SentinelGroup:
     def close(self) -> None:
         for server in [*self.sentinels, *self.data]:
             server.kill()
+
+
+def system_rabbitmq() -> str:
+    """RabbitMQ's own start script (not the distribution's wrapper, which switches to the
+    rabbitmq user and its environment); skips (fails in CI) without."""
+    for found in ("/usr/lib/rabbitmq/bin/rabbitmq-server", shutil.which("rabbitmq-server")):
+        if found and Path(found).exists():
+            return found
+    unavailable("rabbitmq-server is not installed here")
+    raise AssertionError("unreachable")
+
+
+class TLSRabbitMQ:
+    """A RabbitMQ node of this test's own, listening on a TLS port only; clients need no
+    certificate. Its own name, ports, Erlang cookie (in its HOME) and data directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.certificates = make_certificates(directory / "tls")
+        self.port = free_port()
+        self.node = f"optionstore-tls-{self.port}@localhost"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> TLSRabbitMQ:
+        certificates = {name: str(path) for name, path in self.certificates.items()}
+        (self.directory / "rabbitmq.conf").write_text(
+            "listeners.tcp = none\n"
+            f"listeners.ssl.default = {self.port}\n"
+            f"ssl_options.cacertfile = {certificates['ca']}\n"
+            f"ssl_options.certfile = {certificates['cert']}\n"
+            f"ssl_options.keyfile = {certificates['key']}\n"
+            "ssl_options.verify = verify_none\n"
+            "ssl_options.fail_if_no_peer_cert = false\n"
+        )
+        (self.directory / "enabled_plugins").write_text("[].\n")
+        env = {
+            **os.environ,
+            "HOME": str(self.directory),  # the Erlang cookie is made there
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(free_port()),
+            "RABBITMQ_CONFIG_FILE": str(self.directory / "rabbitmq"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.directory / "enabled_plugins"),
+            "RABBITMQ_MNESIA_BASE": str(self.directory / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.directory / "log"),
+            "RABBITMQ_PID_FILE": str(self.directory / "rabbitmq.pid"),
+        }
+        self.process = subprocess.Popen(
+            [system_rabbitmq()],
+            env=env,
+            stdout=(self.directory / "stdout.log").open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_for(self.answers, timeout=120, interval=0.5, message=f"RabbitMQ {self.node}")
+        return self
+
+    def connection(self, url: str, **options: Any) -> kombu.Connection:
+        return kombu.Connection(url, connect_timeout=5, **options)
+
+    def answers(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            log = (self.directory / "stdout.log").read_text(errors="replace")[-3000:]
+            pytest.fail(f"rabbitmq-server exited with {self.process.returncode}:\n{log}")
+        verified = {"ca_certs": str(self.certificates["ca"]), "cert_reqs": ssl.CERT_REQUIRED}
+        with self.connection(f"amqps://guest:guest@localhost:{self.port}//", ssl=verified) as conn:
+            try:
+                conn.ensure_connection(max_retries=1)
+            except Exception:  # not listening yet
+                return False
+            return True
+
+    @property
+    def url(self) -> str:
+        """An amqps:// URL that verifies the server, by name, against this test's own CA."""
+        return f"amqps://guest:guest@localhost:{self.port}//?ssl_ca_certs={self.certificates['ca']}"
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
