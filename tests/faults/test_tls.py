@@ -5,6 +5,7 @@ too."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -103,6 +104,22 @@ def _children_and_web_follow(worker: FaultWorker, project: int) -> tuple[int, fl
     return len(first), applied_s
 
 
+@contextlib.contextmanager
+def _followed_over_tls(
+    stable: PostgresServer, *, broker_url: str, cache_url: str, fault: str
+) -> Iterator[FaultWorker]:
+    """A prefork worker (process mode) on ``broker_url`` and ``cache_url`` whose children and a
+    web process follow its writes (``_children_and_web_follow``); yields it still running, then
+    records the figures as ``fault``."""
+    with fleet(stable.new_database(), cache_url, stable.redis_url) as own:
+        worker = own.start(
+            broker_url=broker_url, concurrency=2, extra_env={"OPTIONS_LOCAL_CACHE": "process"}
+        )
+        children, applied_s = _children_and_web_follow(worker, fresh_id())
+        yield worker
+    record(fault, writes=3, lost=0, children=children, broadcast_applied_s=round(applied_s, 2))
+
+
 @pytest.mark.faults
 def test_worker_on_tls_redis(stable: PostgresServer, tls_redis: TLSRedis) -> None:
     """A prefork worker whose broker and cache are a rediss:// URL commits writes, its children
@@ -111,23 +128,16 @@ def test_worker_on_tls_redis(stable: PostgresServer, tls_redis: TLSRedis) -> Non
     plain = redis.Redis("127.0.0.1", tls_redis.port, socket_timeout=2, socket_connect_timeout=2)
     with pytest.raises(redis.ConnectionError):
         plain.ping()  # the server has no plaintext port: whoever talks to it talks TLS
-    database_url = stable.new_database()
-    with fleet(database_url, tls_redis.url, stable.redis_url) as own:
-        worker = own.start(
-            broker_url=tls_redis.url, concurrency=2, extra_env={"OPTIONS_LOCAL_CACHE": "process"}
-        )
-        children, applied_s = _children_and_web_follow(worker, fresh_id())
+    with _followed_over_tls(
+        stable,
+        broker_url=tls_redis.url,
+        cache_url=tls_redis.url,
+        fault="TLS Redis (rediss://) as broker, reload exchange and cache",
+    ) as worker:
         # The broker connections of the worker (named by worker/broker.py) are on this server.
         names = [str(c.get("name", "")) for c in tls_redis.client().client_list()]
         assert any(n.startswith("optionstore-taken-") for n in names), names
         assert "can be lost if this worker dies" not in worker.log()
-    record(
-        "TLS Redis (rediss://) as broker, reload exchange and cache",
-        writes=3,
-        lost=0,
-        children=children,
-        broadcast_applied_s=round(applied_s, 2),
-    )
 
 
 @pytest.mark.faults
@@ -138,21 +148,13 @@ def test_worker_on_tls_rabbitmq(stable: PostgresServer, tls_rabbitmq: TLSRabbitM
     plain = tls_rabbitmq.connection(f"amqp://guest:guest@localhost:{tls_rabbitmq.port}//")
     with pytest.raises(OperationalError), plain:
         plain.ensure_connection(max_retries=1)  # no plaintext port
-    database_url = stable.new_database()
-    with fleet(database_url, stable.redis_url, stable.redis_url) as own:
-        worker = own.start(
-            broker_url=tls_rabbitmq.url,
-            concurrency=2,
-            extra_env={"OPTIONS_LOCAL_CACHE": "process"},
-        )
-        children, applied_s = _children_and_web_follow(worker, fresh_id())
-    record(
-        "TLS RabbitMQ (amqps://) as broker and reload exchange",
-        writes=3,
-        lost=0,
-        children=children,
-        broadcast_applied_s=round(applied_s, 2),
-    )
+    with _followed_over_tls(
+        stable,
+        broker_url=tls_rabbitmq.url,
+        cache_url=stable.redis_url,
+        fault="TLS RabbitMQ (amqps://) as broker and reload exchange",
+    ):
+        pass  # what this test checks, _children_and_web_follow has checked by now
 
 
 @pytest.mark.faults
