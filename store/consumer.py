@@ -35,6 +35,9 @@ REPORTED_SCOPES = 5000  # revisions a process reports; older ones fall off its r
 # Seconds between two reports that carry revisions: under a stream of changes a process
 # reports a few times a second, not once per change (a report is a Redis write).
 REPORT_GAP = 0.25
+# Seconds a subscribed consumer with nothing to report waits for a message before it checks
+# for silence (a tenth of the deadline, if that is shorter) and reports it is alive (1 s).
+IDLE_WAIT = 0.5
 
 
 _NOT_PLAIN = object()
@@ -301,7 +304,11 @@ class ReloadConsumer(threading.Thread):
     def _drain_timeout(self) -> float:
         if self._unreported:
             return min(0.1, max(0.0, self._report_due_at() - time.monotonic()))
-        return 0.1
+        if not self.subscribed.is_set():
+            return 0.1  # the hello goes out again every 0.5 s until it comes back
+        # Idle and subscribed: wake for the silence check and the liveness report only. Every
+        # wake-up of every process costs CPU that a fleet's broadcasts then wait for.
+        return min(IDLE_WAIT, self.deadline / 10)
 
     def _report(self, *, force: bool = False) -> None:
         if self.presence is None:
