@@ -110,8 +110,16 @@ def _check_amqps_query(broker_url: str) -> None:
             raise InvalidOption(
                 name, f"is not a TLS parameter of an amqps:// URL ({', '.join(AMQP_SSL_OPTIONS)})"
             )
-        if name == "ssl_cert_reqs" and value.lower().removeprefix("cert_") not in _CERT_REQS:
-            raise InvalidOption(name, f"must be required, optional or none, got {value!r}")
+        if name == "ssl_cert_reqs":
+            _cert_reqs(value)
+
+
+def _cert_reqs(value: str) -> ssl.VerifyMode:
+    """The ``ssl_cert_reqs`` of a URL's query (``required``, ``CERT_REQUIRED``, ...)."""
+    reqs = _CERT_REQS.get(value.lower().removeprefix("cert_"))
+    if reqs is None:
+        raise InvalidOption("ssl_cert_reqs", f"must be required, optional or none, got {value!r}")
+    return reqs
 
 
 def broker_ssl_options(broker_url: str) -> dict[str, Any] | None:
@@ -127,12 +135,7 @@ def broker_ssl_options(broker_url: str) -> dict[str, Any] | None:
     options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     for name, value in parse_qsl(urlsplit(broker_url).query):
         if name == "ssl_cert_reqs":
-            reqs = _CERT_REQS.get(value.lower().removeprefix("cert_"))
-            if reqs is None:
-                raise InvalidOption(
-                    "ssl_cert_reqs", f"must be required, optional or none, got {value!r}"
-                )
-            options[name] = reqs
+            options[name] = _cert_reqs(value)
         elif name == "ssl_check_hostname":
             options[name] = value.lower() not in ("false", "0", "no")
         elif name.startswith("ssl_"):
