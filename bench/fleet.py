@@ -141,11 +141,13 @@ class _WriterTimes:
     """When the writer's COMMIT returned (from then on the change exists for other processes;
     the time before it, from the commit's timestamp taken inside the transaction, is mostly
     the WAL flush, which a raw fanout does not do) and when it handed the announcement to the
-    broker: hooks on ``backend``'s write path."""
+    broker (its publish, or the cache script that publishes it on a shared Redis): hooks on
+    ``backend``'s write path."""
 
     def __init__(self, backend: Any) -> None:
         self.committed = self.published = 0.0
-        apply, announce = backend.db.apply, backend.announcers[0]
+        apply, announce = backend.db.apply, backend.publisher.announce
+        cache_apply = backend.redis.apply
 
         def timed_apply(*args: Any, **kwargs: Any) -> Any:
             done = apply(*args, **kwargs)
@@ -156,8 +158,14 @@ class _WriterTimes:
             self.published = time.time()
             announce(result)
 
+        def timed_cache_apply(*args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("announce"):
+                self.published = time.time()
+            return cache_apply(*args, **kwargs)
+
         backend.db.apply = timed_apply
-        backend.announcers = [timed_announce]
+        backend.publisher.announce = timed_announce
+        backend.redis.apply = timed_cache_apply
 
 
 def _propagation_at(

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import kombu
+import redis
 import structlog
 from kombu.common import maybe_declare
 
@@ -201,6 +202,25 @@ def redis_topics(channel: Any, exchange: str) -> list[str]:
     return list(channel._get_publish_topics(exchange, ""))
 
 
+def server_identity(pool: Any) -> tuple[Any, ...] | None:
+    """What tells one Redis server, as a redis-py connection pool reaches it: the connection
+    class (TCP, TLS or a Unix socket), address and user. None for a pool that finds its server
+    some other way (Sentinel): its server may change under it."""
+    kwargs = getattr(pool, "connection_kwargs", None)
+    if not isinstance(kwargs, dict) or not (kwargs.get("path") or kwargs.get("host")):
+        return None
+    if type(pool) is not redis.ConnectionPool and type(pool) is not redis.BlockingConnectionPool:
+        return None
+    return (
+        getattr(pool, "connection_class", None),
+        kwargs.get("path"),
+        kwargs.get("host"),
+        kwargs.get("port"),
+        kwargs.get("username"),
+        kwargs.get("password"),
+    )
+
+
 def redis_message(text: str, exchange: str) -> str:
     """The message kombu's Redis transport publishes for JSON ``text`` sent to a fanout
     ``exchange`` (transient, priority 0): every field, so that any kombu consumer reads it.
@@ -327,8 +347,10 @@ class Publisher:
         self.origin = origin or f"{os.uname().nodename}:{os.getpid()}"
         self._connection: kombu.Connection | None = None
         self._producer: kombu.Producer | None = None
-        # On a Redis broker, the pub/sub topics kombu publishes the exchange's messages to.
+        # On a Redis broker, the pub/sub topics kombu publishes the exchange's messages to,
+        # and the client of the channel's connection pool that publishes them.
         self._topics: list[str] = []
+        self._client: Any = None
         # kombu connections are not thread-safe; a threads-pool worker shares this one.
         self._lock = threading.Lock()
         after_fork_in_child(self._forget_after_fork)
@@ -353,9 +375,8 @@ class Publisher:
             # here with the channel's own client, without kombu's producer layers (their
             # Python cost more than the PUBLISH).
             message = redis_message(text, self.exchange.name)
-            with producer.channel.conn_or_acquire() as client:
-                for topic in self._topics:
-                    client.publish(topic, message)
+            for topic in self._topics:
+                self._client.publish(topic, message)
             return
         # Already JSON: kombu sends the text as is (no serializer, no per-message declare).
         producer.publish(
@@ -375,6 +396,7 @@ class Publisher:
         self._connection = None
         self._producer = None
         self._topics = []
+        self._client = None
 
     def _forget_after_fork(self) -> None:
         # The parent's socket is not ours, and its lock may have been held at the fork (a
@@ -384,14 +406,42 @@ class Publisher:
         self._connection = None
         self._producer = None
         self._topics = []
+        self._client = None
 
     def announce(self, result: WriteResult) -> None:
         """Publish the change ``result`` committed, or a RELOAD if it is too large to carry."""
+        self._publish_text(self._text_for(result))
+
+    def _text_for(self, result: WriteResult) -> str:
         text = change_text(result, origin=self.origin)
         if len(text.encode()) > self.max_message_bytes:
-            self.publish(ReloadMessage.reload(result, origin=self.origin))
-        else:
-            self._publish_text(text)
+            reload = ReloadMessage.reload(result, origin=self.origin)
+            return json.dumps(reload.to_body(), separators=(",", ":"))
+        return text
+
+    def topics_on(self, client: Any) -> list[str]:
+        """The pub/sub topics this publisher's announcements go to, if its broker is the Redis
+        server ``client`` talks to, reached the same way (address, TLS, user): then a script
+        run through ``client`` can publish them (``envelope``). Else an empty list.
+
+        Connects to the broker if not connected yet, once: an error is the broker's.
+        """
+        with self._lock:
+            try:
+                self._get_producer()
+            except Exception:
+                self._reset()
+                raise
+            if not self._topics:
+                return []
+            ours = server_identity(self._client.connection_pool)
+            if ours is None or ours != server_identity(client.connection_pool):
+                return []
+            return list(self._topics)
+
+    def envelope(self, result: WriteResult) -> str:
+        """The message that announces ``result`` on a Redis broker, as ``announce`` sends it."""
+        return redis_message(self._text_for(result), self.exchange.name)
 
     def _get_producer(self) -> kombu.Producer:
         if self._producer is None:
@@ -400,6 +450,11 @@ class Publisher:
             maybe_declare(self.exchange, channel)  # once per connection, not per message
             self._producer = kombu.Producer(channel)
             self._topics = redis_topics(channel, self.exchange.name)
+            if self._topics:
+                # Kept for the connection's life: kombu makes a new client (redis-py's costly
+                # constructor) each time it lends one.
+                with channel.conn_or_acquire() as client:
+                    self._client = client
         return self._producer
 
     def close(self) -> None:

@@ -44,10 +44,9 @@ class LayeredStore:
         self._postgres_breaker = Breaker(1.0)
         self._lock = threading.Lock()
         after_fork_in_child(self._new_lock)
-        # Called with each committed result; the broadcast publisher hooks in here.
-        self.announcers: list[Callable[[WriteResult], None]] = []
         # Round trips made on behalf of reads (misses only; a local hit touches nothing).
         self.stats = {"redis_reads": 0, "postgres_reads": 0}
+        # Announces each committed change on the reload exchange (None: no broker).
         self.publisher: Publisher | None = None
         # Set by the process's Runtime: configure on first use; start following broadcasts.
         self.on_first_use: Callable[[], None] = _nothing
@@ -66,10 +65,10 @@ class LayeredStore:
         local_cache: str = TASK,
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
         grace_period: float = 300.0,
-        announcers: list[Callable[[WriteResult], None]] | None = None,
+        publisher: Publisher | None = None,
     ) -> None:
         with self._lock:
-            self.announcers = list(announcers or [])
+            self.publisher = publisher
             if self.postgres is not None:
                 self.postgres.close()
             self.postgres = postgres

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -38,18 +38,28 @@ return 1
 
 # Apply one committed change. Only the direct successor of the cached revision is applied;
 # anything else leaves a floor at the new revision so the next reader reloads from PostgreSQL.
+# Then publish ARGV[5] to the ARGV[6] topics that follow it (none: a broker elsewhere): the
+# change's broadcast, when the broker is this server, leaves after the cache holds the change.
 _DELTA = """
+local ntopics = tonumber(ARGV[6])
+local function announce(outcome)
+  for t = 7, 6 + ntopics do
+    redis.call('PUBLISH', ARGV[t], ARGV[5])
+  end
+  return outcome
+end
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 local new = tonumber(ARGV[3])
-if cur and tonumber(cur) >= new then return 'old' end
+if cur and tonumber(cur) >= new then return announce('old') end
 if (not cur) or tonumber(cur) ~= new - 1 or redis.call('HEXISTS', KEYS[1], ARGV[2]) == 1 then
   redis.call('DEL', KEYS[1])
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[3], ARGV[2], '1')
   redis.call('EXPIRE', KEYS[1], ARGV[4])
-  return 'floor'
+  return announce('floor')
 end
-local nsets = tonumber(ARGV[5])
-local i = 6
+local i = 7 + ntopics
+local nsets = tonumber(ARGV[i])
+i = i + 1
 for _ = 1, nsets do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   i = i + 2
@@ -60,7 +70,7 @@ while i <= #ARGV do
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-return 'applied'
+return announce('applied')
 """
 
 # Turn a cached scope that is behind ``new`` into a floor at ``new`` (no values, stale mark):
@@ -118,14 +128,41 @@ class RedisCache:
             args += (key, value)
         return bool(self._fill(keys=[self.key(scope)], args=args))
 
-    def apply(self, scope: str, revision: int, changes: Mapping[str, str | None]) -> str:
-        """Move the cached scope to ``revision``; returns 'applied', 'old' or 'floor'."""
+    def apply(
+        self,
+        scope: str,
+        revision: int,
+        changes: Mapping[str, str | None],
+        *,
+        announce: tuple[Sequence[str], str] | None = None,
+    ) -> str:
+        """Move the cached scope to ``revision``; returns 'applied', 'old' or 'floor'.
+
+        ``announce`` is (topics, message): published by the same script, once the cache is
+        moved, when the broker's pub/sub is on this server (``Publisher.topics_on``).
+        """
+        topics, message = announce or ((), "")
         sets = [(k, v) for k, v in changes.items() if v is not None]
-        args: list[str | bytes | int] = [REVISION_FIELD, STALE_FIELD, revision, self.ttl, len(sets)]
+        args: list[str | bytes | int] = [
+            REVISION_FIELD,
+            STALE_FIELD,
+            revision,
+            self.ttl,
+            message,
+            len(topics),
+            *topics,
+            len(sets),
+        ]
         for key, value in sets:
             args += (key, value)
         args += [k for k, v in changes.items() if v is None]
-        outcome = self._delta(keys=[self.key(scope)], args=args)
+        # By its digest, directly: redis-py's Script wrapper costs more Python per call than
+        # the rest of the call. NOSCRIPT (a new or restarted server): loaded, then run.
+        try:
+            outcome = self.client.evalsha(self._delta.sha, 1, self.key(scope), *args)
+        except redis.exceptions.NoScriptError:
+            self.client.script_load(_DELTA)
+            outcome = self.client.evalsha(self._delta.sha, 1, self.key(scope), *args)
         return outcome.decode() if isinstance(outcome, bytes) else str(outcome)
 
     def revisions(self, scopes: list[str]) -> dict[str, int | None]:

@@ -93,14 +93,13 @@ class Runtime:
                 )
             )
             self.backend.configure(
-                announcers=[] if publisher is None else [publisher.announce],
+                publisher=publisher,
                 postgres=PostgresStore(conninfo=database_url, max_size=pool_max_size),
                 redis_cache=None if not redis_url else RedisCache(url=redis_url, prefix=namespace),
                 local_cache=local_cache,
                 max_value_bytes=max_value_bytes,
                 grace_period=grace_period,
             )
-            self.backend.publisher = publisher
             self.namespace = namespace
             if kind is not None:
                 self.kind = kind

@@ -3,6 +3,8 @@ reads answer from PostgreSQL and writes commit, exactly as with Redis down."""
 
 from __future__ import annotations
 
+import base64
+import json
 import threading
 import uuid
 from collections.abc import Iterator
@@ -20,6 +22,8 @@ from tests.faults.fleet import fleet
 from tests.faults.servers import PostgresServer, RedisServer
 
 READS = 50
+# The task's run(): the Write it commits, without an app to send through.
+SET_PROJECT_OPTION = tasks.WRITE_TASKS["options.set_project_option"]
 
 
 def fill_until_oom(client: redis.Redis) -> int:
@@ -69,7 +73,7 @@ def test_redis_full_reads_answer_from_postgres_and_writes_commit(
         backend = in_process(cache.url, own.namespace)  # the worker's Redis keys
         for n, project in enumerate(projects):
             # Each announce leaves Redis a floor (no values): a read must load from PostgreSQL.
-            backend.commit(tasks.set_project_option.run(project, "k", n))
+            backend.commit(SET_PROJECT_OPTION(project, "k", n))
         worker = own.start(concurrency=2, broker_url=stable.redis_url)
         ballast = fill_until_oom(client)
         before = dict(backend.stats)
@@ -114,6 +118,58 @@ def test_redis_full_reads_answer_from_postgres_and_writes_commit(
 
 
 @pytest.mark.faults
+def test_redis_full_under_a_broker_on_it_still_broadcasts(
+    stable: PostgresServer, own_redis: Any
+) -> None:
+    """With the broker on the cache's Redis server and that Redis full, the script that moves
+    the cache and publishes is refused: the write commits, its broadcast still goes out (a
+    plain PUBLISH, which Redis takes at maxmemory), and its outbox row stays unannounced for
+    the relay, which brings the cache forward later."""
+    cache: RedisServer = own_redis()
+    backend = store.configure(
+        database_url=stable.new_database(),
+        redis_url=cache.url,
+        broker_url=cache.url.rsplit("/", 1)[0] + "/1",
+        namespace=f"t{uuid.uuid4().hex[:10]}",
+    )
+    project = fresh_id()
+    try:
+        backend.commit(SET_PROJECT_OPTION(project, "k", "before"))
+        # Refilled from PostgreSQL: the next write's script starts with an HSET, which Redis
+        # refuses at maxmemory (a script whose first write is a DEL would run to its end).
+        store.clear_local_cache()
+        assert store.project_options.get_value(project, "k") == "before"
+        assert backend.redis.get(f"project:{project}") is not None
+        topics = backend.publisher.topics_on(backend.redis.client)
+        assert topics, "the broker names the cache's server: its broadcasts ride on the script"
+        subscriber = redis.Redis.from_url(cache.url).pubsub()
+        subscriber.psubscribe(*topics)
+        wait_for(lambda: subscriber.get_message(timeout=0.1), message="the subscription")
+        client = redis.Redis.from_url(cache.url)
+        fill_until_oom(client)
+        task_id = f"oom-{uuid.uuid4().hex[:8]}"
+        result = backend.commit(SET_PROJECT_OPTION(project, "k", "during"), task_id=task_id)
+        heard = wait_for(
+            lambda: subscriber.get_message(ignore_subscribe_messages=True, timeout=0.1),
+            message="the broadcast of the write made while Redis was full",
+        )
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            client.set("ballast:still-full", "x")
+        subscriber.close()
+        record_of_write = backend.db.write_record(task_id)
+    finally:
+        store.clear_local_cache()
+    body = json.loads(base64.b64decode(json.loads(heard["data"])["body"]))
+    assert (body["scope"], body["revision"], body["set"]) == (
+        f"project:{project}",
+        result.revision,
+        {"k": "during"},
+    )
+    assert record_of_write is not None and not record_of_write[1], "left for the relay"
+    record("redis full (OOM) under a broker on it", writes=1, lost=0, broadcasts_heard=1)
+
+
+@pytest.mark.faults
 def test_redis_busy_with_a_script_reads_answer_from_postgres(
     own_redis: Any, in_process: Any
 ) -> None:
@@ -122,7 +178,7 @@ def test_redis_busy_with_a_script_reads_answer_from_postgres(
     cache: RedisServer = own_redis()
     backend = in_process(cache.url)
     project = fresh_id()
-    backend.commit(tasks.set_project_option.run(project, "k", "from-postgres"))
+    backend.commit(SET_PROJECT_OPTION(project, "k", "from-postgres"))
     client = redis.Redis.from_url(cache.url)
     client.config_set("lua-time-limit", "10")
 
