@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import kombu
-import redis
 import structlog
 from kombu.common import maybe_declare
 
 from store.fork import after_fork_in_child
+from store.redis_cache import server_identity
 from store.scopes import Scope
 from store.validation import decode_value
 from store.writes import WriteResult
@@ -200,25 +200,6 @@ def redis_topics(channel: Any, exchange: str) -> list[str]:
     if not all(hasattr(type(channel), name) for name in names):
         return []
     return list(channel._get_publish_topics(exchange, ""))
-
-
-def server_identity(pool: Any) -> tuple[Any, ...] | None:
-    """What tells one Redis server, as a redis-py connection pool reaches it: the connection
-    class (TCP, TLS or a Unix socket), address and user. None for a pool that finds its server
-    some other way (Sentinel): its server may change under it."""
-    kwargs = getattr(pool, "connection_kwargs", None)
-    if not isinstance(kwargs, dict) or not (kwargs.get("path") or kwargs.get("host")):
-        return None
-    if type(pool) is not redis.ConnectionPool and type(pool) is not redis.BlockingConnectionPool:
-        return None
-    return (
-        getattr(pool, "connection_class", None),
-        kwargs.get("path"),
-        kwargs.get("host"),
-        kwargs.get("port"),
-        kwargs.get("username"),
-        kwargs.get("password"),
-    )
 
 
 def redis_message(text: str, exchange: str) -> str:

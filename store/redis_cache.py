@@ -243,6 +243,25 @@ def redis_client(url: str, **options: Any) -> redis.Redis:
     return client
 
 
+def server_identity(pool: Any) -> tuple[Any, ...] | None:
+    """What tells one Redis server, as a redis-py connection pool reaches it: the connection
+    class (TCP, TLS or a Unix socket), address and user. None for a pool that finds its server
+    some other way (Sentinel): its server may change under it."""
+    kwargs = getattr(pool, "connection_kwargs", None)
+    if not isinstance(kwargs, dict) or not (kwargs.get("path") or kwargs.get("host")):
+        return None
+    if type(pool) is not redis.ConnectionPool and type(pool) is not redis.BlockingConnectionPool:
+        return None
+    return (
+        getattr(pool, "connection_class", None),
+        kwargs.get("path"),
+        kwargs.get("host"),
+        kwargs.get("port"),
+        kwargs.get("username"),
+        kwargs.get("password"),
+    )
+
+
 def _snapshot(raw: Mapping[Any, Any]) -> Snapshot | None:
     if not raw or STALE_FIELD in raw:
         return None

@@ -6,36 +6,13 @@ the cache and publishes nothing."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
-
-from store.broadcast import Publisher
-from store.redis_cache import RedisCache
-from tests.fault_values import sets_value_starting
+from tests.broadcast_faults import hook_broadcasts, sets_value_starting
 
 SWALLOW_PREFIX = "swallowed:"
 
-_send = Publisher._send
-_cache_apply = RedisCache.apply
+
+def _deliver(message: str) -> bool:
+    return not sets_value_starting(SWALLOW_PREFIX, message)
 
 
-def _swallowing_send(self: Publisher, text: str) -> None:
-    if not sets_value_starting(SWALLOW_PREFIX, text):
-        _send(self, text)
-
-
-def _swallowing_cache_apply(
-    self: RedisCache,
-    scope: str,
-    revision: int,
-    changes: Mapping[str, str | None],
-    *,
-    announce: tuple[Sequence[str], str] | None = None,
-) -> Any:
-    if announce is not None and sets_value_starting(SWALLOW_PREFIX, announce[1]):
-        announce = None
-    return _cache_apply(self, scope, revision, changes, announce=announce)
-
-
-Publisher._send = _swallowing_send  # type: ignore[method-assign]
-RedisCache.apply = _swallowing_cache_apply  # type: ignore[method-assign]
+hook_broadcasts(_deliver)

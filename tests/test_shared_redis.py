@@ -13,7 +13,7 @@ import redis
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
 import store
-from store.broadcast import server_identity
+from store.redis_cache import server_identity
 from store.scopes import project_scope
 from store.writes import set_write
 from tests.conftest import Services, fresh_id, wait_for
