@@ -232,9 +232,8 @@ def redis_client(url: str, **options: Any) -> redis.Redis:
     }
     if sentinel_password:
         sentinel_options["password"] = sentinel_password
-    # redis-py's sentinel module carries no annotations.
-    sentinel = Sentinel(sentinels, sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
-    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(sentinels, sentinel_kwargs=sentinel_options)
+    client: redis.Redis = sentinel.master_for(
         path[0],
         redis_class=redis.Redis,
         connection_class=SentinelManagedSSLConnection if tls else SentinelManagedConnection,
