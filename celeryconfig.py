@@ -63,7 +63,7 @@ def _broker_transport_options() -> dict[str, Any]:
 
 def _broker_use_ssl() -> dict[str, Any] | None:
     # kombu turns TLS on by the transport's name; a rediss:// URL under the transport of
-    # worker/broker.py would otherwise connect in plain text.
+    # store/transport/redis.py would otherwise connect in plain text.
     ssl: dict[str, Any] | None = settings().broker_connection_options().get("ssl")
     return ssl
 
@@ -71,7 +71,7 @@ def _broker_use_ssl() -> dict[str, Any] | None:
 _FROM_ENVIRONMENT = {
     "broker_url": lambda: settings().broker_url,
     # On a Redis broker, a transport that cannot lose a task between handing it to a worker
-    # and recording it as unacknowledged (worker/broker.py); None keeps the URL's own.
+    # and recording it as unacknowledged (store/transport/redis.py); None keeps the URL's own.
     "broker_transport": lambda: settings().broker_transport,
     "result_backend": lambda: settings().result_backend,
     "task_default_queue": lambda: settings().task_queue,

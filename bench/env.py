@@ -92,7 +92,7 @@ class Services:
 @contextlib.contextmanager
 def services(*, embedded: bool, broker: str) -> Iterator[Services]:
     """A fresh database (dropped at the end) and a unique namespace, or the embedded servers."""
-    from store.schema import migrate
+    from store.postgres.migrations import migrate
 
     amqp_url = os.environ.get("OPTIONS_BENCH_AMQP_URL") or DEFAULT_AMQP_URL
     if embedded:
@@ -231,7 +231,7 @@ class Worker:
         """Wait until every child reports its reload consumer subscribed; returns their pids."""
         import psutil
 
-        from store.presence import Presence
+        from store.redis.presence import Presence
 
         presence = Presence(run_store.redis.client, namespace=self.namespace)
         expected = self.concurrency if self.pool == "prefork" else 1

@@ -179,8 +179,8 @@ def _propagation_at(
     who: str = "",
     goal: str = "<= 1.5x",
 ) -> list[Figure]:
-    from store.scopes import project_scope
-    from store.writes import set_write
+    from store.model.scopes import project_scope
+    from store.model.writes import set_write
 
     scope = project_scope(PROJECT_ID)
     ours: list[float] = []
@@ -321,8 +321,8 @@ class _VisibilityParts:
         return float((started - returned) * 1000)
 
     def apply(self) -> float:
-        from store.scopes import project_scope
-        from store.writes import set_write
+        from store.model.scopes import project_scope
+        from store.model.writes import set_write
 
         db = self.running.backend.db
         write = set_write(project_scope(PROJECT_ID + 1), self.key, f"floor-{uuid.uuid4().hex}")

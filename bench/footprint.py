@@ -30,9 +30,9 @@ SPREAD_BASE = 8_100_000  # 1,000 scopes of 100 keys
 
 
 def broadcast_size(run: Services, *, quick: bool = False) -> Figure:
-    from store.broadcast import ReloadMessage, reload_queue
-    from store.scopes import project_scope
-    from store.writes import many_write, set_write
+    from store.broadcast.codec import ReloadMessage, reload_queue
+    from store.model.scopes import project_scope
+    from store.model.writes import many_write, set_write
 
     namespace = run.namespace("size")
     backend = run.configure_store(namespace, broker_url=run.broker_url)
@@ -107,8 +107,8 @@ def broadcast_size(run: Services, *, quick: bool = False) -> Figure:
 
 
 def memory(run: Services, *, quick: bool = False) -> list[Figure]:
-    from store.scopes import project_scope
-    from store.writes import many_write
+    from store.model.scopes import project_scope
+    from store.model.writes import many_write
 
     namespace = run.namespace("memory")
     backend = run.configure_store(namespace)
@@ -183,7 +183,7 @@ def _child(config: dict[str, Any]) -> dict[str, int]:
     import redis
 
     import store
-    from store.redis_cache import REVISION_FIELD
+    from store.redis.cache import REVISION_FIELD
 
     backend = store.configure(
         database_url=config["database_url"],

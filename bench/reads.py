@@ -42,8 +42,8 @@ def option_values(count: int, *, seed: int = 7) -> dict[str, Any]:
 def seed_scope(backend: Any, project_id: int, values: dict[str, Any]) -> None:
     """Commit ``values`` to ``project:<id>`` through the store, then load it once so Redis holds
     the full scope (a first commit leaves only a revision floor there)."""
-    from store.scopes import project_scope
-    from store.writes import many_write
+    from store.model.scopes import project_scope
+    from store.model.writes import many_write
 
     scope = project_scope(project_id)
     items = list(values.items())

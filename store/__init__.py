@@ -10,7 +10,7 @@ import functools
 
 import kombu
 
-from store.broadcast import DEFAULT_MAX_MESSAGE_BYTES, publish_transport_options
+from store.broadcast.codec import DEFAULT_MAX_MESSAGE_BYTES, publish_transport_options
 from store.errors import (
     InvalidOption,
     MigrationError,
@@ -20,10 +20,10 @@ from store.errors import (
 )
 from store.layered import LayeredStore
 from store.local import TASK
+from store.model.validation import DEFAULT_MAX_VALUE_BYTES
 from store.readers import GroupMeta, Options, ProjectOptions, TagKeys, UserOptions
 from store.runtime import WEB, WORKER, Runtime
 from store.settings import broker_connection_options
-from store.validation import DEFAULT_MAX_VALUE_BYTES
 
 backend = LayeredStore()
 runtime = Runtime(backend)
@@ -33,7 +33,7 @@ project_options = ProjectOptions(backend)
 user_options = UserOptions(backend)
 group_meta = GroupMeta(backend)
 tag_keys = TagKeys(backend)
-# Declared options (store/registry.py): declare in code, or name a file in OPTIONS_REGISTRY.
+# Declared options (store/model/registry.py): declare in code, or name a file in OPTIONS_REGISTRY.
 registry = backend.registry
 
 
@@ -67,7 +67,7 @@ def configure(
         else broker_connection_options(broker_url, master_name=broker_master_name)
     )
     sentinel = options.pop("transport_options", {})
-    # amqps://: the transport that checks the broker certificate's name (store/amqps.py).
+    # amqps://: the transport that checks the broker certificate's name (store/transport/amqps.py).
     tls_transport = options.pop("transport", None)
     connect = (
         None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import structlog
 
-from store.broadcast import HEARTBEAT, RELOAD, ReloadMessage
+from store.broadcast.codec import HEARTBEAT, RELOAD, ReloadMessage
 from store.fallback import LastKnown
 from store.local import LocalCache
 

@@ -11,19 +11,19 @@ from typing import TypeVar
 import structlog
 
 from store.applier import apply_message
-from store.broadcast import Publisher, ReloadMessage
+from store.broadcast.codec import Publisher, ReloadMessage
 from store.errors import NotConfigured, StoreUnavailable, describe
 from store.fallback import Breaker, LastKnown
 from store.fork import after_fork_in_child
 from store.local import TASK, LocalCache, ScopeState
 from store.metrics import metrics
-from store.postgres import PostgresStore, Snapshot
+from store.model.registry import Registry
+from store.model.validation import DEFAULT_MAX_VALUE_BYTES
+from store.model.writes import Write, WriteResult
+from store.postgres.store import PostgresStore, Snapshot
 from store.propagation import propagate
-from store.redis_cache import RedisCache
-from store.registry import Registry
+from store.redis.cache import RedisCache
 from store.transient import postgres_unavailable, redis_unavailable
-from store.validation import DEFAULT_MAX_VALUE_BYTES
-from store.writes import Write, WriteResult
 
 log = structlog.get_logger("optionstore")
 

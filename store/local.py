@@ -9,8 +9,8 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-from store.postgres import Snapshot
-from store.validation import decode_value
+from store.model.validation import decode_value
+from store.postgres.store import Snapshot
 
 # Past this many scopes the revision floors are forgotten; see LocalCache.floors.
 MAX_FLOORS = 100_000

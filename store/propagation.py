@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING
 import structlog
 
 from store.errors import describe
-from store.validation import decode_value
-from store.writes import WriteResult
+from store.model.validation import decode_value
+from store.model.writes import WriteResult
 
 if TYPE_CHECKING:
-    from store.broadcast import Publisher
+    from store.broadcast.codec import Publisher
     from store.layered import LayeredStore
-    from store.redis_cache import RedisCache
+    from store.redis.cache import RedisCache
 
 log = structlog.get_logger("optionstore")
 
@@ -75,7 +75,7 @@ def propagate(store: LayeredStore, result: WriteResult) -> bool:
     )
     if done:
         # Marked by this process's next write, in its transaction, or a moment later in bulk
-        # (store/marks.py): a mark needs no round trip of its own.
+        # (store/postgres/marks.py): a mark needs no round trip of its own.
         store.db.marks.add(result.task_id)
     return done
 

@@ -6,8 +6,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from store.layered import LayeredStore
-from store.registry import UNSET, Registry
-from store.scopes import (
+from store.model.registry import UNSET, Registry
+from store.model.scopes import (
     GLOBAL,
     GROUP,
     PROJECT,
@@ -38,7 +38,7 @@ def _named(names: dict[int, str], ident: object, make: Callable[[object], Scope]
 
 class _Reader:
     # ``default`` is UNSET when the caller passed none: a key that is not set then reads as its
-    # declared default (store/registry.py), else None. A caller's default always wins. Only a
+    # declared default (store/model/registry.py), else None. A caller's default always wins. Only a
     # miss pays for this: a hit is still one dictionary lookup and an identity check.
     __slots__ = ("_local", "_registry", "_store")
 

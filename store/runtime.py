@@ -12,16 +12,16 @@ from collections.abc import Callable
 import kombu
 import structlog
 
-from store.broadcast import DEFAULT_MAX_MESSAGE_BYTES, Publisher, publish_transport_options
-from store.consumer import ReloadConsumer
+from store.broadcast.codec import DEFAULT_MAX_MESSAGE_BYTES, Publisher, publish_transport_options
+from store.broadcast.consumer import ReloadConsumer
 from store.fork import after_fork_in_child
 from store.layered import LayeredStore
 from store.local import PROCESS, TASK
-from store.postgres import PostgresStore
-from store.presence import Presence
-from store.redis_cache import RedisCache
+from store.model.validation import DEFAULT_MAX_VALUE_BYTES
+from store.postgres.store import PostgresStore
+from store.redis.cache import RedisCache
+from store.redis.presence import Presence
 from store.settings import Settings
-from store.validation import DEFAULT_MAX_VALUE_BYTES
 
 log = structlog.get_logger("optionstore")
 

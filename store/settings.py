@@ -14,10 +14,10 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import structlog
 
-from store.broadcast import DEFAULT_MAX_MESSAGE_BYTES
+from store.broadcast.codec import DEFAULT_MAX_MESSAGE_BYTES
 from store.errors import InvalidOption
 from store.local import MODES, TASK
-from store.validation import DEFAULT_MAX_VALUE_BYTES
+from store.model.validation import DEFAULT_MAX_VALUE_BYTES
 
 log = structlog.get_logger("optionstore")
 
@@ -45,16 +45,16 @@ OVERRIDES = {
     "registry_strict": "OPTIONS_REGISTRY_STRICT",
 }
 
-# The kombu versions worker/broker.py is tested with: it overrides private names of kombu's
+# The kombu versions store/transport/redis.py is tested with: it overrides private names of kombu's
 # Redis transport, which a patch release may change. Keep in step with pyproject.toml.
 TESTED_KOMBU = ("5.7.0",)
 QUEUE_TYPES = ("classic", "quorum")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-AMQPS_TRANSPORT = "store.amqps:Transport"
+AMQPS_TRANSPORT = "store.transport.amqps:Transport"
 _REDIS_TRANSPORTS = {
-    "redis": "worker.broker:Transport",
-    "rediss": "worker.broker:Transport",
-    "sentinel": "worker.broker:SentinelTransport",
+    "redis": "store.transport.redis:Transport",
+    "rediss": "store.transport.redis:Transport",
+    "sentinel": "store.transport.redis:SentinelTransport",
 }
 _CERT_REQS = {
     "required": ssl.CERT_REQUIRED,
@@ -71,8 +71,8 @@ def broker_scheme(broker_url: str) -> str:
 
 def broker_transport_for(broker_url: str, *, kombu_version: str | None = None) -> str | None:
     """The kombu transport for a broker URL: on Redis (and Redis Sentinel), the one of
-    worker/broker.py (a task taken off the queue is never lost); on ``amqps://``, the one of
-    store/amqps.py (the certificate's name is checked); otherwise None, the URL's own.
+    store/transport/redis.py (a task taken off the queue is never lost); on ``amqps://``, the one of
+    store/transport/amqps.py (the certificate's name is checked); otherwise None, the URL's own.
 
     With a kombu other than the tested ones, None too: kombu's own Redis transport, and a
     warning that a worker killed mid hand-over can lose a task.
@@ -101,7 +101,7 @@ def broker_transport_for(broker_url: str, *, kombu_version: str | None = None) -
 
 
 def _check_amqps_query(broker_url: str) -> None:
-    from store.amqps import AMQP_SSL_OPTIONS
+    from store.transport.amqps import AMQP_SSL_OPTIONS
 
     for name, value in parse_qsl(urlsplit(broker_url).query):
         if not name.startswith("ssl_"):
@@ -195,7 +195,7 @@ class Settings:
     write_retention: int = 7 * DAY
     # Seconds a superseded history entry is kept (the latest change of each key stays).
     history_retention: int = 90 * DAY
-    # Declared options (store/registry.py): a TOML or JSON file, and strict mode (None: the
+    # Declared options (store/model/registry.py): a TOML or JSON file, and strict mode (None: the
     # file's own setting).
     registry_path: str = ""
     registry_strict: bool | None = None

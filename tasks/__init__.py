@@ -15,8 +15,15 @@ from celery.local import Proxy
 
 import store
 from store.errors import NotConfigured
-from store.scopes import Scope, global_scope, group_scope, project_scope, tag_keys_scope, user_scope
-from store.writes import (
+from store.model.scopes import (
+    Scope,
+    global_scope,
+    group_scope,
+    project_scope,
+    tag_keys_scope,
+    user_scope,
+)
+from store.model.writes import (
     Write,
     add_tag_key_write,
     many_write,

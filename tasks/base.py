@@ -11,8 +11,8 @@ from celery import Task
 
 import store
 from store.errors import InvalidOption, StoreUnavailable
+from store.model.writes import Write, audit
 from store.transient import postgres_unavailable, redis_unavailable
-from store.writes import Write, audit
 
 # Task headers a producer sets to say who asks for a write and why (`app.send_task(...,
 # headers={"optionstore_actor": "ana", "optionstore_reason": "incident 42"})`).

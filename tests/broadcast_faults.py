@@ -8,8 +8,8 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from store.broadcast import Publisher
-from store.redis_cache import RedisCache
+from store.broadcast.codec import Publisher
+from store.redis.cache import RedisCache
 
 
 def sets_value_starting(prefix: str, message: str) -> bool:

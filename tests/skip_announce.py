@@ -9,7 +9,7 @@ from typing import Any
 import structlog
 
 import store
-from store.writes import Write, WriteResult
+from store.model.writes import Write, WriteResult
 
 log = structlog.get_logger("optionstore")
 _backend = store.backend

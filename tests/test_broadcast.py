@@ -22,13 +22,13 @@ import psycopg
 import pytest
 import redis
 
-from store.presence import Presence, ProcessReport
-from store.schema import migrate
+from store.postgres.migrations import migrate
+from store.redis.presence import Presence, ProcessReport
 from tests.conftest import ROOT, Services, Worker, amqp_url, fresh_id, wait_for
 
 CONCURRENCY = 3
 # The relay's documented bound: a commit is re-announced once it is older than the grace
-# period, checked every second by the worker's main process (worker/relay.py).
+# period, checked every second by the worker's main process (worker/duties/relay.py).
 RELAY_GRACE_S = 2.0
 RELAY_INTERVAL_S = 1.0
 

@@ -17,7 +17,7 @@ from typing import Any
 import kombu
 import pytest
 
-from store.broadcast import (
+from store.broadcast.codec import (
     CHANGE,
     MalformedMessage,
     Publisher,
@@ -26,10 +26,10 @@ from store.broadcast import (
 )
 from store.layered import LayeredStore
 from store.local import PROCESS, TASK, LocalCache, ScopeState
-from store.postgres import PostgresStore
-from store.redis_cache import RedisCache
-from store.scopes import project_scope
-from store.writes import WriteResult, many_write, set_write
+from store.model.scopes import project_scope
+from store.model.writes import WriteResult, many_write, set_write
+from store.postgres.store import PostgresStore
+from store.redis.cache import RedisCache
 from tests.conftest import Services, Worker, amqp_url, fresh_id, wait_for
 from tests.test_broadcast import first_answers, isolated, start, wait_applied, wait_synced
 
@@ -529,7 +529,7 @@ def test_the_consumers_decoding_agrees_with_kombus(services: Services, compressi
     else, here a compressed body), to the body kombu would have handed a kombu consumer."""
     import redis
 
-    from store.consumer import _NOT_PLAIN, _plain_json_body
+    from store.broadcast.consumer import _NOT_PLAIN, _plain_json_body
 
     exchange = reload_exchange(f"t{uuid.uuid4().hex[:8]}")
     with kombu.Connection(services.broker_url) as conn:

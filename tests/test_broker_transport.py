@@ -1,4 +1,4 @@
-"""The Redis broker transport of worker/broker.py against a real Redis: a task taken off the
+"""The Redis broker transport of store/transport/redis.py against a real Redis: a task taken off the
 queue is always queued, taken or unacknowledged, and what a gone consumer took comes back."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import kombu
 import pytest
 import redis
 
+from store.transport.redis import CLIENT_NAME_PREFIX, Channel
 from tests.conftest import Services, wait_for
-from worker.broker import CLIENT_NAME_PREFIX, Channel
 
-TRANSPORT = "worker.broker:Transport"
+TRANSPORT = "store.transport.redis:Transport"
 
 
 class Rig:
@@ -221,7 +221,10 @@ def test_a_consumer_of_two_queues_falls_back_and_says_so(
     other = kombu.Queue(f"{rig.queue.name}-other", routing_key=f"{rig.queue.name}-other")
     rig.publish({"n": 6})
     try:
-        with caplog.at_level(logging.WARNING, logger="worker.broker"), rig.connect() as conn:
+        with (
+            caplog.at_level(logging.WARNING, logger="store.transport.redis"),
+            rig.connect() as conn,
+        ):
             consumer, received = consume(conn, [rig.queue, other])
             with consumer:
                 drain_until(conn, received)
@@ -263,7 +266,7 @@ def test_a_consumer_forgotten_while_disconnected_registers_again_and_puts_back_i
 def test_a_sweep_does_not_forget_a_consumer_that_registered_again(rig: Rig) -> None:
     """The sweep forgets a gone consumer only if its registry entry is still the one the sweep
     read: a consumer that registered again in between keeps its entry."""
-    from worker.broker import RECLAIM
+    from store.transport.redis import RECLAIM
 
     token = uuid.uuid4().hex
     rig.redis.hset(rig.registry, token, f"old:{rig.queue.name}")

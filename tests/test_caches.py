@@ -14,11 +14,11 @@ import store
 from store.errors import InvalidOption, StoreUnavailable
 from store.layered import LayeredStore
 from store.local import PROCESS, TASK, LocalCache, ScopeState
-from store.postgres import PostgresStore
+from store.model.scopes import group_scope, project_scope
+from store.model.writes import set_write
+from store.postgres.store import PostgresStore
 from store.readers import ProjectOptions
-from store.redis_cache import REVISION_FIELD, STALE_FIELD, RedisCache
-from store.scopes import group_scope, project_scope
-from store.writes import set_write
+from store.redis.cache import REVISION_FIELD, STALE_FIELD, RedisCache
 from tests.conftest import Services, fresh_id
 
 CLOSED_REDIS = "redis://127.0.0.1:1/0"

@@ -20,10 +20,10 @@ import kombu
 import pytest
 import redis
 
-from store.broadcast import reload_queue
-from store.postgres import PostgresStore
-from store.scopes import project_scope
-from store.writes import set_write
+from store.broadcast.codec import reload_queue
+from store.model.scopes import project_scope
+from store.model.writes import set_write
+from store.postgres.store import PostgresStore
 from tests.conftest import Services, Worker, fresh_id, wait_for
 from tests.processes import start_group, worker_command
 from tests.refuse_announce import REFUSE_PREFIX

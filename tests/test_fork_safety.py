@@ -11,8 +11,8 @@ from tests.conftest import ROOT, Services, Worker, fresh_id
 CHILD_WRITES_WHILE_PARENT_HOLDS_LOCKS = """
 import os, sys, threading
 import store
-from store.scopes import project_scope
-from store.writes import set_write
+from store.model.scopes import project_scope
+from store.model.writes import set_write
 
 project = int(sys.argv[1])
 assert store.project_options.get_value(project, "k") == "before"

@@ -143,7 +143,7 @@ def test_included_task_module_reads_a_change_in_every_child(
 IMPORT_ORDERS = [
     "from worker import app",
     "import worker.celery; from worker import app",
-    "import worker.install; import worker.cli; from worker import app",
+    "import worker.install; import worker.cli.commands; from worker import app",
     "import tasks, store; from worker import app",
     "import celeryconfig; import worker; app = worker.app",
 ]
@@ -184,7 +184,7 @@ def test_importing_every_module_starts_no_server_and_connects_nowhere() -> None:
         "socket.create_connection = refuse\n"
         "subprocess.Popen.__init__ = refuse\n"
         "import tasks, celeryconfig, store, worker\n"
-        "import worker.cli, worker.broker, store.embedded, store.runtime\n"
+        "import worker.cli.commands, store.transport.redis, store.embedded, store.runtime\n"
         "print('imported')\n"
     )
     done = subprocess.run(

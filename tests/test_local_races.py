@@ -14,10 +14,10 @@ import pytest
 import store
 from store.layered import LayeredStore
 from store.local import PROCESS, TASK, LocalCache, ScopeState
-from store.postgres import PostgresStore
-from store.redis_cache import RedisCache
-from store.scopes import project_scope
-from store.writes import set_write
+from store.model.scopes import project_scope
+from store.model.writes import set_write
+from store.postgres.store import PostgresStore
+from store.redis.cache import RedisCache
 from tests.conftest import Services, Worker, fresh_id
 
 WAIT = 10.0  # seconds a thread waits for its cue before the test fails

@@ -15,12 +15,12 @@ import store
 import tasks
 import worker  # noqa: F401 (installs the project app, whose handlers are under test)
 from store.layered import LayeredStore
-from store.postgres import PostgresStore
+from store.model.scopes import project_scope
+from store.model.writes import many_write, set_write
+from store.postgres.store import PostgresStore
 from store.readers import ProjectOptions
-from store.redis_cache import RedisCache
-from store.scopes import project_scope
+from store.redis.cache import RedisCache
 from store.settings import redact_url
-from store.writes import many_write, set_write
 from tests.conftest import Services, fresh_id
 
 SECRET = "s3cr3t-Pa55"

@@ -1,6 +1,6 @@
-"""Outbox marks made in bulk (store/marks.py): carried by the process's next write, or flushed
-when none follows; on real PostgreSQL for the marks themselves, with a stand-in flush for the
-thread's own rules."""
+"""Outbox marks made in bulk (store/postgres/marks.py): carried by the process's next write,
+or flushed when none follows; on real PostgreSQL for the marks themselves, with a stand-in flush
+for the thread's own rules."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from store.marks import AnnouncedMarks
-from store.postgres import PostgresStore
-from store.scopes import project_scope
-from store.writes import set_write
+from store.model.scopes import project_scope
+from store.model.writes import set_write
+from store.postgres.marks import AnnouncedMarks
+from store.postgres.store import PostgresStore
 from tests.conftest import fresh_id, wait_for
 
 

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from store.errors import InvalidOption
-from store.scopes import Scope
-from store.writes import set_write
+from store.model.scopes import Scope
+from store.model.writes import set_write
 from tests.conftest import ROOT, Services, Worker, fresh_database, fresh_id, wait_for
 
 REGISTRY = """

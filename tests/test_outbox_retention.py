@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 import redis
 
-from store.postgres import PostgresStore
-from store.scopes import project_scope
+from store.model.scopes import project_scope
+from store.model.writes import set_write
+from store.postgres.store import PostgresStore
 from store.settings import Settings
-from store.writes import set_write
 from tests.conftest import Services, fresh_id
-from worker.lease import ALONE, FOLLOWER, LEADER, LeaderLease
-from worker.retention import Retention
+from worker.duties.lease import ALONE, FOLLOWER, LEADER, LeaderLease
+from worker.duties.retention import Retention
 
 DAY = 24 * 3600
 

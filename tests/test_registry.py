@@ -10,9 +10,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from store.errors import InvalidOption
-from store.registry import Registry, load_registry_file
-from store.scopes import Scope
-from store.writes import many_write, set_write, unset_write
+from store.model.registry import Registry, load_registry_file
+from store.model.scopes import Scope
+from store.model.writes import many_write, set_write, unset_write
 from tests.conftest import fresh_id
 
 

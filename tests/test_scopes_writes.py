@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from store.errors import InvalidOption
-from store.scopes import (
+from store.model.scopes import (
     GLOBAL,
     GROUP,
     PROJECT,
@@ -20,7 +20,7 @@ from store.scopes import (
     tag_keys_scope,
     user_scope,
 )
-from store.writes import (
+from store.model.writes import (
     TAG_KEY_PRESENT,
     Write,
     add_tag_key_write,

@@ -12,10 +12,10 @@ import store
 import tasks
 import worker  # noqa: F401 (the project app: the task helpers send through it)
 from store.errors import InvalidOption
-from store.postgres import Snapshot
-from store.redis_cache import REVISION_FIELD, STALE_FIELD
-from store.scopes import global_scope, group_scope, project_scope, tag_keys_scope, user_scope
-from store.writes import add_tag_key_write, remove_tag_key_write, set_write, unset_write
+from store.model.scopes import global_scope, group_scope, project_scope, tag_keys_scope, user_scope
+from store.model.writes import add_tag_key_write, remove_tag_key_write, set_write, unset_write
+from store.postgres.store import Snapshot
+from store.redis.cache import REVISION_FIELD, STALE_FIELD
 from tests.conftest import fresh_id
 
 

@@ -13,7 +13,7 @@ import kombu
 import pytest
 import redis
 
-from store.broadcast import (
+from store.broadcast.codec import (
     HEARTBEAT,
     RELOAD,
     MalformedMessage,
@@ -22,10 +22,9 @@ from store.broadcast import (
 )
 from store.layered import LayeredStore
 from store.local import PROCESS
-from store.presence import Presence
-from store.reconcile import Reconciler
-from store.scopes import project_scope
-from store.writes import Write
+from store.model.scopes import project_scope
+from store.model.writes import Write
+from store.redis.presence import Presence
 from tests.conftest import (
     Services,
     Worker,
@@ -34,6 +33,7 @@ from tests.conftest import (
     read_in_new_process,
     wait_for,
 )
+from worker.duties.reconcile import Reconciler
 
 # The bound of guarantee 8, as a deadline on a wait.
 ROLLBACK_BOUND_S = 10.0

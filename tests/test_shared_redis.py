@@ -13,9 +13,9 @@ import redis
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
 import store
-from store.redis_cache import server_identity
-from store.scopes import project_scope
-from store.writes import set_write
+from store.model.scopes import project_scope
+from store.model.writes import set_write
+from store.redis.cache import server_identity
 from tests.conftest import Services, fresh_id, wait_for
 
 WRITES = 20

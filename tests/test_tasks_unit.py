@@ -16,9 +16,9 @@ import store
 import tasks
 import worker  # noqa: F401 (the project app: the helpers send through it)
 from store.errors import InvalidOption, StoreUnavailable
-from store.postgres import PostgresStore
-from store.scopes import project_scope
-from store.writes import TAG_KEY_PRESENT
+from store.model.scopes import project_scope
+from store.model.writes import TAG_KEY_PRESENT
+from store.postgres.store import PostgresStore
 from tasks.base import WriteTask, worth_retrying
 from tests.conftest import fresh_id
 

@@ -15,9 +15,8 @@ from kombu.utils.url import parse_url
 from redis.sentinel import SentinelConnectionPool, SentinelManagedSSLConnection
 from structlog.testing import capture_logs
 
-from store.amqps import amqp_ssl_options
 from store.errors import InvalidOption
-from store.redis_cache import redis_client
+from store.redis.cache import redis_client
 from store.settings import (
     TESTED_KOMBU,
     Settings,
@@ -25,6 +24,7 @@ from store.settings import (
     broker_ssl_options,
     broker_transport_for,
 )
+from store.transport.amqps import amqp_ssl_options
 
 SENTINELS = "sentinel://10.0.0.1:26379;sentinel://10.0.0.2:26380"
 
@@ -44,10 +44,10 @@ def test_pin_matches_installed_kombu() -> None:
 
 
 def test_redis_urls_get_the_projects_transport() -> None:
-    """redis://, rediss:// and sentinel:// brokers use worker/broker.py; others their own."""
-    assert broker_transport_for("redis://h/0") == "worker.broker:Transport"
-    assert broker_transport_for("rediss://h/0") == "worker.broker:Transport"
-    assert broker_transport_for(SENTINELS) == "worker.broker:SentinelTransport"
+    """redis://, rediss:// and sentinel:// use store/transport/redis.py; others their own."""
+    assert broker_transport_for("redis://h/0") == "store.transport.redis:Transport"
+    assert broker_transport_for("rediss://h/0") == "store.transport.redis:Transport"
+    assert broker_transport_for(SENTINELS) == "store.transport.redis:SentinelTransport"
     assert broker_transport_for("amqp://guest@h//") is None
 
 
@@ -87,13 +87,13 @@ def test_rediss_broker_takes_the_urls_tls_parameters() -> None:
 
 
 def test_amqps_broker_gets_the_transport_that_checks_names() -> None:
-    """An amqps:// URL gets store/amqps.py's transport, which renames the query's TLS
+    """An amqps:// URL gets store/transport/amqps.py's transport, which renames the query's TLS
     parameters for py-amqp, verifies the certificate and checks its name against the URL's host
     (None: kombu fills it in), unless the URL says otherwise."""
     url = "amqps://u:p@rabbit.internal:5671/vh?ssl_ca_certs=/ca.pem&ssl_certfile=/c.pem"
-    assert broker_transport_for(url) == "store.amqps:Transport"
+    assert broker_transport_for(url) == "store.transport.amqps:Transport"
     assert broker_connection_options(url, master_name=None) == {
-        "transport": "store.amqps:Transport"
+        "transport": "store.transport.amqps:Transport"
     }
     assert amqp_ssl_options(parse_url(url)["ssl"]) == {
         "ca_certs": "/ca.pem",
@@ -156,7 +156,7 @@ def test_log_level_is_checked() -> None:
 def test_celeryconfig_on_rediss(celeryconfig: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """On a rediss:// broker Celery gets the project's transport and TLS options with it."""
     monkeypatch.setenv("CELERY_BROKER_URL", "rediss://h:6380/0?ssl_ca_certs=/ca.pem")
-    assert celeryconfig.broker_transport == "worker.broker:Transport"
+    assert celeryconfig.broker_transport == "store.transport.redis:Transport"
     assert celeryconfig.broker_use_ssl == {
         "ssl_cert_reqs": ssl.CERT_REQUIRED,
         "ssl_ca_certs": "/ca.pem",
@@ -166,7 +166,7 @@ def test_celeryconfig_on_rediss(celeryconfig: Any, monkeypatch: pytest.MonkeyPat
 def test_celeryconfig_on_amqps(celeryconfig: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """On an amqps:// broker Celery gets the transport that checks the certificate's name."""
     monkeypatch.setenv("CELERY_BROKER_URL", "amqps://u:p@rabbit:5671//?ssl_ca_certs=/ca.pem")
-    assert celeryconfig.broker_transport == "store.amqps:Transport"
+    assert celeryconfig.broker_transport == "store.transport.amqps:Transport"
     assert celeryconfig.broker_use_ssl is None  # the URL's own, renamed by the transport
 
 
@@ -174,7 +174,7 @@ def test_celeryconfig_on_sentinel(celeryconfig: Any, monkeypatch: pytest.MonkeyP
     """On a sentinel:// broker Celery gets the Sentinel-aware transport and the master's name."""
     monkeypatch.setenv("CELERY_BROKER_URL", SENTINELS)
     monkeypatch.setenv("OPTIONS_BROKER_MASTER_NAME", "mymaster")
-    assert celeryconfig.broker_transport == "worker.broker:SentinelTransport"
+    assert celeryconfig.broker_transport == "store.transport.redis:SentinelTransport"
     assert celeryconfig.broker_transport_options["master_name"] == "mymaster"
     assert celeryconfig.broker_use_ssl is None
 

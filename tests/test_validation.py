@@ -9,9 +9,8 @@ from typing import Any
 import pytest
 
 from store.errors import InvalidOption, OptionsError
-from store.scopes import global_scope, project_scope, tag_keys_scope
-from store.settings import Settings
-from store.validation import (
+from store.model.scopes import global_scope, project_scope, tag_keys_scope
+from store.model.validation import (
     DEFAULT_MAX_VALUE_BYTES,
     MAX_DEPTH,
     decode_value,
@@ -20,7 +19,8 @@ from store.validation import (
     validate_key,
     validate_tag_key,
 )
-from store.writes import add_tag_key_write, many_write, set_write, unset_write
+from store.model.writes import add_tag_key_write, many_write, set_write, unset_write
+from store.settings import Settings
 
 
 def rejects(call: Callable[[], object], field: str) -> InvalidOption:

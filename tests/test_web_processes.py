@@ -18,7 +18,7 @@ import psutil
 import pytest
 import redis
 
-from store.presence import Presence
+from store.redis.presence import Presence
 from tests.conftest import ROOT, Services, Worker, fresh_id, wait_for
 from tests.processes import start_group, stop_group
 

@@ -13,7 +13,7 @@ from celery.exceptions import TimeoutError as ResultTimeout
 from celery.result import ResultSet
 
 from store.errors import InvalidOption
-from store.redis_cache import REVISION_FIELD, STALE_FIELD
+from store.redis.cache import REVISION_FIELD, STALE_FIELD
 from tests.conftest import Services, Worker, fresh_id, wait_for
 
 RESULT_FIELDS = {"scope", "revision", "changed"}

@@ -17,16 +17,16 @@ from celery.signals import task_postrun, task_prerun, worker_process_init, worke
 
 import store
 import tasks
-from store.broadcast import Publisher, publish_transport_options
+from store.broadcast.codec import Publisher, publish_transport_options
 from store.metrics import metrics
-from store.reconcile import Reconciler
 from store.settings import OVERRIDES, Settings
-from worker.heartbeat import Heartbeat
-from worker.lease import FOLLOWER, LeaderLease
+from worker.duties.heartbeat import Heartbeat
+from worker.duties.lease import FOLLOWER, LeaderLease
+from worker.duties.reconcile import Reconciler
+from worker.duties.relay import OutboxRelay
+from worker.duties.retention import Retention
 from worker.logging import configure_logging
 from worker.metrics import MetricsEndpoint, prepare_directory, process_ended
-from worker.relay import OutboxRelay
-from worker.retention import Retention
 
 log = structlog.get_logger("optionstore")
 
@@ -42,7 +42,7 @@ class Installation:
     overrides, with the reload exchange on the app's own broker connection; starts the reload
     consumer (in each prefork child after its fork; in the main process for the solo, threads
     and gevent pools); clears the local cache at the end of each task; and in the worker's
-    main process, while it holds the namespace's leader lease (worker/lease.py), runs the
+    main process, while it holds the namespace's leader lease (worker/duties/lease.py), runs the
     heartbeat, the outbox relay, the reconciler and retention. A process that only reads (a web
     server that imports the app) is configured from it on first use.
     """

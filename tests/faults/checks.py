@@ -19,8 +19,8 @@ import psycopg
 import pytest
 import redis
 
-from store.presence import lagging
-from store.writes import WriteResult
+from store.model.writes import WriteResult
+from store.redis.presence import lagging
 from tests.conftest import ROOT, wait_for
 from tests.faults.fleet import FaultWorker, Fleet, Stream, reports
 
@@ -163,14 +163,14 @@ def read_all(worker: FaultWorker, project: int) -> dict[int, Any]:
 
 def broker_drained(client: redis.Redis, queue: str) -> bool:
     """Nothing left in the broker: no queued write, none unacknowledged, none taken by a
-    consumer and not yet recorded (worker/broker.py)."""
+    consumer and not yet recorded (store/transport/redis.py)."""
     taken = [key for key in client.scan_iter(match="unacked.taken.*") if client.llen(key)]
     return client.llen(queue) == 0 and client.hlen("unacked") == 0 and not taken
 
 
 def reclaimed(worker: FaultWorker) -> int:
     """How many writes this worker's sweeps put back after a consumer that had taken them
-    went away (worker/broker.py logs each sweep that moved any)."""
+    went away (store/transport/redis.py logs each sweep that moved any)."""
     found = re.findall(r"Restored (\d+) task\(s\) taken off the queue", worker.log())
     return sum(int(n) for n in found)
 

@@ -15,8 +15,8 @@ from typing import Any
 import redis
 from celery import Celery
 
-from store.presence import Presence, ProcessReport
-from store.redis_cache import redis_client
+from store.redis.cache import redis_client
+from store.redis.presence import Presence, ProcessReport
 from tests.conftest import Services, Worker, wait_for
 
 
@@ -34,7 +34,7 @@ def producer_app(broker_url: str, result_backend: str, queue: str) -> Celery:
     )
     if broker_url.startswith("amqps"):
         # The transport that takes the URL's TLS parameters and checks the certificate's name.
-        app.conf.broker_transport = "store.amqps:Transport"
+        app.conf.broker_transport = "store.transport.amqps:Transport"
     if broker_url.startswith("amqp"):
         # Publisher confirms: a send returns once the broker has the task, not before.
         app.conf.broker_transport_options = {"confirm_publish": True}

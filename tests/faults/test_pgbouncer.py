@@ -15,8 +15,8 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 
-from store.postgres import PostgresStore
-from store.schema import SCHEMA_VERSION, migrate
+from store.postgres.migrations import SCHEMA_VERSION, migrate
+from store.postgres.store import PostgresStore
 from store.transient import postgres_unavailable
 from tests.conftest import fresh_id
 from tests.faults.checks import committed, record, snapshot, wait_converged

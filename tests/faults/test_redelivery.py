@@ -1,6 +1,6 @@
 """Redelivery on a Redis broker: how soon a restarted worker gets back what a killed one held
 (OPTIONS_VISIBILITY_TIMEOUT), and that a write handed to a worker that dies, or whose Redis
-stops, before it records the write as unacknowledged still runs (worker/broker.py)."""
+stops, before it records the write as unacknowledged still runs (store/transport/redis.py)."""
 
 from __future__ import annotations
 

@@ -134,7 +134,7 @@ def test_worker_on_tls_redis(stable: PostgresServer, tls_redis: TLSRedis) -> Non
         cache_url=tls_redis.url,
         fault="TLS Redis (rediss://) as broker, reload exchange and cache",
     ) as worker:
-        # The broker connections of the worker (named by worker/broker.py) are on this server.
+        # The worker's broker connections (named by store/transport/redis.py) are on this server.
         names = [str(c.get("name", "")) for c in tls_redis.client().client_list()]
         assert any(n.startswith("optionstore-taken-") for n in names), names
         assert "can be lost if this worker dies" not in worker.log()

@@ -10,7 +10,7 @@ import redis
 from redis.connection import URL_QUERY_ARGUMENT_PARSERS
 from redis.sentinel import Sentinel, SentinelManagedConnection, SentinelManagedSSLConnection
 
-from store.postgres import Snapshot
+from store.postgres.store import Snapshot
 
 # Option keys cannot contain control characters, so these field names never collide with one.
 REVISION_FIELD = b"\x00rev"

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from store.audit import Change, LastApply, State, diff, last_applies, last_changes, state_at
 from store.errors import InvalidOption
-from store.postgres import HistoryEntry, PostgresStore
-from store.scopes import Scope
-from store.validation import DEFAULT_MAX_VALUE_BYTES, encode_value, validate_key
+from store.model.scopes import Scope
+from store.model.validation import DEFAULT_MAX_VALUE_BYTES, encode_value, validate_key
+from store.postgres.store import HistoryEntry, PostgresStore
+from worker.cli.audit import Change, LastApply, State, diff, last_applies, last_changes, state_at
 
 FORMAT_VERSION = 1
 _SCOPE_FIELDS = {"values", "unset", "prune"}

@@ -7,9 +7,9 @@ import time
 
 import structlog
 
-from store.broadcast import ReloadMessage
-from store.postgres import PostgresStore
-from store.redis_cache import RedisCache
+from store.broadcast.codec import ReloadMessage
+from store.postgres.store import PostgresStore
+from store.redis.cache import RedisCache
 
 log = structlog.get_logger("optionstore")
 

@@ -12,17 +12,17 @@ from collections.abc import Sequence
 from typing import Any
 
 from store.errors import InvalidOption, OptionsError
-from store.presence import lagging
-from store.scopes import GLOBAL, GROUP, PROJECT, TAGKEYS, USER, Scope
+from store.model.scopes import GLOBAL, GROUP, PROJECT, TAGKEYS, USER, Scope
+from store.model.validation import validate_key
+from store.redis.presence import lagging
 from store.settings import redact_url
-from store.validation import validate_key
-from worker.console import configured as _configured
-from worker.console import print_json as _print_json
-from worker.console import settings as _settings
-from worker.console import show, table
-from worker.operate import add_commands as add_operator_commands
-from worker.waits import presence as _presence
-from worker.waits import wait_for_writes
+from worker.cli.console import configured as _configured
+from worker.cli.console import print_json as _print_json
+from worker.cli.console import settings as _settings
+from worker.cli.console import show, table
+from worker.cli.operate import add_commands as add_operator_commands
+from worker.cli.waits import presence as _presence
+from worker.cli.waits import wait_for_writes
 
 DEFAULT_WORKER_ARGS = ["--pool", "prefork", "--concurrency", "2", "--loglevel", "INFO"]
 
@@ -121,7 +121,7 @@ def actor_of(args: argparse.Namespace) -> str:
 
 
 def _migrate(args: argparse.Namespace, _: list[str]) -> int:
-    from store.schema import migrate
+    from store.postgres.migrations import migrate
 
     before, after = migrate(_settings().database_url)
     print(
@@ -263,7 +263,7 @@ def history_dict(e: Any) -> dict[str, Any]:
 
 
 def _status(args: argparse.Namespace, _: list[str]) -> int:
-    from store.schema import SCHEMA_VERSION, schema_version
+    from store.postgres.migrations import SCHEMA_VERSION, schema_version
 
     settings = _settings()
     backend = _configured()
@@ -332,7 +332,7 @@ def _process_table(backend: Any) -> list[dict[str, Any]]:
 
 
 def _worker(args: argparse.Namespace, extra: list[str]) -> int:
-    from store.schema import migrate
+    from store.postgres.migrations import migrate
 
     settings = _settings()  # starts the embedded servers first, when they are the default
     migrate(settings.database_url)

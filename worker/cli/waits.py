@@ -9,9 +9,9 @@ from collections.abc import Callable
 from typing import Any, TextIO, TypeVar
 
 from store.errors import OptionsError
-from store.presence import Presence, lagging
-from store.writes import WriteResult
-from worker.console import Progress, settings
+from store.model.writes import WriteResult
+from store.redis.presence import Presence, lagging
+from worker.cli.console import Progress, settings
 
 T = TypeVar("T")
 

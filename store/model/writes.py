@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from store.errors import InvalidOption
-from store.scopes import Scope
-from store.validation import (
+from store.model.scopes import Scope
+from store.model.validation import (
     DEFAULT_MAX_VALUE_BYTES,
     encode_value,
     validate_key,

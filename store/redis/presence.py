@@ -10,7 +10,7 @@ from typing import Any
 
 import redis
 
-from store.writes import WriteResult
+from store.model.writes import WriteResult
 
 REVISION_PREFIX = "r:"
 

@@ -18,8 +18,8 @@ from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
 from store.fork import after_fork_in_child
-from store.marks import AnnouncedMarks
-from store.writes import Write, WriteResult
+from store.model.writes import Write, WriteResult
+from store.postgres.marks import AnnouncedMarks
 
 Connection = psycopg.Connection[TupleRow]
 T = TypeVar("T")
@@ -205,7 +205,7 @@ class PostgresStore:
         keys = [*write.sets, *write.unsets]
         values: list[str | None] = [*write.sets.values(), *([None] * len(write.unsets))]
         audit = write.audit
-        # One round trip and one transaction: see options_apply in store/schema.py.
+        # One round trip and one transaction: see options_apply in store/postgres/migrations.py.
         row = conn.execute(
             "SELECT * FROM options_apply(%s, %s, %s::text[], %s::text[], %s, %s, %s, %s::text[])",
             (

@@ -11,13 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from store.audit import Change, diff, last_changes, state_at
-from store.desired import ScopePlan, dump_desired, load_desired, plan_all
 from store.errors import InvalidOption
-from store.registry import Declaration
-from store.scopes import TAGKEYS, Scope
-from store.validation import validate_key
-from worker.console import (
+from store.model.registry import Declaration
+from store.model.scopes import TAGKEYS, Scope
+from store.model.validation import validate_key
+from worker.cli.audit import Change, diff, last_changes, state_at
+from worker.cli.console import (
     Progress,
     configured,
     diff_lines,
@@ -27,14 +26,15 @@ from worker.console import (
     show,
     table,
 )
-from worker.waits import wait_for_writes
+from worker.cli.desired import ScopePlan, dump_desired, load_desired, plan_all
+from worker.cli.waits import wait_for_writes
 
 Command = Callable[..., argparse.ArgumentParser]
 
 
 def add_commands(command: Command) -> None:
     """Add the operators' subcommands through the main parser's ``command`` factory."""
-    from worker.cli import add_audit_arguments
+    from worker.cli.commands import add_audit_arguments
 
     command("options", _options, "list the declared options (OPTIONS_REGISTRY)", json_flag=True)
     explain = command(
@@ -213,7 +213,7 @@ def _send_many(
 ) -> str:
     """Enqueue ``changes`` of ``scope`` as one ``options.set_many``; returns its task id."""
     from worker import app
-    from worker.cli import actor_of
+    from worker.cli.commands import actor_of
 
     values = {c.key: json.loads(c.new) for c in changes if c.new is not None}
     unset = [c.key for c in changes if c.new is None]

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 
 from store.errors import InvalidOption
-from store.validation import validate_id
+from store.model.validation import validate_id
 
 # Kinds in the order SPEC lists them; the canonical text of each is fixed by the contract.
 GLOBAL = "global"

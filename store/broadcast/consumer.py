@@ -17,7 +17,7 @@ from typing import Any
 import kombu
 import structlog
 
-from store.broadcast import (
+from store.broadcast.codec import (
     HEARTBEAT,
     MalformedMessage,
     ReloadMessage,
@@ -27,7 +27,7 @@ from store.broadcast import (
 )
 from store.layered import LayeredStore
 from store.metrics import metrics
-from store.presence import Presence
+from store.redis.presence import Presence
 
 log = structlog.get_logger("optionstore")
 

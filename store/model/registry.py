@@ -15,10 +15,10 @@ import structlog
 
 from store.errors import InvalidOption
 from store.fork import after_fork_in_child
-from store.schemas import check_schema, check_value, schema_summary
-from store.scopes import GLOBAL, GROUP, PROJECT, USER, Scope
-from store.validation import encode_value, validate_key
-from store.writes import Write
+from store.model.jsonschema import check_schema, check_value, schema_summary
+from store.model.scopes import GLOBAL, GROUP, PROJECT, USER, Scope
+from store.model.validation import encode_value, validate_key
+from store.model.writes import Write
 
 log = structlog.get_logger("optionstore")
 

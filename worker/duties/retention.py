@@ -6,7 +6,7 @@ import time
 
 import structlog
 
-from store.postgres import PostgresStore
+from store.postgres.store import PostgresStore
 
 log = structlog.get_logger("optionstore")
 

@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from store.errors import InvalidOption
-from store.postgres import HistoryEntry, PostgresStore
+from store.postgres.store import HistoryEntry, PostgresStore
 
 # Values here are canonical JSON text (what PostgreSQL, Redis and Snapshot hold); None = unset.
 State = Mapping[str, str]

@@ -112,13 +112,13 @@ MIGRATIONS: tuple[str, ...] = (
     $fn$;
     """,
     # Recent commits by time, for the heartbeat's high-water marks and the cache reconciler
-    # (store/reconcile.py): both ask "which scopes changed in the last few seconds/minutes".
+    # (worker/duties/reconcile.py): both ask "which scopes changed in the last few seconds/minutes".
     """
     CREATE INDEX options_write_recent ON options_write (committed_at) WHERE changed;
     """,
     # The relay claims outbox rows: a claimed row is not due again before next_attempt_at, so
-    # two relays never announce it together and a failing one backs off (worker/relay.py).
-    # Retention deletes announced rows by age (worker/retention.py), hence the index on every
+    # two relays never announce it together and a failing one backs off (worker/duties/relay.py).
+    # Retention deletes announced rows by age (worker/duties/retention.py), hence the index on every
     # row's commit time.
     """
     ALTER TABLE options_write

@@ -19,10 +19,10 @@ import structlog
 from kombu.common import maybe_declare
 
 from store.fork import after_fork_in_child
-from store.redis_cache import server_identity
-from store.scopes import Scope
-from store.validation import decode_value
-from store.writes import WriteResult
+from store.model.scopes import Scope
+from store.model.validation import decode_value
+from store.model.writes import WriteResult
+from store.redis.cache import server_identity
 
 log = structlog.get_logger("optionstore")
 
@@ -50,7 +50,7 @@ class ReloadMessage:
     """What changed in one scope at one revision, or a heartbeat. Never the whole scope.
 
     A heartbeat may carry ``marks``: the newest committed revision of every scope changed in
-    the last few seconds (store/reconcile.py), so a process that missed a change notices it;
+    the last few seconds (worker/duties/reconcile.py), so a process that missed a change notices it;
     ``marks_complete`` is False when the list was cut short. A RELOAD names a scope and a
     revision without the values.
     """
@@ -205,7 +205,8 @@ def redis_topics(channel: Any, exchange: str) -> list[str]:
 def redis_message(text: str, exchange: str) -> str:
     """The message kombu's Redis transport publishes for JSON ``text`` sent to a fanout
     ``exchange`` (transient, priority 0): every field, so that any kombu consumer reads it.
-    store/consumer.py reads it back (``_plain_json_body``); a test holds both to kombu's."""
+    store/broadcast/consumer.py reads it back (``_plain_json_body``); a test holds both to
+    kombu's."""
     return json.dumps(
         {
             "body": base64.b64encode(text.encode()).decode(),

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import structlog
 
-from store.broadcast import Publisher
-from store.reconcile import Reconciler
+from store.broadcast.codec import Publisher
+from worker.duties.reconcile import Reconciler
 
 log = structlog.get_logger("optionstore")
 

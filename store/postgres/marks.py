@@ -27,7 +27,7 @@ class AnnouncedMarks:
     this object marks them in one transaction that does not wait for the WAL flush (``flush``).
     A mark is only ever late, never wrong: one lost with the process (a crash, a prefork child
     that exits) makes the relay announce the commit once more after its grace period, which
-    changes nothing anywhere. ``linger`` is well under that grace (2 s, worker/relay.py).
+    changes nothing anywhere. ``linger`` is well under that grace (2 s, worker/duties/relay.py).
     """
 
     def __init__(self, flush: Callable[[list[str]], None], *, linger: float = 0.2) -> None:

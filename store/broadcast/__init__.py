@@ -1,0 +1,1 @@
+"""The reload exchange: the one codec of its messages, the publisher and the consumer."""

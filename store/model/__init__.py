@@ -1,0 +1,1 @@
+"""The model: scopes, value validation, declared options, and the writes the tasks make."""

@@ -1,0 +1,5 @@
+"""The ``optionstore`` command line."""
+
+from worker.cli.commands import main
+
+__all__ = ["main"]
