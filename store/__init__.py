@@ -6,11 +6,7 @@ process from the environment, unless ``configure()`` or ``worker.install()`` did
 
 from __future__ import annotations
 
-import functools
-
-import kombu
-
-from store.broadcast.codec import DEFAULT_MAX_MESSAGE_BYTES, publish_transport_options
+from store.broadcast.codec import DEFAULT_MAX_MESSAGE_BYTES
 from store.errors import (
     InvalidOption,
     MigrationError,
@@ -18,15 +14,15 @@ from store.errors import (
     OptionsError,
     StoreUnavailable,
 )
-from store.layered import LayeredStore
 from store.local import TASK
 from store.model.validation import DEFAULT_MAX_VALUE_BYTES
+from store.options_store import OptionsStore
+from store.process import WEB, WORKER, StoreProcess, broker_connections
 from store.readers import GroupMeta, Options, ProjectOptions, TagKeys, UserOptions
-from store.runtime import WEB, WORKER, Runtime
-from store.settings import broker_connection_options
 
-backend = LayeredStore()
-runtime = Runtime(backend)
+# The one owner of this process's optionstore lifecycle; everything below is a view of it.
+runtime = StoreProcess()
+backend = runtime.store
 
 options = Options(backend)
 project_options = ProjectOptions(backend)
@@ -51,48 +47,22 @@ def configure(
     namespace: str = "optionstore",
     follow_broadcasts: bool = False,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-) -> LayeredStore:
+) -> OptionsStore:
     """Point this process at its services by hand; connections open lazily, after any fork.
 
     With ``broker_url``, every committed change is also broadcast on the reload exchange,
     through kombu's ``broker_transport`` if one is named, or the URL's own (TLS for ``rediss://``,
     ``broker_master_name`` for ``sentinel://``). With
     ``follow_broadcasts`` too, this process runs a reload consumer and caches only while it
-    hears every change; without, its local cache is trusted until cleared. A change whose
+    hears every change; without, its local cache is trusted as it is. A change whose
     message would encode larger than ``max_message_bytes`` is broadcast as "reload this scope".
     """
-    options = (
-        {}
+    publish, follow = (
+        (None, None)
         if broker_url is None
-        else broker_connection_options(broker_url, master_name=broker_master_name)
-    )
-    sentinel = options.pop("transport_options", {})
-    # amqps://: the transport that checks the broker certificate's name (store/transport/amqps.py).
-    tls_transport = options.pop("transport", None)
-    connect = (
-        None
-        if broker_url is None
-        else functools.partial(
-            kombu.Connection,
-            broker_url,
-            transport=broker_transport or tls_transport,
-            connect_timeout=2,
-            transport_options={**publish_transport_options(broker_url), **sentinel},
-            **options,
+        else broker_connections(
+            broker_url, master_name=broker_master_name, transport=broker_transport
         )
-    )
-    follow = (
-        functools.partial(
-            kombu.Connection,
-            broker_url,
-            transport=tls_transport,
-            connect_timeout=2,
-            heartbeat=10,
-            transport_options=dict(sentinel),
-            **options,
-        )
-        if broker_url is not None and follow_broadcasts
-        else None
     )
     return runtime.configure(
         database_url=database_url,
@@ -102,8 +72,8 @@ def configure(
         grace_period=grace_period,
         pool_max_size=pool_max_size,
         namespace=namespace,
-        publish=connect,
-        follow=follow,
+        publish=publish,
+        follow=follow if follow_broadcasts else None,
         max_message_bytes=max_message_bytes,
     )
 

@@ -168,7 +168,7 @@ class LocalCache:
         if len(floors) >= MAX_FLOORS:
             floors.clear()
         if floors.get(scope, 0) < revision:
-            floors[scope] = revision  # set before the scan below: see LayeredStore.state
+            floors[scope] = revision  # set before the scan below: see OptionsStore.state
         outcome = "absent"
         successors: dict[int, ScopeState] = {}
         for scopes in self.all_maps():

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from store.layered import LayeredStore
 from store.model.registry import UNSET, Registry
 from store.model.scopes import (
     GLOBAL,
@@ -18,6 +17,7 @@ from store.model.scopes import (
     tag_keys_scope,
     user_scope,
 )
+from store.options_store import OptionsStore
 
 _PROJECT_NAMES: dict[int, str] = {}
 _GROUP_NAMES: dict[int, str] = {}
@@ -42,7 +42,7 @@ class _Reader:
     # miss pays for this: a hit is still one dictionary lookup and an identity check.
     __slots__ = ("_local", "_registry", "_store")
 
-    def __init__(self, store: LayeredStore) -> None:
+    def __init__(self, store: OptionsStore) -> None:
         self._store = store
         self._local = store.local
         self._registry: Registry = store.registry
@@ -154,7 +154,7 @@ class TagKeys(_Reader):
         return self._store.state(tag_keys_scope(project_id).name).sorted_keys()
 
 
-def _bulk(store: LayeredStore, ids_by_scope: dict[str, int], key: str) -> dict[int, Any]:
+def _bulk(store: OptionsStore, ids_by_scope: dict[str, int], key: str) -> dict[int, Any]:
     states = store.states(list(ids_by_scope))
     return {
         ids_by_scope[scope]: state.values[key]

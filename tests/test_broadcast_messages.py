@@ -24,10 +24,10 @@ from store.broadcast.codec import (
     ReloadMessage,
     reload_exchange,
 )
-from store.layered import LayeredStore
 from store.local import PROCESS, TASK, LocalCache, ScopeState
 from store.model.scopes import project_scope
 from store.model.writes import WriteResult, many_write, set_write
+from store.options_store import OptionsStore
 from store.postgres.store import PostgresStore
 from store.redis.cache import RedisCache
 from tests.conftest import Services, Worker, amqp_url, fresh_id, wait_for
@@ -173,7 +173,7 @@ def test_apply_change_reaches_the_cache_of_every_thread() -> None:
     assert (seen[0].revision, seen[0].values) == (2, {"k": "new"})
 
 
-class CannedLoads(LayeredStore):
+class CannedLoads(OptionsStore):
     """A store whose loads return canned states: one answer from Redis, one from PostgreSQL."""
 
     def __init__(self, *, redis: ScopeState, postgres: ScopeState) -> None:
@@ -248,9 +248,9 @@ def test_bulk_read_older_than_the_floor_is_reloaded_from_postgres() -> None:
     assert store.states([SCOPE])[SCOPE].revision == 4
 
 
-def quiet_store(services: Services) -> LayeredStore:
+def quiet_store(services: Services) -> OptionsStore:
     """A store on ``services`` that commits to PostgreSQL and Redis and broadcasts nothing."""
-    quiet = LayeredStore()
+    quiet = OptionsStore()
     quiet.configure(
         postgres=PostgresStore(conninfo=services.database_url, max_size=2),
         redis_cache=RedisCache(url=services.redis_url, prefix=services.namespace),
@@ -313,7 +313,7 @@ class Target:
 
     services: Services
     worker: Worker
-    quiet: LayeredStore
+    quiet: OptionsStore
     publisher: Publisher
     raw: kombu.Producer
 

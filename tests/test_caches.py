@@ -12,10 +12,10 @@ from structlog.testing import capture_logs
 
 import store
 from store.errors import InvalidOption, StoreUnavailable
-from store.layered import LayeredStore
 from store.local import PROCESS, TASK, LocalCache, ScopeState
 from store.model.scopes import group_scope, project_scope
 from store.model.writes import set_write
+from store.options_store import OptionsStore
 from store.postgres.store import PostgresStore
 from store.readers import ProjectOptions
 from store.redis.cache import REVISION_FIELD, STALE_FIELD, RedisCache
@@ -257,8 +257,8 @@ def _store_on(
     postgres: PostgresStore,
     redis_cache: RedisCache | None,
     grace_period: float = 300.0,
-) -> LayeredStore:
-    layered = LayeredStore()
+) -> OptionsStore:
+    layered = OptionsStore()
     layered.configure(postgres=postgres, redis_cache=redis_cache, grace_period=grace_period)
     return layered
 

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 import store
-from store.layered import LayeredStore
 from store.local import PROCESS, TASK, LocalCache, ScopeState
 from store.model.scopes import project_scope
 from store.model.writes import set_write
+from store.options_store import OptionsStore
 from store.postgres.store import PostgresStore
 from store.redis.cache import RedisCache
 from tests.conftest import Services, Worker, fresh_id
@@ -128,7 +128,7 @@ def test_threads_pool_worker_survives_thread_churn(services: Services) -> None:
 
 
 @pytest.fixture
-def process_mode(backend: LayeredStore) -> Iterator[LayeredStore]:
+def process_mode(backend: OptionsStore) -> Iterator[OptionsStore]:
     """The in-process store with one map for every thread, kept across reads."""
     backend.local.set_mode(PROCESS)
     yield backend
@@ -137,9 +137,9 @@ def process_mode(backend: LayeredStore) -> Iterator[LayeredStore]:
 
 
 @pytest.fixture
-def elsewhere(services: Services) -> Iterator[LayeredStore]:
+def elsewhere(services: Services) -> Iterator[OptionsStore]:
     """Another process's store on the same services: its writes reach this one by broadcast only."""
-    other = LayeredStore()
+    other = OptionsStore()
     other.configure(
         postgres=PostgresStore(conninfo=services.database_url, max_size=2),
         redis_cache=RedisCache(url=services.redis_url, prefix=services.namespace),
@@ -159,8 +159,8 @@ def _bulk(project: int) -> Any:
 @pytest.mark.parametrize("read", [_one, _bulk], ids=["get_value", "get_value_bulk"])
 @pytest.mark.parametrize("deaf_at_start", [False, True], ids=["synced", "unsynced"])
 def test_load_straddling_a_desync_is_not_kept(
-    process_mode: LayeredStore,
-    elsewhere: LayeredStore,
+    process_mode: OptionsStore,
+    elsewhere: OptionsStore,
     monkeypatch: pytest.MonkeyPatch,
     read: Callable[[int], Any],
     deaf_at_start: bool,

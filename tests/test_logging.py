@@ -14,9 +14,9 @@ from structlog.testing import capture_logs
 import store
 import tasks
 import worker  # noqa: F401 (installs the project app, whose handlers are under test)
-from store.layered import LayeredStore
 from store.model.scopes import project_scope
 from store.model.writes import many_write, set_write
+from store.options_store import OptionsStore
 from store.postgres.store import PostgresStore
 from store.readers import ProjectOptions
 from store.redis.cache import RedisCache
@@ -68,7 +68,7 @@ def test_redis_fallback_is_logged(backend: Any, services: Services) -> None:
     """A read that finds Redis unreachable logs cache.fallback from redis to postgres."""
     project = fresh_id()
     backend.commit(set_write(project_scope(project), "k", 1), task_id=_task_id())
-    layered = LayeredStore()
+    layered = OptionsStore()
     layered.configure(
         postgres=PostgresStore(conninfo=services.database_url),
         redis_cache=RedisCache(url="redis://127.0.0.1:1/0", prefix=services.namespace),
@@ -85,7 +85,7 @@ def test_redis_fallback_is_logged(backend: Any, services: Services) -> None:
 
 def test_fallback_events_carry_no_passwords(services: Services) -> None:
     """Fallback and failure events logged for unreachable services never contain a password."""
-    layered = LayeredStore()
+    layered = OptionsStore()
     layered.configure(
         postgres=PostgresStore(
             conninfo=f"postgresql://optionstore:{SECRET}@127.0.0.1:1/optionstore", timeout=1.0

@@ -20,10 +20,10 @@ from store.broadcast.codec import (
     ReloadMessage,
     reload_exchange,
 )
-from store.layered import LayeredStore
 from store.local import PROCESS
 from store.model.scopes import project_scope
 from store.model.writes import Write
+from store.options_store import OptionsStore
 from store.redis.presence import Presence
 from tests.conftest import (
     Services,
@@ -40,19 +40,19 @@ ROLLBACK_BOUND_S = 10.0
 HEARTBEAT_DEADLINE_S = 5.0
 
 
-def _write(backend: LayeredStore, project: int, key: str, value: Any) -> int:
+def _write(backend: OptionsStore, project: int, key: str, value: Any) -> int:
     result = backend.commit(Write(project_scope(project), {key: json.dumps(value)}, ()))
     # The reconciler judges announced commits only: mark this one now, not a moment later.
     backend.db.marks.flush()
     return result.revision
 
 
-def _reconciler(backend: LayeredStore, **options: Any) -> Reconciler:
+def _reconciler(backend: OptionsStore, **options: Any) -> Reconciler:
     assert backend.redis is not None
     return Reconciler(postgres=backend.db, cache=backend.redis, settle=0.0, **options)
 
 
-def _restore_older(backend: LayeredStore, project: int, key: str, value: Any) -> int:
+def _restore_older(backend: OptionsStore, project: int, key: str, value: Any) -> int:
     """Commit ``value`` and put back the scope's hash as it was before: returns the revision."""
     assert backend.redis is not None
     client = backend.redis.client
@@ -65,14 +65,14 @@ def _restore_older(backend: LayeredStore, project: int, key: str, value: Any) ->
 
 
 @pytest.fixture
-def process_backend(backend: LayeredStore) -> Iterator[LayeredStore]:
+def process_backend(backend: OptionsStore) -> Iterator[OptionsStore]:
     """The in-process store with a process-wide local cache, as a `process` mode worker has."""
     backend.local.set_mode(PROCESS)
     yield backend
     backend.local.set_mode("task")
 
 
-def test_reconciler_repairs_a_hash_restored_from_an_old_dump(backend: LayeredStore) -> None:
+def test_reconciler_repairs_a_hash_restored_from_an_old_dump(backend: OptionsStore) -> None:
     """A scope hash restored from a DUMP taken before the last write is made a floor, so the
     next reader loads the committed value from PostgreSQL."""
     project = fresh_id()
@@ -89,7 +89,7 @@ def test_reconciler_repairs_a_hash_restored_from_an_old_dump(backend: LayeredSto
     assert reconciler.run_once() == 0 or backend.load(f"project:{project}").values == {"k": "new"}
 
 
-def test_reconciler_leaves_current_and_absent_hashes_alone(backend: LayeredStore) -> None:
+def test_reconciler_leaves_current_and_absent_hashes_alone(backend: OptionsStore) -> None:
     """A hash at PostgreSQL's revision and a scope Redis does not hold are not touched."""
     current, absent = fresh_id(), fresh_id()
     _write(backend, current, "k", 1)
@@ -103,7 +103,7 @@ def test_reconciler_leaves_current_and_absent_hashes_alone(backend: LayeredStore
     assert backend.load(f"project:{current}").values == {"k": 1}
 
 
-def test_first_round_scans_scopes_outside_the_recent_window(backend: LayeredStore) -> None:
+def test_first_round_scans_scopes_outside_the_recent_window(backend: OptionsStore) -> None:
     """A reconciler that has not seen this Redis before checks every scope, not only the
     recently changed ones, page by page."""
     project = fresh_id()
@@ -122,7 +122,7 @@ def test_first_round_scans_scopes_outside_the_recent_window(backend: LayeredStor
     assert backend.load(f"project:{project}").values == {"k": "new"}
 
 
-def test_marks_drop_a_state_whose_change_was_never_heard(process_backend: LayeredStore) -> None:
+def test_marks_drop_a_state_whose_change_was_never_heard(process_backend: OptionsStore) -> None:
     """A process holding a scope older than a heartbeat's mark drops it and, with its floor
     raised, reloads the committed value even from a Redis that is behind."""
     backend = process_backend
@@ -145,7 +145,7 @@ def test_marks_drop_a_state_whose_change_was_never_heard(process_backend: Layere
 
 
 def test_a_change_too_large_for_a_message_is_announced_as_a_reload(
-    process_backend: LayeredStore,
+    process_backend: OptionsStore,
 ) -> None:
     """A change over the message limit goes out as a small "reload this scope" message, which
     drops the scope in a process that holds it, so its next read loads the new value."""

@@ -25,8 +25,8 @@ from store.broadcast.codec import (
     reload_exchange,
     reload_queue,
 )
-from store.layered import LayeredStore
 from store.metrics import metrics
+from store.options_store import OptionsStore
 from store.redis.presence import Presence
 
 log = structlog.get_logger("optionstore")
@@ -81,7 +81,7 @@ class ReloadConsumer(threading.Thread):
     def __init__(
         self,
         *,
-        backend: LayeredStore,
+        backend: OptionsStore,
         connect: Callable[[], kombu.Connection],
         namespace: str,
         presence: Presence | None,

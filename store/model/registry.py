@@ -148,10 +148,12 @@ def load_registry_file(path: Path) -> tuple[list[Declaration], bool]:
 
 class Registry:
     """This process's declarations. Empty and not strict unless declared in code or loaded from
-    a file (``on_first_use``, set by the runtime, reads ``OPTIONS_REGISTRY``): then nothing is
+    a file (``resolve``, given by the store's owner, reads ``OPTIONS_REGISTRY``): then nothing is
     refused and nothing is logged, exactly as without a registry."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, resolve: Callable[[Registry], None] | None = None) -> None:
+        # Called once, on first use, to load what this process's settings declare.
+        self._resolve = resolve
         self._declared: dict[str, Declaration] = {}
         self._file_strict = False
         self.strict_override: bool | None = None
@@ -160,7 +162,6 @@ class Registry:
         self._noted: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         after_fork_in_child(self._new_lock)
-        self.on_first_use: Callable[[], None] | None = None
 
     def _new_lock(self) -> None:
         self._lock = threading.Lock()
@@ -197,8 +198,8 @@ class Registry:
             return
         with self._lock:
             if not self._resolved:
-                if self.on_first_use is not None:
-                    self.on_first_use()
+                if self._resolve is not None:
+                    self._resolve(self)
                 self._resolved = True
 
     # -- asking ------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import time
 
 import structlog
 
-from store.layered import LayeredStore
+from store.options_store import OptionsStore
 
 log = structlog.get_logger("optionstore")
 
@@ -26,7 +26,7 @@ class OutboxRelay:
     def __init__(
         self,
         *,
-        backend: LayeredStore,
+        backend: OptionsStore,
         grace: float = 2.0,
         batch: int = 100,
         backoff: float = 5.0,

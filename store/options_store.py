@@ -1,27 +1,30 @@
-"""``LayeredStore``: reads through the local cache, Redis and PostgreSQL; the entry points of the
-write path (store/propagation.py) and of received broadcasts (store/applier.py)."""
+"""``OptionsStore``: the one object behind the read API, the write tasks and received broadcasts.
+
+A read goes top to bottom: this process's local cache, Redis, PostgreSQL, then the last-known
+state of an outage. A write commits to PostgreSQL, then brings every cache forward. A received
+broadcast moves the local cache forward, in revision order.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar
 
 import structlog
 
-from store.applier import apply_message
-from store.broadcast.codec import Publisher, ReloadMessage
+from store.broadcast.codec import HEARTBEAT, RELOAD, Publisher, ReloadMessage
 from store.errors import NotConfigured, StoreUnavailable, describe
 from store.fallback import Breaker, LastKnown
 from store.fork import after_fork_in_child
 from store.local import TASK, LocalCache, ScopeState
 from store.metrics import metrics
 from store.model.registry import Registry
-from store.model.validation import DEFAULT_MAX_VALUE_BYTES
+from store.model.validation import DEFAULT_MAX_VALUE_BYTES, decode_value
 from store.model.writes import Write, WriteResult
 from store.postgres.store import PostgresStore, Snapshot
-from store.propagation import propagate
 from store.redis.cache import RedisCache
 from store.transient import postgres_unavailable, redis_unavailable
 
@@ -30,10 +33,37 @@ log = structlog.get_logger("optionstore")
 T = TypeVar("T")
 
 
-class LayeredStore:
-    """The one object behind the read API and the write tasks, configured once per process."""
+class Lifecycle(Protocol):
+    """What the store asks of the process that owns it (store/process.py)."""
 
-    def __init__(self) -> None:
+    def ensure_configured(self) -> None:
+        """Configure the store now if nothing has yet."""
+
+    def ensure_following(self) -> None:
+        """Start the reload consumer if this process follows broadcasts and has none."""
+
+    def load_registry(self, registry: Registry) -> None:
+        """Load the declarations this process runs with into ``registry``."""
+
+
+class _Unmanaged:
+    """A store configured by hand (tests, benchmarks): nothing happens on first use."""
+
+    def ensure_configured(self) -> None:
+        pass
+
+    def ensure_following(self) -> None:
+        pass
+
+    def load_registry(self, registry: Registry) -> None:
+        pass
+
+
+class OptionsStore:
+    """Reads through the layers, commits writes and applies broadcasts, in one process."""
+
+    def __init__(self, lifecycle: Lifecycle | None = None) -> None:
+        self._lifecycle: Lifecycle = lifecycle or _Unmanaged()
         self.local = LocalCache(TASK)
         self.postgres: PostgresStore | None = None
         self.redis: RedisCache | None = None
@@ -48,11 +78,8 @@ class LayeredStore:
         self.stats = {"redis_reads": 0, "postgres_reads": 0}
         # Announces each committed change on the reload exchange (None: no broker).
         self.publisher: Publisher | None = None
-        # Set by the process's Runtime: configure on first use; start following broadcasts.
-        self.on_first_use: Callable[[], None] = _nothing
-        self.on_unsynced_read: Callable[[], None] = _nothing
         # Declared options: the policy reads (defaults) and write tasks (checks) consult.
-        self.registry = Registry()
+        self.registry = Registry(resolve=self._lifecycle.load_registry)
 
     def _new_lock(self) -> None:
         self._lock = threading.Lock()
@@ -81,7 +108,7 @@ class LayeredStore:
     @property
     def db(self) -> PostgresStore:
         if self.postgres is None:
-            self.on_first_use()
+            self._lifecycle.ensure_configured()
         if self.postgres is None:
             raise NotConfigured(
                 "optionstore is not configured: set OPTIONS_DATABASE_URL and OPTIONS_REDIS_URL "
@@ -89,7 +116,7 @@ class LayeredStore:
             )
         return self.postgres
 
-    # -- reads ----------------------------------------------------------------
+    # -- reads: local, then Redis, then PostgreSQL, then last known ------------------------
 
     def state(self, scope: str) -> ScopeState:
         local = self.local
@@ -97,7 +124,7 @@ class LayeredStore:
         state = scopes.get(scope)
         if state is None:
             if not local.synced:
-                self.on_unsynced_read()
+                self._lifecycle.ensure_following()
             generation = local.generation
             state = self.load(scope)
             floors = local.floors
@@ -115,7 +142,7 @@ class LayeredStore:
         if not missing:
             return found
         if not local.synced:
-            self.on_unsynced_read()
+            self._lifecycle.ensure_following()
         generation = local.generation
         loaded = self.load_many(missing)
         floors = local.floors
@@ -151,7 +178,7 @@ class LayeredStore:
     def load_many(self, scopes: list[str], *, use_redis: bool = True) -> dict[str, ScopeState]:
         """Fresh states from Redis, or PostgreSQL (refilling Redis), or last-known values."""
         if self.postgres is None:
-            self.on_first_use()
+            self._lifecycle.ensure_configured()
         snapshots: dict[str, Snapshot | None] = dict.fromkeys(scopes)
         cached = self._from_redis(lambda r: r.get_many(scopes)) if use_redis else None
         if cached is not None:
@@ -208,7 +235,7 @@ class LayeredStore:
             self._from_redis(lambda r, s=scope, snap=snapshot: r.fill(s, snap))  # type: ignore[misc]
         return dict(snapshots)
 
-    # -- writes and what arrives -------------------------------------------------------------
+    # -- writes: commit, then every cache forward ------------------------------------------
 
     def commit(self, write: Write, *, task_id: str | None = None) -> WriteResult:
         """Persist ``write`` (once per task id), then bring the caches forward."""
@@ -229,14 +256,117 @@ class LayeredStore:
         return result
 
     def propagate(self, result: WriteResult) -> bool:
-        """Bring every cache forward after a commit (store/propagation.py); False leaves it to
-        the outbox relay."""
-        return propagate(self, result)
+        """Tell every cache about a committed change: this process's own, the other processes'
+        (the broadcast) and Redis. False if a step failed: the outbox relay does it again later,
+        then calls this again."""
+        # Our own process first: whatever happens below, this process reads the new state.
+        self.local.drop(result.scope)
+        done = True
+        publisher, cache = self.publisher, self.redis
+        topics: list[str] = []
+        if publisher is not None and cache is not None:
+            try:
+                topics = publisher.topics_on(cache.client)
+            except Exception as exc:  # the broker is unreachable: no second try in this write
+                _announce_failed("broadcast", result, exc)
+                done = False
+                publisher = None
+        steps: list[tuple[str, Callable[[WriteResult], object]]] = []
+        if topics and publisher is not None and cache is not None:
+            # The broker is the cache's Redis server: one script moves the cache, then publishes
+            # the broadcast, in one round trip. A process that hears it finds Redis current.
+            shared = (publisher, cache, topics)
+            steps.append(("redis+broadcast", lambda r: _cache_then_broadcast(*shared, r)))
+        else:
+            # The broadcast first, it is what the running tasks wait for. Safe before Redis: a
+            # process that heard it holds a revision floor, so if it reloads the scope before
+            # Redis caught up it finds Redis behind the floor and reads PostgreSQL instead. The
+            # task returns only after both, so every task started later finds Redis current.
+            if publisher is not None:
+                steps.append(("broadcast", publisher.announce))
+            if cache is not None:
+                steps.append(("redis", lambda r: cache.apply(r.scope, r.revision, r.changes)))
+        for layer, step in steps:
+            try:
+                step(result)
+            except Exception as exc:
+                # PostgreSQL holds the change; the outbox relay finishes the job later.
+                _announce_failed(layer, result, exc)
+                done = False
+        self.last_known.advance(
+            result.scope,
+            result.revision,
+            {k: decode_value(v) for k, v in result.changes.items() if v is not None},
+            tuple(k for k, v in result.changes.items() if v is None),
+        )
+        if done:
+            # Marked by this process's next write, in its transaction, or a moment later in
+            # bulk (store/postgres/marks.py): a mark needs no round trip of its own.
+            self.db.marks.add(result.task_id)
+        return done
+
+    # -- what the reload exchange brings ----------------------------------------------------
 
     def apply_message(self, message: ReloadMessage) -> str:
-        """Apply a received reload message to this process's caches (store/applier.py)."""
-        return apply_message(self.local, self.last_known, message)
+        """Apply a received message: a change in revision order; a RELOAD, or a heartbeat's
+        marks, by dropping whatever they prove older. Returns what happened (for the log and
+        the tests)."""
+        local, last_known = self.local, self.last_known
+        if message.kind == HEARTBEAT:
+            return self._apply_marks(message)
+        if message.kind == RELOAD:
+            last_known.forget_older(message.scope, message.revision)
+            return "dropped" if local.invalidate(message.scope, message.revision) else "absent"
+        outcome = local.apply_change(message.scope, message.revision, message.sets, message.unsets)
+        last_known.advance(message.scope, message.revision, message.sets, message.unsets)
+        return outcome
+
+    def _apply_marks(self, message: ReloadMessage) -> str:
+        if message.marks is None:
+            return "none"
+        missed = []
+        for scope, revision in message.marks.items():
+            self.last_known.forget_older(scope, revision)
+            if self.local.invalidate(scope, revision):
+                missed.append(scope)
+        if not message.marks_complete:
+            # More changed than one heartbeat names: nothing cached can be proved current.
+            self.local.clear()
+        if missed or not message.marks_complete:
+            log.warning(
+                "broadcast.missed",
+                scopes=missed[:20],
+                missed=len(missed),
+                marks_complete=message.marks_complete,
+            )
+            return "dropped"
+        return "current"
 
 
-def _nothing() -> None:
-    pass
+def _announce_failed(layer: str, result: WriteResult, exc: Exception) -> None:
+    log.warning(
+        "cache.announce_failed",
+        layer=layer,
+        scope=result.scope,
+        revision=result.revision,
+        error=describe(exc),
+    )
+
+
+def _cache_then_broadcast(
+    publisher: Publisher, cache: RedisCache, topics: Sequence[str], result: WriteResult
+) -> None:
+    try:
+        cache.apply(
+            result.scope,
+            result.revision,
+            result.changes,
+            announce=(topics, publisher.envelope(result)),
+        )
+    except Exception:
+        # Redis refused the script (full, read-only after a failover, unreachable): a plain
+        # PUBLISH may still get through, as it would without the shared script. The write
+        # stays unannounced either way, for the relay to bring the cache forward.
+        with contextlib.suppress(Exception):
+            publisher.announce(result)
+        raise

@@ -1,5 +1,6 @@
-"""This process's store: configured once, explicitly or from the environment on first use; the
-reload consumer that keeps its local cache coherent; and what a forked child starts again."""
+"""``StoreProcess``: the one owner of optionstore's lifecycle in a process: its configuration
+(explicit, or from the environment on first use), its reload consumer, and what a forked child
+starts again."""
 
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ import structlog
 from store.broadcast.codec import DEFAULT_MAX_MESSAGE_BYTES, Publisher, publish_transport_options
 from store.broadcast.consumer import ReloadConsumer
 from store.fork import after_fork_in_child
-from store.layered import LayeredStore
 from store.local import PROCESS, TASK
+from store.model.registry import Registry
 from store.model.validation import DEFAULT_MAX_VALUE_BYTES
+from store.options_store import OptionsStore
 from store.postgres.store import PostgresStore
 from store.redis.cache import RedisCache
 from store.redis.presence import Presence
-from store.settings import Settings
+from store.settings import Settings, broker_connection_options
 
 log = structlog.get_logger("optionstore")
 
@@ -32,7 +34,37 @@ WEB = "web"
 Connect = Callable[[], kombu.Connection]
 
 
-class Runtime:
+def broker_connections(
+    url: str, *, master_name: str | None = None, transport: str | None = None
+) -> tuple[Connect, Connect]:
+    """Connection factories for announcing changes and for following them, on ``url``: TLS for
+    ``rediss://`` (kombu's own transport would default to not verifying the certificate), the
+    transport that checks the certificate's name for ``amqps://``, the master's name for
+    ``sentinel://``."""
+    options = broker_connection_options(url, master_name=master_name)
+    sentinel = options.pop("transport_options", {})
+    tls_transport = options.pop("transport", None)
+    publish = functools.partial(
+        kombu.Connection,
+        url,
+        transport=transport or tls_transport,
+        connect_timeout=2,
+        transport_options={**publish_transport_options(url), **sentinel},
+        **options,
+    )
+    follow = functools.partial(
+        kombu.Connection,
+        url,
+        transport=tls_transport,
+        connect_timeout=2,
+        heartbeat=10,
+        transport_options=dict(sentinel),
+        **options,
+    )
+    return publish, follow
+
+
+class StoreProcess:
     """Owns the store's lifecycle in one process.
 
     The store is configured explicitly (``store.configure``; ``worker.install`` when a worker
@@ -43,8 +75,8 @@ class Runtime:
     starts) and again in every child forked afterwards.
     """
 
-    def __init__(self, backend: LayeredStore) -> None:
-        self.backend = backend
+    def __init__(self) -> None:
+        self.store = OptionsStore(lifecycle=self)
         self.kind = WEB
         self.pool = "-"
         self.namespace = "optionstore"
@@ -53,9 +85,6 @@ class Runtime:
         self._follow: Connect | None = None
         self._consumer: ReloadConsumer | None = None
         self._lock = threading.RLock()
-        backend.on_first_use = self.ensure_configured
-        backend.on_unsynced_read = self.ensure_following
-        backend.registry.on_first_use = self._load_registry
         after_fork_in_child(self._after_fork)
 
     # -- configuration ----------------------------------------------------------------------
@@ -74,17 +103,18 @@ class Runtime:
         follow: Connect | None = None,
         kind: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    ) -> LayeredStore:
+    ) -> OptionsStore:
         """Point this process at its services; connections open lazily, after any fork.
 
         ``publish`` opens a broker connection for announcing committed changes; ``follow`` one
         for this process's reload consumer. Without ``follow`` the local cache is trusted as
         it is (what a test or a single process that clears it itself wants).
         """
+        store = self.store
         with self._lock:
             self._stop_consumer()
-            if self.backend.publisher is not None:
-                self.backend.publisher.close()
+            if store.publisher is not None:
+                store.publisher.close()
             publisher = (
                 None
                 if publish is None
@@ -92,7 +122,7 @@ class Runtime:
                     connect=publish, namespace=namespace, max_message_bytes=max_message_bytes
                 )
             )
-            self.backend.configure(
+            store.configure(
                 publisher=publisher,
                 postgres=PostgresStore(conninfo=database_url, max_size=pool_max_size),
                 redis_cache=None if not redis_url else RedisCache(url=redis_url, prefix=namespace),
@@ -106,12 +136,12 @@ class Runtime:
             self._follow = follow
             if follow is not None:
                 # Nothing is cached until the consumer proves it hears every change.
-                self.backend.local.desync()
-        return self.backend
+                store.local.desync()
+        return store
 
     def configure_from(
         self, settings: Settings, *, publish: Connect, follow: Connect | None, kind: str
-    ) -> LayeredStore:
+    ) -> OptionsStore:
         """Configure from resolved settings (the embedded servers start here if they are the
         default). A process that runs no tasks has no task boundary to clear its cache at: it
         keeps one map for all its threads, moved on by broadcasts (process mode)."""
@@ -134,39 +164,18 @@ class Runtime:
 
     def ensure_configured(self) -> None:
         """Configure from the provider or the environment, unless already configured."""
-        if self.backend.postgres is not None:
+        if self.store.postgres is not None:
             return
         with self._lock:
-            if self.backend.postgres is None:
+            if self.store.postgres is None:
                 (self._provider or self._configure_from_environment)()
 
     def _configure_from_environment(self) -> None:
         settings = self.settings()
-        url = settings.broker_url
-        # TLS for rediss:// (kombu's own transport of the URL would default to not verifying
-        # the certificate), a transport that checks the certificate's name for amqps://, the
-        # master's name for sentinel://.
-        options = settings.broker_connection_options()
-        sentinel = options.pop("transport_options", {})
-        self.configure_from(
-            settings,
-            publish=functools.partial(
-                kombu.Connection,
-                url,
-                connect_timeout=2,
-                transport_options={**publish_transport_options(url), **sentinel},
-                **options,
-            ),
-            follow=functools.partial(
-                kombu.Connection,
-                url,
-                connect_timeout=2,
-                heartbeat=10,
-                transport_options=dict(sentinel),
-                **options,
-            ),
-            kind=WEB,
+        publish, follow = broker_connections(
+            settings.broker_url, master_name=settings.broker_master_name
         )
+        self.configure_from(settings, publish=publish, follow=follow, kind=WEB)
         log.info("store.configured", source="environment", kind=WEB, pid=os.getpid())
 
     def settings(self) -> Settings:
@@ -176,18 +185,18 @@ class Runtime:
             self._settings = Settings.from_environ()
         return self._settings
 
-    def _load_registry(self) -> None:
-        # The registry resolves on its first use, from the settings this process runs with.
+    def load_registry(self, registry: Registry) -> None:
+        """The registry resolves on its first use, from the settings this process runs with."""
         settings = self.settings()
         if settings.registry_path:
-            self.backend.registry.load(settings.registry_path, strict=settings.registry_strict)
+            registry.load(settings.registry_path, strict=settings.registry_strict)
         else:
-            self.backend.registry.strict_override = settings.registry_strict
+            registry.strict_override = settings.registry_strict
 
     def max_value_bytes(self) -> int:
         """The value size limit in force here, before anything is configured too."""
-        if self.backend.postgres is not None:
-            return self.backend.max_value_bytes
+        if self.store.postgres is not None:
+            return self.store.max_value_bytes
         return self.settings().max_value_bytes
 
     # -- the reload consumer ----------------------------------------------------------------
@@ -206,9 +215,9 @@ class Runtime:
                 return None
             if self._consumer is not None and self._consumer.is_alive():
                 return self._consumer
-            cache = self.backend.redis
+            cache = self.store.redis
             consumer = ReloadConsumer(
-                backend=self.backend,
+                backend=self.store,
                 connect=self._follow,
                 namespace=self.namespace,
                 presence=None
@@ -218,7 +227,7 @@ class Runtime:
                 pool=self.pool,
             )
             # Unsynced before the thread runs: a read in between must not cache.
-            self.backend.local.desync()
+            self.store.local.desync()
             consumer.start()
             self._consumer = consumer
             return consumer
@@ -229,8 +238,8 @@ class Runtime:
         announces them once more)."""
         with self._lock:
             self._stop_consumer()
-        if self.backend.postgres is not None:
-            self.backend.postgres.marks.close()
+        if self.store.postgres is not None:
+            self.store.postgres.marks.close()
 
     def _stop_consumer(self) -> None:
         consumer, self._consumer = self._consumer, None
@@ -246,4 +255,4 @@ class Runtime:
         self._lock = threading.RLock()
         self._consumer = None
         if self._follow is not None:
-            self.backend.local.desync()
+            self.store.local.desync()
