@@ -3,35 +3,21 @@
 from __future__ import annotations
 
 import functools
-import logging
-import os
-import socket
-import threading
-from collections.abc import Callable
 from typing import Any
 
 import kombu
 import structlog
-from celery import bootsteps
 from celery.signals import task_postrun, task_prerun, worker_process_init, worker_process_shutdown
 
 import store
 import tasks
-from store.broadcast.codec import Publisher, publish_transport_options
+from store.broadcast.codec import publish_transport_options
 from store.metrics import metrics
 from store.settings import OVERRIDES, Settings
-from worker.duties.heartbeat import Heartbeat
-from worker.duties.lease import FOLLOWER, LeaderLease
-from worker.duties.reconcile import Reconciler
-from worker.duties.relay import OutboxRelay
-from worker.duties.retention import Retention
-from worker.logging import configure_logging
-from worker.metrics import MetricsEndpoint, prepare_directory, process_ended
+from worker.metrics import process_ended
+from worker.steps import STEPS
 
 log = structlog.get_logger("optionstore")
-
-# Pools whose processes run one task at a time: task mode keeps one map, not one per thread.
-ONE_TASK_AT_A_TIME = ("prefork", "solo")
 
 
 class Installation:
@@ -72,14 +58,13 @@ class Installation:
         # True in a worker of this app, and in the children it forks.
         self.running = False
         self.pool = "-"
+        # Whether this worker's processes record metrics (worker/steps.py: MetricsStep).
         self.metrics = False
-        self._duties: list[_Every] = []
-        self._lease: LeaderLease | None = None
-        self._endpoint: MetricsEndpoint | None = None
 
     def install(self) -> Installation:
         tasks.register(self.app)
-        self.app.steps["worker"].add(_step_for(self))
+        # One bootstep per component (worker/steps.py); each finds this object as app.optionstore.
+        self.app.steps["worker"].update(STEPS)
         task_prerun.connect(self._task_started, weak=False)
         task_postrun.connect(self._task_ended, weak=False)
         worker_process_init.connect(self._process_started, weak=False)
@@ -113,99 +98,6 @@ class Installation:
         store.runtime.configure_from(
             self.settings, publish=self.connect_for_write, follow=self.connect_for_read, kind=kind
         )
-
-    # -- a worker of this app ---------------------------------------------------------------
-
-    def worker_created(self, worker: Any) -> None:
-        """In the worker's main process, before any child is forked."""
-        if self.logging:
-            configure_logging(
-                log_format=self.settings.log_format,
-                level=logging.getLevelName(self.settings.log_level.upper()),
-            )
-        module = getattr(worker.pool_cls, "__module__", "") or str(worker.pool_cls)
-        self.pool = module.rsplit(".", 1)[-1] or "prefork"
-        self.running = True
-        if self.settings.metrics_port is not None:
-            prepare_directory()  # before any process of this worker imports prometheus_client
-            self.metrics = True
-        store.runtime.pool = self.pool
-        self.configure_store(kind=store.WORKER)
-        local = store.backend.local
-        local.set_mode(local.mode, one_task_at_a_time=self.pool in ONE_TASK_AT_A_TIME)
-
-    def worker_started(self, worker: Any) -> None:
-        if self.pool != "prefork":
-            # threads, gevent and eventlet pools never send worker_process_init; solo does,
-            # and starting twice is a no-op. Here the main process runs the tasks.
-            if self.metrics:
-                metrics.enable()
-            store.runtime.start_consumer()
-        origin = f"heartbeat:{socket.gethostname()}:{os.getpid()}"
-        backend = store.backend
-        settings = self.settings
-        reconciler = Reconciler(postgres=backend.db, cache=backend.redis)
-        heartbeat = Heartbeat(
-            # The store's own publisher, which the relay uses too: one broker connection.
-            publisher=backend.publisher
-            or Publisher(connect=self.connect_for_write, namespace=settings.namespace),
-            reconciler=reconciler,
-            origin=origin,
-        )
-        relay = OutboxRelay(backend=backend)
-        retention = Retention(
-            postgres=backend.db,
-            write_age=settings.write_retention,
-            history_age=settings.history_retention,
-        )
-        lease = LeaderLease(
-            None if backend.redis is None else backend.redis.client,
-            namespace=settings.namespace,
-            ttl=self.lease_ttl,
-        )
-        self._lease = lease
-        # Only the lease holder heartbeats, relays, reconciles and prunes; without an answer
-        # from Redis every main process does it all (the heartbeat must not fall silent, and
-        # the relay's row claims keep announcements single). The heartbeat has a thread of its
-        # own: a slow relay or PostgreSQL never delays it, nor the lease's renewal.
-        self._duties = [
-            _Every(
-                self.interval,
-                [heartbeat.beat],
-                when=lambda: lease.claim() != FOLLOWER,
-                name="optionstore-heartbeat",
-            ),
-            _Every(
-                self.interval,
-                [relay.relay, reconciler.run_once, retention.run_once],
-                when=lambda: lease.leading,
-                name="optionstore-main",
-            ),
-        ]
-        for duty in self._duties:
-            duty.start()
-        if self.metrics and settings.metrics_port is not None:
-            # Served from the main process, which records nothing itself in prefork: it forks
-            # children, and prometheus_client's lock must never be held at a fork.
-            self._endpoint = MetricsEndpoint(
-                port=settings.metrics_port, backlog=backend.db.count_unannounced
-            )
-            self._endpoint.start()
-
-    def worker_stopping(self, worker: Any) -> None:
-        for duty in self._duties:
-            duty.stop()
-        for duty in self._duties:
-            duty.join(timeout=5)
-        self._duties = []
-        if self._endpoint is not None:
-            self._endpoint.stop()
-            self._endpoint = None
-        if self._lease is not None:
-            # A clean stop hands the lease over at once instead of after its time to live.
-            self._lease.release()
-            self._lease = None
-        store.runtime.stop()
 
     # -- signals (global in Celery: each handler checks the event is this app's) -------------
 
@@ -248,64 +140,3 @@ def install(app: Any, **overrides: Any) -> Installation:
     installation = Installation(app, overrides=overrides).install()
     app.optionstore = installation
     return installation
-
-
-def _step_for(installation: Installation) -> type[bootsteps.StartStopStep]:
-    class OptionstoreStep(bootsteps.StartStopStep):  # type: ignore[misc]
-        """optionstore's part of a worker's life: made before the pool forks, started after."""
-
-        requires = ("celery.worker.components:Pool",)
-
-        def __init__(self, parent: Any, **kwargs: Any) -> None:
-            super().__init__(parent, **kwargs)
-            installation.worker_created(parent)
-
-        def start(self, parent: Any) -> None:
-            installation.worker_started(parent)
-
-        def stop(self, parent: Any) -> None:
-            installation.worker_stopping(parent)
-
-    return OptionstoreStep
-
-
-class _Every(threading.Thread):
-    """Calls each duty every ``interval`` seconds, when ``when()`` says so, until stopped; a
-    failing duty is logged."""
-
-    def __init__(
-        self,
-        interval: float,
-        duties: list[Callable[[], object]],
-        *,
-        when: Callable[[], bool] = lambda: True,
-        name: str = "optionstore-main",
-    ) -> None:
-        super().__init__(name=name, daemon=True)
-        self.interval = interval
-        self.duties = duties
-        self.when = when
-        self.stopping = threading.Event()
-
-    def stop(self) -> None:
-        self.stopping.set()
-
-    def run(self) -> None:
-        while not self.stopping.wait(self.interval):
-            try:
-                if not self.when():
-                    continue
-            except Exception as exc:
-                log.warning("worker.duty_failed", duty="when", error=f"{type(exc).__name__}: {exc}")
-                continue
-            for duty in self.duties:
-                if self.stopping.is_set():
-                    return
-                try:
-                    duty()
-                except Exception as exc:  # PostgreSQL or the broker may be down; next second
-                    log.warning(
-                        "worker.duty_failed",
-                        duty=getattr(duty, "__qualname__", repr(duty)),
-                        error=f"{type(exc).__name__}: {exc}",
-                    )
