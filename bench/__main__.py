@@ -96,7 +96,7 @@ HEADER += ["met?", "n"]
 
 
 def markdown(figures: list[Figure], report: dict[str, Any]) -> str:
-    """The README's table: the ratio first, the measured values beside it."""
+    """The table of bench/results/latest.md: the ratio first, the measured values beside it."""
     header = ["figure", "baseline", "ratio median (p99)", "goal", "met?", "measured: median"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for f in figures:

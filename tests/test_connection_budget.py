@@ -1,5 +1,5 @@
-"""The connections each kind of process holds, idle, against the documented budget (README,
-"Connection budget"); and that they do not grow with the number of workers."""
+"""The connections each kind of process holds, idle, against the documented budget
+(docs/topologies.md, "Connection budget"); and that they do not grow with the number of workers."""
 
 from __future__ import annotations
 
