@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import structlog
-
 from store.broadcast.codec import HEARTBEAT, RELOAD, ReloadMessage
+from store.events import log
 from store.fallback import LastKnown
 from store.local import LocalCache
-
-log = structlog.get_logger("optionstore")
 
 
 def apply_message(local: LocalCache, last_known: LastKnown, message: ReloadMessage) -> str:

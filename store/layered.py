@@ -8,11 +8,10 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-import structlog
-
 from store.applier import apply_message
 from store.broadcast.codec import Publisher, ReloadMessage
 from store.errors import NotConfigured, StoreUnavailable, describe
+from store.events import log
 from store.fallback import Breaker, LastKnown
 from store.fork import after_fork_in_child
 from store.local import TASK, LocalCache, ScopeState
@@ -24,8 +23,6 @@ from store.postgres.store import PostgresStore, Snapshot
 from store.propagation import propagate
 from store.redis.cache import RedisCache
 from store.transient import postgres_unavailable, redis_unavailable
-
-log = structlog.get_logger("optionstore")
 
 T = TypeVar("T")
 

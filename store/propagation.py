@@ -6,8 +6,6 @@ import contextlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-import structlog
-
 from store.errors import describe
 from store.model.validation import decode_value
 from store.model.writes import WriteResult
@@ -17,7 +15,7 @@ if TYPE_CHECKING:
     from store.layered import LayeredStore
     from store.redis.cache import RedisCache
 
-log = structlog.get_logger("optionstore")
+from store.events import log
 
 
 def propagate(store: LayeredStore, result: WriteResult) -> bool:

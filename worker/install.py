@@ -18,6 +18,7 @@ from celery.signals import task_postrun, task_prerun, worker_process_init, worke
 import store
 import tasks
 from store.broadcast.codec import Publisher, publish_transport_options
+from store.events import log
 from store.metrics import metrics
 from store.settings import OVERRIDES, Settings
 from worker.duties.heartbeat import Heartbeat
@@ -27,8 +28,6 @@ from worker.duties.relay import OutboxRelay
 from worker.duties.retention import Retention
 from worker.logging import configure_logging
 from worker.metrics import MetricsEndpoint, prepare_directory, process_ended
-
-log = structlog.get_logger("optionstore")
 
 # Pools whose processes run one task at a time: task mode keeps one map, not one per thread.
 ONE_TASK_AT_A_TIME = ("prefork", "solo")
