@@ -15,6 +15,7 @@ from store.errors import (
     InvalidOption,
     MigrationError,
     NotConfigured,
+    NotMigrated,
     OptionsError,
     StoreUnavailable,
 )
@@ -119,6 +120,7 @@ __all__ = [
     "InvalidOption",
     "MigrationError",
     "NotConfigured",
+    "NotMigrated",
     "OptionsError",
     "StoreUnavailable",
     "backend",
