@@ -293,7 +293,7 @@ def read_in_new_process(services: Services, project: int, key: str) -> Any:
         timeout=60,
         check=True,
     )
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout)  # its only line: the store's events go to stderr
 
 
 def amqp_url() -> str:
