@@ -11,6 +11,7 @@ from store.errors import (
     InvalidOption,
     MigrationError,
     NotConfigured,
+    NotMigrated,
     OptionsError,
     StoreUnavailable,
 )
@@ -89,6 +90,7 @@ __all__ = [
     "InvalidOption",
     "MigrationError",
     "NotConfigured",
+    "NotMigrated",
     "OptionsError",
     "StoreUnavailable",
     "backend",

@@ -32,6 +32,10 @@ class MigrationError(OptionsError):
     """The database schema is missing, newer than this code, or could not be upgraded."""
 
 
+class NotMigrated(MigrationError):
+    """The database schema is missing or older than this code: run ``optionstore migrate``."""
+
+
 def describe(exc: BaseException) -> str:
     """An exception in one line, for a log event."""
     text = str(exc).strip().splitlines()

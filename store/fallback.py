@@ -5,12 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import structlog
-
 from store.errors import StoreUnavailable, describe
+from store.events import log
 from store.local import ScopeState
-
-log = structlog.get_logger("optionstore")
 
 # Scopes remembered for outages; past this, expired ones are dropped.
 MAX_LAST_KNOWN = 50_000

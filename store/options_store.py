@@ -13,10 +13,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
-import structlog
-
 from store.broadcast.codec import HEARTBEAT, RELOAD, Publisher, ReloadMessage
 from store.errors import NotConfigured, StoreUnavailable, describe
+from store.events import log
 from store.fallback import Breaker, LastKnown
 from store.fork import after_fork_in_child
 from store.local import TASK, LocalCache, ScopeState
@@ -27,8 +26,6 @@ from store.model.writes import Write, WriteResult
 from store.postgres.store import PostgresStore, Snapshot
 from store.redis.cache import RedisCache
 from store.transient import postgres_unavailable, redis_unavailable
-
-log = structlog.get_logger("optionstore")
 
 T = TypeVar("T")
 

@@ -11,10 +11,10 @@ import threading
 from collections.abc import Callable
 
 import kombu
-import structlog
 
 from store.broadcast.codec import DEFAULT_MAX_MESSAGE_BYTES, Publisher, publish_transport_options
 from store.broadcast.consumer import ReloadConsumer
+from store.events import log, set_output
 from store.fork import after_fork_in_child
 from store.local import PROCESS, TASK
 from store.model.registry import Registry
@@ -24,8 +24,6 @@ from store.postgres.store import PostgresStore
 from store.redis.cache import RedisCache
 from store.redis.presence import Presence
 from store.settings import Settings, broker_connection_options
-
-log = structlog.get_logger("optionstore")
 
 WORKER = "worker"
 # Any process that reads options and is not a Celery worker: a web server, a script, a shell.
@@ -146,6 +144,7 @@ class StoreProcess:
         default). A process that runs no tasks has no task boundary to clear its cache at: it
         keeps one map for all its threads, moved on by broadcasts (process mode)."""
         self._settings = settings
+        set_output(level=settings.log_level, log_format=settings.log_format)
         return self.configure(
             database_url=settings.database_url,
             redis_url=settings.redis_url,

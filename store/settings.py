@@ -12,14 +12,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
-import structlog
-
 from store.broadcast.codec import DEFAULT_MAX_MESSAGE_BYTES
 from store.errors import InvalidOption
+from store.events import log
 from store.local import MODES, TASK
 from store.model.validation import DEFAULT_MAX_VALUE_BYTES
-
-log = structlog.get_logger("optionstore")
 
 # The names an override may take, each the keyword form of one environment variable.
 OVERRIDES = {

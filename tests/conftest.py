@@ -293,7 +293,7 @@ def read_in_new_process(services: Services, project: int, key: str) -> Any:
         timeout=60,
         check=True,
     )
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout)  # its only line: the store's events go to stderr
 
 
 def amqp_url() -> str:
@@ -315,8 +315,9 @@ def worker(services: Services) -> Iterator[Worker]:
 
 
 @contextlib.contextmanager
-def fresh_database(services: Services, label: str) -> Iterator[str]:
-    """The URL of a new, migrated database on the target's PostgreSQL server, dropped after."""
+def fresh_database(services: Services, label: str, *, migrated: bool = True) -> Iterator[str]:
+    """The URL of a new database on the target's PostgreSQL server (migrated unless told not
+    to), dropped after."""
     from store.postgres.migrations import migrate
 
     name = f"optionstore_{label}_{uuid.uuid4().hex[:10]}"
@@ -324,7 +325,8 @@ def fresh_database(services: Services, label: str) -> Iterator[str]:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
         url = urlunsplit(urlsplit(services.database_url)._replace(path=f"/{name}"))
-        migrate(url)
+        if migrated:
+            migrate(url)
         yield url
     finally:
         with psycopg.connect(services.database_url, autocommit=True) as conn:

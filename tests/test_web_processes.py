@@ -145,15 +145,12 @@ def test_a_process_that_reads_then_forks_sees_a_change_in_parent_and_child(
     assert reader.stdout is not None
 
     def next_line() -> dict[str, Any]:
-        # The store's own log events go to stdout too (structlog's default): skip them.
-        while True:
-            line = reader.stdout.readline()  # type: ignore[union-attr]
-            if not line:
-                return {"eof": True}
-            start = line.find('{"pid"')
-            if start >= 0:
-                found: dict[str, Any] = json.JSONDecoder().raw_decode(line, start)[0]
-                return found
+        # Every line on stdout is the reader's own: the store's events go to stderr.
+        line = reader.stdout.readline()  # type: ignore[union-attr]
+        if not line:
+            return {"eof": True}
+        found: dict[str, Any] = json.loads(line)
+        return found
 
     try:
         lines: list[dict[str, Any]] = []

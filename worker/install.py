@@ -17,8 +17,6 @@ from store.settings import OVERRIDES, Settings
 from worker.metrics import process_ended
 from worker.steps import STEPS
 
-log = structlog.get_logger("optionstore")
-
 
 class Installation:
     """optionstore on one Celery app.

@@ -11,9 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import structlog
-
-log = structlog.get_logger("optionstore")
+from store.events import log
 
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 

@@ -10,12 +10,12 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import structlog
 from celery import bootsteps
 
 import store
 from store.broadcast.codec import Publisher
 from store.errors import describe
+from store.events import log
 from store.metrics import metrics
 from worker.duties.heartbeat import Heartbeat
 from worker.duties.lease import FOLLOWER, LeaderLease
@@ -24,8 +24,6 @@ from worker.duties.relay import OutboxRelay
 from worker.duties.retention import Retention
 from worker.logging import configure_logging
 from worker.metrics import MetricsEndpoint, prepare_directory
-
-log = structlog.get_logger("optionstore")
 
 # Pools whose processes run one task at a time: task mode keeps one map, not one per thread.
 ONE_TASK_AT_A_TIME = ("prefork", "solo")

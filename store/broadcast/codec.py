@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import kombu
-import structlog
 from kombu.common import maybe_declare
 
 from store.fork import after_fork_in_child
@@ -23,8 +22,6 @@ from store.model.scopes import Scope
 from store.model.validation import decode_value
 from store.model.writes import WriteResult
 from store.redis.cache import server_identity
-
-log = structlog.get_logger("optionstore")
 
 _quote = json.encoder.encode_basestring_ascii  # a str as a JSON string (C, ASCII escapes)
 

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Any
 
 import kombu
-import structlog
 
 from store.broadcast.codec import (
     HEARTBEAT,
@@ -25,11 +24,10 @@ from store.broadcast.codec import (
     reload_exchange,
     reload_queue,
 )
+from store.events import log
 from store.metrics import metrics
 from store.options_store import OptionsStore
 from store.redis.presence import Presence
-
-log = structlog.get_logger("optionstore")
 
 REPORTED_SCOPES = 5000  # revisions a process reports; older ones fall off its report
 # Seconds between two reports that carry revisions: under a stream of changes a process

@@ -11,16 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from store.errors import InvalidOption
+from store.events import log
 from store.fork import after_fork_in_child
 from store.model.jsonschema import check_schema, check_value, schema_summary
 from store.model.scopes import GLOBAL, GROUP, PROJECT, USER, Scope
 from store.model.validation import encode_value, validate_key
 from store.model.writes import Write
-
-log = structlog.get_logger("optionstore")
 
 OPTION_KINDS = (GLOBAL, PROJECT, USER, GROUP)  # tag keys are a set, not declared options
 _FIELDS = {"scopes", "schema", "default", "description", "read_only", "deprecated"}

@@ -6,13 +6,10 @@ import threading
 import time
 from collections.abc import Callable
 
-import structlog
-
 from store.errors import describe
+from store.events import log
 from store.fork import after_fork_in_child
 from store.transient import postgres_unavailable
-
-log = structlog.get_logger("optionstore")
 
 # Task ids one write carries into options_apply, at most.
 TAKE_LIMIT = 1000

@@ -17,9 +17,11 @@ import psycopg
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
+from store.errors import NotMigrated
 from store.fork import after_fork_in_child
 from store.model.writes import Write, WriteResult
 from store.postgres.marks import AnnouncedMarks
+from store.postgres.migrations import SCHEMA_VERSION, schema_version
 
 Connection = psycopg.Connection[TupleRow]
 T = TypeVar("T")
@@ -29,6 +31,10 @@ T = TypeVar("T")
 # not, and if it is, the calls that cannot wait (a write, a scope load) run again once on a
 # fresh connection (``_once_more_if_broken``).
 CHECK_AFTER_IDLE = 1.0
+
+# undefined_table, undefined_function, undefined_column: what a query meets on a database that
+# was never migrated, or not since this code added what it uses.
+SCHEMA_MISSING = frozenset({"42P01", "42883", "42703"})
 
 # Counts a status or a scrape makes stop here: bounded work on a database of any size.
 COUNT_CAP = 100_000
@@ -108,6 +114,11 @@ class PostgresStore:
                 # failover finished): closed, the pool replaces it with one opened afresh,
                 # which may reach the new primary. Kept, every retry would fail the same way.
                 conn.close()
+                raise
+            except psycopg.Error as exc:
+                # Checked only once a query failed: the working path pays nothing for it.
+                if exc.sqlstate in SCHEMA_MISSING:
+                    _raise_if_not_migrated(conn, exc)
                 raise
 
     def _get_pool(self) -> ConnectionPool[Connection]:
@@ -466,6 +477,26 @@ class PostgresStore:
                 (after, settle, limit),
             ).fetchall()
         return [(scope, int(revision)) for scope, revision in rows]
+
+
+def _raise_if_not_migrated(conn: Connection, error: psycopg.Error) -> None:
+    """Raise NotMigrated if the schema is older than this code (else ``error`` was a bug of
+    ours, and the caller raises it)."""
+    if conn.closed or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        return
+    try:
+        version = schema_version(conn)
+    except psycopg.Error:
+        return  # the connection failed too: the first error says more than this one
+    if version >= SCHEMA_VERSION:
+        return
+    where = f"database {conn.info.dbname!r} on {conn.info.host}"
+    state = (
+        "has no optionstore schema"
+        if version == 0
+        else f"has optionstore schema version {version}, this code needs {SCHEMA_VERSION}"
+    )
+    raise NotMigrated(f"{where} {state}: run `optionstore migrate`") from error
 
 
 def _result_from_row(task_id: str, row: tuple[Any, ...]) -> WriteResult:

@@ -3,12 +3,9 @@ and the revision marks it carries make a process drop what it missed."""
 
 from __future__ import annotations
 
-import structlog
-
 from store.broadcast.codec import Publisher
+from store.events import log
 from worker.duties.reconcile import Reconciler
-
-log = structlog.get_logger("optionstore")
 
 
 class Heartbeat:

@@ -9,11 +9,8 @@ import time
 import uuid
 from typing import Any
 
-import structlog
-
+from store.events import log
 from store.fork import after_fork_in_child
-
-log = structlog.get_logger("optionstore")
 
 LEADER = "leader"
 FOLLOWER = "follower"

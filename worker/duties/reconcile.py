@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import time
 
-import structlog
-
 from store.broadcast.codec import ReloadMessage
+from store.events import log
 from store.postgres.store import PostgresStore
 from store.redis.cache import RedisCache
-
-log = structlog.get_logger("optionstore")
 
 
 class Reconciler:

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import time
 
-import structlog
-
+from store.events import log
 from store.options_store import OptionsStore
-
-log = structlog.get_logger("optionstore")
 
 
 class OutboxRelay:

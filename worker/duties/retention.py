@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import time
 
-import structlog
-
+from store.events import log
 from store.postgres.store import PostgresStore
-
-log = structlog.get_logger("optionstore")
 
 
 class Retention:
