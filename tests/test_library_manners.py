@@ -11,11 +11,11 @@ import uuid
 from typing import Any
 
 import pytest
-from store.options_store import OptionsStore
 
 import store
 from store.model.scopes import project_scope
 from store.model.writes import set_write
+from store.options_store import OptionsStore
 from store.postgres.store import PostgresStore
 from store.readers import ProjectOptions
 from tests.conftest import ROOT, Services, fresh_database, fresh_id
