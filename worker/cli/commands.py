@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import os
 import sys
@@ -16,6 +15,7 @@ from store.model.scopes import GLOBAL, GROUP, PROJECT, TAGKEYS, USER, Scope
 from store.model.validation import validate_key
 from store.redis.presence import lagging
 from store.settings import redact_url
+from worker.cli.actor import actor_of, add_audit_arguments
 from worker.cli.console import configured as _configured
 from worker.cli.console import print_json as _print_json
 from worker.cli.console import settings as _settings
@@ -104,20 +104,6 @@ def _parser() -> argparse.ArgumentParser:
     embedded.add_argument("action", choices=["start", "stop", "status", "env"])
     add_operator_commands(command)
     return parser
-
-
-def add_audit_arguments(cmd: argparse.ArgumentParser) -> None:
-    cmd.add_argument("--reason", help="why: stored with the change, shown by history and explain")
-    cmd.add_argument("--actor", help="who asks for the change (default: the OS user)")
-
-
-def actor_of(args: argparse.Namespace) -> str:
-    if args.actor:
-        return str(args.actor)
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry for this uid (a bare container)
-        return f"uid:{os.getuid()}"
 
 
 def _migrate(args: argparse.Namespace, _: list[str]) -> int:

@@ -1,6 +1,6 @@
 """The operators' commands of ``optionstore``: ``options``, ``explain``, ``revert``, ``plan``,
-``apply`` and ``export``. Policy lives in ``store/`` (registry, audit, desired); this module
-reads arguments, asks the store and prints."""
+``apply`` and ``export``. The audit trail and desired-state files are read by ``audit.py`` and
+``desired.py`` beside it, the rules by ``store``; this module reads arguments, asks and prints."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from store.errors import InvalidOption
 from store.model.registry import Declaration
 from store.model.scopes import TAGKEYS, Scope
 from store.model.validation import validate_key
+from worker.cli.actor import actor_of, add_audit_arguments
 from worker.cli.audit import Change, diff, last_changes, state_at
 from worker.cli.console import (
     Progress,
@@ -34,8 +35,6 @@ Command = Callable[..., argparse.ArgumentParser]
 
 def add_commands(command: Command) -> None:
     """Add the operators' subcommands through the main parser's ``command`` factory."""
-    from worker.cli.commands import add_audit_arguments
-
     command("options", _options, "list the declared options (OPTIONS_REGISTRY)", json_flag=True)
     explain = command(
         "explain",
@@ -213,7 +212,6 @@ def _send_many(
 ) -> str:
     """Enqueue ``changes`` of ``scope`` as one ``options.set_many``; returns its task id."""
     from worker import app
-    from worker.cli.commands import actor_of
 
     values = {c.key: json.loads(c.new) for c in changes if c.new is not None}
     unset = [c.key for c in changes if c.new is None]
