@@ -10,7 +10,8 @@ import functools
 
 import kombu
 
-from store.broadcast.codec import DEFAULT_MAX_MESSAGE_BYTES, publish_transport_options
+from store.broadcast.codec import DEFAULT_MAX_MESSAGE_BYTES
+from store.broadcast.publisher import publish_transport_options
 from store.errors import (
     InvalidOption,
     MigrationError,

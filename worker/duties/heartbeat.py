@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import structlog
 
-from store.broadcast.codec import Publisher
+from store.broadcast.publisher import Publisher
 from worker.duties.reconcile import Reconciler
 
 log = structlog.get_logger("optionstore")
