@@ -288,7 +288,7 @@ def decode(
     try:
         return ReloadMessage.from_body(data)
     except MalformedMessage as exc:
-        raise MalformedMessage(str(exc), body=repr(data)[:200]) from None
+        raise MalformedMessage(str(exc), body=_shown(data)) from None
 
 
 def decode_redis_envelope(data: bytes | str) -> ReloadMessage:
@@ -318,6 +318,14 @@ def decode_redis_envelope(data: bytes | str) -> ReloadMessage:
 
 
 # -- checks ----------------------------------------------------------------------------------
+
+
+def _shown(body: object) -> str:
+    """The start of ``body`` for a log line, even for one nested as deep as JSON let it be."""
+    try:
+        return repr(body)[:200]
+    except RecursionError:
+        return f"<{type(body).__name__} nested too deep to show>"
 
 
 # Scope names already checked, each to its canonical form: a message names few scopes, often.
