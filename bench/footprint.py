@@ -30,7 +30,8 @@ SPREAD_BASE = 8_100_000  # 1,000 scopes of 100 keys
 
 
 def broadcast_size(run: Services, *, quick: bool = False) -> Figure:
-    from store.broadcast.codec import ReloadMessage, reload_queue
+    from store.broadcast.codec import ReloadMessage
+    from store.broadcast.exchange import reload_queue
     from store.model.scopes import project_scope
     from store.model.writes import many_write, set_write
 

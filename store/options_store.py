@@ -13,7 +13,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
-from store.broadcast.codec import HEARTBEAT, RELOAD, Publisher, ReloadMessage
+from store.broadcast.codec import HEARTBEAT, RELOAD, ReloadMessage
+from store.broadcast.publisher import Publisher
 from store.errors import NotConfigured, StoreUnavailable, describe
 from store.events import log
 from store.fallback import Breaker, LastKnown

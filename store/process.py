@@ -12,8 +12,9 @@ from collections.abc import Callable
 
 import kombu
 
-from store.broadcast.codec import DEFAULT_MAX_MESSAGE_BYTES, Publisher, publish_transport_options
+from store.broadcast.codec import DEFAULT_MAX_MESSAGE_BYTES
 from store.broadcast.consumer import ReloadConsumer
+from store.broadcast.publisher import Publisher, publish_transport_options
 from store.events import log, set_output
 from store.fork import after_fork_in_child
 from store.local import PROCESS, TASK

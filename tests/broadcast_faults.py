@@ -8,7 +8,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from store.broadcast.codec import Publisher
+from store.broadcast.publisher import Publisher
 from store.redis.cache import RedisCache
 
 

@@ -20,10 +20,15 @@ import pytest
 from store.broadcast.codec import (
     CHANGE,
     MalformedMessage,
-    Publisher,
     ReloadMessage,
-    reload_exchange,
+    decode,
+    decode_redis_envelope,
+    encode,
+    encode_announcement,
+    redis_envelope,
 )
+from store.broadcast.exchange import reload_exchange
+from store.broadcast.publisher import Publisher
 from store.local import PROCESS, TASK, LocalCache, ScopeState
 from store.model.scopes import project_scope
 from store.model.writes import WriteResult, many_write, set_write
@@ -117,6 +122,58 @@ def test_from_body_rejects_a_number_too_large_for_a_float(field: str) -> None:
     """A timestamp that JSON can carry but a float cannot hold is a malformed message."""
     with pytest.raises(MalformedMessage, match=field):
         ReloadMessage.from_body(change_body(**{field: 10**400}))
+
+
+# -- the wire --------------------------------------------------------------------------------
+
+
+def test_the_codec_reads_back_what_it_wrote_on_either_broker() -> None:
+    """A message encoded as an AMQP body, or inside kombu's envelope on Redis, decodes to itself."""
+    message = ReloadMessage(CHANGE, SCOPE, 9, {"a": [1, {"b": "é"}]}, ("c",), 1.5, 2.5, "me")
+    assert decode(encode(message)) == message
+    assert decode(encode(message).encode()) == message
+    assert decode_redis_envelope(redis_envelope(encode(message), "x.reload")) == message
+
+
+def test_an_announcement_reads_back_as_the_change_it_announces() -> None:
+    """The change text made from a write's JSON texts decodes as ReloadMessage.change makes
+    it; over the size limit the same write is announced as a RELOAD of its revision."""
+    changes: dict[str, str | None] = {"k": '{"n":[1,2.5,"\\u00e9"]}', "gone": None}
+    result = WriteResult(SCOPE, 5, True, changes, "t", 1.25)
+    heard = decode(encode_announcement(result, origin="me"))
+    made = ReloadMessage.change(result, origin="me")
+    assert heard == ReloadMessage(
+        CHANGE, SCOPE, 5, {"k": {"n": [1, 2.5, "é"]}}, ("gone",), 1.25, heard.sent_at, "me"
+    )
+    assert (heard.sets, heard.unsets) == (made.sets, made.unsets)
+    reload = decode(encode_announcement(result, origin="me", max_bytes=64))
+    assert (reload.kind, reload.scope, reload.revision, reload.sets) == ("reload", SCOPE, 5, {})
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b"not json", "not a kombu message"),
+        (b"[1]", "not a kombu message"),
+        (b'{"body": "e30="}', "not a kombu message"),
+        (b'{"body": "e30=", "properties": {"body_encoding": "rot13"}}', "not a kombu message"),
+        (redis_envelope("{oops", "x.reload").encode(), "undecodable body"),
+        (redis_envelope('{"v": 2}', "x.reload").encode(), "v:"),
+        (redis_envelope("[" * 100_000 + "]" * 100_000, "x.reload").encode(), "undecodable body"),
+    ],
+)
+def test_the_codec_refuses_what_is_not_a_reload_message(data: bytes, error: str) -> None:
+    """An envelope or a body that is not a reload message raises MalformedMessage, however
+    deep or broken it is, never another error that would drop the subscription."""
+    with pytest.raises(MalformedMessage, match=error):
+        decode_redis_envelope(data)
+
+
+def test_the_codec_refuses_a_body_of_another_type() -> None:
+    """A pickled body is refused unread; its content type is what the log line shows."""
+    with pytest.raises(MalformedMessage, match="undecodable body") as caught:
+        decode(b"\x80\x04K\x01.", content_type="application/x-python-serialize")
+    assert caught.value.context == {"content_type": "application/x-python-serialize"}
 
 
 # -- LocalCache.apply_change and the revision floors -----------------------------------------
@@ -524,19 +581,18 @@ def test_undecodable_message_is_logged_without_dropping_the_subscription(
 
 @pytest.mark.parametrize("compression", [None, "zlib"])
 def test_the_consumers_decoding_agrees_with_kombus(services: Services, compression: Any) -> None:
-    """What a consumer on Redis reads off the exchange's topic decodes, on its fast path (plain
-    JSON, as every publisher of reload messages sends) or through kombu's Message (anything
-    else, here a compressed body), to the body kombu would have handed a kombu consumer."""
+    """What a consumer on Redis reads off the exchange's topic decodes (plain JSON, as every
+    publisher of reload messages sends, or anything else kombu sends, here a compressed body)
+    to the body kombu would have handed a kombu consumer."""
     import redis
 
-    from store.broadcast.consumer import _NOT_PLAIN, _plain_json_body
+    from store.transport.redis import publish_topics
 
     exchange = reload_exchange(f"t{uuid.uuid4().hex[:8]}")
     with kombu.Connection(services.broker_url) as conn:
         channel = conn.default_channel
-        topics = channel._get_publish_topics(exchange.name, "")
         subscriber = redis.Redis.from_url(services.broker_url).pubsub()
-        subscriber.psubscribe(*topics)
+        subscriber.psubscribe(*publish_topics(channel, exchange.name))
         wait_for(
             lambda: subscriber.get_message(timeout=0.1) is not None, message="the subscription"
         )
@@ -550,34 +606,32 @@ def test_the_consumers_decoding_agrees_with_kombus(services: Services, compressi
             declare=[exchange],
         )
         got = wait_for(lambda: subscriber.get_message(timeout=0.1), message="the message")
-        envelope = json.loads(got["data"])
-        plain = _plain_json_body(envelope)
-        message = channel.Message(envelope, channel=channel)
+        message = channel.Message(json.loads(got["data"]), channel=channel)
         message.accept = {"application/json"}
         assert message.decode() == body
-        if compression is None:
-            assert plain == body
-        else:
-            assert plain is _NOT_PLAIN
+        assert decode_redis_envelope(got["data"]) == ReloadMessage.from_body(body)
         subscriber.close()
 
 
 def test_the_publishers_message_on_redis_is_kombus_own(services: Services) -> None:
     """On Redis the publisher sends the reload message with the channel's client, not through
     kombu's producer: what arrives on the exchange's topic is field for field what kombu's
-    producer sends for the same text (but the delivery tag, a fresh UUID each time)."""
+    producer sends for the same body (but the delivery tag, a fresh UUID each time)."""
     import redis
+
+    from store.transport.redis import publish_topics
 
     namespace = f"t{uuid.uuid4().hex[:8]}"
     exchange = reload_exchange(namespace)
-    text = json.dumps(change_body(scope="project:7", set={"k": "é"}), separators=(",", ":"))
+    message = ReloadMessage.from_body(change_body(scope="project:7", set={"k": "é"}))
+    text = encode(message)
     publisher = Publisher(
         connect=lambda: kombu.Connection(services.broker_url), namespace=namespace
     )
     with kombu.Connection(services.broker_url) as conn:
         channel = conn.default_channel
         subscriber = redis.Redis.from_url(services.broker_url).pubsub()
-        subscriber.psubscribe(*channel._get_publish_topics(exchange.name, ""))
+        subscriber.psubscribe(*publish_topics(channel, exchange.name))
         wait_for(
             lambda: subscriber.get_message(timeout=0.1) is not None, message="the subscription"
         )
@@ -590,7 +644,7 @@ def test_the_publishers_message_on_redis_is_kombus_own(services: Services) -> No
             delivery_mode=1,
             declare=[exchange],
         )
-        publisher._publish_text(text)
+        publisher.publish(message)
         received = [
             json.loads(
                 wait_for(lambda: subscriber.get_message(timeout=0.1), message="a message")["data"]

@@ -20,7 +20,7 @@ import kombu
 import pytest
 import redis
 
-from store.broadcast.codec import reload_queue
+from store.broadcast.exchange import reload_queue
 from store.model.scopes import project_scope
 from store.model.writes import set_write
 from store.postgres.store import PostgresStore

@@ -18,8 +18,10 @@ from store.broadcast.codec import (
     RELOAD,
     MalformedMessage,
     ReloadMessage,
-    reload_exchange,
+    decode,
+    encode_announcement,
 )
+from store.broadcast.exchange import reload_exchange
 from store.local import PROCESS
 from store.model.scopes import project_scope
 from store.model.writes import Write
@@ -155,13 +157,13 @@ def test_a_change_too_large_for_a_message_is_announced_as_a_reload(
     _write(backend, project, "k", "small")
     held = backend.state(scope)
     result = backend.db.apply(Write(project_scope(project), {"k": json.dumps("x" * 5000)}, ()))[0]
-    message = ReloadMessage.for_result(result, origin="test", max_bytes=4096)
-    body = message.to_body()
+    text = encode_announcement(result, origin="test", max_bytes=4096)
+    body = json.loads(text)
     assert body["kind"] == RELOAD and "set" not in body
-    assert len(json.dumps(body)) < 512
-    assert ReloadMessage.for_result(result, max_bytes=64 * 1024).kind == "change"
+    assert len(text) < 512
+    assert decode(encode_announcement(result, origin="test", max_bytes=64 * 1024)).kind == "change"
     backend.local.scopes[scope] = held
-    assert backend.apply_message(ReloadMessage.from_body(body)) == "dropped"
+    assert backend.apply_message(decode(text)) == "dropped"
     assert backend.state(scope).values == {"k": "x" * 5000}
 
 

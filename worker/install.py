@@ -11,7 +11,7 @@ from celery.signals import task_postrun, task_prerun, worker_process_init, worke
 
 import store
 import tasks
-from store.broadcast.codec import publish_transport_options
+from store.broadcast.publisher import publish_transport_options
 from store.metrics import metrics
 from store.settings import OVERRIDES, Settings
 from worker.metrics import process_ended

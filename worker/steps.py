@@ -13,7 +13,7 @@ from typing import Any
 from celery import bootsteps
 
 import store
-from store.broadcast.codec import Publisher
+from store.broadcast.publisher import Publisher
 from store.errors import describe
 from store.events import log
 from store.metrics import metrics

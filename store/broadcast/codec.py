@@ -1,45 +1,71 @@
-"""Reload messages on a kombu fanout exchange: their shape, their checks, and the publisher."""
+"""Reload messages: their shape, and the one codec between a ``ReloadMessage`` and the wire.
+
+On AMQP a message is its body, JSON text; on Redis the body travels inside kombu's envelope,
+the JSON object kombu's Redis transport publishes (``redis_envelope``). Whoever sends a reload
+message encodes it here, and every consumer decodes it here, with every check.
+"""
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import math
-import os
-import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import kombu
-from kombu.common import maybe_declare
+import kombu.compression
+import kombu.serialization
 
-from store.fork import after_fork_in_child
 from store.model.scopes import Scope
 from store.model.validation import decode_value
 from store.model.writes import WriteResult
-from store.redis.cache import server_identity
+
+__all__ = [
+    "ACCEPT",
+    "CHANGE",
+    "CONTENT_ENCODING",
+    "CONTENT_TYPE",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "HEARTBEAT",
+    "RELOAD",
+    "VERSION",
+    "MalformedMessage",
+    "ReloadMessage",
+    "decode",
+    "decode_redis_envelope",
+    "encode",
+    "encode_announcement",
+    "redis_envelope",
+]
 
 _quote = json.encoder.encode_basestring_ascii  # a str as a JSON string (C, ASCII escapes)
 
 VERSION = 1
 CHANGE = "change"
 HEARTBEAT = "heartbeat"
-# "Reload this scope": a change too large to carry (see Publisher.max_message_bytes).
+# "Reload this scope": a change too large to carry (see encode_announcement).
 RELOAD = "reload"
 
 # A change whose message would encode larger than this is announced as a RELOAD instead:
 # well under every broker's limit (RabbitMQ's max_message_size, Redis's pub/sub buffers).
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024
-# Seconds a publish on AMQP waits for the broker's confirm before it counts as failed.
-CONFIRM_TIMEOUT = 5.0
+
+# What every reload message's body is, as its envelope declares it.
+CONTENT_TYPE = "application/json"
+CONTENT_ENCODING = "utf-8"
+# A body of any other type is decoded by kombu's serializers, which refuse all but JSON.
+ACCEPT = frozenset({CONTENT_TYPE})
 
 
 class MalformedMessage(ValueError):
     """A reload message that does not follow the schema; logged and ignored, never applied."""
+
+    def __init__(self, error: str, **context: Any) -> None:
+        super().__init__(error)
+        # What a log line about it shows besides the error: the body, or its content type.
+        self.context = context
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,19 +103,6 @@ class ReloadMessage:
             time.time(),
             origin,
         )
-
-    @classmethod
-    def for_result(
-        cls, result: WriteResult, *, origin: str = "", max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    ) -> ReloadMessage:
-        """The change message for ``result``, or a RELOAD if it would encode over ``max_bytes``."""
-        # The texts are canonical JSON; re-encoded with ASCII escapes a character takes at most
-        # 12 bytes, so only a change near the limit pays for an exact measure.
-        rough = sum(len(k) + len(v or "") for k, v in result.changes.items())
-        message = cls.change(result, origin=origin)
-        if rough * 12 + 4096 <= max_bytes or len(json.dumps(message.to_body())) <= max_bytes:
-            return message
-        return cls.reload(result, origin=origin)
 
     @classmethod
     def reload(cls, result: WriteResult, *, origin: str = "") -> ReloadMessage:
@@ -188,27 +201,45 @@ class ReloadMessage:
         )
 
 
-def redis_topics(channel: Any, exchange: str) -> list[str]:
-    """The pub/sub topics a fanout to ``exchange`` is published to, if ``channel`` is a Redis
-    channel (kombu's, the project's or Sentinel's: global key prefix and fanout options
-    applied); an empty list for any other broker's channel."""
-    # On the class: reading ``subclient`` off the channel would make its pub/sub client.
-    names = ("_get_publish_topics", "subclient", "conn_or_acquire")
-    if not all(hasattr(type(channel), name) for name in names):
-        return []
-    return list(channel._get_publish_topics(exchange, ""))
+# -- encoding --------------------------------------------------------------------------------
 
 
-def redis_message(text: str, exchange: str) -> str:
-    """The message kombu's Redis transport publishes for JSON ``text`` sent to a fanout
-    ``exchange`` (transient, priority 0): every field, so that any kombu consumer reads it.
-    store/broadcast/consumer.py reads it back (``_plain_json_body``); a test holds both to
-    kombu's."""
+def encode(message: ReloadMessage) -> str:
+    """``message`` as the JSON text of its body: what an AMQP message carries, and what kombu's
+    envelope on Redis wraps (``redis_envelope``)."""
+    return json.dumps(message.to_body(), separators=(",", ":"))
+
+
+def encode_announcement(
+    result: WriteResult, *, origin: str, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> str:
+    """The body that announces the commit ``result``: its change, or a RELOAD if the change
+    would encode larger than ``max_bytes``.
+
+    The change is made from the canonical JSON texts ``result`` holds, without decoding them
+    (the publish path of every write); it reads back as ``ReloadMessage.change(result)``.
+    """
+    sets = ",".join(f"{_quote(k)}:{v}" for k, v in result.changes.items() if v is not None)
+    unsets = ",".join(_quote(k) for k, v in result.changes.items() if v is None)
+    text = (
+        f'{{"v":{VERSION},"kind":"{CHANGE}","sent_at":{time.time()!r},"origin":{_quote(origin)},'
+        f'"scope":{_quote(result.scope)},"revision":{int(result.revision)},"set":{{{sets}}},'
+        f'"unset":[{unsets}],"committed_at":{float(result.committed_at)!r}}}'
+    )
+    if len(text.encode()) > max_bytes:
+        return encode(ReloadMessage.reload(result, origin=origin))
+    return text
+
+
+def redis_envelope(body: str, exchange: str) -> str:
+    """The message kombu's Redis transport publishes for the JSON ``body`` sent to the fanout
+    ``exchange`` (transient, priority 0): every field, so that any kombu consumer reads it. A
+    test holds it to kombu's own."""
     return json.dumps(
         {
-            "body": base64.b64encode(text.encode()).decode(),
-            "content-encoding": "utf-8",
-            "content-type": "application/json",
+            "body": base64.b64encode(body.encode()).decode(),
+            "content-encoding": CONTENT_ENCODING,
+            "content-type": CONTENT_TYPE,
             "headers": {},
             "properties": {
                 "delivery_mode": 1,
@@ -221,16 +252,74 @@ def redis_message(text: str, exchange: str) -> str:
     )
 
 
-def change_text(result: WriteResult, *, origin: str) -> str:
-    """``ReloadMessage.change(result).to_body()`` as JSON text, made from the canonical JSON
-    texts ``result`` holds without decoding them (the publish path of every write)."""
-    sets = ",".join(f"{_quote(k)}:{v}" for k, v in result.changes.items() if v is not None)
-    unsets = ",".join(_quote(k) for k, v in result.changes.items() if v is None)
-    return (
-        f'{{"v":{VERSION},"kind":"{CHANGE}","sent_at":{time.time()!r},"origin":{_quote(origin)},'
-        f'"scope":{_quote(result.scope)},"revision":{int(result.revision)},"set":{{{sets}}},'
-        f'"unset":[{unsets}],"committed_at":{float(result.committed_at)!r}}}'
+# -- decoding --------------------------------------------------------------------------------
+
+
+def decode(
+    body: bytes | str | None,
+    *,
+    content_type: str | None = CONTENT_TYPE,
+    content_encoding: str | None = CONTENT_ENCODING,
+    compression: str | None = None,
+) -> ReloadMessage:
+    """A received body, as its message declares it, decoded and checked field by field.
+
+    Plain JSON (what every publisher of reload messages sends) is read here; anything else
+    goes through kombu's own decompression and serializers, as a kombu consumer accepting
+    only JSON would. Raises MalformedMessage.
+    """
+    try:
+        if compression:
+            body = kombu.compression.decompress(body, compression)
+        if content_type == CONTENT_TYPE and content_encoding == CONTENT_ENCODING:
+            data = json.loads(body)  # type: ignore[arg-type]  # None is refused: undecodable
+        else:
+            data = kombu.serialization.loads(body, content_type, content_encoding, accept=ACCEPT)
+    except Exception as exc:  # whatever the bytes make a decoder raise (RecursionError too)
+        raise MalformedMessage(
+            f"undecodable body ({type(exc).__name__}: {exc})", content_type=content_type
+        ) from None
+    try:
+        return ReloadMessage.from_body(data)
+    except MalformedMessage as exc:
+        raise MalformedMessage(str(exc), body=_shown(data)) from None
+
+
+def decode_redis_envelope(data: bytes | str) -> ReloadMessage:
+    """A message read off the exchange's pub/sub topic on Redis: kombu's envelope, whoever
+    published it, opened as kombu's Redis transport opens it, then ``decode``."""
+    try:
+        envelope = json.loads(data)
+        properties = envelope["properties"]
+        headers = envelope.get("headers") or {}
+        compression = headers.get("compression")
+        body = envelope.get("body")
+        body_encoding = properties.get("body_encoding")
+        if body and body_encoding and body_encoding.lower() != "utf-8":
+            if body_encoding != "base64":  # the one body encoding kombu's transport knows
+                raise ValueError(f"unknown body encoding {body_encoding!r}")
+            body = base64.b64decode(body)
+        content_type = envelope.get("content-type")
+        content_encoding = envelope.get("content-encoding")
+    except (TypeError, ValueError, AttributeError, KeyError, RecursionError) as exc:
+        raise MalformedMessage(f"not a kombu message ({exc})") from None
+    return decode(
+        body,
+        content_type=content_type,
+        content_encoding=content_encoding,
+        compression=compression,
     )
+
+
+# -- checks ----------------------------------------------------------------------------------
+
+
+def _shown(body: object) -> str:
+    """The start of ``body`` for a log line, even for one nested as deep as JSON let it be."""
+    try:
+        return repr(body)[:200]
+    except RecursionError:
+        return f"<{type(body).__name__} nested too deep to show>"
 
 
 # Scope names already checked, each to its canonical form: a message names few scopes, often.
@@ -265,17 +354,6 @@ def _marks(value: object) -> dict[str, int] | None:
     return {_scope(scope): _revision(rev, f"marks.{scope}") for scope, rev in value.items()}
 
 
-def publish_transport_options(broker_url: str) -> dict[str, Any]:
-    """kombu transport options for a connection that publishes reload messages.
-
-    On AMQP, publisher confirms: without them a publish into a dying connection, or one the
-    broker refuses, returns as if delivered, and the outbox row is marked announced.
-    """
-    if broker_url.split("://", 1)[0] in ("amqp", "amqps", "pyamqp"):
-        return {"confirm_publish": True}
-    return {}
-
-
 def _number(body: dict[str, Any], name: str) -> float:
     value = body.get(name)
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -287,155 +365,3 @@ def _number(body: dict[str, Any], name: str) -> float:
     if not math.isfinite(number):
         raise MalformedMessage(f"{name}: must be finite, got {number!r}")
     return number
-
-
-def reload_exchange(namespace: str) -> kombu.Exchange:
-    # Transient: reload messages are worthless once every process has moved on.
-    return kombu.Exchange(f"{namespace}.reload", type="fanout", durable=False, auto_delete=False)
-
-
-def reload_queue(namespace: str, name: str) -> kombu.Queue:
-    """This process's own queue: exclusive and auto-deleted, so it dies with the connection."""
-    return kombu.Queue(
-        f"{namespace}.reload.{name}",
-        exchange=reload_exchange(namespace),
-        routing_key="",  # on Redis a non-empty key changes the pub/sub topic: both sides use ''
-        durable=False,
-        exclusive=True,
-        auto_delete=True,
-        no_ack=True,
-    )
-
-
-class Publisher:
-    """Publishes reload messages from this process over its own broker connection."""
-
-    def __init__(
-        self,
-        *,
-        connect: Callable[[], kombu.Connection],
-        namespace: str,
-        origin: str = "",
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    ) -> None:
-        # Makes a new connection to the broker: the app's own (its transport options and TLS),
-        # with publisher confirms on AMQP (publish_transport_options).
-        self.connect = connect
-        self.max_message_bytes = max_message_bytes
-        self.exchange = reload_exchange(namespace)
-        self.origin = origin or f"{os.uname().nodename}:{os.getpid()}"
-        self._connection: kombu.Connection | None = None
-        self._producer: kombu.Producer | None = None
-        # On a Redis broker, the pub/sub topics kombu publishes the exchange's messages to,
-        # and the client of the channel's connection pool that publishes them.
-        self._topics: list[str] = []
-        self._client: Any = None
-        # kombu connections are not thread-safe; a threads-pool worker shares this one.
-        self._lock = threading.Lock()
-        after_fork_in_child(self._forget_after_fork)
-
-    def publish(self, message: ReloadMessage) -> None:
-        self._publish_text(json.dumps(message.to_body(), separators=(",", ":")))
-
-    def _publish_text(self, text: str) -> None:
-        with self._lock:
-            try:
-                self._send(text)
-            except Exception:
-                # One fresh connection and one more try (kombu's own retry wrapper costs on
-                # every message); if that fails too, the outbox relay announces it later.
-                self._reset()
-                self._send(text)
-
-    def _send(self, text: str) -> None:
-        producer = self._get_producer()
-        if self._topics:
-            # A fanout on Redis is a PUBLISH of kombu's message to the exchange's topics: sent
-            # here with the channel's own client, without kombu's producer layers (their
-            # Python cost more than the PUBLISH).
-            message = redis_message(text, self.exchange.name)
-            for topic in self._topics:
-                self._client.publish(topic, message)
-            return
-        # Already JSON: kombu sends the text as is (no serializer, no per-message declare).
-        producer.publish(
-            text,
-            exchange=self.exchange,
-            routing_key="",
-            content_type="application/json",
-            content_encoding="utf-8",
-            delivery_mode=1,  # transient
-            confirm_timeout=CONFIRM_TIMEOUT,  # AMQP with confirms only; ignored elsewhere
-        )
-
-    def _reset(self) -> None:
-        if self._connection is not None:
-            with contextlib.suppress(Exception):
-                self._connection.release()
-        self._connection = None
-        self._producer = None
-        self._topics = []
-        self._client = None
-
-    def _forget_after_fork(self) -> None:
-        # The parent's socket is not ours, and its lock may have been held at the fork (a
-        # relay publishing): a new lock, and a new connection on first use. Never released:
-        # closing it would close the parent's connection too.
-        self._lock = threading.Lock()
-        self._connection = None
-        self._producer = None
-        self._topics = []
-        self._client = None
-
-    def announce(self, result: WriteResult) -> None:
-        """Publish the change ``result`` committed, or a RELOAD if it is too large to carry."""
-        self._publish_text(self._text_for(result))
-
-    def _text_for(self, result: WriteResult) -> str:
-        text = change_text(result, origin=self.origin)
-        if len(text.encode()) > self.max_message_bytes:
-            reload = ReloadMessage.reload(result, origin=self.origin)
-            return json.dumps(reload.to_body(), separators=(",", ":"))
-        return text
-
-    def topics_on(self, client: Any) -> list[str]:
-        """The pub/sub topics this publisher's announcements go to, if its broker is the Redis
-        server ``client`` talks to, reached the same way (address, TLS, user): then a script
-        run through ``client`` can publish them (``envelope``). Else an empty list.
-
-        Connects to the broker if not connected yet, once: an error is the broker's.
-        """
-        with self._lock:
-            try:
-                self._get_producer()
-            except Exception:
-                self._reset()
-                raise
-            if not self._topics:
-                return []
-            ours = server_identity(self._client.connection_pool)
-            if ours is None or ours != server_identity(client.connection_pool):
-                return []
-            return list(self._topics)
-
-    def envelope(self, result: WriteResult) -> str:
-        """The message that announces ``result`` on a Redis broker, as ``announce`` sends it."""
-        return redis_message(self._text_for(result), self.exchange.name)
-
-    def _get_producer(self) -> kombu.Producer:
-        if self._producer is None:
-            self._connection = self.connect()
-            channel = self._connection.default_channel
-            maybe_declare(self.exchange, channel)  # once per connection, not per message
-            self._producer = kombu.Producer(channel)
-            self._topics = redis_topics(channel, self.exchange.name)
-            if self._topics:
-                # Kept for the connection's life: kombu makes a new client (redis-py's costly
-                # constructor) each time it lends one.
-                with channel.conn_or_acquire() as client:
-                    self._client = client
-        return self._producer
-
-    def close(self) -> None:
-        with self._lock:
-            self._reset()

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import json
 import os
 import socket
 import threading
@@ -17,17 +15,21 @@ from typing import Any
 import kombu
 
 from store.broadcast.codec import (
+    CONTENT_ENCODING,
+    CONTENT_TYPE,
     HEARTBEAT,
     MalformedMessage,
     ReloadMessage,
-    redis_topics,
-    reload_exchange,
-    reload_queue,
+    decode,
+    decode_redis_envelope,
+    encode,
 )
+from store.broadcast.exchange import reload_exchange, reload_queue
 from store.events import log
 from store.metrics import metrics
 from store.options_store import OptionsStore
 from store.redis.presence import Presence
+from store.transport.redis import publish_topics, subscriber
 
 REPORTED_SCOPES = 5000  # revisions a process reports; older ones fall off its report
 # Seconds between two reports that carry revisions: under a stream of changes a process
@@ -36,31 +38,6 @@ REPORT_GAP = 0.25
 # Seconds a subscribed consumer with nothing to report waits for a message before it checks
 # for silence (a tenth of the deadline, if that is shorter) and reports it is alive (1 s).
 IDLE_WAIT = 0.5
-
-
-_NOT_PLAIN = object()
-
-
-def _plain_json_body(envelope: Any) -> Any:
-    """The body of a kombu message on Redis that holds plain JSON (what every publisher of
-    reload messages sends: base64 body, UTF-8, no compression), decoded; ``_NOT_PLAIN`` for
-    anything else, which goes through kombu's own decoding."""
-    if not isinstance(envelope, dict) or envelope.get("content-type") != "application/json":
-        return _NOT_PLAIN
-    properties = envelope.get("properties")
-    headers = envelope.get("headers") or {}
-    if (
-        envelope.get("content-encoding") != "utf-8"
-        or not isinstance(properties, dict)
-        or properties.get("body_encoding") != "base64"
-        or not isinstance(headers, dict)
-        or headers.get("compression")
-    ):
-        return _NOT_PLAIN
-    try:
-        return json.loads(base64.b64decode(envelope["body"], validate=True))
-    except (KeyError, TypeError, ValueError):
-        return _NOT_PLAIN
 
 
 class Silence(Exception):
@@ -139,15 +116,14 @@ class ReloadConsumer(threading.Thread):
         with self.connect() as conn:
             conn.ensure_connection(max_retries=1)
             channel = conn.default_channel
-            topics = redis_topics(channel, reload_exchange(self.namespace).name)
+            topics = publish_topics(channel, reload_exchange(self.namespace).name)
             if topics:
                 self._consume_pubsub(conn, channel, topics)
                 return
             queue = reload_queue(self.namespace, f"{self.hostname}.{self.pid}.{self._hello[:8]}")
             with conn.Consumer(
                 queue,
-                callbacks=[self._on_message],
-                accept=["json"],
+                on_message=self._on_kombu_message,  # decoded here, by the codec
                 no_ack=True,
                 on_decode_error=self._on_undecodable,
             ):
@@ -173,19 +149,17 @@ class ReloadConsumer(threading.Thread):
     def _consume_pubsub(self, conn: kombu.Connection, channel: Any, topics: list[str]) -> None:
         """On a Redis broker: read the exchange's pub/sub topic straight from the channel's
         pub/sub client (TLS, Sentinel and key prefix as the app configured them), without
-        kombu's consumer machinery, which costs more per message than all of ours. The
-        messages are kombu's: plain JSON is decoded here, anything else by kombu's own
-        Message. A fanout on Redis has no queue, so none is declared."""
-        pubsub = channel.subclient
+        kombu's consumer machinery, which costs more per message than all of ours. A fanout on
+        Redis has no queue, so none is declared."""
+        pubsub = subscriber(channel)
         pubsub.psubscribe(*topics)
-        accept = {"application/json"}
 
         def drain(timeout: float) -> None:
             got = pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
             if got is None:
                 raise TimeoutError
             if got["type"] in ("pmessage", "message") and got["data"]:
-                self._on_payload(channel, got["data"], accept)
+                self._on_data(got["data"])
 
         try:
             self._loop(conn, drain)
@@ -193,54 +167,55 @@ class ReloadConsumer(threading.Thread):
             with contextlib.suppress(Exception):
                 pubsub.close()
 
-    def _on_payload(self, channel: Any, data: bytes, accept: set[str]) -> None:
-        try:
-            envelope = json.loads(data)
-            plain = _plain_json_body(envelope)
-            message = (
-                None if plain is not _NOT_PLAIN else channel.Message(envelope, channel=channel)
-            )
-        except (TypeError, ValueError, AttributeError) as exc:
-            self._last_heard = time.monotonic()
-            metrics.broadcast("malformed")
-            log.warning("broadcast.malformed", error=f"not a kombu message ({exc})")
-            return
-        if message is None:
-            self._on_message(plain, None)
-            return
-        # Anything else kombu decodes, refusing all but JSON.
-        message.accept = accept
-        try:
-            body = message.decode()
-        except Exception as exc:
-            self._on_undecodable(message, exc)
-            return
-        self._on_message(body, message)
-
     def _say_hello(self, conn: kombu.Connection) -> None:
-        body = ReloadMessage.heartbeat(origin=f"hello:{self._hello}").to_body()
+        hello = ReloadMessage.heartbeat(origin=f"hello:{self._hello}")
         exchange = reload_exchange(self.namespace)
         with conn.channel() as channel:
             kombu.Producer(channel).publish(
-                body,
+                encode(hello),
                 exchange=exchange,
                 routing_key="",
-                serializer="json",
+                content_type=CONTENT_TYPE,
+                content_encoding=CONTENT_ENCODING,
                 delivery_mode=1,
                 declare=[exchange],
             )
 
     # -- messages -------------------------------------------------------------
 
-    def _on_message(self, body: Any, message: kombu.Message | None) -> None:
+    def _on_data(self, data: bytes) -> None:
+        """A message read off the exchange's pub/sub topic on Redis."""
+        self._heard()
+        try:
+            reload = decode_redis_envelope(data)
+        except MalformedMessage as exc:
+            self._on_malformed(exc)
+            return
+        self._on_reload(reload)
+
+    def _on_kombu_message(self, message: kombu.Message) -> None:
+        """A message kombu's consumer received (AMQP): its body, not yet decoded."""
+        self._heard()
+        try:
+            reload = decode(
+                message.body,
+                content_type=message.content_type,
+                content_encoding=message.content_encoding,
+            )
+        except MalformedMessage as exc:
+            self._on_malformed(exc)
+            return
+        self._on_reload(reload)
+
+    def _heard(self) -> None:
         self._last_heard = time.monotonic()
         self._heard_at = time.time()
-        try:
-            reload = ReloadMessage.from_body(body)
-        except MalformedMessage as exc:
-            log.warning("broadcast.malformed", error=str(exc), body=repr(body)[:200])
-            metrics.broadcast("malformed")
-            return
+
+    def _on_malformed(self, exc: MalformedMessage) -> None:
+        metrics.broadcast("malformed")
+        log.warning("broadcast.malformed", error=str(exc), **exc.context)
+
+    def _on_reload(self, reload: ReloadMessage) -> None:
         self._messages += 1
         if reload.kind == HEARTBEAT:
             if reload.origin == f"hello:{self._hello}" and not self.subscribed.is_set():
@@ -267,8 +242,9 @@ class ReloadConsumer(threading.Thread):
         )
 
     def _on_undecodable(self, message: kombu.Message, exc: Exception) -> None:
-        # Pickle, or bytes that are not JSON: never decoded, never applied, never fatal.
-        self._last_heard = time.monotonic()
+        # What kombu could not open (a body it failed to decompress): never applied, never
+        # fatal.
+        self._heard()
         metrics.broadcast("malformed")
         log.warning(
             "broadcast.malformed",

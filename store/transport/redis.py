@@ -15,11 +15,21 @@ It also keeps kombu 5.7 from building a new connection pool from a closed connec
 it restores unacknowledged messages on a broker outage (an AttributeError that made the
 worker exit); it raises a connection error instead, which the worker's reconnect handles.
 
-The hand-over overrides private kombu methods (``_brpop_start``, ``_brpop_read``, ...):
-pyproject.toml pins kombu to the exact version the fault suite runs against, and
-``store.settings.broker_transport_for`` picks kombu's own transport, with a warning, under
-any other. A worker that consumes several queues, uses a global key prefix or talks to Redis
-older than 6.2 falls back to kombu's own hand-over and says so once in its log.
+This is the one module that touches private names of kombu (and of redis-py). The hand-over
+overrides kombu's ``_brpop_start``, ``_brpop_read``, ``_poll_error``, ``_connparams`` and
+``_disconnect_pools``, sets and reads the channel's ``_in_poll`` and ``_brpop_sent_at``, calls
+``_flush_brpop_reauth``, ``_create_client``, ``_q_for_pri`` and ``Connection._deliver``, and
+reads ``Message._raw`` and redis-py's ``Connection._sock``. The reload exchange's fast path on
+Redis (store/broadcast/) goes through ``publish_topics``, ``publishing_client`` and
+``subscriber`` at the end, which read a Redis channel's ``_get_publish_topics``, and its
+undocumented ``conn_or_acquire`` and ``subclient``.
+
+Private names change in patch releases: pyproject.toml pins kombu to exactly the version the
+fault suite runs against (5.7.0, ``store.settings.TESTED_KOMBU``). Under any other,
+``store.settings.broker_transport_for`` picks kombu's own transport, with a warning, and
+``publish_topics`` answers no topics, so reload messages go through kombu's public producer
+and consumer. A worker that consumes several queues, uses a global key prefix or talks to
+Redis older than 6.2 falls back to kombu's own hand-over and says so once in its log.
 
 ``SentinelTransport`` is the same hand-over behind Redis Sentinel (``sentinel://`` URLs with
 the ``master_name`` transport option): each new connection asks the Sentinels for the
@@ -35,12 +45,15 @@ from collections.abc import Iterator
 from queue import Empty
 from typing import Any
 
+import kombu
 import redis
 from kombu.log import get_logger
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
+
+from store.settings import TESTED_KOMBU
 
 logger = get_logger(__name__)
 
@@ -464,3 +477,33 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):  # type: ignore[mis
 
 class SentinelTransport(kombu_redis.SentinelTransport):  # type: ignore[misc]  # untyped
     Channel = SentinelChannel
+
+
+# -- the reload exchange on a Redis broker -------------------------------------------------------
+
+
+def publish_topics(channel: Any, exchange: str) -> list[str]:
+    """The pub/sub topics a fanout to ``exchange`` is published to, if ``channel`` is a Redis
+    channel (kombu's, this module's or Sentinel's: global key prefix and fanout options
+    applied) of the tested kombu; an empty list for any other, whose reload messages then go
+    through kombu's producer and consumer."""
+    if str(kombu.__version__) not in TESTED_KOMBU:
+        return []
+    # On the class: reading ``subclient`` off the channel would make its pub/sub client.
+    names = ("_get_publish_topics", "subclient", "conn_or_acquire")
+    if not all(hasattr(type(channel), name) for name in names):
+        return []
+    return list(channel._get_publish_topics(exchange, ""))
+
+
+def publishing_client(channel: Any) -> Any:
+    """The redis-py client that publishes to ``channel``'s topics (``publish_topics``): its
+    connection pool, TLS and Sentinel. Keep it for the connection's life: kombu's own channel
+    makes a new one (redis-py's costly constructor) each time it lends one."""
+    with channel.conn_or_acquire() as client:
+        return client
+
+
+def subscriber(channel: Any) -> Any:
+    """``channel``'s redis-py pub/sub client, to ``psubscribe`` to ``publish_topics``."""
+    return channel.subclient

@@ -3,7 +3,7 @@ and the revision marks it carries make a process drop what it missed."""
 
 from __future__ import annotations
 
-from store.broadcast.codec import Publisher
+from store.broadcast.publisher import Publisher
 from store.events import log
 from worker.duties.reconcile import Reconciler
 
