@@ -72,7 +72,8 @@ class OptionsStore:
         self._postgres_breaker = Breaker(1.0)
         self._lock = threading.Lock()
         after_fork_in_child(self._new_lock)
-        # Round trips made on behalf of reads (misses only; a local hit touches nothing).
+        # Round trips made on behalf of reads (misses only; a local hit touches nothing), in
+        # this process's report.
         self.stats = {"redis_reads": 0, "postgres_reads": 0}
         # Announces each committed change on the reload exchange (None: no broker).
         self.publisher: Publisher | None = None

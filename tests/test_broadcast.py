@@ -325,6 +325,29 @@ def test_status_and_wait_show_every_process_converged(fleet: Fleet) -> None:
     assert f"applied by {len(expected)} live worker processes" in done.stdout, done.stdout
 
 
+def test_status_counts_the_reads_each_process_sent_past_its_cache(fleet: Fleet) -> None:
+    """A process reports how many reads it sent to Redis and PostgreSQL: `status --json` shows
+    at least the round trips a task in it counted."""
+    project = fresh_id()
+    fleet.write(project, "k", 0)
+    answer = fleet.worker.send("probe.stats", "project_options", "get_value", [project, "k"]).get(
+        timeout=30
+    )
+    made = answer["after"]["redis_reads"] + answer["after"]["postgres_reads"]
+    assert made >= 1, answer
+
+    def reported() -> dict[str, Any] | None:
+        done = cli(fleet.worker, "status", "--json")
+        assert done.returncode == 0, done.stderr
+        for process in json.loads(done.stdout)["processes"]:
+            if process["pid"] == answer["pid"]:
+                sent = process["redis_reads"] + process["postgres_reads"]
+                return process if sent >= made else None
+        return None
+
+    wait_for(reported, timeout=30, interval=0.2, message="status to count the process's reads")
+
+
 # -- process-mode caches and the outbox relay ------------------------------------------------
 
 

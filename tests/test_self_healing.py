@@ -210,7 +210,7 @@ def test_a_publish_the_broker_refuses_leaves_the_commit_unannounced(services: Se
             result = backend.commit(
                 Write(project_scope(project), {"k": json.dumps(1)}, ()), task_id=f"t-{project}"
             )
-            record = backend.db.write_record(result.task_id)
+            record = backend.db.write_records([result.task_id]).get(result.task_id)
             assert record is not None
             assert record[1] is False, "a refused broadcast was marked announced"
         finally:

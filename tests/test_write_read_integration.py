@@ -269,7 +269,7 @@ def expect_rejected(worker: Worker, backend: Any, name: str, args: list[Any], fi
     )
     lines = [line for line in worker.log().splitlines() if result.id in line]
     assert not [line for line in lines if "retry" in line.lower()], lines
-    assert backend.db.write_record(result.id) is None
+    assert backend.db.write_records([result.id]) == {}
     return info.value
 
 

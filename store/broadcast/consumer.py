@@ -311,6 +311,9 @@ class ReloadConsumer(threading.Thread):
                     "synced_at": self._synced_at,
                     "heard_at": self._heard_at,
                     "messages": self._messages,
+                    # Reads this process sent past its local cache: one that keeps going to
+                    # PostgreSQL shows here (optionstore status --json).
+                    **self.backend.stats,
                 },
                 revisions=revisions,
                 forgotten=forgotten,

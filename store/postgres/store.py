@@ -251,18 +251,9 @@ class PostgresStore:
             lambda conn: conn.execute("SELECT options_mark_announced(%s::text[])", (ids,))
         )
 
-    def write_record(self, task_id: str) -> tuple[WriteResult, bool] | None:
-        """The committed result of a write task and whether it was announced, or None."""
-        with self.connection() as conn:
-            row = conn.execute(
-                "SELECT scope, revision, changed, changes, extract(epoch FROM committed_at),"
-                " announced_at IS NOT NULL FROM options_write WHERE task_id = %s",
-                (task_id,),
-            ).fetchone()
-        return None if row is None else (_result_from_row(task_id, row[:5]), bool(row[5]))
-
     def write_records(self, task_ids: list[str]) -> dict[str, tuple[WriteResult, bool]]:
-        """``write_record`` for several task ids at once; those not committed are left out."""
+        """The committed result of each write task and whether it was announced; task ids not
+        committed are left out."""
         with self.connection() as conn:
             rows = conn.execute(
                 "SELECT task_id, scope, revision, changed, changes,"
@@ -335,19 +326,6 @@ class PostgresStore:
         with self.connection() as conn:
             rows = conn.execute(query, params).fetchall()
         return [HistoryEntry(*row) for row in reversed(rows)]
-
-    def unannounced(self, *, older_than: float, limit: int = 1000) -> list[WriteResult]:
-        """Committed changes nobody has announced ``older_than`` seconds after their commit."""
-        with self.connection() as conn:
-            rows = conn.execute(
-                "SELECT task_id, scope, revision, changed, changes,"
-                " extract(epoch FROM committed_at) FROM options_write"
-                " WHERE announced_at IS NULL"
-                " AND committed_at < clock_timestamp() - make_interval(secs => %s)"
-                " ORDER BY committed_at LIMIT %s",
-                (older_than, limit),
-            ).fetchall()
-        return [_result_from_row(row[0], row[1:]) for row in rows]
 
     def count_unannounced(self, *, cap: int = COUNT_CAP) -> int:
         """Commits not yet announced, counted up to ``cap`` on the outbox's partial index."""

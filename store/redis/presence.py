@@ -29,6 +29,9 @@ class ProcessReport:
     heard_at: float
     reported_at: float
     messages: int
+    # Reads sent past the local cache, to Redis and to PostgreSQL.
+    redis_reads: int = 0
+    postgres_reads: int = 0
     revisions: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -130,5 +133,7 @@ def _parse(raw: dict[bytes, bytes]) -> ProcessReport:
         heard_at=float(fields.get("heard_at", 0.0)),
         reported_at=float(fields.get("reported_at", 0.0)),
         messages=int(fields.get("messages", 0)),
+        redis_reads=int(fields.get("redis_reads", 0)),
+        postgres_reads=int(fields.get("postgres_reads", 0)),
         revisions=revisions,
     )

@@ -156,7 +156,7 @@ def test_redis_full_under_a_broker_on_it_still_broadcasts(
         with pytest.raises(redis.exceptions.OutOfMemoryError):
             client.set("ballast:still-full", "x")
         subscriber.close()
-        record_of_write = backend.db.write_record(task_id)
+        record_of_write = backend.db.write_records([task_id]).get(task_id)
     finally:
         store.clear_local_cache()
     body = json.loads(base64.b64decode(json.loads(heard["data"])["body"]))

@@ -310,6 +310,8 @@ def _process_table(backend: Any) -> list[dict[str, Any]]:
             "synced": r.synced,
             "heard_ago_s": round(now - r.heard_at, 3) if r.heard_at else None,
             "messages": r.messages,
+            "redis_reads": r.redis_reads,
+            "postgres_reads": r.postgres_reads,
             "converged": r.synced and not behind[r.name],
             "behind": behind[r.name],
         }

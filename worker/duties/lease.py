@@ -107,13 +107,6 @@ class LeaderLease:
         except Exception as exc:  # it expires on its own
             log.warning("leader.release_failed", error=f"{type(exc).__name__}: {exc}")
 
-    def holder(self) -> str | None:
-        """The token of the current holder, if any (for reports and tests)."""
-        if self.client is None:
-            return None
-        value = self.client.get(self.key)
-        return None if value is None else value.decode() if isinstance(value, bytes) else value
-
     def _become(self, state: str, *, reason: str = "") -> str:
         with self._lock:
             before, self.state = self.state, state

@@ -58,7 +58,6 @@ class Reconciler:
         self._cursor = ""
         # Set until the scan has gone through every scope since Redis was (re)found.
         self._urgent = True
-        self.repaired = 0
 
     # -- Redis against PostgreSQL -----------------------------------------------
 
@@ -95,7 +94,6 @@ class Reconciler:
             self._cursor, self._urgent = "", False
         else:
             self._cursor = page[-1][0]
-        self.repaired += repaired
         return repaired
 
     def _repair(self, committed: dict[str, int]) -> int:
