@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import os
-import threading
 import weakref
 from collections.abc import Callable
 from typing import Any
-
-# Bound methods, held weakly: an object that is gone needs nothing redone.
-_callbacks: list[weakref.WeakMethod[Callable[[], Any]]] = []
-_registered = False
-_guard = threading.Lock()
 
 
 def after_fork_in_child(method: Callable[[], Any]) -> None:
@@ -19,23 +13,14 @@ def after_fork_in_child(method: Callable[[], Any]) -> None:
 
     A lock the parent held at the fork stays held forever in the child, and a client's socket
     would be shared by two processes: an object that owns either replaces them here, the way
-    ``threading`` and redis-py's pools do.
+    ``threading`` and redis-py's pools do. The interpreter keeps the hook (in registration
+    order); the object is held weakly, so one that is gone needs nothing redone.
     """
-    global _registered  # noqa: PLW0603 (one process-wide registration with os.register_at_fork)
-    with _guard:
-        _callbacks.append(weakref.WeakMethod(method))
-        if not _registered:
-            os.register_at_fork(after_in_child=_run)
-            _registered = True
+    ref = weakref.WeakMethod(method)
 
+    def renew() -> None:
+        found = ref()
+        if found is not None:
+            found()
 
-def _run() -> None:
-    global _guard  # noqa: PLW0603 (the parent may have held it at the fork)
-    _guard = threading.Lock()
-    alive = []
-    for ref in _callbacks:
-        method = ref()
-        if method is not None:
-            method()
-            alive.append(ref)
-    _callbacks[:] = alive
+    os.register_at_fork(after_in_child=renew)

@@ -79,6 +79,3 @@ class Metrics:
     def fallback(self, layer: str) -> None:
         if self.enabled:
             self._fallbacks.labels(layer).inc()
-
-
-metrics = Metrics()

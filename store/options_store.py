@@ -20,7 +20,7 @@ from store.events import log
 from store.fallback import Breaker, LastKnown
 from store.fork import after_fork_in_child
 from store.local import TASK, LocalCache, ScopeState
-from store.metrics import metrics
+from store.metrics import Metrics
 from store.model.registry import Registry
 from store.model.validation import DEFAULT_MAX_VALUE_BYTES, decode_value
 from store.model.writes import Write, WriteResult
@@ -62,6 +62,8 @@ class OptionsStore:
 
     def __init__(self, lifecycle: Lifecycle | None = None) -> None:
         self._lifecycle: Lifecycle = lifecycle or _Unmanaged()
+        # What this process counts for a fleet operator (no-ops until enabled).
+        self.metrics = Metrics()
         self.local = LocalCache(TASK)
         self.postgres: PostgresStore | None = None
         self.redis: RedisCache | None = None
@@ -184,7 +186,7 @@ class OptionsStore:
             snapshots.update(cached)
         missing = [scope for scope, snap in snapshots.items() if snap is None]
         if cached is not None:
-            metrics.miss("redis", len(scopes) - len(missing))
+            self.metrics.miss("redis", len(scopes) - len(missing))
         if missing:
             snapshots.update(self._from_postgres(missing))
         states: dict[str, ScopeState] = {}
@@ -209,7 +211,7 @@ class OptionsStore:
                 raise
             self._redis_breaker.trip()
             log.warning("cache.fallback", layer="redis", to="postgres", error=describe(exc))
-            metrics.fallback("redis")
+            self.metrics.fallback("redis")
             return None
         self._redis_breaker.reset()
         return result
@@ -224,12 +226,12 @@ class OptionsStore:
             if not (isinstance(exc, StoreUnavailable) or postgres_unavailable(exc)):
                 raise
             self._postgres_breaker.trip()
-            metrics.fallback("postgres")
+            self.metrics.fallback("postgres")
             self.last_known.serve(scopes, exc)
-            metrics.miss("last_known", len(scopes))
+            self.metrics.miss("last_known", len(scopes))
             return dict.fromkeys(scopes)
         self._postgres_breaker.reset()
-        metrics.miss("postgres", len(scopes))
+        self.metrics.miss("postgres", len(scopes))
         for scope, snapshot in snapshots.items():
             self._from_redis(lambda r, s=scope, snap=snapshot: r.fill(s, snap))  # type: ignore[misc]
         return dict(snapshots)

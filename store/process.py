@@ -9,6 +9,7 @@ import functools
 import os
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import kombu
 
@@ -80,6 +81,9 @@ class StoreProcess:
         self.pool = "-"
         self.namespace = "optionstore"
         self._provider: Callable[[], None] | None = None
+        # The Celery app the write-task helpers send through: the last one they were registered
+        # on (tasks.register).
+        self.task_app: Any = None
         self._settings: Settings | None = None
         self._follow: Connect | None = None
         self._consumer: ReloadConsumer | None = None

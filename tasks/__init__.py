@@ -97,9 +97,6 @@ WRITE_TASKS: dict[str, Callable[..., Write]] = {
     "options.set_many": _set_many,
 }
 
-# Apps the write tasks are registered on, in order; the helpers send through the last one.
-_apps: list[Any] = []
-
 
 def register(app: Any) -> dict[str, Any]:
     """Register the write tasks on ``app``; returns them by name. Idempotent per app."""
@@ -107,19 +104,19 @@ def register(app: Any) -> dict[str, Any]:
         name: app.task(base=WriteTask, name=name, typing=True)(run)
         for name, run in WRITE_TASKS.items()
     }
-    if app in _apps:
-        _apps.remove(app)
-    _apps.append(app)
+    # The helpers send through the app registered last (this process's state: store.runtime).
+    store.runtime.task_app = app
     return registered
 
 
 def _sending_app() -> Any:
-    if not _apps:
+    app = store.runtime.task_app
+    if app is None:
         raise NotConfigured(
             "the task helpers send through an optionstore app: call worker.install(app) on "
             "yours, or import worker for the project's own"
         )
-    return _apps[-1]
+    return app
 
 
 def _helper(name: str) -> Any:

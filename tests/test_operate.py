@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+import store
 from store.errors import InvalidOption
 from store.model.scopes import Scope
 from store.model.writes import set_write
@@ -369,6 +370,7 @@ def test_helpers_take_actor_and_reason(services: Services, ops: Ops, backend: An
 
     producer = Celery("helpers", broker=services.broker_url)
     producer.conf.update(task_serializer="json", task_default_queue=ops.worker.queue)
+    sending = store.runtime.task_app
     registered = tasks.register(producer)
     try:
         project = fresh_id()
@@ -380,6 +382,6 @@ def test_helpers_take_actor_and_reason(services: Services, ops: Ops, backend: An
                 [project, "rate:limit", 6], actor="bad\x00actor"
             )
     finally:
-        tasks._apps.remove(producer)  # the helpers go back to sending through the project's app
+        store.runtime.task_app = sending  # the helpers go back to the app they sent through
     rows = wait_for(lambda: backend.db.history(f"project:{project}"), message="the write")
     assert [(r.new_value, r.actor, r.reason) for r in rows] == [(5, "svc", "migration")]

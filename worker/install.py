@@ -12,7 +12,6 @@ from celery.signals import task_postrun, task_prerun, worker_process_init, worke
 import store
 import tasks
 from store.broadcast.publisher import publish_transport_options
-from store.metrics import metrics
 from store.settings import OVERRIDES, Settings
 from worker.metrics import process_ended
 from worker.steps import STEPS
@@ -104,7 +103,7 @@ class Installation:
         # within worker_proc_alive_timeout: the consumer connects in its own thread.
         if self.running:
             if self.metrics:
-                metrics.enable()
+                store.backend.metrics.enable()
             store.runtime.start_consumer()
 
     def _process_ending(self, **_: Any) -> None:

@@ -16,7 +16,6 @@ import store
 from store.broadcast.publisher import Publisher
 from store.errors import describe
 from store.events import log
-from store.metrics import metrics
 from worker.duties.heartbeat import Heartbeat
 from worker.duties.lease import FOLLOWER, LeaderLease
 from worker.duties.reconcile import Reconciler
@@ -74,7 +73,7 @@ class ReloadConsumerStep(bootsteps.StartStopStep):  # type: ignore[misc]
         # threads, gevent and eventlet pools never send worker_process_init; solo does, and
         # starting twice is a no-op.
         if installation.metrics:
-            metrics.enable()
+            store.backend.metrics.enable()
         store.runtime.start_consumer()
 
 

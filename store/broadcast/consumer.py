@@ -26,7 +26,6 @@ from store.broadcast.codec import (
 )
 from store.broadcast.exchange import reload_exchange, reload_queue
 from store.events import log
-from store.metrics import metrics
 from store.options_store import OptionsStore
 from store.redis.presence import Presence
 from store.transport.redis import publish_topics, subscriber
@@ -212,7 +211,7 @@ class ReloadConsumer(threading.Thread):
         self._heard_at = time.time()
 
     def _on_malformed(self, exc: MalformedMessage) -> None:
-        metrics.broadcast("malformed")
+        self.backend.metrics.broadcast("malformed")
         log.warning("broadcast.malformed", error=str(exc), **exc.context)
 
     def _on_reload(self, reload: ReloadMessage) -> None:
@@ -231,7 +230,7 @@ class ReloadConsumer(threading.Thread):
         outcome = self.backend.apply_message(reload)
         self._remember(reload.scope, reload.revision)
         lag = time.time() - reload.committed_at
-        metrics.broadcast(outcome, lag)
+        self.backend.metrics.broadcast(outcome, lag)
         # Debug: at info, every change would log once in every process of the fleet.
         log.debug(
             "broadcast.applied",
@@ -245,7 +244,7 @@ class ReloadConsumer(threading.Thread):
         # What kombu could not open (a body it failed to decompress): never applied, never
         # fatal.
         self._heard()
-        metrics.broadcast("malformed")
+        self.backend.metrics.broadcast("malformed")
         log.warning(
             "broadcast.malformed",
             error=f"undecodable body ({type(exc).__name__}: {exc})",
