@@ -14,7 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 
-from store.postgres.migrations import SCHEMA_VERSION
+from store.postgres.schema import SCHEMA_VERSION
 from tests.conftest import ROOT, Services, Worker, fresh_id
 
 TASK_ID = re.compile(r"as task ([0-9a-f-]{36})")

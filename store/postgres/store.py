@@ -205,7 +205,7 @@ class PostgresStore:
         keys = [*write.sets, *write.unsets]
         values: list[str | None] = [*write.sets.values(), *([None] * len(write.unsets))]
         audit = write.audit
-        # One round trip and one transaction: see options_apply in store/postgres/migrations.py.
+        # One round trip and one transaction: see options_apply in store/postgres/migrations/.
         row = conn.execute(
             "SELECT * FROM options_apply(%s, %s, %s::text[], %s::text[], %s, %s, %s, %s::text[])",
             (
