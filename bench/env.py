@@ -92,7 +92,7 @@ class Services:
 @contextlib.contextmanager
 def services(*, embedded: bool, broker: str) -> Iterator[Services]:
     """A fresh database (dropped at the end) and a unique namespace, or the embedded servers."""
-    from store.postgres.migrations import migrate
+    from store.postgres.schema import migrate
 
     amqp_url = os.environ.get("OPTIONS_BENCH_AMQP_URL") or DEFAULT_AMQP_URL
     if embedded:

@@ -148,7 +148,7 @@ def _machine_services() -> Iterator[Services]:
 @pytest.fixture(scope="session", params=["embedded", "machine"])
 def services(request: pytest.FixtureRequest) -> Iterator[Services]:
     from store.embedded import ensure_embedded
-    from store.postgres.migrations import migrate
+    from store.postgres.schema import migrate
 
     if request.param == "embedded":
         found = ensure_embedded(STATE_DIR)
@@ -318,7 +318,7 @@ def worker(services: Services) -> Iterator[Worker]:
 def fresh_database(services: Services, label: str, *, migrated: bool = True) -> Iterator[str]:
     """The URL of a new database on the target's PostgreSQL server (migrated unless told not
     to), dropped after."""
-    from store.postgres.migrations import migrate
+    from store.postgres.schema import migrate
 
     name = f"optionstore_{label}_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(services.database_url, autocommit=True) as conn:

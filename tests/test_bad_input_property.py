@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from store.embedded import ensure_embedded
-from store.postgres.migrations import migrate
+from store.postgres.schema import migrate
 from tests.conftest import STATE_DIR, Services, Worker, wait_for
 from tests.faults.checks import results
 

@@ -22,7 +22,7 @@ import psycopg
 import pytest
 import redis
 
-from store.postgres.migrations import migrate
+from store.postgres.schema import migrate
 from store.redis.presence import Presence, ProcessReport
 from tests.conftest import ROOT, Services, Worker, amqp_url, fresh_id, wait_for
 

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Iterator
+from importlib import resources
 from typing import Any
 
 import kombu
@@ -266,14 +267,13 @@ def test_a_consumer_forgotten_while_disconnected_registers_again_and_puts_back_i
 def test_a_sweep_does_not_forget_a_consumer_that_registered_again(rig: Rig) -> None:
     """The sweep forgets a gone consumer only if its registry entry is still the one the sweep
     read: a consumer that registered again in between keeps its entry."""
-    from store.transport.redis import RECLAIM
-
+    reclaim = resources.files("store.transport").joinpath("reclaim.lua").read_text()
     token = uuid.uuid4().hex
     rig.redis.hset(rig.registry, token, f"old:{rig.queue.name}")
     seen = rig.redis.hget(rig.registry, token)
     rig.redis.hset(rig.registry, token, f"new:{rig.queue.name}")  # back, on a new connection
-    rig.redis.eval(RECLAIM, 2, rig.taken_key(token), rig.registry, rig.queue.name, token, seen)
+    rig.redis.eval(reclaim, 2, rig.taken_key(token), rig.registry, rig.queue.name, token, seen)
     assert rig.redis.hget(rig.registry, token) == f"new:{rig.queue.name}".encode()
     now = rig.redis.hget(rig.registry, token)
-    rig.redis.eval(RECLAIM, 2, rig.taken_key(token), rig.registry, rig.queue.name, token, now)
+    rig.redis.eval(reclaim, 2, rig.taken_key(token), rig.registry, rig.queue.name, token, now)
     assert not rig.redis.hexists(rig.registry, token)

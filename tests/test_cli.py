@@ -14,7 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 
-from store.postgres.migrations import SCHEMA_VERSION
+from store.postgres.schema import SCHEMA_VERSION
 from tests.conftest import ROOT, Services, Worker, fresh_id
 
 TASK_ID = re.compile(r"as task ([0-9a-f-]{36})")
@@ -204,8 +204,9 @@ def test_status_json_reports_services_schema_and_processes(
     services: Services, worker: Worker
 ) -> None:
     """`status --json` parses as JSON and reports the schema version, a reachable Redis and
-    every child of the running worker as converged after a `set --wait`."""
-    ok(optionstore(services, "set", f"group:{fresh_id()}", "k", "[1]", "--wait"))
+    every child of the running worker synced and not behind on the write of a `set --wait`."""
+    group = fresh_id()
+    ok(optionstore(services, "set", f"group:{group}", "k", "[1]", "--wait"))
     status = json.loads(ok(optionstore(services, "status", "--json")))
     assert status["schema_version"] == status["schema_expected"] == SCHEMA_VERSION
     assert status["redis"] == "up"
@@ -214,7 +215,11 @@ def test_status_json_reports_services_schema_and_processes(
     reported = {p["pid"]: p for p in status["processes"]}
     children = worker.child_pids()
     assert children <= set(reported), status["processes"]
-    assert all(reported[pid]["converged"] for pid in children), status["processes"]
+    # Not behind on this write (other tests' namespaces share the database, and a process hears
+    # only its own: their writes may show as behind here, docs/operating.md).
+    for pid in children:
+        assert reported[pid]["synced"], reported[pid]
+        assert not [b for b in reported[pid]["behind"] if b.startswith(f"group:{group}@")]
 
 
 def test_status_never_prints_passwords(services: Services) -> None:

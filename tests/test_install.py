@@ -124,7 +124,10 @@ def test_installed_app_reads_a_change_in_every_child(
     for pid in user_worker.children() | worker.child_pids():
         assert pid in listed, (pid, sorted(listed))
         assert listed[pid]["kind"] == "worker"
-        assert listed[pid]["converged"] is True, listed[pid]
+        assert listed[pid]["synced"] is True, listed[pid]
+        # Not behind on this write (other tests' namespaces share the database, and a process
+        # hears only its own: their writes may show as behind here, docs/operating.md).
+        assert not [b for b in listed[pid]["behind"] if b.startswith(f"project:{project}@")]
 
 
 def test_included_task_module_reads_a_change_in_every_child(

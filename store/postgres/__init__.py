@@ -1,2 +1,2 @@
 """PostgreSQL, the source of truth: the store (pool, writes, loads, outbox), the outbox marks and
-the migrations (``migrations/NNNN_name.sql``, applied in order)."""
+the schema (``schema.py`` applies ``migrations/NNNN_name.sql`` in order)."""

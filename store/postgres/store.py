@@ -21,7 +21,7 @@ from store.errors import NotMigrated
 from store.fork import after_fork_in_child
 from store.model.writes import Write, WriteResult
 from store.postgres.marks import AnnouncedMarks
-from store.postgres.migrations import SCHEMA_VERSION, schema_version
+from store.postgres.schema import SCHEMA_VERSION, schema_version
 
 Connection = psycopg.Connection[TupleRow]
 T = TypeVar("T")
@@ -216,7 +216,7 @@ class PostgresStore:
         keys = [*write.sets, *write.unsets]
         values: list[str | None] = [*write.sets.values(), *([None] * len(write.unsets))]
         audit = write.audit
-        # One round trip and one transaction: see options_apply in store/postgres/migrations.py.
+        # One round trip and one transaction: see options_apply in store/postgres/migrations/.
         row = conn.execute(
             "SELECT * FROM options_apply(%s, %s, %s::text[], %s::text[], %s, %s, %s, %s::text[])",
             (

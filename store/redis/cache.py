@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
+from importlib import resources
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -16,73 +18,11 @@ from store.postgres.store import Snapshot
 REVISION_FIELD = b"\x00rev"
 STALE_FIELD = b"\x00stale"
 
-# Replace the scope with a snapshot unless Redis already holds that revision or a newer one.
-# A "stale" hash is a floor left by a writer: it holds no values, only the revision below
-# which no snapshot may land (so a reader that loaded before a commit cannot undo it).
-_FILL = """
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
-local new = tonumber(ARGV[3])
-if cur then
-  cur = tonumber(cur)
-  if cur > new then return 0 end
-  if cur == new and redis.call('HEXISTS', KEYS[1], ARGV[2]) == 0 then return 0 end
-end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-for i = 5, #ARGV, 2 do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-end
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-return 1
-"""
 
-# Apply one committed change. Only the direct successor of the cached revision is applied;
-# anything else leaves a floor at the new revision so the next reader reloads from PostgreSQL.
-# Then publish ARGV[5] to the ARGV[6] topics that follow it (none: a broker elsewhere): the
-# change's broadcast, when the broker is this server, leaves after the cache holds the change.
-_DELTA = """
-local ntopics = tonumber(ARGV[6])
-local function announce(outcome)
-  for t = 7, 6 + ntopics do
-    redis.call('PUBLISH', ARGV[t], ARGV[5])
-  end
-  return outcome
-end
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
-local new = tonumber(ARGV[3])
-if cur and tonumber(cur) >= new then return announce('old') end
-if (not cur) or tonumber(cur) ~= new - 1 or redis.call('HEXISTS', KEYS[1], ARGV[2]) == 1 then
-  redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3], ARGV[2], '1')
-  redis.call('EXPIRE', KEYS[1], ARGV[4])
-  return announce('floor')
-end
-local i = 7 + ntopics
-local nsets = tonumber(ARGV[i])
-i = i + 1
-for _ = 1, nsets do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-  i = i + 2
-end
-while i <= #ARGV do
-  redis.call('HDEL', KEYS[1], ARGV[i])
-  i = i + 1
-end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-return announce('applied')
-"""
-
-# Turn a cached scope that is behind ``new`` into a floor at ``new`` (no values, stale mark):
-# readers then load PostgreSQL and refill. An absent hash is left absent, a current one alone.
-_RAISE = """
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if (not cur) or tonumber(cur) >= tonumber(ARGV[3]) then return 0 end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3], ARGV[2], '1')
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-return 1
-"""
+@functools.cache
+def _script(name: str) -> str:
+    """A Lua script beside this module (fill.lua, delta.lua, raise.lua), read once."""
+    return resources.files("store.redis").joinpath(name).read_text(encoding="utf-8")
 
 
 class RedisCache:
@@ -104,9 +44,9 @@ class RedisCache:
         )
         self.prefix = prefix
         self.ttl = ttl
-        self._fill = self.client.register_script(_FILL)
-        self._delta = self.client.register_script(_DELTA)
-        self._raise = self.client.register_script(_RAISE)
+        self._fill = self.client.register_script(_script("fill.lua"))
+        self._delta = self.client.register_script(_script("delta.lua"))
+        self._raise = self.client.register_script(_script("raise.lua"))
 
     def key(self, scope: str) -> str:
         return f"{self.prefix}:scope:{scope}"
@@ -161,7 +101,7 @@ class RedisCache:
         try:
             outcome = self.client.evalsha(self._delta.sha, 1, self.key(scope), *args)
         except redis.exceptions.NoScriptError:
-            self.client.script_load(_DELTA)
+            self.client.script_load(self._delta.script)
             outcome = self.client.evalsha(self._delta.sha, 1, self.key(scope), *args)
         return outcome.decode() if isinstance(outcome, bytes) else str(outcome)
 

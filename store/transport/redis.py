@@ -39,9 +39,11 @@ current master, so a consumer that lost its connection in a failover takes from 
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 import uuid
 from collections.abc import Iterator
+from importlib import resources
 from queue import Empty
 from typing import Any
 
@@ -71,63 +73,12 @@ MIN_REDIS_VERSION = (6, 2)
 # A consumer's entry in the registry is "<nonce>:<queue>"; the nonce changes each time the
 # consumer registers again, so a sweep never forgets a consumer that came back meanwhile.
 
-# Moves everything a gone consumer had taken back to the end of the queue that is read
-# next, oldest last in, so the oldest runs first; then forgets the consumer, unless it
-# registered again since the sweep looked (then it is alive and keeps its entry).
-# KEYS[1]: its taken list, KEYS[2]: the registry.
-# ARGV[1]: the queue, ARGV[2]: its token, ARGV[3]: its entry as the sweep read it.
-RECLAIM = """
-local moved = 0
-while redis.call('LMOVE', KEYS[1], ARGV[1], 'LEFT', 'RIGHT') do
-    moved = moved + 1
-end
-if redis.call('HGET', KEYS[2], ARGV[2]) == ARGV[3] then
-    redis.call('HDEL', KEYS[2], ARGV[2])
-end
-return moved
-"""
 
-# A consumer about to take on a new connection: whatever its taken list holds was taken on a
-# connection that is gone and never recorded (nothing is in flight now), so it goes back on
-# the queue; then the consumer (re-)registers.
-# KEYS[1]: its taken list, KEYS[2]: the registry.
-# ARGV[1]: the queue, ARGV[2]: its token, ARGV[3]: its new entry.
-REGISTER = """
-local moved = 0
-while redis.call('LMOVE', KEYS[1], ARGV[1], 'LEFT', 'RIGHT') do
-    moved = moved + 1
-end
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-return moved
-"""
-
-# A consumer closing cleanly: whatever its taken list still holds goes back on the queue, and
-# the consumer leaves the registry (unless its entry changed: then it is not ours to drop).
-# KEYS[1]: its taken list, KEYS[2]: the registry.
-# ARGV[1]: the queue, ARGV[2]: its token, ARGV[3]: its entry.
-UNREGISTER = """
-local moved = 0
-while redis.call('LMOVE', KEYS[1], ARGV[1], 'LEFT', 'RIGHT') do
-    moved = moved + 1
-end
-if redis.call('HGET', KEYS[2], ARGV[2]) == ARGV[3] then
-    redis.call('HDEL', KEYS[2], ARGV[2])
-end
-return moved
-"""
-
-# A producer that set a priority pushed to a per-priority list this consumer does not wait
-# on: move such messages to the queue's own list, in order, so they run.
-# KEYS: the per-priority lists. ARGV[1]: the queue.
-DRAIN_PRIORITIES = """
-local moved = 0
-for _, key in ipairs(KEYS) do
-    while redis.call('LMOVE', key, ARGV[1], 'RIGHT', 'LEFT') do
-        moved = moved + 1
-    end
-end
-return moved
-"""
+@functools.cache
+def _script(name: str) -> str:
+    """A Lua script beside this module (reclaim.lua, register.lua, unregister.lua,
+    drain_priorities.lua), read once."""
+    return resources.files("store.transport").joinpath(name).read_text(encoding="utf-8")
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -301,7 +252,13 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
         entry = f"{uuid.uuid4().hex[:12]}:{queue}"
         moved = int(
             self.client.eval(
-                REGISTER, 2, self.taken_key, self.taken_registry, queue, self.taken_token, entry
+                _script("register.lua"),
+                2,
+                self.taken_key,
+                self.taken_registry,
+                queue,
+                self.taken_token,
+                entry,
             )
         )
         self._registered_on = self._socket()
@@ -324,7 +281,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
                     self._brpop_read()
             with self.conn_or_acquire() as client:
                 client.eval(
-                    UNREGISTER,
+                    _script("unregister.lua"),
                     2,
                     self.taken_key,
                     self.taken_registry,
@@ -443,7 +400,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
                     continue
                 moved += int(
                     client.eval(
-                        RECLAIM,
+                        _script("reclaim.lua"),
                         2,
                         self.taken_key_of(token),
                         self.taken_registry,
@@ -463,7 +420,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
             subqueues = [self._q_for_pri(queue, step) for step in self.priority_steps]
             subqueues = [name for name in subqueues if name != queue]
             if queue and subqueues:
-                client.eval(DRAIN_PRIORITIES, len(subqueues), *subqueues, queue)
+                client.eval(_script("drain_priorities.lua"), len(subqueues), *subqueues, queue)
 
 
 class Transport(kombu_redis.Transport):  # type: ignore[misc]  # kombu is untyped

@@ -21,7 +21,7 @@ import pytest
 import redis
 
 from store.embedded import _postgres_binary, _redis_binary, ensure_embedded, stop_embedded
-from store.postgres.migrations import migrate
+from store.postgres.schema import migrate
 from tests.conftest import IN_CI, wait_for
 
 

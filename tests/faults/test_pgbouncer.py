@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 
-from store.postgres.migrations import SCHEMA_VERSION, migrate
+from store.postgres.schema import SCHEMA_VERSION, migrate
 from store.postgres.store import PostgresStore
 from store.transient import postgres_unavailable
 from tests.conftest import fresh_id

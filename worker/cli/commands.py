@@ -107,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _migrate(args: argparse.Namespace, _: list[str]) -> int:
-    from store.postgres.migrations import migrate
+    from store.postgres.schema import migrate
 
     before, after = migrate(_settings().database_url)
     print(
@@ -249,7 +249,7 @@ def history_dict(e: Any) -> dict[str, Any]:
 
 
 def _status(args: argparse.Namespace, _: list[str]) -> int:
-    from store.postgres.migrations import SCHEMA_VERSION, schema_version
+    from store.postgres.schema import SCHEMA_VERSION, schema_version
 
     settings = _settings()
     backend = _configured()
@@ -320,7 +320,7 @@ def _process_table(backend: Any) -> list[dict[str, Any]]:
 
 
 def _worker(args: argparse.Namespace, extra: list[str]) -> int:
-    from store.postgres.migrations import migrate
+    from store.postgres.schema import migrate
 
     settings = _settings()  # starts the embedded servers first, when they are the default
     migrate(settings.database_url)

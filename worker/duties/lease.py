@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import threading
 import time
 import uuid
+from importlib import resources
 from typing import Any
 
 from store.events import log
@@ -17,29 +19,11 @@ FOLLOWER = "follower"
 # The lease store could not be asked: every process does the duties itself, as before leases.
 ALONE = "alone"
 
-# Take the lease if nobody holds it, or extend it if we do; in one step, so a lease that
-# expired and was taken by another process is never extended by its former holder.
-# KEYS[1]: the lease. ARGV[1]: our token, ARGV[2]: time to live in milliseconds.
-_CLAIM = """
-local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-if not holder then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-"""
 
-# Give the lease up, if it is still ours.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
+@functools.cache
+def _script(name: str) -> str:
+    """A Lua script beside this module (lease_claim.lua, lease_release.lua), read once."""
+    return resources.files("worker.duties").joinpath(name).read_text(encoding="utf-8")
 
 
 class LeaderLease:
@@ -61,8 +45,12 @@ class LeaderLease:
         self.client = client
         self.key = f"{namespace}:leader"
         self.ttl = ttl
-        self._claim = client.register_script(_CLAIM) if client is not None else None
-        self._release = client.register_script(_RELEASE) if client is not None else None
+        self._claim = (
+            client.register_script(_script("lease_claim.lua")) if client is not None else None
+        )
+        self._release = (
+            client.register_script(_script("lease_release.lua")) if client is not None else None
+        )
         self._lock = threading.Lock()
         self._new_identity()
         after_fork_in_child(self._new_identity)
