@@ -85,6 +85,8 @@ class OptionsStore:
     def _new_lock(self) -> None:
         self._lock = threading.Lock()
 
+    # Keyword-only, the defaults in the signature, like StoreProcess.configure and
+    # store.configure above it: each layer names what it takes rather than passing **kwargs on.
     def configure(
         self,
         *,

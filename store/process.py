@@ -92,6 +92,8 @@ class StoreProcess:
 
     # -- configuration ----------------------------------------------------------------------
 
+    # The keywords of store.configure, less the broker's (turned into ``publish``/``follow``):
+    # spelled out again so each layer's signature says what it takes.
     def configure(
         self,
         *,

@@ -267,7 +267,7 @@ def test_a_consumer_forgotten_while_disconnected_registers_again_and_puts_back_i
 def test_a_sweep_does_not_forget_a_consumer_that_registered_again(rig: Rig) -> None:
     """The sweep forgets a gone consumer only if its registry entry is still the one the sweep
     read: a consumer that registered again in between keeps its entry."""
-    reclaim = resources.files("store.transport").joinpath("reclaim.lua").read_text()
+    reclaim = resources.files("store.transport").joinpath("give_back.lua").read_text()
     token = uuid.uuid4().hex
     rig.redis.hset(rig.registry, token, f"old:{rig.queue.name}")
     seen = rig.redis.hget(rig.registry, token)

@@ -255,24 +255,16 @@ class PostgresStore:
         """The committed result of each write task and whether it was announced; task ids not
         committed are left out."""
         with self.connection() as conn:
-            rows = conn.execute(
-                "SELECT task_id, scope, revision, changed, changes,"
-                " extract(epoch FROM committed_at), announced_at IS NOT NULL"
-                " FROM options_write WHERE task_id = ANY(%s)",
-                (task_ids,),
-            ).fetchall()
-        return {row[0]: (_result_from_row(row[0], row[1:6]), bool(row[6])) for row in rows}
+            rows = conn.execute(f"{_WRITES} WHERE task_id = ANY(%s)", (task_ids,)).fetchall()
+        return {row[0]: _write_from_row(row) for row in rows}
 
     def recent_writes(self, *, limit: int = 200) -> list[tuple[WriteResult, bool]]:
         """The latest changing writes, newest first, with whether each was announced."""
         with self.connection() as conn:
             rows = conn.execute(
-                "SELECT task_id, scope, revision, changed, changes,"
-                " extract(epoch FROM committed_at), announced_at IS NOT NULL"
-                " FROM options_write WHERE changed ORDER BY committed_at DESC LIMIT %s",
-                (limit,),
+                f"{_WRITES} WHERE changed ORDER BY committed_at DESC LIMIT %s", (limit,)
             ).fetchall()
-        return [(_result_from_row(row[0], row[1:6]), bool(row[6])) for row in rows]
+        return [_write_from_row(row) for row in rows]
 
     # -- reads ----------------------------------------------------------------
 
@@ -482,3 +474,14 @@ def _result_from_row(task_id: str, row: tuple[Any, ...]) -> WriteResult:
     return WriteResult(
         scope, int(revision), bool(changed), dict(changes), task_id, float(committed_at)
     )
+
+
+# A write record and whether it was announced, as _write_from_row reads it.
+_WRITES = (
+    "SELECT task_id, scope, revision, changed, changes, extract(epoch FROM committed_at),"
+    " announced_at IS NOT NULL FROM options_write"
+)
+
+
+def _write_from_row(row: tuple[Any, ...]) -> tuple[WriteResult, bool]:
+    return _result_from_row(row[0], row[1:6]), bool(row[6])

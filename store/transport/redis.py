@@ -76,7 +76,7 @@ MIN_REDIS_VERSION = (6, 2)
 
 @functools.cache
 def _script(name: str) -> str:
-    """A Lua script beside this module (reclaim.lua, register.lua, unregister.lua,
+    """A Lua script beside this module (give_back.lua, register.lua,
     drain_priorities.lua), read once."""
     return resources.files("store.transport").joinpath(name).read_text(encoding="utf-8")
 
@@ -281,7 +281,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
                     self._brpop_read()
             with self.conn_or_acquire() as client:
                 client.eval(
-                    _script("unregister.lua"),
+                    _script("give_back.lua"),
                     2,
                     self.taken_key,
                     self.taken_registry,
@@ -400,7 +400,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
                     continue
                 moved += int(
                     client.eval(
-                        _script("reclaim.lua"),
+                        _script("give_back.lua"),
                         2,
                         self.taken_key_of(token),
                         self.taken_registry,

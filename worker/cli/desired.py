@@ -134,6 +134,8 @@ class Drift:
     current: str | None
     last_change: HistoryEntry | None
 
+    # Shaped like audit.Change.as_dict (a JSON text and whether it is set, per side); the
+    # fields differ, so each record says its own.
     def as_dict(self) -> dict[str, Any]:
         change = self.last_change
         return {

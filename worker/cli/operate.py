@@ -184,11 +184,7 @@ def _revert(args: argparse.Namespace, _: list[str]) -> int:
             diff_lines(f"{scope.name} r{current.revision} -> as at r{args.to}", changes)
         else:
             print(f"nothing to revert: {what} is as it was at r{args.to}")
-    if not changes or not args.yes:
-        if changes and not args.json:
-            print(paint("dry run: add --yes to write this as one set_many", "yellow"))
-        if args.json:
-            print_json(report)
+    if _only_shown(args, report, bool(changes), "add --yes to write this as one set_many"):
         return 0
     reason = f"revert to r{args.to}" + (f": {args.reason}" if args.reason else "")
     task_id = _send_many(scope.name, changes, args, reason=reason, origin="revert")
@@ -205,6 +201,17 @@ def _revert(args: argparse.Namespace, _: list[str]) -> int:
     elif "new_revision" in report:
         print(f"reverted {what} to r{args.to} as revision {report['new_revision']}")
     return status
+
+
+def _only_shown(args: argparse.Namespace, report: dict[str, Any], writes: bool, hint: str) -> bool:
+    """True (the report printed) unless there is something to write and --yes says to."""
+    if writes and args.yes:
+        return False
+    if writes and not args.json:
+        print(paint(f"dry run: {hint}", "yellow"))
+    if args.json:
+        print_json(report)
+    return True
 
 
 def _send_many(
@@ -294,11 +301,7 @@ def _apply(args: argparse.Namespace, _: list[str]) -> int:
         if p.changes or p.drift
     ]
     report: dict[str, Any] = {"file": args.file, "scopes": _plan_json(plans), "applied": False}
-    if not writes or not args.yes:
-        if writes and not args.json:
-            print(paint("dry run: add --yes to write it (one set_many per scope)", "yellow"))
-        if args.json:
-            print_json(report)
+    if _only_shown(args, report, bool(writes), "add --yes to write it (one set_many per scope)"):
         return 0
     reason = f"apply {Path(args.file).name}" + (f": {args.reason}" if args.reason else "")
     sending = Progress(len(writes), "enqueued")

@@ -4,6 +4,7 @@ and heartbeats carry the high-water marks that let every process notice a lost b
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 from store.broadcast.codec import ReloadMessage
 from store.events import log
@@ -11,6 +12,7 @@ from store.postgres.store import PostgresStore
 from store.redis.cache import RedisCache
 
 
+@dataclass(kw_only=True)
 class Reconciler:
     """Called about once a second by the relay; never raises for a service that is down.
 
@@ -29,35 +31,21 @@ class Reconciler:
     broadcast was lost) and drops it.
     """
 
-    def __init__(
-        self,
-        *,
-        postgres: PostgresStore,
-        cache: RedisCache | None,
-        window: float = 600.0,
-        window_limit: int = 5000,
-        page: int = 200,
-        urgent_page: int = 5000,
-        settle: float = 1.0,
-        mark_window: float = 8.0,
-        mark_settle: float = 1.0,
-        mark_limit: int = 1000,
-    ) -> None:
-        self.postgres = postgres
-        self.cache = cache
-        self.window = window
-        self.window_limit = window_limit
-        self.page = page
-        self.urgent_page = urgent_page
-        # A change announced this recently may still be on its way: not judged yet.
-        self.settle = settle
-        self.mark_window = mark_window
-        self.mark_settle = mark_settle
-        self.mark_limit = mark_limit
-        self._run_id: str | None = None
-        self._cursor = ""
-        # Set until the scan has gone through every scope since Redis was (re)found.
-        self._urgent = True
+    postgres: PostgresStore
+    cache: RedisCache | None
+    window: float = 600.0
+    window_limit: int = 5000
+    page: int = 200
+    urgent_page: int = 5000
+    # A change announced this recently may still be on its way: not judged yet.
+    settle: float = 1.0
+    mark_window: float = 8.0
+    mark_settle: float = 1.0
+    mark_limit: int = 1000
+    _run_id: str | None = field(default=None, init=False)
+    _cursor: str = field(default="", init=False)
+    # Set until the scan has gone through every scope since Redis was (re)found.
+    _urgent: bool = field(default=True, init=False)
 
     # -- Redis against PostgreSQL -----------------------------------------------
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from store.events import log
 from store.options_store import OptionsStore
 
 
+@dataclass(kw_only=True)
 class OutboxRelay:
     """Each call to ``relay`` announces the commits left unannounced for ``grace`` seconds.
 
@@ -20,22 +22,12 @@ class OutboxRelay:
     waits for the next call.
     """
 
-    def __init__(
-        self,
-        *,
-        backend: OptionsStore,
-        grace: float = 2.0,
-        batch: int = 100,
-        backoff: float = 5.0,
-        max_backoff: float = 300.0,
-        budget: float = 5.0,
-    ) -> None:
-        self.backend = backend
-        self.grace = grace
-        self.batch = batch
-        self.backoff = backoff
-        self.max_backoff = max_backoff
-        self.budget = budget
+    backend: OptionsStore
+    grace: float = 2.0
+    batch: int = 100
+    backoff: float = 5.0
+    max_backoff: float = 300.0
+    budget: float = 5.0
 
     def relay(self) -> int:
         """Announce what is overdue; returns how many commits were announced."""
@@ -53,25 +45,19 @@ class OutboxRelay:
                 log.warning("outbox.relay_failed", error=f"{type(exc).__name__}: {exc}")
                 break
             for result, attempt in claimed:
+                which = {
+                    "scope": result.scope,
+                    "revision": result.revision,
+                    "task_id": result.task_id,
+                    "attempt": attempt,
+                }
                 if self.backend.propagate(result):
                     announced += 1
-                    log.info(
-                        "outbox.relayed",
-                        scope=result.scope,
-                        revision=result.revision,
-                        task_id=result.task_id,
-                        attempt=attempt,
-                        delay_ms=round((time.time() - result.committed_at) * 1000, 3),
-                    )
+                    delay_ms = round((time.time() - result.committed_at) * 1000, 3)
+                    log.info("outbox.relayed", **which, delay_ms=delay_ms)
                 else:
-                    log.warning(
-                        "outbox.retry_later",
-                        scope=result.scope,
-                        revision=result.revision,
-                        task_id=result.task_id,
-                        attempt=attempt,
-                        in_s=min(self.max_backoff, self.backoff * 2 ** min(attempt - 1, 30)),
-                    )
+                    retry_in = min(self.max_backoff, self.backoff * 2 ** min(attempt - 1, 30))
+                    log.warning("outbox.retry_later", **which, in_s=retry_in)
             if len(claimed) < self.batch:
                 break
         return announced

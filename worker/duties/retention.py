@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 from store.events import log
 from store.postgres.store import PostgresStore
 
 
+@dataclass(kw_only=True)
 class Retention:
     """Each call to ``run_once`` prunes, at most every ``every`` seconds, in batches of
     ``batch`` rows (short statements, no long lock), at most ``max_batches`` of each kind:
@@ -22,24 +24,14 @@ class Retention:
     When a round leaves work behind (every batch was full) the next call goes on at once.
     """
 
-    def __init__(
-        self,
-        *,
-        postgres: PostgresStore,
-        write_age: float,
-        history_age: float,
-        every: float = 60.0,
-        batch: int = 1000,
-        max_batches: int = 10,
-    ) -> None:
-        self.postgres = postgres
-        self.write_age = write_age
-        self.history_age = history_age
-        self.every = every
-        self.batch = batch
-        self.max_batches = max_batches
-        self._next = 0.0
-        self._history_after = 0
+    postgres: PostgresStore
+    write_age: float
+    history_age: float
+    every: float = 60.0
+    batch: int = 1000
+    max_batches: int = 10
+    _next: float = field(default=0.0, init=False)
+    _history_after: int = field(default=0, init=False)
 
     def run_once(self) -> tuple[int, int]:
         """One round, if one is due; returns (write records, history entries) deleted."""
