@@ -20,14 +20,13 @@ from worker.steps import STEPS
 class Installation:
     """optionstore on one Celery app.
 
-    Made once per app by ``install``. It registers the write tasks on the app and, in every
-    process of a worker of that app: configures the store from the environment and the
-    overrides, with the reload exchange on the app's own broker connection; starts the reload
-    consumer (in each prefork child after its fork; in the main process for the solo, threads
-    and gevent pools); clears the local cache at the end of each task; and in the worker's
-    main process, while it holds the namespace's leader lease (worker/duties/lease.py), runs the
-    heartbeat, the outbox relay, the reconciler and retention. A process that only reads (a web
-    server that imports the app) is configured from it on first use.
+    Made once per app by ``install``. It registers the write tasks on the app, adds the
+    worker's steps (worker/steps.py: the store, configured from the environment and the
+    overrides with the reload exchange on the app's own broker connection; the reload consumer
+    of a main process that runs tasks; the leader's duties; metrics) and connects the signals
+    that reach every process of such a worker: the consumer starts in each prefork child after
+    its fork, and the local cache is cleared at the end of each task. A process that only
+    reads (a web server that imports the app) is configured from it on first use.
     """
 
     def __init__(
