@@ -315,7 +315,12 @@ def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
-_SECRET_PARAMS = re.compile(r"(?i)\b(password|passwd|pwd)\s*=\s*('(?:[^'\\]|\\.)*'|[^\s&;]*)")
+# Any parameter whose name says it is a secret: libpq's password and sslpassword, Sentinel's
+# sentinel_password, a token or a key's passphrase.
+_SECRET_PARAMS = re.compile(
+    r"(?i)\b([a-z_]*(?:password|passwd|pwd|secret|token|passphrase)[a-z_]*)\s*=\s*"
+    r"('(?:[^'\\]|\\.)*'|[^\s&;]*)"
+)
 
 
 def redact_url(url: str | None) -> str | None:

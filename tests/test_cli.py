@@ -228,8 +228,12 @@ def test_status_never_prints_passwords(services: Services) -> None:
     if services.name != "machine":
         pytest.skip("needs a server that accepts any password (the machine's, trust auth)")
     parts = urlsplit(services.database_url)
+    # libpq's sslpassword is a secret too; unused here (no encrypted client key), so harmless.
     database_url = urlunsplit(
-        parts._replace(netloc=f"{parts.username}:s3cret@{parts.hostname}:{parts.port}")
+        parts._replace(
+            netloc=f"{parts.username}:s3cret@{parts.hostname}:{parts.port}",
+            query="sslpassword=ssl-s3cret",
+        )
     )
     redis_parts = urlsplit(services.redis_url)
     redis_url = urlunsplit(redis_parts._replace(netloc=f":r3dis-pw@{redis_parts.netloc}"))
@@ -241,7 +245,9 @@ def test_status_never_prints_passwords(services: Services) -> None:
     as_json = optionstore(services, "status", "--json", env=env)
     status = json.loads(ok(as_json))
     assert status["schema_version"] == SCHEMA_VERSION  # it did connect with that URL
-    assert status["database_url"] == database_url.replace("s3cret", "***")
+    assert status["database_url"] == database_url.replace("ssl-s3cret", "***").replace(
+        "s3cret", "***"
+    )
     assert status["redis_url"] == redis_url.replace("r3dis-pw", "***")
     plain = optionstore(services, "status", env=env)
     ok(plain)

@@ -122,6 +122,9 @@ def test_redact_url_hides_the_password() -> None:
         "amqp://guest:secret@rabbit:5672//",
         "postgresql://u:se%40cret@h/db",
         "postgresql://u:secret@h1:5432,h2:5433/db",
+        "sentinel://:secret@s1:26379;sentinel://s2:26379?sentinel_password=secret",
+        "postgresql://u@h/db?sslkey=k.pem&sslpassword=secret&sslmode=verify-full",
+        "host=h user=u sslpassword='se cret' password=secret",
     ],
 )
 def test_redact_url_hides_passwords_of_every_service(url: str) -> None:

@@ -19,7 +19,7 @@ from store.model.validation import (
     validate_key,
     validate_tag_key,
 )
-from store.model.writes import add_tag_key_write, many_write, set_write, unset_write
+from store.model.writes import add_tag_key_write, audit, many_write, set_write, unset_write
 from store.settings import Settings
 
 
@@ -369,3 +369,17 @@ def test_set_many_bad_value_names_its_key() -> None:
     """A bad value in values is rejected naming values['k'] for its key."""
     rejects(lambda: many_write(global_scope(), {"ok": 1, "k": float("nan")}, []), "values['k']")
     rejects(lambda: many_write(global_scope(), {"k": nested_lists(33)}, []), "values['k']")
+
+
+@pytest.mark.parametrize("reason", ["two\nlines", "tab\tbed", "carriage\rreturn"])
+def test_a_reason_is_one_line(reason: str) -> None:
+    """A reason with a newline or another control character is refused, naming the field: it
+    could forge a line in history, explain or plan."""
+    with pytest.raises(InvalidOption) as info:
+        audit(actor="ana", reason=reason)
+    assert info.value.field == "reason"
+
+
+def test_a_one_line_reason_is_kept() -> None:
+    """A one-line reason passes unchanged."""
+    assert audit(actor="ana", reason="incident 42: roll back").reason == "incident 42: roll back"

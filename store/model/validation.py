@@ -36,15 +36,14 @@ def validate_key(value: object, field: str = "key", *, max_length: int = MAX_KEY
     return value
 
 
-def validate_text(value: object, field: str, *, max_length: int, newlines: bool = False) -> str:
-    """A short free text (an actor, a reason): a string without control characters (a reason
-    may hold newlines and tabs)."""
+def validate_text(value: object, field: str, *, max_length: int) -> str:
+    """A short free text (an actor, a reason): one line, without control characters."""
     if not isinstance(value, str):
         raise InvalidOption(field, f"must be a string, not {type(value).__name__}")
     if len(value) > max_length:
         raise InvalidOption(field, f"must be at most {max_length} characters, got {len(value)}")
     for char in value:
-        if _is_control(char) and not (newlines and char in "\n\t"):
+        if _is_control(char):
             raise InvalidOption(field, f"must not contain control characters, found {char!r}")
     _check_utf8(value, field)
     return value

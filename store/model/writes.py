@@ -42,7 +42,8 @@ def audit(actor: object = None, reason: object = None, origin: object = None) ->
         None if actor is None else validate_text(actor, "actor", max_length=MAX_ACTOR_LENGTH),
         None
         if reason is None
-        else validate_text(reason, "reason", max_length=MAX_REASON_LENGTH, newlines=True),
+        # One line: history, explain and plan print it as one.
+        else validate_text(reason, "reason", max_length=MAX_REASON_LENGTH),
         origin,
     )
 
