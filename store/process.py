@@ -214,6 +214,13 @@ class StoreProcess:
             return
         self.start_consumer()
 
+    def check_heard(self) -> None:
+        """Before a task: a process whose consumer has heard nothing past its deadline (paused)
+        reads through Redis and PostgreSQL until it hears again."""
+        consumer = self._consumer
+        if consumer is not None:
+            consumer.check_heard()
+
     def start_consumer(self) -> ReloadConsumer | None:
         """This process's reload consumer, started once (None if it follows no broadcasts)."""
         with self._lock:

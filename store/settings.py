@@ -16,7 +16,11 @@ from store.broadcast.codec import DEFAULT_MAX_MESSAGE_BYTES
 from store.errors import InvalidOption
 from store.events import log
 from store.local import MODES, TASK
-from store.model.validation import DEFAULT_MAX_VALUE_BYTES
+from store.model.validation import (
+    DEFAULT_MAX_VALUE_BYTES,
+    DEFAULT_MAX_WRITE_BYTES,
+    DEFAULT_MAX_WRITE_KEYS,
+)
 
 # The names an override may take, each the keyword form of one environment variable.
 OVERRIDES = {
@@ -27,6 +31,8 @@ OVERRIDES = {
     "local_cache": "OPTIONS_LOCAL_CACHE",
     "max_value_bytes": "OPTIONS_MAX_VALUE_BYTES",
     "max_message_bytes": "OPTIONS_MAX_MESSAGE_BYTES",
+    "max_write_keys": "OPTIONS_MAX_WRITE_KEYS",
+    "max_write_bytes": "OPTIONS_MAX_WRITE_BYTES",
     "state_dir": "OPTIONS_STATE_DIR",
     "namespace": "OPTIONS_NAMESPACE",
     "task_queue": "OPTIONS_TASK_QUEUE",
@@ -175,6 +181,9 @@ class Settings:
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
     # A change encoding larger than this is broadcast as "reload this scope" instead.
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # One set_many: at most this many keys, and this many bytes of encoded values.
+    max_write_keys: int = DEFAULT_MAX_WRITE_KEYS
+    max_write_bytes: int = DEFAULT_MAX_WRITE_BYTES
     state_dir: Path = field(default_factory=lambda: Path(".optionstore").absolute())
     namespace: str = "optionstore"
     task_queue: str = "celery"
@@ -241,6 +250,8 @@ class Settings:
             max_message_bytes=_positive_int(
                 env, "OPTIONS_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES
             ),
+            max_write_keys=_positive_int(env, "OPTIONS_MAX_WRITE_KEYS", DEFAULT_MAX_WRITE_KEYS),
+            max_write_bytes=_positive_int(env, "OPTIONS_MAX_WRITE_BYTES", DEFAULT_MAX_WRITE_BYTES),
             state_dir=Path(env.get("OPTIONS_STATE_DIR") or ".optionstore").absolute(),
             namespace=env.get("OPTIONS_NAMESPACE") or "optionstore",
             task_queue=env.get("OPTIONS_TASK_QUEUE") or "celery",

@@ -79,7 +79,15 @@ def _remove_tag_key(project_id: int, key: str) -> Write:
 
 
 def _set_many(scope: str, values: dict[str, Any], unset: list[str]) -> Write:
-    return many_write(Scope.parse(scope), values, unset, max_value_bytes=_limit())
+    settings = store.runtime.settings()
+    return many_write(
+        Scope.parse(scope),
+        values,
+        unset,
+        max_value_bytes=_limit(),
+        max_write_keys=settings.max_write_keys,
+        max_write_bytes=settings.max_write_bytes,
+    )
 
 
 # The contract's task names and what each one's run() is.

@@ -530,3 +530,46 @@ def test_cut_connection_drops_then_resubscribes(fleet: Fleet) -> None:
     wait_applied(fleet.services, pids, result["scope"], result["revision"])
     values = worker.read_everywhere("project_options", "get_value", project, "after-cut")
     assert set(values.values()) == {"seen"}
+
+
+# -- a paused process ------------------------------------------------------------------------
+
+
+def test_a_child_paused_past_the_deadline_reads_the_current_value_in_its_first_task(
+    services: Services,
+) -> None:
+    """A process-mode child stopped (SIGSTOP) past the heartbeat deadline while 200 commits land
+    serves none of its old cache in the first task after SIGCONT, though that task may run
+    before its consumer has applied what queued up meanwhile."""
+    with isolated(services) as own, contextlib.ExitStack() as stack:
+        reader = start(
+            own, pool="prefork", concurrency=1, extra_env={"OPTIONS_LOCAL_CACHE": "process"}
+        )
+        stack.callback(reader.stop)
+        writer = start(
+            own,
+            pool="solo",
+            concurrency=1,
+            extra_env={"OPTIONS_TASK_QUEUE": f"{own.namespace}.writer"},
+        )
+        stack.callback(writer.stop)
+        project, key = fresh_id(), "k"
+        writer.call("options.set_project_option", project, key, 0)
+        first = reader.call("probe.read", "project_options", "get_value", [project, key])
+        assert first["result"] == 0  # cached now: process mode keeps it across tasks
+        (child,) = reader.child_pids()
+        process = psutil.Process(child)
+        process.suspend()
+        stopped_at = time.monotonic()
+        try:
+            for n in range(1, 201):
+                writer.call("options.set_project_option", project, key, n)
+            # Past the consumer's deadline (5 s): heartbeats went by unheard too.
+            wait_for(lambda: time.monotonic() - stopped_at > 6.5, timeout=30, interval=0.1)
+            # Queued for the child before it runs again: its first task races its consumer.
+            pending = reader.send("probe.read", "project_options", "get_value", [project, key])
+        finally:
+            process.resume()
+        answer = pending.get(timeout=30)
+        assert answer["pid"] == child
+        assert answer["result"] == 200, answer

@@ -383,3 +383,36 @@ def test_a_reason_is_one_line(reason: str) -> None:
 def test_a_one_line_reason_is_kept() -> None:
     """A one-line reason passes unchanged."""
     assert audit(actor="ana", reason="incident 42: roll back").reason == "incident 42: roll back"
+
+
+def test_a_write_of_as_many_keys_as_allowed_is_accepted() -> None:
+    """set_many takes up to max_write_keys keys, counted over values and unset together."""
+    write = many_write(project_scope(1), {"a": 1, "b": 2}, ["c"], max_write_keys=3)
+    assert write.keys == ["a", "b", "c"]
+
+
+def test_a_write_of_too_many_keys_is_refused_naming_values() -> None:
+    """One key past max_write_keys is refused before any value is encoded, naming `values`."""
+    with pytest.raises(InvalidOption, match="at most 3 keys") as info:
+        many_write(project_scope(1), {"a": 1, "b": 2}, ["c", "d"], max_write_keys=3)
+    assert info.value.field == "values"
+
+
+def test_a_write_of_too_many_bytes_is_refused_naming_values() -> None:
+    """Values whose encodings add up past max_write_bytes are refused, naming `values` and the
+    key that crossed the bound; each value alone is within max_value_bytes."""
+    values = {"a": "x" * 40, "b": "y" * 40, "c": "z" * 40}
+    assert many_write(project_scope(1), values, [], max_write_bytes=126).keys == ["a", "b", "c"]
+    with pytest.raises(InvalidOption, match="'c' takes it past") as info:
+        many_write(project_scope(1), values, [], max_write_bytes=125)
+    assert info.value.field == "values"
+
+
+@pytest.mark.parametrize("name", ["OPTIONS_MAX_WRITE_KEYS", "OPTIONS_MAX_WRITE_BYTES"])
+def test_write_limits_come_from_the_environment(name: str) -> None:
+    """The write limits are settings: read from the environment, a bad one refused by name."""
+    settings = Settings.from_environ({name: "7"})
+    assert 7 in (settings.max_write_keys, settings.max_write_bytes)
+    with pytest.raises(InvalidOption) as info:
+        Settings.from_environ({name: "many"})
+    assert info.value.field == name

@@ -323,6 +323,17 @@ BAD_CALLS = [
     BadCall("options.set_many", lambda p: [f"project:{p}", {}, []], "values", "project:{p}"),
     BadCall("options.set_many", lambda p: [f"project:{p}", [1], []], "values", "project:{p}"),
     BadCall("options.set_many", lambda p: [f"project:{p}", {"a": 1}, "a"], "unset", "project:{p}"),
+    # OPTIONS_MAX_WRITE_KEYS (10,000 by default): one key past it, counted over values and unset.
+    BadCall(
+        "options.set_many",
+        lambda p: [
+            f"project:{p}",
+            {f"k{i}": i for i in range(9_000)},
+            [f"u{i}" for i in range(1_001)],
+        ],
+        "values",
+        "project:{p}",
+    ),
 ]
 
 

@@ -115,6 +115,7 @@ class Installation:
     def _task_started(self, task_id: str | None = None, task: Any = None, **_: Any) -> None:
         if getattr(task, "app", None) is self.app:
             structlog.contextvars.bind_contextvars(task_id=task_id, task_name=task.name)
+            store.runtime.check_heard()
 
     def _task_ended(self, task: Any = None, **_: Any) -> None:
         # Sent from a finally in Celery's tracer: after success, failure, retry and eager runs.

@@ -110,6 +110,19 @@ class ReloadConsumer(threading.Thread):
     def stop(self) -> None:
         self.stopping.set()
 
+    def check_heard(self) -> None:
+        """Called before a task runs: if this process has heard nothing for longer than the
+        deadline (it was paused, and this thread may run before the consumer's), serve nothing
+        cached until the consumer's hello comes back."""
+        if self.subscribed.is_set() and time.monotonic() - self._last_heard > self.deadline:
+            self._deafened("silent before a task")
+
+    def _deafened(self, why: str) -> None:
+        self.backend.local.desync()
+        # Heard again only once a new hello comes back, after whatever is queued before it.
+        self.subscribed.clear()
+        log.warning("broadcast.deafened", why=why, pid=self.pid)
+
     def _consume(self) -> None:
         self._hello = uuid.uuid4().hex
         with self.connect() as conn:
@@ -207,7 +220,13 @@ class ReloadConsumer(threading.Thread):
         self._on_reload(reload)
 
     def _heard(self) -> None:
-        self._last_heard = time.monotonic()
+        now = time.monotonic()
+        if now - self._last_heard > self.deadline:
+            # The loop raises Silence before a gap this long, so this process was paused
+            # (SIGSTOP, a debugger) while changes may have gone by: what is queued behind this
+            # message is not proof of having heard them all.
+            self._deafened("paused")
+        self._last_heard = now
         self._heard_at = time.time()
 
     def _on_malformed(self, exc: MalformedMessage) -> None:

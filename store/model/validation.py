@@ -13,6 +13,10 @@ MAX_TAG_KEY_LENGTH = 32  # Sentry's MAX_TAG_KEY_LENGTH
 MAX_ID = 2**63 - 1  # PostgreSQL bigint
 MAX_DEPTH = 32
 DEFAULT_MAX_VALUE_BYTES = 1024 * 1024
+# One write (a set_many) is one transaction, one history row per key and one broadcast: bounded
+# so that a single task cannot hold a worker child or a scope's row lock for long.
+DEFAULT_MAX_WRITE_KEYS = 10_000
+DEFAULT_MAX_WRITE_BYTES = 16 * 1024 * 1024
 
 
 def validate_id(value: object, field: str) -> int:

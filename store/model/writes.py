@@ -10,6 +10,8 @@ from store.errors import InvalidOption
 from store.model.scopes import Scope
 from store.model.validation import (
     DEFAULT_MAX_VALUE_BYTES,
+    DEFAULT_MAX_WRITE_BYTES,
+    DEFAULT_MAX_WRITE_KEYS,
     encode_value,
     validate_key,
     validate_tag_key,
@@ -108,7 +110,11 @@ def many_write(
     unset: object,
     *,
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+    max_write_keys: int = DEFAULT_MAX_WRITE_KEYS,
+    max_write_bytes: int = DEFAULT_MAX_WRITE_BYTES,
 ) -> Write:
+    """A set_many: ``values`` set and ``unset`` removed in one revision, at most
+    ``max_write_keys`` keys and ``max_write_bytes`` of encoded values in all."""
     if scope.is_tag_keys:
         raise InvalidOption("scope", "set_many takes an option scope; use add_tag_key for tag keys")
     if not isinstance(values, dict):
@@ -117,10 +123,25 @@ def many_write(
         )
     if not isinstance(unset, list):
         raise InvalidOption("unset", f"must be a list of keys, not {type(unset).__name__}")
+    # Counted before anything is encoded: an oversized write costs no work.
+    if len(values) + len(unset) > max_write_keys:
+        raise InvalidOption(
+            "values",
+            f"one write takes at most {max_write_keys} keys (OPTIONS_MAX_WRITE_KEYS), "
+            f"got {len(values)} in values and {len(unset)} in unset",
+        )
     sets: dict[str, str] = {}
+    size = 0
     for key, value in values.items():
         name = validate_key(key, "values")
-        sets[name] = encode_value(value, f"values[{name!r}]", max_bytes=max_value_bytes)
+        sets[name] = encoded = encode_value(value, f"values[{name!r}]", max_bytes=max_value_bytes)
+        size += len(encoded)
+        if size > max_write_bytes:
+            raise InvalidOption(
+                "values",
+                f"one write takes at most {max_write_bytes} bytes of encoded values "
+                f"(OPTIONS_MAX_WRITE_BYTES), and {name!r} takes it past that",
+            )
     unsets: list[str] = []
     for position, key in enumerate(unset):
         name = validate_key(key, f"unset[{position}]")
