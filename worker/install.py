@@ -12,6 +12,9 @@ from celery.signals import task_postrun, task_prerun, worker_process_init, worke
 import store
 import tasks
 from store.broadcast.publisher import publish_transport_options
+from store.errors import describe
+from store.events import log
+from store.redis.eviction import eviction_policy
 from store.settings import OVERRIDES, Settings
 from worker.metrics import process_ended
 from worker.steps import STEPS
@@ -84,6 +87,18 @@ class Installation:
         return self.app.connection_for_write(
             url, connect_timeout=2, transport_options=publish_transport_options(url or "")
         )
+
+    def broker_eviction_policy(self) -> str | None:
+        """The ``maxmemory-policy`` of the app's broker if it is a Redis; None if it is not, or
+        cannot be asked now (the worker connects and retries on its own)."""
+        try:
+            with self.app.connection_for_write(connect_timeout=2) as conn:
+                if conn.transport.driver_type != "redis":
+                    return None
+                return eviction_policy(conn.default_channel.client)
+        except Exception as exc:  # the broker is down at start: Celery waits for it itself
+            log.warning("broker.policy_unknown", error=describe(exc))
+            return None
 
     def connect_for_read(self) -> kombu.Connection:
         return self.app.connection_for_read(

@@ -16,6 +16,7 @@ import store
 from store.broadcast.publisher import Publisher
 from store.errors import describe
 from store.events import log
+from store.redis.eviction import check_broker_policy
 from worker.duties.heartbeat import Heartbeat
 from worker.duties.lease import FOLLOWER, LeaderLease
 from worker.duties.reconcile import Reconciler
@@ -48,6 +49,8 @@ class StoreStep(bootsteps.StartStopStep):  # type: ignore[misc]
                 log_format=settings.log_format,
                 level=logging.getLevelName(settings.log_level.upper()),
             )
+        # Before anything runs: a broker that evicts keys loses tasks without an error.
+        check_broker_policy(installation.broker_eviction_policy(), where="CELERY_BROKER_URL")
         module = getattr(parent.pool_cls, "__module__", "") or str(parent.pool_cls)
         installation.pool = module.rsplit(".", 1)[-1] or "prefork"
         installation.running = True

@@ -13,6 +13,7 @@ from typing import Any
 from store.errors import InvalidOption, OptionsError
 from store.model.scopes import GLOBAL, GROUP, PROJECT, TAGKEYS, USER, Scope
 from store.model.validation import validate_key
+from store.redis.eviction import eviction_policy
 from store.redis.presence import lagging
 from store.settings import redact_url
 from worker.cli.actor import actor_of, add_audit_arguments
@@ -269,10 +270,15 @@ def _status(args: argparse.Namespace, _: list[str]) -> int:
             report["unannounced_writes"] = backend.db.count_unannounced()
     try:
         report["redis"] = "up" if backend.redis and backend.redis.ping() else "down"
+        report["redis_eviction"] = eviction_policy(backend.redis.client) if backend.redis else None
         report["processes"] = _process_table(backend)
     except Exception as exc:  # a status report shows every failure instead of raising
         report["redis"] = f"down ({type(exc).__name__})"
         report["processes"] = []
+    try:
+        report["broker_eviction"] = _broker_eviction(settings)
+    except Exception as exc:
+        report["broker_eviction"] = f"unknown ({type(exc).__name__})"
     report["converged"] = all(p["converged"] for p in report["processes"])
     if args.json:
         _print_json(report)
@@ -289,6 +295,17 @@ def _status(args: argparse.Namespace, _: list[str]) -> int:
             f" {heard:>8}  {state}"
         )
     return 0
+
+
+def _broker_eviction(settings: Any) -> str | None:
+    """The broker's maxmemory-policy if it is a Redis (a worker refuses an allkeys-* one)."""
+    from store.process import broker_connections
+
+    connect, _ = broker_connections(settings.broker_url, master_name=settings.broker_master_name)
+    with connect() as conn:
+        if conn.transport.driver_type != "redis":
+            return None
+        return eviction_policy(conn.default_channel.client)
 
 
 def _process_table(backend: Any) -> list[dict[str, Any]]:
