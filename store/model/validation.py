@@ -29,23 +29,21 @@ def validate_id(value: object, field: str) -> int:
 
 
 def validate_key(value: object, field: str = "key", *, max_length: int = MAX_KEY_LENGTH) -> str:
-    if not isinstance(value, str):
-        raise InvalidOption(field, f"must be a string, not {type(value).__name__}")
-    if not 1 <= len(value) <= max_length:
-        raise InvalidOption(field, f"must be 1 to {max_length} characters, got {len(value)}")
-    for char in value:
-        if _is_control(char):
-            raise InvalidOption(field, f"must not contain control characters, found {char!r}")
-    _check_utf8(value, field)
-    return value
+    """A key: 1 to ``max_length`` characters on one line, without control characters."""
+    return _one_line(value, field, min_length=1, max_length=max_length)
 
 
 def validate_text(value: object, field: str, *, max_length: int) -> str:
     """A short free text (an actor, a reason): one line, without control characters."""
+    return _one_line(value, field, min_length=0, max_length=max_length)
+
+
+def _one_line(value: object, field: str, *, min_length: int, max_length: int) -> str:
     if not isinstance(value, str):
         raise InvalidOption(field, f"must be a string, not {type(value).__name__}")
-    if len(value) > max_length:
-        raise InvalidOption(field, f"must be at most {max_length} characters, got {len(value)}")
+    if not min_length <= len(value) <= max_length:
+        bounds = f"{min_length} to {max_length}" if min_length else f"at most {max_length}"
+        raise InvalidOption(field, f"must be {bounds} characters, got {len(value)}")
     for char in value:
         if _is_control(char):
             raise InvalidOption(field, f"must not contain control characters, found {char!r}")
