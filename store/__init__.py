@@ -13,6 +13,7 @@ from store.errors import (
     NotConfigured,
     NotMigrated,
     OptionsError,
+    RevisionConflict,
     StoreUnavailable,
 )
 from store.local import TASK
@@ -92,6 +93,7 @@ __all__ = [
     "NotConfigured",
     "NotMigrated",
     "OptionsError",
+    "RevisionConflict",
     "StoreUnavailable",
     "backend",
     "clear_local_cache",

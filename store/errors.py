@@ -20,6 +20,23 @@ class InvalidOption(OptionsError, ValueError):
         return f"{self.field}: {self.reason}"
 
 
+class RevisionConflict(OptionsError):
+    """A write named an ``expected_revision`` its scope is not at: nothing was written."""
+
+    def __init__(self, scope: str, expected: int, current: int) -> None:
+        # All in args: Celery ships an exception as its args (JSON) and rebuilds it from them.
+        super().__init__(scope, expected, current)
+        self.scope = scope
+        self.expected = expected
+        self.current = current
+
+    def __str__(self) -> str:
+        return (
+            f"expected_revision: {self.scope} is at revision {self.current}, "
+            f"not {self.expected}; nothing was written"
+        )
+
+
 class NotConfigured(OptionsError):
     """The store was used before ``store.configure()`` told it where its services are."""
 

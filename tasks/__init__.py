@@ -109,8 +109,7 @@ WRITE_TASKS: dict[str, Callable[..., Write]] = {
 def register(app: Any) -> dict[str, Any]:
     """Register the write tasks on ``app``; returns them by name. Idempotent per app."""
     registered = {
-        name: app.task(base=WriteTask, name=name, typing=True)(run)
-        for name, run in WRITE_TASKS.items()
+        name: app.task(base=WriteTask, name=name)(run) for name, run in WRITE_TASKS.items()
     }
     # The helpers send through the app registered last (this process's state: store.runtime).
     store.runtime.task_app = app

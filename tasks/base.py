@@ -11,7 +11,7 @@ from celery import Task
 
 import store
 from store.errors import InvalidOption, StoreUnavailable
-from store.model.writes import Write, audit
+from store.model.writes import Write, audit, check_expected_revision
 from store.transient import postgres_unavailable, redis_unavailable
 
 # Task headers a producer sets to say who asks for a write and why (`app.send_task(...,
@@ -20,6 +20,8 @@ ACTOR_HEADER = "optionstore_actor"
 REASON_HEADER = "optionstore_reason"
 ORIGIN_HEADER = "optionstore_origin"
 AUDIT_HEADERS = {"actor": ACTOR_HEADER, "reason": REASON_HEADER, "origin": ORIGIN_HEADER}
+# The keyword argument of every write task that makes it a compare-and-set.
+EXPECTED_REVISION = "expected_revision"
 
 
 def worth_retrying(exc: BaseException) -> bool:
@@ -34,7 +36,10 @@ class WriteTask(Task):  # type: ignore[misc]
     """A task whose ``run`` only checks its arguments and returns the ``Write`` to commit."""
 
     abstract = True
-    typing = True
+    # Celery's own signature check would refuse expected_revision, which every write task takes
+    # beside run()'s arguments: apply_async calls run() itself, so a wrong call still fails
+    # before anything is enqueued.
+    typing = False
     # At-least-once: acknowledged after it ran, redelivered if the child dies mid-write.
     acks_late = True
     reject_on_worker_lost = True
@@ -43,7 +48,8 @@ class WriteTask(Task):  # type: ignore[misc]
     retry_backoff_max = 60.0
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        write = self.checked(self.run(*args, **kwargs), _headers(self.request))
+        expected = kwargs.pop(EXPECTED_REVISION, None)
+        write = self.checked(self.run(*args, **kwargs), _headers(self.request), expected)
         try:
             result = store.backend.commit(write, task_id=self.request.id)
         except Exception as exc:
@@ -59,11 +65,14 @@ class WriteTask(Task):  # type: ignore[misc]
         ceiling: float = min(self.retry_backoff_max, self.retry_backoff_base * 2**retries)
         return random.uniform(0, ceiling)  # noqa: S311 (jitter, not cryptography)
 
-    def checked(self, write: Write, headers: Mapping[str, Any]) -> Write:
-        """``write`` with its audit headers, once the registry allows it (else InvalidOption)."""
+    def checked(self, write: Write, headers: Mapping[str, Any], expected: object = None) -> Write:
+        """``write`` with its audit headers and ``expected_revision``, once the registry allows
+        it (else InvalidOption)."""
         store.registry.check_write(write, many=self.name == "options.set_many")
         found = {field: headers.get(name) for field, name in AUDIT_HEADERS.items()}
-        return dataclasses.replace(write, audit=audit(**found))
+        return dataclasses.replace(
+            write, audit=audit(**found), expected_revision=check_expected_revision(expected)
+        )
 
     def apply_async(
         self,
@@ -72,17 +81,24 @@ class WriteTask(Task):  # type: ignore[misc]
         *,
         actor: str | None = None,
         reason: str | None = None,
+        expected_revision: int | None = None,
         **options: Any,
     ) -> Any:
-        """Enqueue, with ``actor`` and ``reason`` sent as the audit headers."""
+        """Enqueue, with ``actor`` and ``reason`` sent as the audit headers, and
+        ``expected_revision`` (commit only if the scope is at that revision) as the keyword
+        argument every write task takes."""
         headers = dict(options.pop("headers", None) or {})
         if actor is not None:
             headers[ACTOR_HEADER] = actor
         if reason is not None:
             headers[REASON_HEADER] = reason
+        kwargs = dict(kwargs or {})
+        if expected_revision is not None:
+            kwargs[EXPECTED_REVISION] = expected_revision
         # The helpers reject bad input before anything is enqueued; the worker checks again.
-        self.checked(self.run(*(args or ()), **(kwargs or {})), headers)
-        return super().apply_async(args, kwargs, headers=headers or None, **options)
+        run_kwargs = {k: v for k, v in kwargs.items() if k != EXPECTED_REVISION}
+        self.checked(self.run(*(args or ()), **run_kwargs), headers, kwargs.get(EXPECTED_REVISION))
+        return super().apply_async(args, kwargs or None, headers=headers or None, **options)
 
 
 def _headers(request: Any) -> dict[str, Any]:

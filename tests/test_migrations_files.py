@@ -27,6 +27,7 @@ RELEASED = {
     "0007_mark_by_primary_key.sql": (
         "64d31ddeaf288e40ac1dbf325d555db6e0da1879e000400c883cfbb8d25386b4"
     ),
+    "0008_compare_and_set.sql": "3b1c29d7600fe5abadb86b22d884ceab9d167d291a5b921e6f3555ddc8308b32",
 }
 
 
@@ -64,7 +65,7 @@ def test_migrate_brings_a_fresh_database_to_the_latest_version(services: Service
             assert schema_version(conn) == SCHEMA_VERSION
             # The last migration's function is the one in place.
             found = conn.execute("SELECT pronargs FROM pg_proc WHERE proname = 'options_apply'")
-            assert found.fetchall() == [(8,)]
+            assert found.fetchall() == [(10,)]
     finally:
         with psycopg.connect(services.database_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -17,7 +17,7 @@ import tasks
 import worker  # noqa: F401 (the project app: the helpers send through it)
 from store.errors import InvalidOption, StoreUnavailable
 from store.model.scopes import project_scope
-from store.model.writes import TAG_KEY_PRESENT
+from store.model.writes import TAG_KEY_PRESENT, Write
 from store.postgres.store import PostgresStore
 from tasks.base import WriteTask, worth_retrying
 from tests.conftest import fresh_id
@@ -266,3 +266,33 @@ def test_eager_run_with_postgres_down_is_retried_with_backoff(
     assert len(requested) == 1
     assert worth_retrying(requested[0]["exc"])
     assert 0 <= requested[0]["countdown"] <= task.retry_backoff_base
+
+
+def test_expected_revision_is_sent_as_a_keyword_and_checked_first(broker: SentRecorder) -> None:
+    """A helper's expected_revision goes out as the task's keyword argument; a bad one is
+    refused before anything is sent, naming the field."""
+    tasks.set_project_option.apply_async([42, "k", 1], expected_revision=7)
+    tasks.set_option.delay("k", 1, expected_revision=0)
+    assert [(name, kwargs) for name, _, kwargs in broker.sent] == [
+        ("options.set_project_option", {"expected_revision": 7}),
+        ("options.set_option", {"expected_revision": 0}),
+    ]
+    for bad in (-1, True, "7", 2**63):
+        with pytest.raises(InvalidOption) as caught:
+            tasks.set_option.apply_async(["k", 1], expected_revision=bad)
+        assert caught.value.field == "expected_revision"
+    assert len(broker.sent) == 2
+
+
+def test_a_write_fingerprint_differs_with_what_it_asks_for() -> None:
+    """Two writes have one fingerprint only if scope, sets, unsets and expected revision match."""
+    scope = project_scope(42)
+    base = Write(scope, {"a": "1"}, ("b",))
+    assert base.fingerprint == Write(scope, {"a": "1"}, ("b",)).fingerprint
+    others = [
+        Write(project_scope(43), {"a": "1"}, ("b",)),
+        Write(scope, {"a": "2"}, ("b",)),
+        Write(scope, {"a": "1"}, ()),
+        Write(scope, {"a": "1"}, ("b",), expected_revision=3),
+    ]
+    assert len({base.fingerprint, *(w.fingerprint for w in others)}) == 5

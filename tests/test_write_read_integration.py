@@ -12,7 +12,7 @@ import pytest
 from celery.exceptions import TimeoutError as ResultTimeout
 from celery.result import ResultSet
 
-from store.errors import InvalidOption
+from store.errors import InvalidOption, RevisionConflict
 from store.redis.cache import REVISION_FIELD, STALE_FIELD
 from tests.conftest import Services, Worker, fresh_id, wait_for
 
@@ -672,3 +672,50 @@ def test_history_records_old_and_new_values_revisions_and_task_ids(
         ("other", 5),
     ]
     assert sorted(e.revision for e in everything) == [1, 2, 3, 4, 5, 5]
+
+
+# -- compare-and-set and task ids ------------------------------------------------------------
+
+
+def test_expected_revision_refuses_a_stale_write_and_takes_a_current_one(
+    worker: Worker, backend: Any
+) -> None:
+    """A write sent with the revision its scope is no longer at fails at once with
+    RevisionConflict, unretried, writing nothing; with the current revision it commits."""
+    project = fresh_id()
+    scope = f"project:{project}"
+    first = worker.call("options.set_project_option", project, "k", 1)
+    current = first["revision"]
+    stale = worker.send(
+        "options.set_project_option", project, "k", 2, kwargs={"expected_revision": current - 1}
+    )
+    with pytest.raises(Exception) as info:
+        stale.get(timeout=15, propagate=True)
+    assert isinstance(info.value, RevisionConflict), repr(info.value)
+    assert (info.value.expected, info.value.current) == (current - 1, current)
+    assert backend.db.load_scope(scope).revision == current
+    assert backend.db.write_records([stale.id]) == {}
+    fresh = worker.send(
+        "options.set_project_option", project, "k", 3, kwargs={"expected_revision": current}
+    ).get(timeout=15, propagate=True)
+    assert fresh["revision"] == current + 1
+    assert backend.db.load_scope(scope).values == {"k": "3"}
+
+
+def test_a_task_id_reused_for_another_write_is_refused(worker: Worker, backend: Any) -> None:
+    """The same task id again with the same write returns the recorded result; with another
+    write it fails naming task_id, and that write is not made."""
+    project = fresh_id()
+    task_id = f"reused-{uuid.uuid4()}"
+    first = worker.send("options.set_project_option", project, "k", 1, task_id=task_id)
+    result = first.get(timeout=15, propagate=True)
+    first.forget()  # the result backend keeps one result per id: wait for the next run's
+    again = worker.send("options.set_project_option", project, "k", 1, task_id=task_id)
+    assert again.get(timeout=15, propagate=True) == result
+    again.forget()
+    other = worker.send("options.set_project_option", project, "k", 2, task_id=task_id)
+    with pytest.raises(Exception) as info:
+        other.get(timeout=15, propagate=True)
+    assert isinstance(info.value, InvalidOption), repr(info.value)
+    assert info.value.field == "task_id"
+    assert backend.db.load_scope(f"project:{project}").values == {"k": "1"}

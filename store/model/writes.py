@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +14,7 @@ from store.model.validation import (
     DEFAULT_MAX_VALUE_BYTES,
     DEFAULT_MAX_WRITE_BYTES,
     DEFAULT_MAX_WRITE_KEYS,
+    MAX_ID,
     encode_value,
     validate_key,
     validate_tag_key,
@@ -58,10 +61,21 @@ class Write:
     sets: Mapping[str, str] = field(default_factory=dict)
     unsets: tuple[str, ...] = ()
     audit: Audit = Audit()
+    # Compare-and-set: commit only if the scope is at this revision (0: never written).
+    expected_revision: int | None = None
 
     @property
     def keys(self) -> list[str]:
         return [*self.sets, *self.unsets]
+
+    @property
+    def fingerprint(self) -> str:
+        """What this write asks for, recorded with its task id: the same id coming back with
+        another write is refused."""
+        asked: list[object] = [self.scope.name, sorted(self.sets.items()), sorted(self.unsets)]
+        asked.append(self.expected_revision)
+        text = json.dumps(asked, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(text.encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +97,17 @@ class WriteResult:
             "keys": list(keys),
             "changed_keys": sorted(self.changes),
         }
+
+
+def check_expected_revision(value: object) -> int | None:
+    """A write's ``expected_revision``: None (any), or a revision from 0 (never written)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidOption("expected_revision", f"must be an integer, not {type(value).__name__}")
+    if not 0 <= value <= MAX_ID:
+        raise InvalidOption("expected_revision", f"must be between 0 and {MAX_ID}, got {value}")
+    return value
 
 
 def set_write(

@@ -17,7 +17,7 @@ import psycopg
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
-from store.errors import NotMigrated
+from store.errors import InvalidOption, NotMigrated, RevisionConflict
 from store.fork import after_fork_in_child
 from store.model.writes import Write, WriteResult
 from store.postgres.marks import AnnouncedMarks
@@ -63,6 +63,11 @@ class HistoryEntry:
     # Whether each side was set: a JSON null and "not set" both decode to None.
     old_set: bool = True
     new_set: bool = True
+
+
+# SQLSTATEs options_apply raises (store/postgres/migrations/0008_compare_and_set.sql).
+TASK_ID_REUSED = "OS001"
+REVISION_CONFLICT = "OS002"
 
 
 class PostgresStore:
@@ -217,19 +222,34 @@ class PostgresStore:
         values: list[str | None] = [*write.sets.values(), *([None] * len(write.unsets))]
         audit = write.audit
         # One round trip and one transaction: see options_apply in store/postgres/migrations/.
-        row = conn.execute(
-            "SELECT * FROM options_apply(%s, %s, %s::text[], %s::text[], %s, %s, %s, %s::text[])",
-            (
-                write.scope.name,
-                task_id,
-                keys,
-                values,
-                audit.actor,
-                audit.reason,
-                audit.origin,
-                announced or None,
-            ),
-        ).fetchone()
+        try:
+            row = conn.execute(
+                "SELECT * FROM options_apply(%s, %s, %s::text[], %s::text[], %s, %s, %s,"
+                " %s::text[], %s, %s)",
+                (
+                    write.scope.name,
+                    task_id,
+                    keys,
+                    values,
+                    audit.actor,
+                    audit.reason,
+                    audit.origin,
+                    announced or None,
+                    write.expected_revision,
+                    write.fingerprint,
+                ),
+            ).fetchone()
+        except psycopg.Error as exc:
+            if exc.sqlstate == TASK_ID_REUSED:
+                raise InvalidOption(
+                    "task_id", f"{task_id!r} was already used for another write"
+                ) from None
+            if exc.sqlstate == REVISION_CONFLICT:
+                current = int(exc.diag.message_detail or -1)
+                raise RevisionConflict(
+                    write.scope.name, write.expected_revision or 0, current
+                ) from None
+            raise
         assert row is not None
         revision, changed, changes, committed_at, first_run = row
         result = WriteResult(
