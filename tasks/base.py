@@ -36,6 +36,8 @@ class WriteTask(Task):  # type: ignore[misc]
     """A task whose ``run`` only checks its arguments and returns the ``Write`` to commit."""
 
     abstract = True
+    # Refuses a message too large or too deeply nested before the main process decodes it.
+    Strategy = "tasks.admission:admitting"
     # Celery's own signature check would refuse expected_revision, which every write task takes
     # beside run()'s arguments: apply_async calls run() itself, so a wrong call still fails
     # before anything is enqueued.
