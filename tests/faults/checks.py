@@ -297,6 +297,7 @@ def writes_through_fault(
     fault: Callable[[], float],
     build_up: int,
     per_second: float,
+    between_sends: Callable[[], None] | None = None,
     after_stream: Callable[[], None] | None = None,
     commit_timeout: float = 150.0,
     when: str,
@@ -304,7 +305,8 @@ def writes_through_fault(
     """Warm every process on ``projects``, stream ``writes`` to ``worker``, and once
     ``build_up`` are sent run ``fault`` (it returns the moment commits are timed from). Then:
     every write was sent, every write commits, no process reads a stale value, every process
-    converges and ``status`` says so. ``when`` names the moment in the stale-read failure."""
+    converges and ``status`` says so. ``when`` names the moment in the stale-read failure.
+    ``between_sends`` runs first, while no send is under way (see the Sentinel test)."""
     ids = [task_id for task_id, _, _ in writes]
     for project in projects:
         worker.call("options.set_project_option", project, "warm", 0)
@@ -313,6 +315,9 @@ def writes_through_fault(
     stream.start()
     wait_for(lambda: len(stream.sent) >= build_up, timeout=60, message="load to build up")
     at_fault = len(committed(database_url, ids))
+    if between_sends is not None:
+        with stream.held():
+            between_sends()
     since = fault()
     sent = stream.finish()
     assert sent == ids

@@ -167,6 +167,8 @@ class Stream(threading.Thread):
         self.sent: list[str] = []
         self.refused = 0
         self.failure: BaseException | None = None
+        # Held around each send: held() waits for the send under way to be answered.
+        self._sending = threading.Lock()
 
     def run(self) -> None:
         try:
@@ -178,7 +180,8 @@ class Stream(threading.Thread):
                     pause = started + number / self.per_second - time.monotonic()
                     if pause > 0:
                         time.sleep(pause)  # pacing the load, not waiting for an outcome
-                self._send(task_id, name, args)
+                with self._sending:
+                    self._send(task_id, name, args)
                 self.sent.append(task_id)
         except BaseException as exc:  # surfaced by finish()
             self.failure = exc
@@ -200,6 +203,12 @@ class Stream(threading.Thread):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """No send under way, and none starting, for the length of the block."""
+        with self._sending:
+            yield
 
     def finish(self, timeout: float = 240.0) -> list[str]:
         self.join(timeout)

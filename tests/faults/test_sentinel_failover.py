@@ -58,18 +58,25 @@ def test_sentinel_failover_under_load(stable: PostgresServer, sentinels: Sentine
         wait_synced(own, worker.pids())
         old = sentinels.primary()
         promoted: list[float] = []
+        killed: list[float] = []
 
-        def kill_primary() -> float:
-            killed_at = time.monotonic()
+        def kill_primary() -> None:
+            # Between two sends: Redis replicates asynchronously, so a task the primary took in
+            # its last milliseconds may be missing on the replica it fails over to, whatever
+            # the producer does (docs/architecture.md, known limits). Every send after this
+            # meets the failover: refused, then sent again to the promoted replica.
+            killed.append(time.monotonic())
             old.kill()
+
+        def promotion() -> float:
             wait_for(
                 lambda: sentinels.primary_port() != old.port,
                 timeout=60,
                 interval=0.1,
                 message="the Sentinels to promote the replica",
             )
-            promoted.append(time.monotonic() - killed_at)
-            return killed_at
+            promoted.append(time.monotonic() - killed[0])
+            return killed[0]
 
         done = writes_through_fault(
             own,
@@ -77,7 +84,8 @@ def test_sentinel_failover_under_load(stable: PostgresServer, sentinels: Sentine
             database_url,
             projects,
             writes,
-            fault=kill_primary,
+            between_sends=kill_primary,
+            fault=promotion,
             build_up=WRITES // 3,
             per_second=PER_SECOND,
             when="after the failover",
