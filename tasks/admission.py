@@ -20,9 +20,10 @@ import store
 from store.errors import InvalidOption, describe
 from store.events import log
 
-# A value nests at most 32 deep (store/model/validation.py); the task's body adds its own
-# levels (the args list, set_many's values object, Celery's envelope).
-MAX_DEPTH = 40
+# Far above what a valid write nests (a value at most 32 deep, store/model/validation.py, plus
+# the body's own few levels), so a value merely too deep still gets the input rule's error
+# naming its field; far below the interpreter's recursion limit (about 1,000).
+MAX_DEPTH = 100
 # How many refused messages the dead-letter list keeps, and how much of each body.
 DEAD_LETTERS_KEPT = 1000
 DEAD_LETTER_BODY_BYTES = 64 * 1024
