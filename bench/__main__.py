@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.env import Services, machine, prepare_process, services
-from bench.figures import Figure
+from bench.figures import Figure, fmt
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
@@ -63,14 +63,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fmt(value: float) -> str:
-    if value >= 100:
-        return f"{value:,.0f}"
-    if value >= 10:
-        return f"{value:.1f}"
-    return f"{value:.2f}"
-
-
 def _rows(figures: list[Figure]) -> list[list[str]]:
     rows = []
     for f in figures:
@@ -80,9 +72,9 @@ def _rows(figures: list[Figure]) -> list[list[str]]:
             [
                 f.title,
                 f.baseline_title,
-                f"{_fmt(f.value.median)} ({_fmt(f.value.tail)}) {f.value.unit}",
-                f"{_fmt(f.baseline.median)} ({_fmt(f.baseline.tail)}) {f.baseline.unit}",
-                f"{_fmt(median)}x ({label} {_fmt(tail)}x)",
+                f"{fmt(f.value.median)} ({fmt(f.value.tail)}) {f.value.unit}",
+                f"{fmt(f.baseline.median)} ({fmt(f.baseline.tail)}) {f.baseline.unit}",
+                f"{fmt(median)}x ({label} {fmt(tail)}x)",
                 f.goal,
                 "yes" if f.met else "**no**",
                 f"{len(f.value.samples)}/{len(f.baseline.samples)}",
@@ -109,10 +101,10 @@ def markdown(figures: list[Figure], report: dict[str, Any]) -> str:
                 [
                     f.title,
                     f.baseline_title,
-                    f"{_fmt(median)}x ({label}{_fmt(tail)}x)" if n > 1 else f"{_fmt(median)}x",
+                    f"{fmt(median)}x ({label}{fmt(tail)}x)" if n > 1 else f"{fmt(median)}x",
                     f.goal,
                     "yes" if f.met else "**no**",
-                    f"{_fmt(f.value.median)} vs {_fmt(f.baseline.median)} {f.value.unit}"
+                    f"{fmt(f.value.median)} vs {fmt(f.baseline.median)} {f.value.unit}"
                     + (f", n={n}" if n > 1 else ""),
                 ]
             )

@@ -8,6 +8,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def fmt(value: float) -> str:
+    """A figure as the table prints it (the benchmark output and the docs' page alike)."""
+    if value >= 100:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
 def percentile(samples: list[float], q: float) -> float:
     """Nearest-rank percentile: with 100 samples, p99 is the second largest."""
     ordered = sorted(samples)

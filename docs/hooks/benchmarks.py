@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
+
+# MkDocs loads this file by path: the repository root goes on the path for bench's formatting.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench.figures import fmt
 
 MARKER = "<!-- benchmarks -->"
 RESULTS = Path("bench/RESULTS.json")
@@ -17,15 +22,6 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     results = Path(config["config_file_path"]).parent / RESULTS
     report = json.loads(results.read_text())
     return markdown.replace(MARKER, render(report))
-
-
-def _fmt(value: float) -> str:
-    # The same rounding as python -m bench prints.
-    if value >= 100:
-        return f"{value:,.0f}"
-    if value >= 10:
-        return f"{value:.1f}"
-    return f"{value:.2f}"
 
 
 def _cell(text: str) -> str:
@@ -48,12 +44,12 @@ def render(report: dict[str, Any]) -> str:
     for figure in report["figures"]:
         value, baseline = figure["value"], figure.get("baseline_value") or {}
         n = value.get("n", 1)
-        ratio = f"{_fmt(figure['ratio_median'])}x"
+        ratio = f"{fmt(figure['ratio_median'])}x"
         if n > 1:
-            ratio += f" ({figure['tail']} {_fmt(figure['ratio_tail'])}x)"
-        measured = f"{_fmt(value['median'])}"
+            ratio += f" ({figure['tail']} {fmt(figure['ratio_tail'])}x)"
+        measured = f"{fmt(value['median'])}"
         if "median" in baseline:
-            measured += f" vs {_fmt(baseline['median'])}"
+            measured += f" vs {fmt(baseline['median'])}"
         measured += f" {value['unit']}" + (f", n={n}" if n > 1 else "")
         row = [
             figure["figure"],
