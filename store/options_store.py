@@ -25,7 +25,7 @@ from store.model.registry import Registry
 from store.model.validation import DEFAULT_MAX_VALUE_BYTES, decode_value
 from store.model.writes import Write, WriteResult
 from store.postgres.store import PostgresStore, Snapshot
-from store.redis.cache import RedisCache
+from store.redis.cache import Applied, RedisCache
 from store.transient import postgres_unavailable, redis_unavailable
 
 T = TypeVar("T")
@@ -246,7 +246,7 @@ class OptionsStore:
         result, first_run = self.db.apply(write, task_id=task_id)
         if result.changed:
             # A re-run propagates again: its first run may have died between commit and here.
-            self.propagate(result)
+            self.propagate(result, fresh=first_run)
         log.info(
             "option.write",
             scope=result.scope,
@@ -258,10 +258,15 @@ class OptionsStore:
         )
         return result
 
-    def propagate(self, result: WriteResult) -> bool:
+    def propagate(self, result: WriteResult, *, fresh: bool = False) -> bool:
         """Tell every cache about a committed change: this process's own, the other processes'
         (the broadcast) and Redis. False if a step failed: the outbox relay does it again later,
-        then calls this again."""
+        then calls this again.
+
+        ``fresh``: ``result`` was committed just now, so no one can have announced its revision
+        before. If Redis says someone did, PostgreSQL went back in time and handed it out
+        again: the scope is rebased past it (``rebase``), so that the caches take this write.
+        """
         # Our own process first: whatever happens below, this process reads the new state.
         self.local.drop(result.scope)
         done = True
@@ -288,14 +293,14 @@ class OptionsStore:
             if publisher is not None:
                 steps.append(("broadcast", publisher.announce))
             if cache is not None:
-                steps.append(("redis", lambda r: cache.apply(r.scope, r.revision, r.changes)))
-        for layer, step in steps:
-            try:
-                step(result)
-            except Exception as exc:
-                # PostgreSQL holds the change; the outbox relay finishes the job later.
-                _announce_failed(layer, result, exc)
-                done = False
+                steps.append(
+                    (
+                        "redis",
+                        lambda r: cache.apply(r.scope, r.revision, r.changes, task_id=r.task_id),
+                    )
+                )
+        stepped, before = _run_steps(steps, result)
+        done = done and stepped
         self.last_known.advance(
             result.scope,
             result.revision,
@@ -306,7 +311,38 @@ class OptionsStore:
             # Marked by this process's next write, in its transaction, or a moment later in
             # bulk (store/postgres/marks.py): a mark needs no round trip of its own.
             self.db.marks.add(result.task_id)
+        if fresh and before is not None and before.announced >= result.revision:
+            self._check_reused(result, before)
         return done
+
+    def _check_reused(self, result: WriteResult, before: Applied) -> None:
+        """``result`` was committed just now, and Redis has seen its revision or a newer one
+        announced. The same revision from another task: PostgreSQL handed it out again. A newer
+        one: a concurrent write announced first, unless PostgreSQL is behind it."""
+        try:
+            if before.announced == result.revision:
+                reused = before.by != result.task_id  # else the relay announced it first
+            else:
+                committed = self.db.revisions([result.scope]).get(result.scope, 0)
+                reused = committed < before.announced
+            if reused:
+                self.rebase(result.scope, above=before.announced)
+        except Exception as exc:  # the reconciler finds the database behind, and repairs it
+            log.warning("postgres.rebase_failed", scope=result.scope, error=describe(exc))
+
+    def rebase(self, scope: str, *, above: int) -> WriteResult | None:
+        """PostgreSQL holds ``scope`` at a revision at or below ``above``, which was announced
+        before: it went back in time (a restore, a failover to a replica that lacked the last
+        commits), and every cache that holds a revision it handed out again holds other values.
+        Move the scope past ``above`` in PostgreSQL and announce that: every cache drops the
+        scope and reloads PostgreSQL's state, and later writes are newer than anything cached.
+        """
+        result = self.db.rebase(scope, above=above)
+        if result is None:
+            return None
+        log.warning("postgres.went_back", scope=scope, announced=above, rebased_to=result.revision)
+        self.propagate(result)
+        return result
 
     # -- what the reload exchange brings ----------------------------------------------------
 
@@ -346,6 +382,25 @@ class OptionsStore:
         return "current"
 
 
+def _run_steps(
+    steps: list[tuple[str, Callable[[WriteResult], object]]], result: WriteResult
+) -> tuple[bool, Applied | None]:
+    """Run each step of ``propagate``; returns whether all went through, and what Redis did
+    (None if it did not answer)."""
+    done, applied = True, None
+    for layer, step in steps:
+        try:
+            outcome = step(result)
+        except Exception as exc:
+            # PostgreSQL holds the change; the outbox relay finishes the job later.
+            _announce_failed(layer, result, exc)
+            done = False
+        else:
+            if isinstance(outcome, Applied):
+                applied = outcome
+    return done, applied
+
+
 def _announce_failed(layer: str, result: WriteResult, exc: Exception) -> None:
     log.warning(
         "cache.announce_failed",
@@ -358,12 +413,13 @@ def _announce_failed(layer: str, result: WriteResult, exc: Exception) -> None:
 
 def _cache_then_broadcast(
     publisher: Publisher, cache: RedisCache, topics: Sequence[str], result: WriteResult
-) -> None:
+) -> Applied:
     try:
-        cache.apply(
+        return cache.apply(
             result.scope,
             result.revision,
             result.changes,
+            task_id=result.task_id,
             announce=(topics, publisher.envelope(result)),
         )
     except Exception:

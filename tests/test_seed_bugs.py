@@ -152,10 +152,10 @@ def test_redis_apply_moves_forward_only_in_order(backend: Any) -> None:
     cache = backend.redis
     scope = f"project:{fresh_id()}"
     cache.fill(scope, Snapshot(3, {"a": "1", "b": "2"}))
-    assert cache.apply(scope, 4, {"a": "10", "b": None, "c": "3"}) == "applied"
+    assert cache.apply(scope, 4, {"a": "10", "b": None, "c": "3"}).outcome == "applied"
     assert cache.get(scope) == Snapshot(4, {"a": "10", "c": "3"})
-    assert cache.apply(scope, 4, {"a": "99"}) == "old"
-    assert cache.apply(scope, 2, {"a": "99"}) == "old"
+    assert cache.apply(scope, 4, {"a": "99"}).outcome == "old"
+    assert cache.apply(scope, 2, {"a": "99"}).outcome == "old"
     assert cache.get(scope) == Snapshot(4, {"a": "10", "c": "3"})
 
 
@@ -164,14 +164,16 @@ def test_redis_gap_leaves_a_floor_that_refuses_older_fills(backend: Any) -> None
     cache = backend.redis
     scope = f"project:{fresh_id()}"
     cache.fill(scope, Snapshot(7, {"k": "7"}))
-    assert cache.apply(scope, 9, {"k": "9"}) == "floor"
+    assert cache.apply(scope, 9, {"k": "9"}).outcome == "floor"
     raw = cache.client.hgetall(cache.key(scope))
     assert raw[REVISION_FIELD] == b"9"
     assert STALE_FIELD in raw
     assert cache.get(scope) is None  # readers go to PostgreSQL
     assert not cache.fill(scope, Snapshot(8, {"k": "8"}))
     assert cache.get(scope) is None
-    assert cache.apply(scope, 10, {"k": "10"}) == "floor"  # no values to build on: still a floor
+    assert (
+        cache.apply(scope, 10, {"k": "10"}).outcome == "floor"
+    )  # no values to build on: still a floor
     assert not cache.fill(scope, Snapshot(9, {"k": "9"}))
     assert cache.fill(scope, Snapshot(10, {"k": "10"}))
     assert cache.get(scope) == Snapshot(10, {"k": "10"})

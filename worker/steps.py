@@ -94,7 +94,11 @@ class LeaderDutiesStep(bootsteps.StartStopStep):  # type: ignore[misc]
     def start(self, parent: Any) -> None:
         installation = _installation(parent)
         backend, settings = store.backend, installation.settings
-        reconciler = Reconciler(postgres=backend.db, cache=backend.redis)
+        reconciler = Reconciler(
+            postgres=backend.db,
+            cache=backend.redis,
+            rebase=lambda scope, above: backend.rebase(scope, above=above),
+        )
         heartbeat = Heartbeat(
             # The store's own publisher, which the relay uses too: one broker connection.
             publisher=backend.publisher

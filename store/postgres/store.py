@@ -433,6 +433,45 @@ class PostgresStore:
         more = int(seen) == scan and bool(last_is_old)
         return int(deleted), int(last_id) if more else 0
 
+    # -- a database that went back in time ---------------------------------------
+
+    def clock(self) -> int:
+        """The clock's tick (store/postgres/migrations/0009_rollback_repair.sql)."""
+        row = self._once_more_if_broken(
+            lambda conn: conn.execute("SELECT tick FROM options_clock WHERE id = 1").fetchone()
+        )
+        return 0 if row is None else int(row[0])
+
+    def advance_clock(self, known: int) -> int:
+        """Move the clock one tick past itself and past ``known``; returns the new tick."""
+        row = self._once_more_if_broken(
+            lambda conn: conn.execute("SELECT options_advance_clock(%s)", (known,)).fetchone()
+        )
+        assert row is not None
+        return int(row[0])
+
+    def revisions(self, scopes: list[str]) -> dict[str, int]:
+        """Each scope's committed revision; a scope this database does not have is left out."""
+        with self.connection() as conn:
+            rows = conn.execute(
+                "SELECT scope, revision FROM options_scope WHERE scope = ANY(%s)", (scopes,)
+            ).fetchall()
+        return {scope: int(revision) for scope, revision in rows}
+
+    def rebase(self, scope: str, *, above: int) -> WriteResult | None:
+        """Move ``scope`` past ``above``, a revision already announced, values unchanged (see
+        store/postgres/migrations/0009_rollback_repair.sql); None if it already is past."""
+        task_id = f"rebase-{uuid.uuid4()}"
+        row = self._once_more_if_broken(
+            lambda conn: conn.execute(
+                "SELECT revision, committed_at FROM options_rebase(%s, %s, %s)",
+                (scope, above, task_id),
+            ).fetchone()
+        )
+        if row is None:
+            return None
+        return WriteResult(scope, int(row[0]), True, {}, task_id, float(row[1]))
+
     def recent_revisions(
         self, *, window: float, settle: float, limit: int
     ) -> tuple[dict[str, int], bool]:

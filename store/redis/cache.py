@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping, Sequence
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
@@ -21,8 +21,17 @@ STALE_FIELD = b"\x00stale"
 
 @functools.cache
 def _script(name: str) -> str:
-    """A Lua script beside this module (fill.lua, delta.lua, raise.lua), read once."""
+    """A Lua script beside this module (fill.lua, delta.lua, ...), read once."""
     return resources.files("store.redis").joinpath(name).read_text(encoding="utf-8")
+
+
+class Applied(NamedTuple):
+    """What ``RedisCache.apply`` did, and the highest revision of the scope announced before,
+    with the task that committed it."""
+
+    outcome: str
+    announced: int
+    by: str
 
 
 class RedisCache:
@@ -47,6 +56,7 @@ class RedisCache:
         self._fill = self.client.register_script(_script("fill.lua"))
         self._delta = self.client.register_script(_script("delta.lua"))
         self._raise = self.client.register_script(_script("raise.lua"))
+        self._recent = self.client.register_script(_script("recent.lua"))
 
     def key(self, scope: str) -> str:
         return f"{self.prefix}:scope:{scope}"
@@ -74,9 +84,12 @@ class RedisCache:
         revision: int,
         changes: Mapping[str, str | None],
         *,
+        task_id: str = "",
         announce: tuple[Sequence[str], str] | None = None,
-    ) -> str:
-        """Move the cached scope to ``revision``; returns 'applied', 'old' or 'floor'.
+    ) -> Applied:
+        """Move the cached scope to ``revision``, committed by ``task_id``: 'applied', 'old'
+        or 'floor', and the highest revision of the scope announced before, with the task that
+        committed it (``Applied.announced``, ``Applied.by``).
 
         ``announce`` is (topics, message): published by the same script, once the cache is
         moved, when the broker's pub/sub is on this server (``Publisher.topics_on``).
@@ -88,6 +101,8 @@ class RedisCache:
             STALE_FIELD,
             revision,
             self.ttl,
+            scope,
+            task_id,
             message,
             len(topics),
             *topics,
@@ -96,14 +111,54 @@ class RedisCache:
         for key, value in sets:
             args += (key, value)
         args += [k for k, v in changes.items() if v is None]
+        keys = (self.key(scope), self.announced_key, self.announced_at_key)
         # By its digest, directly: redis-py's Script wrapper costs more Python per call than
         # the rest of the call. NOSCRIPT (a new or restarted server): loaded, then run.
         try:
-            outcome = self.client.evalsha(self._delta.sha, 1, self.key(scope), *args)
+            outcome, announced, by = self.client.evalsha(self._delta.sha, 3, *keys, *args)
         except redis.exceptions.NoScriptError:
             self.client.script_load(self._delta.script)
-            outcome = self.client.evalsha(self._delta.sha, 1, self.key(scope), *args)
-        return outcome.decode() if isinstance(outcome, bytes) else str(outcome)
+            outcome, announced, by = self.client.evalsha(self._delta.sha, 3, *keys, *args)
+        return Applied(_text(outcome), int(announced), _text(by))
+
+    # -- what was announced, for a database that goes back in time --------------------------
+
+    @property
+    def announced_key(self) -> str:
+        """The hash of the highest revision ever announced of each scope (no expiry)."""
+        return f"{self.prefix}:announced"
+
+    @property
+    def announced_at_key(self) -> str:
+        """When each scope was last announced a new revision (a sorted set, one window)."""
+        return f"{self.prefix}:announced-at"
+
+    def recently_announced(self, *, window: float, limit: int) -> dict[str, int]:
+        """The scopes announced a new revision in the last ``window`` seconds (the newest
+        ``limit``), each with the highest revision announced of it."""
+        found = self._recent(keys=[self.announced_at_key, self.announced_key], args=[window, limit])
+        return {
+            _text(scope): _revision(entry)
+            for scope, entry in zip(found[::2], found[1::2], strict=True)
+        }
+
+    @property
+    def clock_key(self) -> str:
+        """The database clock's tick last seen (options_clock, worker/duties/reconcile.py)."""
+        return f"{self.prefix}:clock"
+
+    def announced(self, *, cursor: int, count: int) -> tuple[int, dict[str, int]]:
+        """One page of the announced revisions: (next cursor, 0 when done; scope -> revision)."""
+        cursor, page = self.client.hscan(self.announced_key, cursor, count=count)
+        assert isinstance(page, dict)  # a list only with no_values=True
+        return int(cursor), {_text(scope): _revision(entry) for scope, entry in page.items()}
+
+    def clock(self) -> int:
+        raw = self.client.get(self.clock_key)
+        return 0 if raw is None else int(raw)
+
+    def set_clock(self, tick: int) -> None:
+        self.client.set(self.clock_key, tick)
 
     def revisions(self, scopes: list[str]) -> dict[str, int | None]:
         """The revision each scope's hash holds (a floor's too), or None where there is none."""
@@ -212,3 +267,12 @@ def _snapshot(raw: Mapping[Any, Any]) -> Snapshot | None:
         else:
             values[field.decode()] = value.decode()
     return Snapshot(revision, values)
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def _revision(entry: bytes | str) -> int:
+    """The revision of an announced-revisions entry ("<revision> <task id>")."""
+    return int(_text(entry).split(" ", 1)[0])

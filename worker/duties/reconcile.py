@@ -1,9 +1,11 @@
-"""The relay's checks against PostgreSQL: a Redis cache that went back in time is repaired,
-and heartbeats carry the high-water marks that let every process notice a lost broadcast."""
+"""The relay's checks against PostgreSQL: a Redis cache that went back in time is repaired, so
+is a PostgreSQL that went back in time, and heartbeats carry the high-water marks that let
+every process notice a lost broadcast."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from store.broadcast.codec import ReloadMessage
@@ -25,6 +27,17 @@ class Reconciler:
     Redis's ``run_id`` changes (a restart, a failover) the scan goes through every scope in
     pages of ``urgent_page`` until it has seen them all.
 
+    PostgreSQL goes back in time too: restored from a dump, or failed over to a replica that
+    lacked the last commits. Each call moves the database's clock (``options_clock``) one tick
+    and keeps a copy of the tick in Redis, and holds the scopes announced in the last
+    ``recent_window`` seconds against PostgreSQL's revisions. A database clock found behind
+    Redis's copy (commits older than a round lost), or a recent scope behind what was
+    announced of it (a replica that lagged by less), means the database went back: the whole
+    record of announced revisions (``RedisCache.announced``) is then held against
+    PostgreSQL's, and each scope that is behind is rebased past what was announced of it
+    (``rebase``, ``OptionsStore.rebase``): every cache then reloads what PostgreSQL holds. The
+    write path notices the same on the first write to such a scope.
+
     ``heartbeat`` builds the relay's heartbeat with its marks: the newest revision of every
     scope committed in the last ``mark_window`` seconds and announced at least ``mark_settle``
     seconds ago. A process holding an older state of one of them missed that change (its
@@ -33,6 +46,13 @@ class Reconciler:
 
     postgres: PostgresStore
     cache: RedisCache | None
+    # Moves a scope past a revision already announced (OptionsStore.rebase); None: not done.
+    rebase: Callable[[str, int], object] | None = None
+    announced_page: int = 1000
+    # Commits lost in a failover to a replica that lagged less than a round of the clock are
+    # the scopes announced last: those announced within this many seconds are checked each
+    # round (at most window_limit of them).
+    recent_window: float = 10.0
     window: float = 600.0
     window_limit: int = 5000
     page: int = 200
@@ -69,6 +89,7 @@ class Reconciler:
             self._run_id = run_id
             self._urgent = True
             self._cursor = ""
+        self._check_clock()
         recent, _ = self.postgres.recent_revisions(
             window=self.window, settle=self.settle, limit=self.window_limit
         )
@@ -104,6 +125,44 @@ class Reconciler:
                         "reconcile.repaired", scope=scope, cached=cached, committed=revision
                     )
         return repaired
+
+    # -- PostgreSQL against what was announced -------------------------------------
+
+    def _check_clock(self) -> None:
+        assert self.cache is not None
+        known = self.cache.clock()
+        # Read from Redis before PostgreSQL: a commit is announced after it is made, so in
+        # between PostgreSQL can only have moved further ahead.
+        recent = self.cache.recently_announced(window=self.recent_window, limit=self.window_limit)
+        committed = self.postgres.revisions(list(recent)) if recent else {}
+        behind = [scope for scope, rev in recent.items() if committed.get(scope, 0) < rev]
+        if behind or self.postgres.clock() < known:
+            # Moved on only once every scope is repaired: a round that fails here (PostgreSQL
+            # or Redis down, this leader killed) leaves the clocks as they are, and the next
+            # round, on whichever leader, finds the database behind again.
+            log.warning(
+                "reconcile.postgres_went_back", redis_clock=known, recent_behind=behind[:20]
+            )
+            rebased = self.rebase_behind()
+            log.warning("reconcile.postgres_repaired", rebased=rebased)
+        self.cache.set_clock(self.postgres.advance_clock(known))
+
+    def rebase_behind(self) -> int:
+        """Rebase every scope PostgreSQL holds at a revision older than one announced of it
+        (or not at all); returns how many."""
+        assert self.cache is not None
+        if self.rebase is None:
+            return 0
+        rebased, cursor = 0, 0
+        while True:
+            cursor, announced = self.cache.announced(cursor=cursor, count=self.announced_page)
+            committed = self.postgres.revisions(list(announced)) if announced else {}
+            for scope, revision in announced.items():
+                if committed.get(scope, 0) < revision:
+                    self.rebase(scope, revision)
+                    rebased += 1
+            if cursor == 0:
+                return rebased
 
     # -- high-water marks ---------------------------------------------------------
 
