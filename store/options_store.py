@@ -283,7 +283,7 @@ class OptionsStore:
         if topics and publisher is not None and cache is not None:
             # The broker is the cache's Redis server: one script moves the cache, then publishes
             # the broadcast, in one round trip. A process that hears it finds Redis current.
-            shared = (publisher, cache, topics)
+            shared = (publisher, cache, topics, self._database_id())
             steps.append(("redis+broadcast", lambda r: _cache_then_broadcast(*shared, r)))
         else:
             # The broadcast first, it is what the running tasks wait for. Safe before Redis: a
@@ -296,7 +296,13 @@ class OptionsStore:
                 steps.append(
                     (
                         "redis",
-                        lambda r: cache.apply(r.scope, r.revision, r.changes, task_id=r.task_id),
+                        lambda r: cache.apply(
+                            r.scope,
+                            r.revision,
+                            r.changes,
+                            task_id=r.task_id,
+                            database=self._database_id(),
+                        ),
                     )
                 )
         stepped, before = _run_steps(steps, result)
@@ -314,6 +320,14 @@ class OptionsStore:
         if fresh and before is not None and before.announced >= result.revision:
             self._check_reused(result, before)
         return done
+
+    def _database_id(self) -> str | None:
+        """Whose commits Redis records (PostgresStore.database_id); None while PostgreSQL does
+        not answer: the announcement goes ahead unrecorded."""
+        try:
+            return self.db.database_id()
+        except Exception:
+            return None
 
     def _check_reused(self, result: WriteResult, before: Applied) -> None:
         """``result`` was committed just now, and Redis has seen its revision or a newer one
@@ -412,7 +426,11 @@ def _announce_failed(layer: str, result: WriteResult, exc: Exception) -> None:
 
 
 def _cache_then_broadcast(
-    publisher: Publisher, cache: RedisCache, topics: Sequence[str], result: WriteResult
+    publisher: Publisher,
+    cache: RedisCache,
+    topics: Sequence[str],
+    database: str | None,
+    result: WriteResult,
 ) -> Applied:
     try:
         return cache.apply(
@@ -420,6 +438,7 @@ def _cache_then_broadcast(
             result.revision,
             result.changes,
             task_id=result.task_id,
+            database=database,
             announce=(topics, publisher.envelope(result)),
         )
     except Exception:

@@ -40,10 +40,11 @@ def hook_broadcasts(deliver: Callable[[str], bool]) -> None:
         changes: Mapping[str, str | None],
         *,
         announce: tuple[Sequence[str], str] | None = None,
+        **recorded: Any,
     ) -> Any:
         if announce is not None and not deliver(announce[1]):
             announce = None  # the cache moves; nothing is published
-        return cache_apply(self, scope, revision, changes, announce=announce)
+        return cache_apply(self, scope, revision, changes, announce=announce, **recorded)
 
     Publisher._send = hooked_send  # type: ignore[method-assign]
     RedisCache.apply = hooked_cache_apply  # type: ignore[method-assign]

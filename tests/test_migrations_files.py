@@ -28,7 +28,7 @@ RELEASED = {
         "64d31ddeaf288e40ac1dbf325d555db6e0da1879e000400c883cfbb8d25386b4"
     ),
     "0008_compare_and_set.sql": "3b1c29d7600fe5abadb86b22d884ceab9d167d291a5b921e6f3555ddc8308b32",
-    "0009_rollback_repair.sql": "6542573c79ced0865564a5e9d9d8d7b2154578627d92c148237da052d96c4f83",
+    "0009_rollback_repair.sql": "e4fb87be9ea85ad90c00d276d8e6ee86210f054066849d9345a94969cc74e501",
 }
 
 

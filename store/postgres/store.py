@@ -100,6 +100,7 @@ class PostgresStore:
         # Commits this process announced, not yet marked in options_write: the next write
         # marks them in its own transaction (or AnnouncedMarks' flush, when none comes).
         self.marks = AnnouncedMarks(self.mark_announced)
+        self._database_id: str | None = None
         after_fork_in_child(self._new_lock)
 
     def _new_lock(self) -> None:
@@ -434,6 +435,18 @@ class PostgresStore:
         return int(deleted), int(last_id) if more else 0
 
     # -- a database that went back in time ---------------------------------------
+
+    def database_id(self) -> str:
+        """This database's identity (options_clock), which a restore or a failover keeps."""
+        if self._database_id is None:
+            row = self._once_more_if_broken(
+                lambda conn: conn.execute(
+                    "SELECT database_id FROM options_clock WHERE id = 1"
+                ).fetchone()
+            )
+            assert row is not None
+            self._database_id = str(row[0])
+        return self._database_id
 
     def clock(self) -> int:
         """The clock's tick (store/postgres/migrations/0009_rollback_repair.sql)."""

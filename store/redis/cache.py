@@ -85,11 +85,13 @@ class RedisCache:
         changes: Mapping[str, str | None],
         *,
         task_id: str = "",
+        database: str | None = None,
         announce: tuple[Sequence[str], str] | None = None,
     ) -> Applied:
-        """Move the cached scope to ``revision``, committed by ``task_id``: 'applied', 'old'
-        or 'floor', and the highest revision of the scope announced before, with the task that
-        committed it (``Applied.announced``, ``Applied.by``).
+        """Move the cached scope to ``revision``, committed by ``task_id`` in ``database``:
+        'applied', 'old' or 'floor', and the highest revision of the scope announced before in
+        that database, with the task that committed it (``Applied.announced``, ``Applied.by``;
+        nothing is recorded without a ``database``).
 
         ``announce`` is (topics, message): published by the same script, once the cache is
         moved, when the broker's pub/sub is on this server (``Publisher.topics_on``).
@@ -101,7 +103,7 @@ class RedisCache:
             STALE_FIELD,
             revision,
             self.ttl,
-            scope,
+            scope if database else "",
             task_id,
             message,
             len(topics),
@@ -111,7 +113,8 @@ class RedisCache:
         for key, value in sets:
             args += (key, value)
         args += [k for k, v in changes.items() if v is None]
-        keys = (self.key(scope), self.announced_key, self.announced_at_key)
+        record = self.record(database or "-")
+        keys = (self.key(scope), record.announced_key, record.announced_at_key)
         # By its digest, directly: redis-py's Script wrapper costs more Python per call than
         # the rest of the call. NOSCRIPT (a new or restarted server): loaded, then run.
         try:
@@ -121,44 +124,9 @@ class RedisCache:
             outcome, announced, by = self.client.evalsha(self._delta.sha, 3, *keys, *args)
         return Applied(_text(outcome), int(announced), _text(by))
 
-    # -- what was announced, for a database that goes back in time --------------------------
-
-    @property
-    def announced_key(self) -> str:
-        """The hash of the highest revision ever announced of each scope (no expiry)."""
-        return f"{self.prefix}:announced"
-
-    @property
-    def announced_at_key(self) -> str:
-        """When each scope was last announced a new revision (a sorted set, one window)."""
-        return f"{self.prefix}:announced-at"
-
-    def recently_announced(self, *, window: float, limit: int) -> dict[str, int]:
-        """The scopes announced a new revision in the last ``window`` seconds (the newest
-        ``limit``), each with the highest revision announced of it."""
-        found = self._recent(keys=[self.announced_at_key, self.announced_key], args=[window, limit])
-        return {
-            _text(scope): _revision(entry)
-            for scope, entry in zip(found[::2], found[1::2], strict=True)
-        }
-
-    @property
-    def clock_key(self) -> str:
-        """The database clock's tick last seen (options_clock, worker/duties/reconcile.py)."""
-        return f"{self.prefix}:clock"
-
-    def announced(self, *, cursor: int, count: int) -> tuple[int, dict[str, int]]:
-        """One page of the announced revisions: (next cursor, 0 when done; scope -> revision)."""
-        cursor, page = self.client.hscan(self.announced_key, cursor, count=count)
-        assert isinstance(page, dict)  # a list only with no_values=True
-        return int(cursor), {_text(scope): _revision(entry) for scope, entry in page.items()}
-
-    def clock(self) -> int:
-        raw = self.client.get(self.clock_key)
-        return 0 if raw is None else int(raw)
-
-    def set_clock(self, tick: int) -> None:
-        self.client.set(self.clock_key, tick)
+    def record(self, database: str) -> AnnouncedRecord:
+        """What was announced of ``database``'s commits (PostgresStore.database_id)."""
+        return AnnouncedRecord(self.client, f"{self.prefix}:db:{database}", self._recent)
 
     def revisions(self, scopes: list[str]) -> dict[str, int | None]:
         """The revision each scope's hash holds (a floor's too), or None where there is none."""
@@ -267,6 +235,42 @@ def _snapshot(raw: Mapping[Any, Any]) -> Snapshot | None:
         else:
             values[field.decode()] = value.decode()
     return Snapshot(revision, values)
+
+
+class AnnouncedRecord:
+    """For one database: the highest revision ever announced of each scope and the task that
+    committed it (no expiry), when each scope was last announced a new revision (one window),
+    and the last tick of the database's clock seen. A database that went back in time is
+    found behind it (worker/duties/reconcile.py)."""
+
+    def __init__(self, client: redis.Redis, prefix: str, recent: Any) -> None:
+        self.client = client
+        self.announced_key = f"{prefix}:announced"
+        self.announced_at_key = f"{prefix}:announced-at"
+        self.clock_key = f"{prefix}:clock"
+        self._recent = recent
+
+    def recent(self, *, window: float, limit: int) -> dict[str, int]:
+        """The scopes announced a new revision in the last ``window`` seconds (the newest
+        ``limit``), each with the highest revision announced of it."""
+        found = self._recent(keys=[self.announced_at_key, self.announced_key], args=[window, limit])
+        return {
+            _text(scope): _revision(entry)
+            for scope, entry in zip(found[::2], found[1::2], strict=True)
+        }
+
+    def page(self, *, cursor: int, count: int) -> tuple[int, dict[str, int]]:
+        """One page of every scope's announced revision: (next cursor, 0 when done; page)."""
+        cursor, page = self.client.hscan(self.announced_key, cursor, count=count)
+        assert isinstance(page, dict)  # a list only with no_values=True
+        return int(cursor), {_text(scope): _revision(entry) for scope, entry in page.items()}
+
+    def clock(self) -> int:
+        raw = self.client.get(self.clock_key)
+        return 0 if raw is None else int(raw)
+
+    def set_clock(self, tick: int) -> None:
+        self.client.set(self.clock_key, tick)
 
 
 def _text(raw: bytes | str) -> str:

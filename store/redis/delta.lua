@@ -2,20 +2,20 @@
 -- anything else leaves a floor at the new revision so the next reader reloads from PostgreSQL.
 -- Then publish ARGV[7] to the ARGV[8] topics that follow it (none: a broker elsewhere): the
 -- change's broadcast, when the broker is this server, leaves after the cache holds the change.
--- KEYS[2] holds, for each scope (field ARGV[5]), the highest revision ever announced of it and
--- the task that committed it ("<revision> <task id>"), kept with no expiry; KEYS[3] when each
+-- KEYS[2] holds, for each scope (field ARGV[5]; none if empty), the highest revision ever
+-- announced of it in one database and the task that committed it ("<revision> <task id>"), kept with no expiry; KEYS[3] when each
 -- scope was last announced a new revision. A commit at a revision another task committed
 -- before means PostgreSQL went back in time (OptionsStore.propagate, worker/duties/reconcile.py).
 -- Returns {outcome, the highest revision announced before, the task that committed it}.
 local ntopics = tonumber(ARGV[8])
 local new = tonumber(ARGV[3])
 local announced, by = 0, ''
-local entry = redis.call('HGET', KEYS[2], ARGV[5])
+local entry = ARGV[5] ~= '' and redis.call('HGET', KEYS[2], ARGV[5])
 if entry then
   local revision, task = string.match(entry, '^(%d+) ?(.*)$')
   announced, by = tonumber(revision) or 0, task or ''
 end
-if announced < new then
+if ARGV[5] ~= '' and announced < new then
   local now = redis.call('TIME')
   redis.call('HSET', KEYS[2], ARGV[5], ARGV[3] .. ' ' .. ARGV[6])
   redis.call('ZADD', KEYS[3], tonumber(now[1]) + tonumber(now[2]) / 1e6, ARGV[5])

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from store.broadcast.codec import ReloadMessage
 from store.events import log
 from store.postgres.store import PostgresStore
-from store.redis.cache import RedisCache
+from store.redis.cache import AnnouncedRecord, RedisCache
 
 
 @dataclass(kw_only=True)
@@ -130,10 +130,11 @@ class Reconciler:
 
     def _check_clock(self) -> None:
         assert self.cache is not None
-        known = self.cache.clock()
+        record = self.cache.record(self.postgres.database_id())
+        known = record.clock()
         # Read from Redis before PostgreSQL: a commit is announced after it is made, so in
         # between PostgreSQL can only have moved further ahead.
-        recent = self.cache.recently_announced(window=self.recent_window, limit=self.window_limit)
+        recent = record.recent(window=self.recent_window, limit=self.window_limit)
         committed = self.postgres.revisions(list(recent)) if recent else {}
         behind = [scope for scope, rev in recent.items() if committed.get(scope, 0) < rev]
         if behind or self.postgres.clock() < known:
@@ -143,19 +144,18 @@ class Reconciler:
             log.warning(
                 "reconcile.postgres_went_back", redis_clock=known, recent_behind=behind[:20]
             )
-            rebased = self.rebase_behind()
+            rebased = self.rebase_behind(record)
             log.warning("reconcile.postgres_repaired", rebased=rebased)
-        self.cache.set_clock(self.postgres.advance_clock(known))
+        record.set_clock(self.postgres.advance_clock(known))
 
-    def rebase_behind(self) -> int:
+    def rebase_behind(self, record: AnnouncedRecord) -> int:
         """Rebase every scope PostgreSQL holds at a revision older than one announced of it
         (or not at all); returns how many."""
-        assert self.cache is not None
         if self.rebase is None:
             return 0
         rebased, cursor = 0, 0
         while True:
-            cursor, announced = self.cache.announced(cursor=cursor, count=self.announced_page)
+            cursor, announced = record.page(cursor=cursor, count=self.announced_page)
             committed = self.postgres.revisions(list(announced)) if announced else {}
             for scope, revision in announced.items():
                 if committed.get(scope, 0) < revision:

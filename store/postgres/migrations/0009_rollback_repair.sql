@@ -3,7 +3,9 @@
 -- values. Two things let the fleet notice and repair it (worker/duties/reconcile.py):
 --
 -- options_clock: one row the leader moves forward every round, and mirrors in Redis. A clock
--- found behind Redis's copy means the database lost commits since.
+-- found behind Redis's copy means the database lost commits since. Its database_id names this
+-- database's records in Redis: a restored dump or a promoted replica keeps it, another
+-- database in the same namespace (a new one, a test's) has its own.
 --
 -- options_rebase: moves a scope's revision past the highest one ever announced for it (kept
 -- in Redis), without changing a value. It skips one revision (p_above + 2), so that no cache
@@ -12,10 +14,11 @@
 -- any other, by the writer or else by the outbox relay.
 
     CREATE TABLE options_clock (
-        id   integer PRIMARY KEY CHECK (id = 1),
-        tick bigint NOT NULL
+        id          integer PRIMARY KEY CHECK (id = 1),
+        tick        bigint NOT NULL,
+        database_id text NOT NULL DEFAULT gen_random_uuid()::text
     );
-    INSERT INTO options_clock VALUES (1, 0);
+    INSERT INTO options_clock (id, tick) VALUES (1, 0);
 
     CREATE FUNCTION options_advance_clock(p_known bigint) RETURNS bigint
     LANGUAGE sql AS $fn$
