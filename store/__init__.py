@@ -17,7 +17,11 @@ from store.errors import (
     StoreUnavailable,
 )
 from store.local import TASK
-from store.model.validation import DEFAULT_MAX_VALUE_BYTES
+from store.model.validation import (
+    DEFAULT_MAX_SCOPE_BYTES,
+    DEFAULT_MAX_SCOPE_KEYS,
+    DEFAULT_MAX_VALUE_BYTES,
+)
 from store.options_store import OptionsStore
 from store.process import WEB, WORKER, StoreProcess, broker_connections
 from store.readers import GroupMeta, Options, ProjectOptions, TagKeys, UserOptions
@@ -49,6 +53,8 @@ def configure(
     namespace: str = "optionstore",
     follow_broadcasts: bool = False,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_scope_keys: int = DEFAULT_MAX_SCOPE_KEYS,
+    max_scope_bytes: int = DEFAULT_MAX_SCOPE_BYTES,
 ) -> OptionsStore:
     """Point this process at its services by hand; connections open lazily, after any fork.
 
@@ -58,6 +64,8 @@ def configure(
     ``follow_broadcasts`` too, this process runs a reload consumer and caches only while it
     hears every change; without, its local cache is trusted as it is. A change whose
     message would encode larger than ``max_message_bytes`` is broadcast as "reload this scope".
+    A write that would grow a scope past ``max_scope_keys`` keys or ``max_scope_bytes`` of
+    encoded values is refused.
     """
     publish, follow = (
         (None, None)
@@ -77,6 +85,8 @@ def configure(
         publish=publish,
         follow=follow if follow_broadcasts else None,
         max_message_bytes=max_message_bytes,
+        max_scope_keys=max_scope_keys,
+        max_scope_bytes=max_scope_bytes,
     )
 
 

@@ -20,7 +20,11 @@ from store.events import log, set_output
 from store.fork import after_fork_in_child
 from store.local import PROCESS, TASK
 from store.model.registry import Registry
-from store.model.validation import DEFAULT_MAX_VALUE_BYTES
+from store.model.validation import (
+    DEFAULT_MAX_SCOPE_BYTES,
+    DEFAULT_MAX_SCOPE_KEYS,
+    DEFAULT_MAX_VALUE_BYTES,
+)
 from store.options_store import OptionsStore
 from store.postgres.store import PostgresStore
 from store.redis.cache import RedisCache
@@ -108,6 +112,8 @@ class StoreProcess:
         follow: Connect | None = None,
         kind: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_scope_keys: int = DEFAULT_MAX_SCOPE_KEYS,
+        max_scope_bytes: int = DEFAULT_MAX_SCOPE_BYTES,
     ) -> OptionsStore:
         """Point this process at its services; connections open lazily, after any fork.
 
@@ -129,7 +135,12 @@ class StoreProcess:
             )
             store.configure(
                 publisher=publisher,
-                postgres=PostgresStore(conninfo=database_url, max_size=pool_max_size),
+                postgres=PostgresStore(
+                    conninfo=database_url,
+                    max_size=pool_max_size,
+                    max_scope_keys=max_scope_keys,
+                    max_scope_bytes=max_scope_bytes,
+                ),
                 redis_cache=None if not redis_url else RedisCache(url=redis_url, prefix=namespace),
                 local_cache=local_cache,
                 max_value_bytes=max_value_bytes,
@@ -162,6 +173,8 @@ class StoreProcess:
             follow=follow,
             kind=kind,
             max_message_bytes=settings.max_message_bytes,
+            max_scope_keys=settings.max_scope_keys,
+            max_scope_bytes=settings.max_scope_bytes,
         )
 
     def provide(self, provider: Callable[[], None] | None) -> None:

@@ -17,9 +17,12 @@ from store.errors import InvalidOption
 from store.events import log
 from store.local import MODES, TASK
 from store.model.validation import (
+    DEFAULT_MAX_SCOPE_BYTES,
+    DEFAULT_MAX_SCOPE_KEYS,
     DEFAULT_MAX_VALUE_BYTES,
     DEFAULT_MAX_WRITE_BYTES,
     DEFAULT_MAX_WRITE_KEYS,
+    MAX_ID,
 )
 
 # The names an override may take, each the keyword form of one environment variable.
@@ -33,6 +36,8 @@ OVERRIDES = {
     "max_message_bytes": "OPTIONS_MAX_MESSAGE_BYTES",
     "max_write_keys": "OPTIONS_MAX_WRITE_KEYS",
     "max_write_bytes": "OPTIONS_MAX_WRITE_BYTES",
+    "max_scope_keys": "OPTIONS_MAX_SCOPE_KEYS",
+    "max_scope_bytes": "OPTIONS_MAX_SCOPE_BYTES",
     "state_dir": "OPTIONS_STATE_DIR",
     "namespace": "OPTIONS_NAMESPACE",
     "task_queue": "OPTIONS_TASK_QUEUE",
@@ -184,6 +189,10 @@ class Settings:
     # One set_many: at most this many keys, and this many bytes of encoded values.
     max_write_keys: int = DEFAULT_MAX_WRITE_KEYS
     max_write_bytes: int = DEFAULT_MAX_WRITE_BYTES
+    # One scope: at most this many keys, and this many bytes of encoded values (the database
+    # refuses a write that would grow a scope past either).
+    max_scope_keys: int = DEFAULT_MAX_SCOPE_KEYS
+    max_scope_bytes: int = DEFAULT_MAX_SCOPE_BYTES
     state_dir: Path = field(default_factory=lambda: Path(".optionstore").absolute())
     namespace: str = "optionstore"
     task_queue: str = "celery"
@@ -252,6 +261,8 @@ class Settings:
             ),
             max_write_keys=_positive_int(env, "OPTIONS_MAX_WRITE_KEYS", DEFAULT_MAX_WRITE_KEYS),
             max_write_bytes=_positive_int(env, "OPTIONS_MAX_WRITE_BYTES", DEFAULT_MAX_WRITE_BYTES),
+            max_scope_keys=_scope_limit(env, "OPTIONS_MAX_SCOPE_KEYS", DEFAULT_MAX_SCOPE_KEYS),
+            max_scope_bytes=_scope_limit(env, "OPTIONS_MAX_SCOPE_BYTES", DEFAULT_MAX_SCOPE_BYTES),
             state_dir=Path(env.get("OPTIONS_STATE_DIR") or ".optionstore").absolute(),
             namespace=env.get("OPTIONS_NAMESPACE") or "optionstore",
             task_queue=env.get("OPTIONS_TASK_QUEUE") or "celery",
@@ -323,6 +334,14 @@ def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
         raise InvalidOption(name, f"must be an integer, got {raw!r}") from None
     if value < 1:
         raise InvalidOption(name, f"must be at least 1, got {value}")
+    return value
+
+
+def _scope_limit(env: Mapping[str, str], name: str, default: int) -> int:
+    # Compared in PostgreSQL as a bigint: a larger number would fail every write, not this check.
+    value = _positive_int(env, name, default)
+    if value > MAX_ID:
+        raise InvalidOption(name, f"must be at most {MAX_ID}, got {value}")
     return value
 
 

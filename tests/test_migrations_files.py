@@ -29,6 +29,7 @@ RELEASED = {
     ),
     "0008_compare_and_set.sql": "3b1c29d7600fe5abadb86b22d884ceab9d167d291a5b921e6f3555ddc8308b32",
     "0009_rollback_repair.sql": "e4fb87be9ea85ad90c00d276d8e6ee86210f054066849d9345a94969cc74e501",
+    "0010_scope_limits.sql": "771443a1ffa4020ced6a6fc9ff3493b962600a653682150b012a354ac6e57b66",
 }
 
 
@@ -66,7 +67,7 @@ def test_migrate_brings_a_fresh_database_to_the_latest_version(services: Service
             assert schema_version(conn) == SCHEMA_VERSION
             # The last migration's function is the one in place.
             found = conn.execute("SELECT pronargs FROM pg_proc WHERE proname = 'options_apply'")
-            assert found.fetchall() == [(10,)]
+            assert found.fetchall() == [(12,)]
     finally:
         with psycopg.connect(services.database_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

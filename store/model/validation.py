@@ -17,6 +17,10 @@ DEFAULT_MAX_VALUE_BYTES = 1024 * 1024
 # so that a single task cannot hold a worker child or a scope's row lock for long.
 DEFAULT_MAX_WRITE_KEYS = 10_000
 DEFAULT_MAX_WRITE_BYTES = 16 * 1024 * 1024
+# What one scope may hold, so that a read (which loads its whole scope) stays bounded: refused by
+# the database, under the scope's lock, for a write that would grow a scope past either.
+DEFAULT_MAX_SCOPE_KEYS = 10_000
+DEFAULT_MAX_SCOPE_BYTES = 16 * 1024 * 1024
 
 
 def validate_id(value: object, field: str) -> int:

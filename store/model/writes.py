@@ -63,6 +63,9 @@ class Write:
     audit: Audit = Audit()
     # Compare-and-set: commit only if the scope is at this revision (0: never written).
     expected_revision: int | None = None
+    # The argument an error about this write's keys names (a scope limit): "values" for a
+    # set_many.
+    keys_field: str = "key"
 
     @property
     def keys(self) -> list[str]:
@@ -176,4 +179,4 @@ def many_write(
             unsets.append(name)
     if not sets and not unsets:
         raise InvalidOption("values", "set_many needs at least one key in values or unset")
-    return Write(scope, sets, tuple(unsets))
+    return Write(scope, sets, tuple(unsets), keys_field="values")

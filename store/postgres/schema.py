@@ -38,8 +38,9 @@ MIGRATIONS: tuple[str, ...] = _names()
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def migrate(conninfo: str) -> tuple[int, int]:
-    """Bring the schema up to date; returns (version before, version after)."""
+def migrate(conninfo: str, *, version: int = SCHEMA_VERSION) -> tuple[int, int]:
+    """Bring the schema up to date (or up to ``version``: a test of a migration starts from
+    the one before); returns (version before, version after)."""
     with psycopg.connect(conninfo) as conn, conn.transaction():
         # Concurrent migrators queue here; the second one finds the work done.
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_ID,))
@@ -52,10 +53,11 @@ def migrate(conninfo: str) -> tuple[int, int]:
             raise MigrationError(
                 f"database schema is version {before}, newer than this code's {SCHEMA_VERSION}"
             )
-        for name in MIGRATIONS[before:]:
+        after = min(max(before, version), SCHEMA_VERSION)
+        for name in MIGRATIONS[before:after]:
             conn.execute(_folder().joinpath(name).read_bytes())
-        conn.execute("UPDATE options_schema SET version = %s", (SCHEMA_VERSION,))
-    return before, SCHEMA_VERSION
+        conn.execute("UPDATE options_schema SET version = %s", (after,))
+    return before, after
 
 
 def schema_version(conn: psycopg.Connection[TupleRow]) -> int:

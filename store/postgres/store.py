@@ -19,6 +19,7 @@ from psycopg_pool import ConnectionPool
 
 from store.errors import InvalidOption, NotMigrated, RevisionConflict
 from store.fork import after_fork_in_child
+from store.model.validation import DEFAULT_MAX_SCOPE_BYTES, DEFAULT_MAX_SCOPE_KEYS
 from store.model.writes import Write, WriteResult
 from store.postgres.marks import AnnouncedMarks
 from store.postgres.schema import SCHEMA_VERSION, schema_version
@@ -65,9 +66,11 @@ class HistoryEntry:
     new_set: bool = True
 
 
-# SQLSTATEs options_apply raises (store/postgres/migrations/0008_compare_and_set.sql).
+# SQLSTATEs options_apply raises (store/postgres/migrations/0008_compare_and_set.sql, and
+# 0010_scope_limits.sql).
 TASK_ID_REUSED = "OS001"
 REVISION_CONFLICT = "OS002"
+SCOPE_LIMIT = "OS003"
 
 
 class PostgresStore:
@@ -81,8 +84,14 @@ class PostgresStore:
         max_idle: float = 60.0,
         max_size: int = 8,
         timeout: float = 5.0,
+        max_scope_keys: int = DEFAULT_MAX_SCOPE_KEYS,
+        max_scope_bytes: int = DEFAULT_MAX_SCOPE_BYTES,
     ) -> None:
         self.conninfo = conninfo
+        # What one scope may hold (OPTIONS_MAX_SCOPE_KEYS, OPTIONS_MAX_SCOPE_BYTES): a write
+        # that would grow a scope past either is refused by options_apply.
+        self.max_scope_keys = max_scope_keys
+        self.max_scope_bytes = max_scope_bytes
         self._min_size = min_size
         self._max_idle = max_idle
         self._max_size = max_size
@@ -226,7 +235,7 @@ class PostgresStore:
         try:
             row = conn.execute(
                 "SELECT * FROM options_apply(%s, %s, %s::text[], %s::text[], %s, %s, %s,"
-                " %s::text[], %s, %s)",
+                " %s::text[], %s, %s, %s, %s)",
                 (
                     write.scope.name,
                     task_id,
@@ -238,6 +247,8 @@ class PostgresStore:
                     announced or None,
                     write.expected_revision,
                     write.fingerprint,
+                    self.max_scope_keys,
+                    self.max_scope_bytes,
                 ),
             ).fetchone()
         except psycopg.Error as exc:
@@ -250,6 +261,8 @@ class PostgresStore:
                 raise RevisionConflict(
                     write.scope.name, write.expected_revision or 0, current
                 ) from None
+            if exc.sqlstate == SCOPE_LIMIT:
+                raise _scope_limit_error(write, exc.diag.message_detail or "") from None
             raise
         assert row is not None
         revision, changed, changes, committed_at, first_run = row
@@ -539,6 +552,21 @@ def _raise_if_not_migrated(conn: Connection, error: psycopg.Error) -> None:
         else f"has optionstore schema version {version}, this code needs {SCHEMA_VERSION}"
     )
     raise NotMigrated(f"{where} {state}: run `optionstore migrate`") from error
+
+
+def _scope_limit_error(write: Write, detail: str) -> InvalidOption:
+    """The refusal of a write that would grow its scope past a limit, from options_apply's
+    DETAIL ('keys|bytes <would hold> <limit>'), naming the write's keys argument."""
+    what, would, limit = detail.split()
+    held = (
+        f"{int(would):,} keys, more than {int(limit):,} (OPTIONS_MAX_SCOPE_KEYS)"
+        if what == "keys"
+        else f"{int(would):,} bytes of encoded values, more than {int(limit):,} "
+        "(OPTIONS_MAX_SCOPE_BYTES)"
+    )
+    return InvalidOption(
+        write.keys_field, f"scope {write.scope.name} would hold {held}; nothing was written"
+    )
 
 
 def _result_from_row(task_id: str, row: tuple[Any, ...]) -> WriteResult:
