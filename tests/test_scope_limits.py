@@ -1,15 +1,18 @@
 """What one scope may hold (OPTIONS_MAX_SCOPE_KEYS, OPTIONS_MAX_SCOPE_BYTES): refused in
 PostgreSQL under the scope's lock, for writes sent by name to a real prefork worker, for writers
-racing, for scopes over a limit from before it, and after the migration that counts what every
-scope already holds."""
+racing, for scopes over a limit from before it, through the command line, and after the
+migration that counts what every scope already holds."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -23,7 +26,7 @@ from store.model.writes import many_write, set_write
 from store.postgres.schema import MIGRATIONS, migrate
 from store.postgres.store import PostgresStore
 from store.settings import Settings
-from tests.conftest import Services, Worker, fresh_database, fresh_id, wait_for
+from tests.conftest import ROOT, Services, Worker, fresh_database, fresh_id, wait_for
 
 MAX_KEYS = 50
 MAX_BYTES = 4000
@@ -340,6 +343,45 @@ def test_the_migration_counts_what_every_scope_already_holds(services: Services)
             assert kept == counted
         finally:
             store.close()
+
+
+def test_the_command_line_shows_a_refusal(
+    limited: Worker, backend: Any, services: Services, tmp_path: Path
+) -> None:
+    """`set --wait` and `apply --yes` on a full scope exit 2 and print the worker's refusal,
+    naming `key` and `values`; nothing is written."""
+    project = fresh_id()
+    scope = f"project:{project}"
+    limited.call("options.set_many", scope, {f"k{i:02d}": i for i in range(50)}, [])
+    revision = backend.db.load_scope(scope).revision
+    env = services.env(OPTIONS_TASK_QUEUE=limited.queue)
+
+    def optionstore(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "worker.cli", *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    done = optionstore("set", scope, "one-more", "1", "--wait", "--timeout", "20")
+    assert done.returncode == 2, done
+    assert (
+        f"key: scope {scope} would hold 51 keys, more than 50 (OPTIONS_MAX_SCOPE_KEYS); "
+        "nothing was written"
+    ) in done.stderr
+
+    desired = tmp_path / "desired.json"
+    desired.write_text(
+        json.dumps({"optionstore": 1, "scopes": {scope: {"values": {"a": 1, "b": 2}}}})
+    )
+    done = optionstore("apply", str(desired), "--yes", "--timeout", "20")
+    assert done.returncode == 2, done
+    assert f"values: scope {scope} would hold 52 keys, more than 50" in done.stderr
+    assert backend.db.load_scope(scope).revision == revision
 
 
 @pytest.mark.parametrize(
