@@ -36,7 +36,10 @@ def broadcast_size(run: Services, *, quick: bool = False) -> Figure:
     from store.model.writes import many_write, set_write
 
     namespace = run.namespace("size")
-    backend = run.configure_store(namespace, broker_url=run.broker_url)
+    # The big scope takes one key past the default OPTIONS_MAX_SCOPE_KEYS.
+    backend = run.configure_store(
+        namespace, broker_url=run.broker_url, max_scope_keys=BIG_SCOPE_KEYS + 1
+    )
     bodies: list[tuple[dict[str, Any], int]] = []
 
     def on_message(body: dict[str, Any], message: Any) -> None:
@@ -112,7 +115,8 @@ def memory(run: Services, *, quick: bool = False) -> list[Figure]:
     from store.model.writes import many_write
 
     namespace = run.namespace("memory")
-    backend = run.configure_store(namespace)
+    # One scope of 100,000 keys: ten times the default OPTIONS_MAX_SCOPE_KEYS.
+    backend = run.configure_store(namespace, max_scope_keys=100_000)
     items = list(option_values(100_000, seed=3).items())
     for start in range(0, len(items), 10_000):
         backend.commit(

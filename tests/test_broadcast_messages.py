@@ -347,7 +347,8 @@ def test_one_key_change_makes_the_same_small_message_whatever_the_scope_size(bac
     big, small = project_scope(big_id), project_scope(big_id + 1)  # names of equal length
     backend.commit(many_write(big, {f"key{i:05d}": i for i in range(10_000)}, []))
     backend.commit(set_write(small, "other", 0))
-    key, value = "changed", "x" * 100
+    # A key the big scope holds: a new one would take it past OPTIONS_MAX_SCOPE_KEYS (10,000).
+    key, value = "key00000", "x" * 100
     sizes = {}
     for scope in (big, small):
         result: WriteResult = backend.commit(set_write(scope, key, value))
