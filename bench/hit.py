@@ -57,7 +57,7 @@ def hit_figure(name: str, title: str, answer: dict[str, Any], where: str) -> Fig
         baseline_title="bare `dict.get` (same process)",
         value=Series("ns/call", store_net),
         baseline=Series("ns/call", dict_net),
-        goal="<= 10x",
+        goal="<= 4x",
         method=(
             f"timeit inside {where} ({answer['mode']} mode), a 10-key project scope; "
             f"{len(loop)} repetitions of {answer['number']:,} calls each, interleaved with the "

@@ -43,8 +43,64 @@ class ScopeState:
         return list(self._sorted_keys)
 
 
+_PROJECT_PREFIX = "project:"
+_GROUP_PREFIX = "group:"
+
+
+def _id_of(name: str, prefix: str) -> int | None:
+    """The id of a scope name of one kind (``project:42`` -> 42), else None."""
+    if name.startswith(prefix):
+        rest = name[len(prefix) :]
+        if rest.isdigit():
+            return int(rest)
+    return None
+
+
+class ScopeMap(dict[str, ScopeState]):
+    """Scope name -> state, with the values of project and group scopes also by their integer
+    id, so a local hit looks its value up by the id it is given, without making the name. Every
+    change goes through the four methods below, which keep both in step; reads are plain dict
+    reads.
+    """
+
+    __slots__ = ("groups", "projects")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.projects: dict[int, dict[str, Any]] = {}
+        self.groups: dict[int, dict[str, Any]] = {}
+
+    def __setitem__(self, name: str, state: ScopeState) -> None:
+        super().__setitem__(name, state)
+        self._index(name, state)
+
+    def __delitem__(self, name: str) -> None:
+        super().__delitem__(name)
+        self._index(name, None)
+
+    def pop(self, name: str, default: Any = None) -> Any:
+        state = super().pop(name, default)
+        self._index(name, None)
+        return state
+
+    def clear(self) -> None:
+        self.projects.clear()
+        self.groups.clear()
+        super().clear()
+
+    def _index(self, name: str, state: ScopeState | None) -> None:
+        for prefix, index in ((_PROJECT_PREFIX, self.projects), (_GROUP_PREFIX, self.groups)):
+            ident = _id_of(name, prefix)
+            if ident is not None:
+                if state is None:
+                    index.pop(ident, None)
+                else:
+                    index[ident] = state.values
+                return
+
+
 class _Holder:
-    scopes: dict[str, ScopeState]
+    scopes: ScopeMap
 
 
 class _Registry:
@@ -57,11 +113,11 @@ class _Registry:
     """
 
     def __init__(self) -> None:
-        self._entries: tuple[tuple[weakref.ref[threading.Thread], dict[str, ScopeState]], ...] = ()
+        self._entries: tuple[tuple[weakref.ref[threading.Thread], ScopeMap], ...] = ()
         self._lock = threading.Lock()
         self._pid = os.getpid()
 
-    def add(self, thread: threading.Thread, scopes: dict[str, ScopeState]) -> None:
+    def add(self, thread: threading.Thread, scopes: ScopeMap) -> None:
         if self._pid != os.getpid():
             # Forked while another thread may have held the lock: the child gets its own.
             self._lock = threading.Lock()
@@ -70,13 +126,13 @@ class _Registry:
             live = tuple(entry for entry in self._entries if entry[0]() is not None)
             self._entries = (*live, (weakref.ref(thread), scopes))
 
-    def maps(self) -> list[dict[str, ScopeState]]:
+    def maps(self) -> list[ScopeMap]:
         return [scopes for thread, scopes in self._entries if thread() is not None]
 
 
 class _ThreadHolder(threading.local):
     def __init__(self, registry: _Registry) -> None:
-        self.scopes: dict[str, ScopeState] = {}
+        self.scopes = ScopeMap()
         # Remembered so code outside this thread (a broadcast) can reach every thread's cache.
         registry.add(threading.current_thread(), self.scopes)
 
@@ -93,10 +149,10 @@ class LocalCache:
     def __init__(self, mode: str = TASK) -> None:
         self._registry = _Registry()
         self._shared = _Holder()
-        self._shared.scopes = {}
+        self._shared.scopes = ScopeMap()
         self._threads = _ThreadHolder(self._registry)
         self.mode = TASK
-        self.holder: _Holder | _ThreadHolder = self._threads
+        self.holder: _Holder | _ThreadHolder = self._shared
         # The newest revision announced per scope: a load that comes back older than this
         # (Redis read before the change landed) is not cached.
         self.floors: dict[str, int] = {}
@@ -107,15 +163,17 @@ class LocalCache:
         # earlier generation may predate a change this process never heard, and is not kept.
         self._generations = itertools.count()
         self.generation = next(self._generations)
-        self.one_task_at_a_time = False
+        self.one_task_at_a_time = True
         self.set_mode(mode)
 
     def set_mode(self, mode: str, *, one_task_at_a_time: bool | None = None) -> None:
         """Choose task or process mode.
 
-        ``one_task_at_a_time``: the process never runs two tasks at once (prefork child, solo),
-        so task mode can use one map instead of a thread-local one, which is cheaper to reach
-        on every read. Unset keeps the previous choice; the default is per thread (safe).
+        ``one_task_at_a_time``: the process never ends one task while another runs in another
+        thread, so task mode can use one map instead of a thread-local one, which is cheaper to
+        reach on every read. Unset keeps the previous choice. The default is one map: only a
+        worker whose pool runs tasks side by side in threads (threads, gevent, eventlet) ends
+        tasks that way, and its start says so (worker/steps.py); elsewhere nothing ends a task.
         """
         if mode not in MODES:
             raise ValueError(f"local cache mode must be one of {MODES}, got {mode!r}")
@@ -123,11 +181,22 @@ class LocalCache:
             self.one_task_at_a_time = one_task_at_a_time
         self.mode = mode
         per_thread = mode == TASK and not self.one_task_at_a_time
-        self.holder = self._threads if per_thread else self._shared
+        holder = self._threads if per_thread else self._shared
+        if holder is not self.holder:
+            # Readers look in the shared map first (``shared``): it must not keep states the
+            # per-thread maps have since moved past.
+            self.clear()
+        self.holder = holder
 
     @property
-    def scopes(self) -> dict[str, ScopeState]:
+    def scopes(self) -> ScopeMap:
         return self.holder.scopes
+
+    @property
+    def shared(self) -> ScopeMap:
+        """The map of process mode and of one-task-at-a-time task mode, for the readers' hit
+        path; empty while the per-thread maps are in use. Never replaced, only changed."""
+        return self._shared.scopes
 
     def end_task(self) -> None:
         """A task finished: in task mode its thread starts the next task empty."""
@@ -214,6 +283,6 @@ class LocalCache:
                 dropped = True
         return dropped
 
-    def all_maps(self) -> Iterator[dict[str, ScopeState]]:
+    def all_maps(self) -> Iterator[ScopeMap]:
         yield self._shared.scopes
         yield from self._registry.maps()

@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 
 import store
 from store.errors import InvalidOption, StoreUnavailable
-from store.local import PROCESS, TASK, LocalCache, ScopeState
+from store.local import PROCESS, TASK, LocalCache, ScopeMap, ScopeState
 from store.model.scopes import group_scope, project_scope
 from store.model.writes import set_write
 from store.options_store import OptionsStore
@@ -59,8 +59,10 @@ def _join(thread: threading.Thread, errors: list[BaseException]) -> None:
 
 
 def test_end_task_in_one_thread_keeps_another_threads_cache() -> None:
-    """In task mode, a thread ending its task does not empty a cache another thread is reading."""
+    """In task mode in a threads-pool worker, a thread ending its task does not empty a cache
+    another thread is reading."""
     cache = LocalCache(TASK)
+    cache.set_mode(TASK, one_task_at_a_time=False)  # what the worker's start does for threads
     reader_filled = threading.Event()
     other_ended = threading.Event()
     seen: dict[str, Any] = {}
@@ -85,6 +87,36 @@ def test_end_task_in_one_thread_keeps_another_threads_cache() -> None:
     assert seen["other_after_end"] == {}
     assert seen["after"] is not None
     assert seen["after"].values == {"k": "reader"}
+
+
+def test_the_id_index_follows_every_change_of_a_scope_map() -> None:
+    """A project's or group's values are found by id exactly while its scope is in the map:
+    after a set, a replacement, a pop, a del and a clear; other kinds are not indexed."""
+    scopes = ScopeMap()
+    scopes["project:7"] = _state("a")
+    scopes["group:7"] = _state("g")
+    scopes["user:7/project:7"] = _state("u")
+    scopes["tagkeys:7"] = _state("t")
+    assert scopes.projects == {7: {"k": "a"}} and scopes.groups == {7: {"k": "g"}}
+    scopes["project:7"] = _state("b")
+    assert scopes.projects == {7: {"k": "b"}}
+    assert scopes.pop("project:7", None) is not None
+    assert scopes.projects == {} and scopes.pop("project:7", None) is None
+    del scopes["group:7"]
+    assert scopes.groups == {}
+    scopes["project:8"] = _state("c")
+    scopes.clear()
+    assert scopes.projects == {} and scopes.groups == {} and dict(scopes) == {}
+
+
+def test_switching_to_per_thread_maps_empties_the_shared_one() -> None:
+    """The readers' hit path looks in the shared map first: a worker that switches to
+    per-thread maps (a threads pool) must not leave states there to go stale."""
+    cache = LocalCache(TASK)
+    cache.scopes["project:1"] = _state("before")
+    assert cache.shared.projects == {1: {"k": "before"}}
+    cache.set_mode(TASK, one_task_at_a_time=False)
+    assert cache.shared.projects == {} and cache.scopes is not cache.shared
 
 
 def test_clear_empties_every_threads_cache() -> None:
