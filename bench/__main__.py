@@ -23,6 +23,7 @@ COMMITTED = HERE / "RESULTS.json"
 # name -> (module, function); a function returns one Figure or a list of them.
 _FIGURES: dict[str, tuple[str, str]] = {
     "read_hit": ("reads", "read_hit"),
+    "read_hit_declared": ("reads", "read_hit_declared"),
     "read_miss": ("reads", "read_miss"),
     "propagation": ("fleet", "propagation"),
     "installed": ("hosts", "installed"),

@@ -1,7 +1,8 @@
 """Read figures, measured in this process against the run's PostgreSQL and Redis.
 
 ``read_hit``: ``store.project_options.get_value`` served from the local cache, against a bare
-``dict.get``. ``read_miss``: the first read of a scope in a task (local cache empty, Redis holds
+``dict.get``; ``read_hit_declared``: the same for a key the scope does not set, declared with a
+default. ``read_miss``: the first read of a scope in a task (local cache empty, Redis holds
 the scope), against one raw redis-py ``HGETALL`` of the same hash.
 """
 
@@ -20,6 +21,8 @@ from bench.hit import hit_figure, time_hits
 
 PROJECT_ID = 4242
 KEY = "mail:subject_prefix"
+# Declared with a default, set in no scope (read_hit_declared).
+DECLARED_KEY = "digests:max_delay"
 
 
 def option_values(count: int, *, seed: int = 7) -> dict[str, Any]:
@@ -63,6 +66,28 @@ def read_hit(run: Services, *, quick: bool) -> Figure:
         "read_hit",
         "read, local cache hit (`store.project_options.get_value`)",
         time_hits(PROJECT_ID, KEY, values, number, reps),
+        "this process",
+    )
+
+
+def read_hit_declared(run: Services, *, quick: bool) -> Figure:
+    """A local hit on a key the scope does not set, declared with a default (registry on): the
+    read returns the declared default."""
+    import store
+
+    backend = run.configure_store(run.namespace("reads-declared"))
+    values = option_values(10)
+    seed_scope(backend, PROJECT_ID, values)
+    store.registry.declare(DECLARED_KEY, scopes=["project"], default=25)
+    try:
+        number, reps = (20_000, 40) if quick else (20_000, 300)
+        answer = time_hits(PROJECT_ID, DECLARED_KEY, values, number, reps)
+    finally:
+        store.registry.reset()
+    return hit_figure(
+        "read_hit_declared",
+        "read, local cache hit of a declared default (registry on, key not set)",
+        answer,
         "this process",
     )
 

@@ -6,7 +6,7 @@ import itertools
 import os
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from store.model.validation import decode_value
@@ -58,17 +58,24 @@ def _id_of(name: str, prefix: str) -> int | None:
 
 class ScopeMap(dict[str, ScopeState]):
     """Scope name -> state, with the values of project and group scopes also by their integer
-    id, so a local hit looks its value up by the id it is given, without making the name. Every
-    change goes through the four methods below, which keep both in step; reads are plain dict
-    reads.
+    id, so a local hit looks its value up by the id it is given, without making the name.
+
+    ``project_reads``/``group_reads`` are what a read without a default of its own returns:
+    the values over the declared defaults of that kind (``defaults``, the registry's, kept
+    current by it; the store clears the cache when it changes), or the values themselves when
+    none is declared. Every change goes through the four methods below, which keep all of it
+    in step; reads are plain dict reads.
     """
 
-    __slots__ = ("groups", "projects")
+    __slots__ = ("defaults", "group_reads", "groups", "project_reads", "projects")
 
-    def __init__(self) -> None:
+    def __init__(self, defaults: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         super().__init__()
+        self.defaults = defaults if defaults is not None else {}
         self.projects: dict[int, dict[str, Any]] = {}
+        self.project_reads: dict[int, dict[str, Any]] = {}
         self.groups: dict[int, dict[str, Any]] = {}
+        self.group_reads: dict[int, dict[str, Any]] = {}
 
     def __setitem__(self, name: str, state: ScopeState) -> None:
         super().__setitem__(name, state)
@@ -84,19 +91,27 @@ class ScopeMap(dict[str, ScopeState]):
         return state
 
     def clear(self) -> None:
-        self.projects.clear()
-        self.groups.clear()
+        for index in (self.project_reads, self.projects, self.group_reads, self.groups):
+            index.clear()
         super().clear()
 
     def _index(self, name: str, state: ScopeState | None) -> None:
-        for prefix, index in ((_PROJECT_PREFIX, self.projects), (_GROUP_PREFIX, self.groups)):
-            ident = _id_of(name, prefix)
-            if ident is not None:
-                if state is None:
-                    index.pop(ident, None)
-                else:
-                    index[ident] = state.values
-                return
+        if name.startswith(_PROJECT_PREFIX):
+            kind, values, reads = "project", self.projects, self.project_reads
+        elif name.startswith(_GROUP_PREFIX):
+            kind, values, reads = "group", self.groups, self.group_reads
+        else:
+            return
+        ident = _id_of(name, _GROUP_PREFIX if kind == "group" else _PROJECT_PREFIX)
+        if ident is None:
+            return
+        if state is None:
+            reads.pop(ident, None)
+            values.pop(ident, None)
+            return
+        declared = self.defaults.get(kind)
+        values[ident] = state.values
+        reads[ident] = {**declared, **state.values} if declared else state.values
 
 
 class _Holder:
@@ -131,8 +146,8 @@ class _Registry:
 
 
 class _ThreadHolder(threading.local):
-    def __init__(self, registry: _Registry) -> None:
-        self.scopes = ScopeMap()
+    def __init__(self, registry: _Registry, defaults: Mapping[str, Mapping[str, Any]]) -> None:
+        self.scopes = ScopeMap(defaults)
         # Remembered so code outside this thread (a broadcast) can reach every thread's cache.
         registry.add(threading.current_thread(), self.scopes)
 
@@ -146,11 +161,15 @@ class LocalCache:
     thread and only broadcasts change it.
     """
 
-    def __init__(self, mode: str = TASK) -> None:
+    def __init__(
+        self, mode: str = TASK, *, defaults: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> None:
+        # The declared defaults per scope kind (Registry.defaults), for ScopeMap's reads.
+        defaults = defaults if defaults is not None else {}
         self._registry = _Registry()
         self._shared = _Holder()
-        self._shared.scopes = ScopeMap()
-        self._threads = _ThreadHolder(self._registry)
+        self._shared.scopes = ScopeMap(defaults)
+        self._threads = _ThreadHolder(self._registry, defaults)
         self.mode = TASK
         self.holder: _Holder | _ThreadHolder = self._shared
         # The newest revision announced per scope: a load that comes back older than this

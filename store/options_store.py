@@ -64,7 +64,12 @@ class OptionsStore:
         self._lifecycle: Lifecycle = lifecycle or _Unmanaged()
         # What this process counts for a fleet operator (no-ops until enabled).
         self.metrics = Metrics()
-        self.local = LocalCache(TASK)
+        # Declared options: the policy reads (defaults) and write tasks (checks) consult.
+        self.registry = Registry(resolve=self._lifecycle.load_registry)
+        self.local = LocalCache(TASK, defaults=self.registry.defaults)
+        # A local state's reads include the declared defaults of its day: a new declaration
+        # takes effect at the next load.
+        self.registry.on_change(self.local.clear)
         self.postgres: PostgresStore | None = None
         self.redis: RedisCache | None = None
         self.max_value_bytes = DEFAULT_MAX_VALUE_BYTES
@@ -79,8 +84,6 @@ class OptionsStore:
         self.stats = {"redis_reads": 0, "postgres_reads": 0}
         # Announces each committed change on the reload exchange (None: no broker).
         self.publisher: Publisher | None = None
-        # Declared options: the policy reads (defaults) and write tasks (checks) consult.
-        self.registry = Registry(resolve=self._lifecycle.load_registry)
 
     def _new_lock(self) -> None:
         self._lock = threading.Lock()

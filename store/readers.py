@@ -73,19 +73,23 @@ class Options(_Reader):
 class ProjectOptions(_Reader):
     """Per-project options (the seed's ``ProjectOption.objects``)."""
 
-    __slots__ = ("_projects",)
+    __slots__ = ("_projects", "_reads")
 
     def __init__(self, store: OptionsStore) -> None:
         super().__init__(store)
         self._projects = store.local.shared.projects
+        self._reads = store.local.shared.project_reads
 
     def get_value(self, project_id: int, key: str, default: Any = UNSET) -> Any:
-        # The hot path: the shared map's values by project id, two subscripts and no method
-        # call; a try costs nothing until a key is missing. The exact int check keeps True
-        # and 42.0 (equal to 1 and 42 as dict keys) away from those projects' caches.
+        # The hot path: the shared map's values by project id (over the declared defaults,
+        # unless the caller gave one), two subscripts and no method call; a try costs nothing
+        # until a key is missing. The exact int check keeps True and 42.0 (equal to 1 and 42
+        # as dict keys) away from those projects' caches.
         if type(project_id) is int:
             try:
-                return self._projects[project_id][key]
+                if default is UNSET:
+                    return self._reads[project_id][key]
+                return self._projects[project_id].get(key, default)
             except KeyError:
                 if project_id in self._projects:
                     return self._registry.missing(PROJECT, key, default)
@@ -132,18 +136,21 @@ class UserOptions(_Reader):
 class GroupMeta(_Reader):
     """Per-group metadata (the seed's ``GroupMeta.objects``), returning values, not rows."""
 
-    __slots__ = ("_groups",)
+    __slots__ = ("_groups", "_reads")
 
     def __init__(self, store: OptionsStore) -> None:
         super().__init__(store)
         self._groups = store.local.shared.groups
+        self._reads = store.local.shared.group_reads
 
     def get_value(self, group_id: int, key: str, default: Any = UNSET) -> Any:
         # Spelled out like ProjectOptions.get_value on purpose: a shared helper would add a
         # call to every local hit, a large part of a ~60 ns read.
         if type(group_id) is int:
             try:
-                return self._groups[group_id][key]
+                if default is UNSET:
+                    return self._reads[group_id][key]
+                return self._groups[group_id].get(key, default)
             except KeyError:
                 if group_id in self._groups:
                     return self._registry.missing(GROUP, key, default)

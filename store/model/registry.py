@@ -157,11 +157,30 @@ class Registry:
         self.source: str | None = None
         self._resolved = False
         self._noted: set[tuple[str, str]] = set()
+        # kind -> {key: declared default}, for the local cache's reads (LocalCache): changed
+        # in place, never replaced, and each change told to ``on_change``'s listeners.
+        self.defaults: dict[str, dict[str, Any]] = {}
+        self._listeners: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         after_fork_in_child(self._new_lock)
 
     def _new_lock(self) -> None:
         self._lock = threading.Lock()
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` after every change of the declarations (and of ``defaults``)."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        defaults: dict[str, dict[str, Any]] = {}
+        for found in self._declared.values():
+            if found.has_default:
+                for kind in found.scopes:
+                    defaults.setdefault(kind, {})[found.key] = found.default
+        self.defaults.clear()
+        self.defaults.update(defaults)
+        for listener in self._listeners:
+            listener()
 
     # -- declaring ---------------------------------------------------------------------------
 
@@ -169,6 +188,7 @@ class Registry:
         """Declare (or redeclare) ``key``; keyword arguments as in ``declaration()``."""
         found = declaration(key, **spec)
         self._declared[key] = found
+        self._changed()
         return found
 
     def load(self, path: str | Path, *, strict: bool | None = None) -> None:
@@ -180,6 +200,7 @@ class Registry:
         self._file_strict = file_strict
         self.strict_override = strict
         self.source = str(path)
+        self._changed()
 
     def reset(self) -> None:
         """Forget every declaration and setting (and resolve again on next use)."""
@@ -189,6 +210,7 @@ class Registry:
         self.strict_override = None
         self.source = None
         self._resolved = False
+        self._changed()
 
     def _ensure_resolved(self) -> None:
         if self._resolved:
