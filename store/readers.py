@@ -94,16 +94,15 @@ class ProjectOptions(_Reader):
                 if project_id in self._projects:
                     return self._registry.missing(PROJECT, key, default)
         # Per-thread maps (a threads-pool worker), or not cached here yet.
-        if type(project_id) is int:
-            name = _PROJECT_NAMES.get(project_id)
-            if name is not None:
-                state = self._local.holder.scopes.get(name)
-                if state is not None:
-                    try:
-                        return state.values[key]
-                    except KeyError:
-                        return self._registry.missing(PROJECT, key, default)
-        name = _named(_PROJECT_NAMES, project_id, project_scope)
+        # An id is validated once, then known by its name.
+        name = _PROJECT_NAMES.get(project_id) if type(project_id) is int else None
+        if name is None:
+            name = _named(_PROJECT_NAMES, project_id, project_scope)
+        else:
+            state = self._local.holder.scopes.get(name)
+            if state is not None:
+                value = state.values.get(key, UNSET)
+                return self._registry.missing(PROJECT, key, default) if value is UNSET else value
         self._registry.note_read(PROJECT, key)
         value = self._store.state(name).values.get(key, UNSET)
         return self._registry.missing(PROJECT, key, default) if value is UNSET else value
@@ -154,18 +153,15 @@ class GroupMeta(_Reader):
             except KeyError:
                 if group_id in self._groups:
                     return self._registry.missing(GROUP, key, default)
-        if type(group_id) is int:
-            name = _GROUP_NAMES.get(group_id)
-            if name is not None:
-                state = self._local.holder.scopes.get(name)
-                if state is not None:
-                    # A subscript, not .get(): no method call on a hit, and an exception
-                    # costs nothing until a key is missing (then the registry decides).
-                    try:
-                        return state.values[key]
-                    except KeyError:
-                        return self._registry.missing(GROUP, key, default)
-        name = _named(_GROUP_NAMES, group_id, group_scope)
+        # An id is validated once, then known by its name.
+        name = _GROUP_NAMES.get(group_id) if type(group_id) is int else None
+        if name is None:
+            name = _named(_GROUP_NAMES, group_id, group_scope)
+        else:
+            state = self._local.holder.scopes.get(name)
+            if state is not None:
+                value = state.values.get(key, UNSET)
+                return self._registry.missing(GROUP, key, default) if value is UNSET else value
         self._registry.note_read(GROUP, key)
         value = self._store.state(name).values.get(key, UNSET)
         return self._registry.missing(GROUP, key, default) if value is UNSET else value

@@ -206,8 +206,10 @@ def test_apply_change_outcomes() -> None:
 
 
 def test_apply_change_reaches_the_cache_of_every_thread() -> None:
-    """In task mode a change reaches the scope another thread's running task has cached."""
+    """In task mode in a threads-pool worker, a change reaches the scope another thread's
+    running task has cached."""
     cache = LocalCache(TASK)
+    cache.set_mode(TASK, one_task_at_a_time=False)  # what the worker's start does for threads
     cached = threading.Event()
     done = threading.Event()
     seen: list[ScopeState] = []

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
+
+import orjson
 
 from store.errors import InvalidOption
 
@@ -90,7 +93,21 @@ def encode_value(
     return text
 
 
+# Nineteen digits in a row: perhaps an integer past 64 bits, which orjson would read as a float.
+_LONG_DIGITS = re.compile(r"\d{19}")
+_LONG_DIGITS_BYTES = re.compile(rb"\d{19}")
+
+
 def decode_value(text: str | bytes) -> Any:
+    """JSON text as Python: orjson's decoder (a third of the stdlib's time on a scope of small
+    objects), unless the text may hold an integer past 64 bits (orjson would make it a float)
+    or orjson refuses it (a lone surrogate): then the stdlib's, so that both read the same."""
+    long_digits = _LONG_DIGITS if type(text) is str else _LONG_DIGITS_BYTES
+    try:
+        if long_digits.search(text) is None:  # type: ignore[arg-type]  # matched to its type
+            return orjson.loads(text)
+    except (orjson.JSONDecodeError, TypeError):
+        pass
     return json.loads(text)
 
 
