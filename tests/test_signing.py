@@ -192,6 +192,46 @@ def test_a_signed_task_whose_actor_was_changed_on_the_way_is_refused(
         postgres.close()
 
 
+def test_a_link_on_a_forged_message_is_not_signed_by_the_worker(
+    services: Services, guarded: tuple[Worker, int]
+) -> None:
+    """A plain Celery app sends a task of another kind with a write as its link: the worker
+    runs the task, publishes the link unsigned (it never vouches for what an unverified
+    message carries) and so refuses it; nothing is written."""
+    worker, _ = guarded
+    project = fresh_id()
+    code = textwrap.dedent(
+        """
+        import sys
+        from celery import Celery
+        app = Celery("plain", broker=sys.argv[1])
+        app.conf.task_default_queue = sys.argv[2]
+        link = app.signature(
+            "options.set_project_option", args=[int(sys.argv[3]), "k", "linked"], immutable=True
+        )
+        app.send_task("probe.pid", link=link)
+        """
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, worker.broker_url, worker.queue, str(project)],
+        cwd=ROOT,
+        env=services.env(OPTIONS_SIGNING_KEY=""),
+        timeout=60,
+        check=True,
+    )
+
+    def refused_link() -> list[dict[str, Any]]:
+        return [
+            letter
+            for letter in dead_letters(services).values()
+            if letter["task"] == "options.set_project_option" and str(project) in letter["body"]
+        ]
+
+    (letter,) = wait_for(refused_link, message="the link to be refused")
+    assert letter["code"] == "unsigned"
+    assert scope_state(services, project) == (0, {})
+
+
 def _status(env: dict[str, str]) -> tuple[dict[str, Any], str]:
     """`status --json`'s report, and all that `status` and `status --json` printed."""
     runs = [
