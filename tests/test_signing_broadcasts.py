@@ -39,6 +39,7 @@ class Fleet:
     worker: Worker
     port: int
     raw: kombu.Producer
+    broker_name: str
 
     def publish(self, body: str, signature: str | None = None) -> None:
         """``body`` onto the reload exchange as any client of the broker can send it."""
@@ -91,7 +92,7 @@ def fleet(request: pytest.FixtureRequest, services: Services) -> Iterator[Fleet]
         )
         stack.callback(worker.stop)
         connection = stack.enter_context(kombu.Connection(broker))
-        fleet = Fleet(own, worker, port, kombu.Producer(connection.default_channel))
+        fleet = Fleet(own, worker, port, kombu.Producer(connection.default_channel), request.param)
         wait_for(lambda: _answers(fleet), interval=0.2, message="the metrics endpoint")
         yield fleet
 
@@ -141,9 +142,11 @@ def test_a_forged_change_reaches_no_cache_and_the_real_one_lands(fleet: Fleet) -
     assert fleet.values(project) == {"v1"}
     assert_cached(fleet, project)
 
+    sent = time.monotonic()
     real = fleet.write(project, "v2")
     assert real == committed + 1
     wait_applied(fleet.services, fleet.worker.child_pids(), scope, real)
+    applied_s = time.monotonic() - sent
     assert fleet.values(project) == {"v2"}
     done = subprocess.run(
         [sys.executable, "-m", "worker.cli", "set", scope, "k", '"v3"', "--wait"],
@@ -157,6 +160,11 @@ def test_a_forged_change_reaches_no_cache_and_the_real_one_lands(fleet: Fleet) -
     assert done.returncode == 0, done.stdout + done.stderr
     assert re.search(rf"applied by {CHILDREN} live worker processes", done.stdout), done.stdout
     assert fleet.values(project) == {"v3"}
+    print(
+        f"\nFIGURE forged changes ({fleet.services.name}, {fleet.broker_name}): 3 x {CHILDREN} "
+        f"dropped unread and counted, every child kept v1; the real write at that revision "
+        f"reached every child {applied_s:.2f}s after it was sent; set --wait converged"
+    )
 
 
 def test_a_forged_heartbeat_with_a_huge_mark_leaves_every_scope_cacheable(fleet: Fleet) -> None:
@@ -178,3 +186,8 @@ def test_a_forged_heartbeat_with_a_huge_mark_leaves_every_scope_cacheable(fleet:
     wait_applied(fleet.services, fleet.worker.child_pids(), scope, real)
     assert fleet.values(project) == {"v2"}
     assert_cached(fleet, project)
+    print(
+        f"\nFIGURE forged heartbeats ({fleet.services.name}, {fleet.broker_name}): 2 x "
+        f"{CHILDREN} dropped unread and counted; the scope stayed cached, before and after "
+        f"its next write"
+    )
