@@ -7,7 +7,11 @@ import datetime
 import hashlib
 import json
 import multiprocessing
+import os
 import stat
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,7 @@ from store.options_store import OptionsStore
 from store.settings import Settings
 from store.signing.keys import Keyring, key_id
 from store.signing.tasks import signed_part, task_refusal
+from tests.conftest import ROOT
 
 OLD, NEW = "old-key-0123456789abcdef", "new-key-0123456789abcdef"
 
@@ -318,3 +323,48 @@ def test_a_throttled_event_is_logged_once_per_interval_with_what_it_left_out() -
         throttled.warning("unit.flood", key="other", n=51)
     assert logged.count(True) == 1
     assert [(e["n"], e["suppressed"]) for e in events] == [(0, 0), (50, 49), (51, 0)]
+
+
+def test_importing_reads_no_key_and_the_first_publish_resolves_it(tmp_path: Path) -> None:
+    """Importing store, tasks and worker reads no setting (a bad key does not stop it) and makes
+    no key; the first options.* task published, from a plain Celery app, resolves the key (on
+    the embedded default: the state folder's, made then) and is signed with it."""
+    code = textwrap.dedent(
+        """
+        import json, os, sys
+        import store, tasks, worker
+        from celery import Celery
+        made_at_import = os.path.exists(".optionstore")
+        app = Celery("plain", broker="memory://")
+        app.send_task("options.set_option", args=["k", 1])
+        with app.connection_for_read() as conn:
+            message = conn.SimpleQueue("celery").get(timeout=5)
+        print(json.dumps({"made_at_import": made_at_import,
+                          "signature": message.headers.get("optionstore_signature")}))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPTIONS_", "CELERY_"))}
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    answer = json.loads(done.stdout)
+    key = (tmp_path / ".optionstore" / "signing.key").read_text().strip()
+    assert answer == {"made_at_import": False, "signature": answer["signature"]}
+    assert answer["signature"].startswith(f"v1:{key_id(key)}:")
+    bad = subprocess.run(
+        [sys.executable, "-c", "import store, tasks, worker"],
+        cwd=tmp_path,
+        env={**env, "OPTIONS_SIGNING_KEY": "short"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode == 0, bad.stderr
