@@ -81,7 +81,7 @@ def task_refusal(
         return "unsigned", "not signed, and this worker runs only signed write tasks"
     try:
         data = signed_part(headers, json.loads(body))
-    except (ValueError, RecursionError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:  # not JSON, or headers JSON lacks
         return "unverifiable", f"cannot be verified: {exc}"
     return keyring.refusal(data, signature)
 
@@ -122,7 +122,7 @@ def _sign(
         return
     try:
         headers[SIGNATURE_HEADER] = keyring.sign(signed_part(headers, body))
-    except ValueError as exc:
+    except (TypeError, ValueError) as exc:
         _throttled.warning("task.not_signed", task_name=sender, why=str(exc))
 
 
