@@ -32,6 +32,9 @@ from tests.processes import (
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
+# Every process of a run signs and checks with one key, as a production fleet does: the figures
+# include the signatures' cost.
+SIGNING_KEY = f"bench-{uuid.uuid4().hex}"
 
 
 # -- services -------------------------------------------------------------------------------
@@ -66,6 +69,7 @@ class Services:
             OPTIONS_NAMESPACE=namespace,
             OPTIONS_TASK_QUEUE=f"{namespace}.tasks",
             OPTIONS_LOG_FORMAT="json",
+            OPTIONS_SIGNING_KEY=SIGNING_KEY,
             PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
         )
         env.update(extra)
@@ -81,6 +85,7 @@ class Services:
 
         if options.get("broker_url"):
             options.setdefault("broker_transport", broker_transport_for(options["broker_url"]))
+        options.setdefault("signing_key", SIGNING_KEY)
         return store.configure(
             database_url=self.database_url,
             redis_url=self.redis_url,
@@ -94,6 +99,8 @@ def services(*, embedded: bool, broker: str) -> Iterator[Services]:
     """A fresh database (dropped at the end) and a unique namespace, or the embedded servers."""
     from store.postgres.schema import migrate
 
+    # This process's producers sign with the run's key too (resolved on their first send).
+    os.environ["OPTIONS_SIGNING_KEY"] = SIGNING_KEY
     amqp_url = os.environ.get("OPTIONS_BENCH_AMQP_URL") or DEFAULT_AMQP_URL
     if embedded:
         from store.embedded import ensure_embedded, stop_embedded

@@ -14,6 +14,7 @@ from store.errors import (
     NotMigrated,
     OptionsError,
     RevisionConflict,
+    SignatureRefused,
     StoreUnavailable,
 )
 from store.local import TASK
@@ -25,6 +26,9 @@ from store.model.validation import (
 from store.options_store import OptionsStore
 from store.process import WEB, WORKER, StoreProcess, broker_connections
 from store.readers import GroupMeta, Options, ProjectOptions, TagKeys, UserOptions
+from store.settings import signing_keys, signing_keys_from_environ
+from store.signing.keys import Keyring
+from store.signing.tasks import connect_task_signing
 
 # The one owner of this process's optionstore lifecycle; everything below is a view of it.
 runtime = StoreProcess()
@@ -37,6 +41,11 @@ group_meta = GroupMeta(backend)
 tag_keys = TagKeys(backend)
 # Declared options (store/model/registry.py): declare in code, or name a file in OPTIONS_REGISTRY.
 registry = backend.registry
+
+# Every options.* task this process publishes, from any Celery app, is signed when it holds a
+# key (producers that send by name included). Connecting reads nothing: the key is resolved on
+# the first publish.
+connect_task_signing()
 
 
 def configure(
@@ -55,6 +64,7 @@ def configure(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     max_scope_keys: int = DEFAULT_MAX_SCOPE_KEYS,
     max_scope_bytes: int = DEFAULT_MAX_SCOPE_BYTES,
+    signing_key: str | None = None,
 ) -> OptionsStore:
     """Point this process at its services by hand; connections open lazily, after any fork.
 
@@ -66,7 +76,11 @@ def configure(
     message would encode larger than ``max_message_bytes`` is broadcast as "reload this scope".
     A write that would grow a scope past ``max_scope_keys`` keys or ``max_scope_bytes`` of
     encoded values is refused.
+    ``signing_key`` (comma-separated for several: the first signs, every one verifies) signs
+    the write tasks and reload messages this process sends and checks those it receives; None
+    takes OPTIONS_SIGNING_KEY (or OPTIONS_SIGNING_KEY_FILE) if set; "" turns signing off.
     """
+    keys = signing_keys_from_environ() if signing_key is None else signing_keys(signing_key)
     publish, follow = (
         (None, None)
         if broker_url is None
@@ -87,6 +101,7 @@ def configure(
         max_message_bytes=max_message_bytes,
         max_scope_keys=max_scope_keys,
         max_scope_bytes=max_scope_bytes,
+        keyring=Keyring(keys) if keys else None,
     )
 
 
@@ -104,6 +119,7 @@ __all__ = [
     "NotMigrated",
     "OptionsError",
     "RevisionConflict",
+    "SignatureRefused",
     "StoreUnavailable",
     "backend",
     "clear_local_cache",

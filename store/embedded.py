@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -27,6 +28,8 @@ from psycopg import sql
 from store.errors import OptionsError
 
 DATABASE = "optionstore"
+# The embedded default's signing key, beside its servers (OPTIONS_SIGNING_KEY_FILE names it).
+SIGNING_KEY_FILE = "signing.key"
 _START_TIMEOUT = 30.0  # seconds; a first initdb takes about one
 _STOP_TIMEOUT = 30.0
 _PROBE = 2  # seconds per connect or PING; the servers are local
@@ -63,6 +66,31 @@ def stop_embedded(state_dir: Path) -> None:
         if postmaster is not None:
             # SIGINT is PostgreSQL's "fast" shutdown: sessions are closed, nothing is lost.
             _stop(postmaster.pid, _postgres_binary(), signal.SIGINT)
+
+
+def ensure_signing_key(state_dir: Path) -> str:
+    """The signing key of ``state_dir``, made on first use: readable by this user only, written
+    aside and linked into place, so concurrent first starts agree on the first one linked and
+    no reader sees half a key. Starts no server."""
+    path = state_dir / SIGNING_KEY_FILE
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        scratch = state_dir / f"{SIGNING_KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+        descriptor = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(descriptor, "w") as out:
+                out.write(secrets.token_hex(32) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+            # A link never replaces: whoever comes second reads the first one's key.
+            with contextlib.suppress(FileExistsError):
+                os.link(scratch, path)
+        finally:
+            scratch.unlink(missing_ok=True)
+    key = path.read_text().strip()
+    if not key:
+        raise EmbeddedError(f"{path} holds no key: remove it, and the next start makes one")
+    return key
 
 
 def embedded_status(state_dir: Path) -> dict[str, object]:

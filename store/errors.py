@@ -20,6 +20,11 @@ class InvalidOption(OptionsError, ValueError):
         return f"{self.field}: {self.reason}"
 
 
+class SignatureRefused(InvalidOption):
+    """A worker that holds a signing key refused a write task it could not verify (no
+    signature, an unknown key, or a task altered after signing): nothing was written."""
+
+
 class RevisionConflict(OptionsError):
     """A write named an ``expected_revision`` its scope is not at: nothing was written."""
 

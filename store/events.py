@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -156,3 +158,38 @@ class EventLogger:
 
 
 log = EventLogger()
+
+
+class Throttled:
+    """Logs a warning at most once per ``interval`` seconds for each ``key``: a flood of bad
+    messages must not flood the log. Each line says how many like it were left out since the
+    last one (``suppressed``)."""
+
+    def __init__(
+        self, interval: float = 10.0, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.interval = interval
+        self.clock = clock
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warning(self, event: str, *, key: str = "", **fields: Any) -> bool:
+        """Log ``event`` unless one with ``key`` (default: the event) was logged within the
+        interval; True if logged."""
+        return self._emit(log.warning, event, key, fields)
+
+    def error(self, event: str, *, key: str = "", **fields: Any) -> bool:
+        """``warning``, at error level."""
+        return self._emit(log.error, event, key, fields)
+
+    def _emit(self, method: Any, event: str, key: str, fields: dict[str, Any]) -> bool:
+        # A race between two threads logs one line too many, never one too few.
+        key = key or event
+        now = self.clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return False
+        self._last[key] = now
+        method(event, **fields, suppressed=self._suppressed.pop(key, 0))
+        return True

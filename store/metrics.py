@@ -6,10 +6,15 @@ imported.
 
 Local hits are not counted: a counter on that path would add ~15% to a ~150 ns read. Misses and
 round trips are counted, and a hit is every read that is neither.
+
+Write tasks a worker refused before running them are counted apart, in plain memory
+(``refusals``): the refusal happens in a prefork worker's main process, which forks children
+and so must never hold prometheus_client's lock; its metrics endpoint serves the count.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 from typing import Any
 
@@ -27,6 +32,8 @@ class Metrics:
         self._last_lag: Any = None
         self._reads: Any = None
         self._fallbacks: Any = None
+        # Write tasks refused unread, by reason (tasks/admission.py); always counted.
+        self.refusals: collections.Counter[str] = collections.Counter()
 
     def enable(self) -> None:
         """Create the metrics in this process. ``PROMETHEUS_MULTIPROC_DIR`` must be set first:
@@ -39,7 +46,8 @@ class Metrics:
 
         self._broadcasts = Counter(
             "optionstore_broadcasts",
-            "Reload messages received, by what applying them did",
+            "Reload messages received, by what applying them did (malformed and unverified: "
+            "dropped unread)",
             ["outcome"],
         )
         self._lag = Histogram(
@@ -71,6 +79,9 @@ class Metrics:
         if lag_s is not None:
             self._lag.observe(lag_s)
             self._last_lag.set(lag_s)
+
+    def refused(self, reason: str) -> None:
+        self.refusals[reason] += 1
 
     def miss(self, layer: str, count: int = 1) -> None:
         if self.enabled:

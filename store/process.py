@@ -30,12 +30,15 @@ from store.postgres.store import PostgresStore
 from store.redis.cache import RedisCache
 from store.redis.presence import Presence
 from store.settings import Settings, broker_connection_options
+from store.signing.keys import Keyring
 
 WORKER = "worker"
 # Any process that reads options and is not a Celery worker: a web server, a script, a shell.
 WEB = "web"
 
 Connect = Callable[[], kombu.Connection]
+# The keyring of a process nothing configured yet: resolved from its settings on first use.
+_UNRESOLVED: Any = object()
 
 
 def broker_connections(
@@ -85,11 +88,14 @@ class StoreProcess:
         self.pool = "-"
         self.namespace = "optionstore"
         self._provider: Callable[[], None] | None = None
+        self._provided_settings: Callable[[], Settings] | None = None
         # The Celery app the write-task helpers send through: the last one they were registered
         # on (tasks.register).
         self.task_app: Any = None
         self._settings: Settings | None = None
         self._follow: Connect | None = None
+        self._max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
+        self._keyring: Keyring | None = _UNRESOLVED
         self._consumer: ReloadConsumer | None = None
         self._lock = threading.RLock()
         after_fork_in_child(self._after_fork)
@@ -114,23 +120,31 @@ class StoreProcess:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_scope_keys: int = DEFAULT_MAX_SCOPE_KEYS,
         max_scope_bytes: int = DEFAULT_MAX_SCOPE_BYTES,
+        keyring: Keyring | None = None,
     ) -> OptionsStore:
         """Point this process at its services; connections open lazily, after any fork.
 
         ``publish`` opens a broker connection for announcing committed changes; ``follow`` one
         for this process's reload consumer. Without ``follow`` the local cache is trusted as
-        it is (what a test or a single process that clears it itself wants).
+        it is (what a test or a single process that clears it itself wants). ``keyring`` signs
+        what this process publishes (its write tasks too) and checks what it receives; None:
+        signing is off.
         """
         store = self.store
         with self._lock:
             self._stop_consumer()
             if store.publisher is not None:
                 store.publisher.close()
+            self._keyring = keyring
+            self._max_message_bytes = max_message_bytes
             publisher = (
                 None
                 if publish is None
                 else Publisher(
-                    connect=publish, namespace=namespace, max_message_bytes=max_message_bytes
+                    connect=publish,
+                    namespace=namespace,
+                    max_message_bytes=max_message_bytes,
+                    keyring=keyring,
                 )
             )
             store.configure(
@@ -175,11 +189,20 @@ class StoreProcess:
             max_message_bytes=settings.max_message_bytes,
             max_scope_keys=settings.max_scope_keys,
             max_scope_bytes=settings.max_scope_bytes,
+            keyring=settings.keyring,
         )
 
-    def provide(self, provider: Callable[[], None] | None) -> None:
-        """Use ``provider`` instead of the environment if this process configures on first use."""
+    def provide(
+        self,
+        provider: Callable[[], None] | None,
+        *,
+        settings: Callable[[], Settings] | None = None,
+    ) -> None:
+        """Use ``provider`` instead of the environment if this process configures on first use,
+        and ``settings`` as this process's settings until then (a producer that never reads
+        signs its write tasks with the app's key)."""
         self._provider = provider
+        self._provided_settings = settings
 
     def ensure_configured(self) -> None:
         """Configure from the provider or the environment, unless already configured."""
@@ -201,8 +224,19 @@ class StoreProcess:
         """The settings this process was configured from, else the environment's (read once;
         reading them starts no server)."""
         if self._settings is None:
-            self._settings = Settings.from_environ()
+            provided = self._provided_settings
+            self._settings = Settings.from_environ() if provided is None else provided()
         return self._settings
+
+    def keyring(self) -> Keyring | None:
+        """The keys this process signs and verifies with: those it was configured with, else
+        its settings' (the environment's, resolved on first use); None: signing is off."""
+        if self._keyring is _UNRESOLVED:
+            with self._lock:
+                if self._keyring is _UNRESOLVED:
+                    self._keyring = self.settings().keyring
+        keyring: Keyring | None = self._keyring
+        return keyring
 
     def load_registry(self, registry: Registry) -> None:
         """The registry resolves on its first use, from the settings this process runs with."""
@@ -251,6 +285,8 @@ class StoreProcess:
                 else Presence(cache.client, namespace=self.namespace),
                 kind=self.kind,
                 pool=self.pool,
+                keyring=self.keyring(),
+                max_message_bytes=self._max_message_bytes,
             )
             # Unsynced before the thread runs: a read in between must not cache.
             self.store.local.desync()

@@ -24,6 +24,7 @@ from store.model.validation import (
     DEFAULT_MAX_WRITE_KEYS,
     MAX_ID,
 )
+from store.signing.keys import MIN_KEY_CHARS, Keyring, parse_keys
 
 # The names an override may take, each the keyword form of one environment variable.
 OVERRIDES = {
@@ -51,12 +52,18 @@ OVERRIDES = {
     "history_retention": "OPTIONS_HISTORY_RETENTION",
     "registry": "OPTIONS_REGISTRY",
     "registry_strict": "OPTIONS_REGISTRY_STRICT",
+    "signing_key": "OPTIONS_SIGNING_KEY",
+    "signing_key_file": "OPTIONS_SIGNING_KEY_FILE",
+    "unsigned_writes": "OPTIONS_UNSIGNED_WRITES",
 }
 
 # The kombu versions store/transport/redis.py is tested with: it overrides private names of kombu's
 # Redis transport, which a patch release may change. Keep in step with pyproject.toml.
 TESTED_KOMBU = ("5.7.0",)
 QUEUE_TYPES = ("classic", "quorum")
+# What a worker that holds a signing key does with a write task that carries no signature.
+REFUSE, ACCEPT = "refuse", "accept"
+UNSIGNED_WRITES = (REFUSE, ACCEPT)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 AMQPS_TRANSPORT = "store.transport.amqps:Transport"
 _REDIS_TRANSPORTS = {
@@ -214,6 +221,11 @@ class Settings:
     # file's own setting).
     registry_path: str = ""
     registry_strict: bool | None = None
+    # The secrets write tasks and reload messages are signed with (the first signs, all verify);
+    # never shown (repr=False): ``keyring`` names them by id only.
+    signing_keys: tuple[str, ...] = field(default=(), repr=False)
+    # "accept": a write task without a signature is run (one with a signature is still checked).
+    unsigned_writes: str = REFUSE
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -222,7 +234,7 @@ class Settings:
         if unknown:
             raise TypeError(f"unknown setting(s): {', '.join(sorted(unknown))}")
         env = dict(os.environ if environ is None else environ)
-        env.update({OVERRIDES[k]: str(v) for k, v in overrides.items() if v is not None})
+        env.update({OVERRIDES[k]: _text(v) for k, v in overrides.items() if v is not None})
         local_cache = env.get("OPTIONS_LOCAL_CACHE") or TASK
         if local_cache not in MODES:
             raise InvalidOption(
@@ -232,6 +244,12 @@ class Settings:
         if queue_type not in QUEUE_TYPES:
             raise InvalidOption(
                 "OPTIONS_TASK_QUEUE_TYPE", f"must be one of {QUEUE_TYPES}, got {queue_type!r}"
+            )
+        unsigned_writes = (env.get("OPTIONS_UNSIGNED_WRITES") or REFUSE).lower()
+        if unsigned_writes not in UNSIGNED_WRITES:
+            raise InvalidOption(
+                "OPTIONS_UNSIGNED_WRITES",
+                f"must be one of {UNSIGNED_WRITES}, got {unsigned_writes!r}",
             )
         log_level = (env.get("OPTIONS_LOG_LEVEL") or "info").lower()
         if log_level not in LOG_LEVELS:
@@ -280,6 +298,8 @@ class Settings:
             task_queue_type=queue_type,
             registry_path=env.get("OPTIONS_REGISTRY") or "",
             registry_strict=_flag(env, "OPTIONS_REGISTRY_STRICT"),
+            signing_keys=_signing_keys(env),
+            unsigned_writes=unsigned_writes,
         )
 
     @property
@@ -303,6 +323,19 @@ class Settings:
     def broker_transport(self) -> str | None:
         return broker_transport_for(self.broker_url)
 
+    @functools.cached_property
+    def keyring(self) -> Keyring | None:
+        """The keys this process signs and verifies with; None: signing is off. On the embedded
+        default with no key set, the state folder's own (made on first use, shared by every
+        process started from there)."""
+        if self.signing_keys:
+            return Keyring(self.signing_keys)
+        if self.embedded:
+            from store.embedded import ensure_signing_key
+
+            return Keyring([ensure_signing_key(self.state_dir)])
+        return None
+
     def broker_connection_options(self) -> dict[str, Any]:
         """What a kombu ``Connection`` to the broker needs beyond its URL (TLS, Sentinel)."""
         return broker_connection_options(self.broker_url, master_name=self.broker_master_name)
@@ -313,6 +346,48 @@ class Settings:
 
         services = ensure_embedded(self.state_dir)
         return services.database_url, services.redis_url
+
+
+def _text(value: Any) -> str:
+    # A list of keys may be given as one (install(app, signing_key=["new", "old"])).
+    if isinstance(value, list | tuple):
+        return ",".join(str(item) for item in value)
+    return str(value)
+
+
+def signing_keys_from_environ(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The keys OPTIONS_SIGNING_KEY or OPTIONS_SIGNING_KEY_FILE name, and nothing else read."""
+    return _signing_keys(os.environ if environ is None else environ)
+
+
+def _signing_keys(env: Mapping[str, str]) -> tuple[str, ...]:
+    """OPTIONS_SIGNING_KEY, or the keys of the file OPTIONS_SIGNING_KEY_FILE names (one of the
+    two); every error names the variable and never shows a key."""
+    text, path = env.get("OPTIONS_SIGNING_KEY") or "", env.get("OPTIONS_SIGNING_KEY_FILE") or ""
+    name = "OPTIONS_SIGNING_KEY"
+    if text and path:
+        raise InvalidOption("OPTIONS_SIGNING_KEY_FILE", "set it or OPTIONS_SIGNING_KEY, not both")
+    if path:
+        name = "OPTIONS_SIGNING_KEY_FILE"
+        try:
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidOption(name, f"cannot read {path}: {type(exc).__name__}") from None
+        if not text.strip():
+            raise InvalidOption(name, f"{path} holds no key")
+    return signing_keys(text, field=name)
+
+
+def signing_keys(text: str, *, field: str = "signing_key") -> tuple[str, ...]:
+    """The keys of a comma-separated list, each checked long enough (an error names ``field``
+    and the key's position, never the key)."""
+    keys = parse_keys(text)
+    for position, key in enumerate(keys, 1):
+        if len(key) < MIN_KEY_CHARS:
+            raise InvalidOption(
+                field, f"key {position} has {len(key)} characters; at least {MIN_KEY_CHARS}"
+            )
+    return keys
 
 
 def _flag(env: Mapping[str, str], name: str) -> bool | None:

@@ -12,13 +12,12 @@ from celery import Task
 import store
 from store.errors import InvalidOption, StoreUnavailable
 from store.model.writes import Write, audit, check_expected_revision
+from store.signing.tasks import ACTOR_HEADER, ORIGIN_HEADER, REASON_HEADER
 from store.transient import postgres_unavailable, redis_unavailable
 
 # Task headers a producer sets to say who asks for a write and why (`app.send_task(...,
-# headers={"optionstore_actor": "ana", "optionstore_reason": "incident 42"})`).
-ACTOR_HEADER = "optionstore_actor"
-REASON_HEADER = "optionstore_reason"
-ORIGIN_HEADER = "optionstore_origin"
+# headers={"optionstore_actor": "ana", "optionstore_reason": "incident 42"})`), covered by the
+# task's signature (store/signing/tasks.py).
 AUDIT_HEADERS = {"actor": ACTOR_HEADER, "reason": REASON_HEADER, "origin": ORIGIN_HEADER}
 # The keyword argument of every write task that makes it a compare-and-set.
 EXPECTED_REVISION = "expected_revision"

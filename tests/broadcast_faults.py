@@ -29,9 +29,9 @@ def hook_broadcasts(deliver: Callable[[str], bool]) -> None:
     send = Publisher._send
     cache_apply = RedisCache.apply
 
-    def hooked_send(self: Publisher, text: str) -> None:
+    def hooked_send(self: Publisher, text: str, *rest: Any) -> None:
         if deliver(text):
-            send(self, text)
+            send(self, text, *rest)
 
     def hooked_cache_apply(
         self: RedisCache,

@@ -27,6 +27,7 @@ import redis
 
 if TYPE_CHECKING:
     from store.postgres.store import PostgresStore
+    from store.signing.keys import Keyring
 
 from tests.processes import (
     ROOT,
@@ -53,11 +54,25 @@ for _name in (
     "OPTIONS_TASK_QUEUE",
     "OPTIONS_REGISTRY",
     "OPTIONS_REGISTRY_STRICT",
+    "OPTIONS_SIGNING_KEY_FILE",
+    "OPTIONS_UNSIGNED_WRITES",
 ):
     os.environ.pop(_name, None)
 STATE_DIR = Path(tempfile.mkdtemp(prefix="optionstore-tests-"))
 os.environ["OPTIONS_STATE_DIR"] = str(STATE_DIR)
 os.environ.setdefault("OPTIONS_LOG_FORMAT", "json")
+# Every worker of this run and every producer in it (this process, the commands it runs) signs
+# and checks with one key: the tested default is signing on. tests/test_signing*.py cover a
+# worker without one, and the embedded default's own.
+SIGNING_KEY = f"tests-{uuid.uuid4().hex}"
+os.environ["OPTIONS_SIGNING_KEY"] = SIGNING_KEY
+
+
+def run_keyring() -> Keyring:
+    """The keys of this run: what a test signs a raw message with."""
+    from store.signing.keys import Keyring
+
+    return Keyring([SIGNING_KEY])
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -109,6 +124,7 @@ class Services:
             OPTIONS_TASK_QUEUE=f"{self.namespace}.tasks",
             OPTIONS_STATE_DIR=str(STATE_DIR),
             OPTIONS_LOG_FORMAT="json",
+            OPTIONS_SIGNING_KEY=SIGNING_KEY,
             # The tests read broadcast.applied, a debug event.
             OPTIONS_LOG_LEVEL="debug",
             PYTHONPATH=str(ROOT),

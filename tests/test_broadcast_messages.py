@@ -19,6 +19,7 @@ import pytest
 
 from store.broadcast.codec import (
     CHANGE,
+    SIGNATURE_HEADER,
     MalformedMessage,
     ReloadMessage,
     decode,
@@ -35,7 +36,7 @@ from store.model.writes import WriteResult, many_write, set_write
 from store.options_store import OptionsStore
 from store.postgres.store import PostgresStore
 from store.redis.cache import RedisCache
-from tests.conftest import Services, Worker, amqp_url, fresh_id, wait_for
+from tests.conftest import Services, Worker, amqp_url, fresh_id, run_keyring, wait_for
 from tests.test_broadcast import first_answers, isolated, start, wait_applied, wait_synced
 
 SCOPE = "project:42"
@@ -381,9 +382,17 @@ class Target:
         return self.quiet.commit(set_write(project_scope(project), key, value))
 
     def publish_raw(self, body: Any, **options: Any) -> None:
+        """Publish ``body`` as is (JSON-encoded unless ``serializer=None``), signed with the
+        run's key over the exact bytes sent, as any sender holding the key could."""
         exchange = reload_exchange(self.services.namespace)
-        options.setdefault("serializer", "json")
-        self.raw.publish(body, exchange=exchange, routing_key="", declare=[exchange], **options)
+        if options.pop("serializer", "json") == "json":
+            body = json.dumps(body).encode()
+            options.update(content_type="application/json", content_encoding="utf-8")
+        data = body if isinstance(body, bytes) else str(body).encode()
+        headers = {SIGNATURE_HEADER: run_keyring().sign(data)}
+        self.raw.publish(
+            data, exchange=exchange, routing_key="", declare=[exchange], headers=headers, **options
+        )
 
     def outcomes(self, scope: str, revision: int, since: int = 0) -> list[str]:
         return [
@@ -414,6 +423,7 @@ def target(request: pytest.FixtureRequest, services: Services) -> Iterator[Targe
             connect=functools.partial(kombu.Connection, broker, connect_timeout=2),
             namespace=own.namespace,
             origin="test",
+            keyring=run_keyring(),
         )
         stack.callback(publisher.close)
         connection = stack.enter_context(kombu.Connection(broker))

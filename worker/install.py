@@ -69,7 +69,10 @@ class Installation:
         worker_process_init.connect(self._process_started, weak=False)
         worker_process_shutdown.connect(self._process_ending, weak=False)
         if self.provide:
-            store.runtime.provide(functools.partial(self.configure_store, kind=store.WEB))
+            store.runtime.provide(
+                functools.partial(self.configure_store, kind=store.WEB),
+                settings=lambda: self.settings,
+            )
         return self
 
     # -- settings and connections -----------------------------------------------------------

@@ -1,13 +1,13 @@
 """The worker host's metrics endpoint: one HTTP server in a worker's main process, serving what
 every process of that worker recorded (prometheus_client's multiprocess mode), plus the relay's
-backlog."""
+backlog and the write tasks the main process refused."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +31,19 @@ def prepare_directory() -> str:
 
 
 class MetricsEndpoint:
-    """``/metrics`` on ``port``: every process's counters, and ``backlog()`` as a gauge."""
+    """``/metrics`` on ``port``: every process's counters, ``backlog()`` as a gauge and
+    ``refusals()`` (write tasks refused unread, by reason) as a counter."""
 
-    def __init__(self, *, port: int, backlog: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        *,
+        port: int,
+        backlog: Callable[[], int],
+        refusals: Callable[[], Mapping[str, int]] = dict,
+    ) -> None:
         self.port = port
         self.backlog = backlog
+        self.refusals = refusals
         self._server: Any = None
 
     def start(self) -> None:
@@ -45,6 +53,7 @@ class MetricsEndpoint:
         registry = CollectorRegistry()
         MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped upstream
         registry.register(_Backlog(self.backlog))
+        registry.register(_Refusals(self.refusals))
         try:
             self._server, _ = start_http_server(self.port, addr="0.0.0.0", registry=registry)  # noqa: S104 (scraped from other hosts)
         except OSError as exc:
@@ -75,6 +84,23 @@ class _Backlog:
             "Commits not yet announced (counted up to 100,000 at each scrape)",
             value=backlog,
         )
+
+
+class _Refusals:
+    def __init__(self, refusals: Callable[[], Mapping[str, int]]) -> None:
+        self.refusals = refusals
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        family = CounterMetricFamily(
+            "optionstore_tasks_refused",
+            "Write tasks refused before they ran (dead-lettered), by reason",
+            labels=["reason"],
+        )
+        for reason, count in sorted(dict(self.refusals()).items()):
+            family.add_metric([reason], count)
+        yield family
 
 
 def process_ended() -> None:

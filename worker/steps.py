@@ -17,6 +17,8 @@ from store.broadcast.publisher import Publisher
 from store.errors import describe
 from store.events import log
 from store.redis.eviction import check_broker_policy
+from store.settings import ACCEPT
+from store.signing.keys import Keyring
 from worker.duties.heartbeat import Heartbeat
 from worker.duties.lease import FOLLOWER, LeaderLease
 from worker.duties.reconcile import Reconciler
@@ -58,9 +60,29 @@ class StoreStep(bootsteps.StartStopStep):  # type: ignore[misc]
         installation.configure_store(kind=store.WORKER)
         local = store.backend.local
         local.set_mode(local.mode, one_task_at_a_time=installation.pool in ONE_TASK_AT_A_TIME)
+        report_signing(store.runtime.keyring(), unsigned_writes=settings.unsigned_writes)
 
     def stop(self, parent: Any) -> None:
         store.runtime.stop()
+
+
+def report_signing(keyring: Keyring | None, *, unsigned_writes: str) -> None:
+    """Say at a worker's start whether what it receives is checked: a warning when it is not."""
+    if keyring is None:
+        log.warning(
+            "signing.off",
+            consequence="any client of the broker can send write tasks as anyone and forge "
+            "reload messages and heartbeats",
+            remedy="set OPTIONS_SIGNING_KEY (or OPTIONS_SIGNING_KEY_FILE) on every process",
+        )
+        return
+    log.info("signing.on", key_ids=list(keyring.ids), signs_with=keyring.signing_id)
+    if unsigned_writes == ACCEPT:
+        log.warning(
+            "signing.unsigned_writes_accepted",
+            consequence="a write task without a signature runs, with whatever actor it names "
+            "(one with a signature is still checked)",
+        )
 
 
 class ReloadConsumerStep(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -102,7 +124,11 @@ class LeaderDutiesStep(bootsteps.StartStopStep):  # type: ignore[misc]
         heartbeat = Heartbeat(
             # The store's own publisher, which the relay uses too: one broker connection.
             publisher=backend.publisher
-            or Publisher(connect=installation.connect_for_write, namespace=settings.namespace),
+            or Publisher(
+                connect=installation.connect_for_write,
+                namespace=settings.namespace,
+                keyring=store.runtime.keyring(),
+            ),
             reconciler=reconciler,
             origin=f"heartbeat:{socket.gethostname()}:{os.getpid()}",
         )
@@ -174,7 +200,11 @@ class MetricsStep(bootsteps.StartStopStep):  # type: ignore[misc]
             return
         # Served from the main process, which records nothing itself in prefork: it forks
         # children, and prometheus_client's lock must never be held at a fork.
-        self._endpoint = MetricsEndpoint(port=port, backlog=store.backend.db.count_unannounced)
+        self._endpoint = MetricsEndpoint(
+            port=port,
+            backlog=store.backend.db.count_unannounced,
+            refusals=lambda: store.backend.metrics.refusals,
+        )
         self._endpoint.start()
 
     def stop(self, parent: Any) -> None:

@@ -2,7 +2,9 @@
 
 On AMQP a message is its body, JSON text; on Redis the body travels inside kombu's envelope,
 the JSON object kombu's Redis transport publishes (``redis_envelope``). Whoever sends a reload
-message encodes it here, and every consumer decodes it here, with every check.
+message encodes it here, and every consumer decodes it here, with every check. With a key, the
+body's exact bytes are signed and the signature travels in the message's headers
+(``SIGNATURE_HEADER``); a consumer that holds a key checks it before it decodes anything.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import kombu.serialization
 from store.model.scopes import Scope
 from store.model.validation import decode_value
 from store.model.writes import WriteResult
+from store.signing.keys import Keyring
 
 __all__ = [
     "ACCEPT",
@@ -30,14 +33,18 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "HEARTBEAT",
     "RELOAD",
+    "SIGNATURE_HEADER",
     "VERSION",
     "MalformedMessage",
     "ReloadMessage",
+    "UnverifiedMessage",
     "decode",
     "decode_redis_envelope",
     "encode",
     "encode_announcement",
+    "max_body_bytes",
     "redis_envelope",
+    "signature_headers",
 ]
 
 _quote = json.encoder.encode_basestring_ascii  # a str as a JSON string (C, ASCII escapes)
@@ -51,6 +58,21 @@ RELOAD = "reload"
 # A change whose message would encode larger than this is announced as a RELOAD instead:
 # well under every broker's limit (RabbitMQ's max_message_size, Redis's pub/sub buffers).
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024
+
+# Bounds on what a received message may carry, checked field by field (``from_body``).
+MAX_REVISION = 2**63 - 1  # PostgreSQL's bigint
+MAX_ORIGIN_CHARS = 512
+MAX_MARKS = 10_000
+MAX_KEYS = 100_000  # keys set and unset in one change
+# A timestamp further ahead of this host's clock is not a clock's skew but a wrong value.
+MAX_FUTURE_SECONDS = 24 * 3600
+# A received body may exceed the sender's OPTIONS_MAX_MESSAGE_BYTES by this much (a heartbeat's
+# marks, a RELOAD's envelope) before it is refused unread.
+BODY_SLACK_BYTES = 64 * 1024
+
+# The message header that carries a body's signature (AMQP application headers; on Redis the
+# "headers" of kombu's envelope).
+SIGNATURE_HEADER = "optionstore_signature"
 
 # What every reload message's body is, as its envelope declares it.
 CONTENT_TYPE = "application/json"
@@ -66,6 +88,22 @@ class MalformedMessage(ValueError):
         super().__init__(error)
         # What a log line about it shows besides the error: the body, or its content type.
         self.context = context
+
+
+class UnverifiedMessage(MalformedMessage):
+    """A reload message whose signature does not check out (or that has none) under this
+    process's keys; dropped unread."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"signature: {detail}")
+        # unsigned, malformed_signature, unknown_key or bad_signature (store/signing/keys.py).
+        self.reason = reason
+
+
+def max_body_bytes(max_message_bytes: int) -> int:
+    """The largest body a consumer reads, for senders whose messages stay within
+    ``max_message_bytes`` (OPTIONS_MAX_MESSAGE_BYTES)."""
+    return max_message_bytes + BODY_SLACK_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,10 +195,14 @@ class ReloadMessage:
         if body.get("v") != VERSION:
             raise MalformedMessage(f"v: unsupported version {body.get('v')!r}")
         kind = body.get("kind")
-        sent_at = _number(body, "sent_at")
+        sent_at = _timestamp(body, "sent_at")
         origin = body.get("origin", "")
         if not isinstance(origin, str):
             raise MalformedMessage("origin: must be a string")
+        if len(origin) > MAX_ORIGIN_CHARS:
+            raise MalformedMessage(
+                f"origin: {len(origin)} characters, more than {MAX_ORIGIN_CHARS}"
+            )
         if kind == HEARTBEAT:
             # Heartbeats from before marks existed have neither field: still valid.
             complete = body.get("marks_complete", True)
@@ -179,7 +221,7 @@ class ReloadMessage:
                 RELOAD,
                 scope,
                 revision,
-                committed_at=_number(body, "committed_at"),
+                committed_at=_timestamp(body, "committed_at"),
                 sent_at=sent_at,
                 origin=origin,
             )
@@ -189,13 +231,17 @@ class ReloadMessage:
             raise MalformedMessage("set: must be an object with string keys")
         if not isinstance(unsets, list) or not all(isinstance(k, str) for k in unsets):
             raise MalformedMessage("unset: must be a list of strings")
+        if len(sets) + len(unsets) > MAX_KEYS:
+            raise MalformedMessage(
+                f"set: {len(sets)} keys set and {len(unsets)} unset, more than {MAX_KEYS}"
+            )
         return cls(
             CHANGE,
             scope,
             revision,
             sets,
             tuple(unsets),
-            _number(body, "committed_at"),
+            _timestamp(body, "committed_at"),
             sent_at,
             origin,
         )
@@ -231,16 +277,23 @@ def encode_announcement(
     return text
 
 
-def redis_envelope(body: str, exchange: str) -> str:
+def signature_headers(body: str, keyring: Keyring | None) -> dict[str, str]:
+    """The headers that carry the signature of ``body``'s exact bytes (none without a key)."""
+    if keyring is None:
+        return {}
+    return {SIGNATURE_HEADER: keyring.sign(body.encode())}
+
+
+def redis_envelope(body: str, exchange: str, headers: dict[str, str] | None = None) -> str:
     """The message kombu's Redis transport publishes for the JSON ``body`` sent to the fanout
-    ``exchange`` (transient, priority 0): every field, so that any kombu consumer reads it. A
-    test holds it to kombu's own."""
+    ``exchange`` (transient, priority 0) with ``headers`` (``signature_headers``): every field,
+    so that any kombu consumer reads it. A test holds it to kombu's own."""
     return json.dumps(
         {
             "body": base64.b64encode(body.encode()).decode(),
             "content-encoding": CONTENT_ENCODING,
             "content-type": CONTENT_TYPE,
-            "headers": {},
+            "headers": headers or {},
             "properties": {
                 "delivery_mode": 1,
                 "delivery_info": {"exchange": exchange, "routing_key": ""},
@@ -261,13 +314,24 @@ def decode(
     content_type: str | None = CONTENT_TYPE,
     content_encoding: str | None = CONTENT_ENCODING,
     compression: str | None = None,
+    keyring: Keyring | None = None,
+    signature: object = None,
+    max_bytes: int | None = None,
 ) -> ReloadMessage:
     """A received body, as its message declares it, decoded and checked field by field.
 
-    Plain JSON (what every publisher of reload messages sends) is read here; anything else
-    goes through kombu's own decompression and serializers, as a kombu consumer accepting
-    only JSON would. Raises MalformedMessage.
+    A body over ``max_bytes`` is refused unread; with a ``keyring``, so is one whose
+    ``signature`` (its header) does not sign its bytes as received (UnverifiedMessage). Plain
+    JSON (what every publisher of reload messages sends) is read here; anything else goes
+    through kombu's own decompression and serializers, as a kombu consumer accepting only JSON
+    would. Raises MalformedMessage.
     """
+    if max_bytes is not None or keyring is not None:
+        raw = body.encode() if isinstance(body, str) else body or b""
+        if max_bytes is not None and len(raw) > max_bytes:
+            raise MalformedMessage(f"body: {len(raw)} bytes, more than {max_bytes}")
+        if keyring is not None and (refused := keyring.refusal(raw, signature)) is not None:
+            raise UnverifiedMessage(*refused)
     try:
         if compression:
             body = kombu.compression.decompress(body, compression)
@@ -285,14 +349,22 @@ def decode(
         raise MalformedMessage(str(exc), body=_shown(data)) from None
 
 
-def decode_redis_envelope(data: bytes | str) -> ReloadMessage:
+def decode_redis_envelope(
+    data: bytes | str, *, keyring: Keyring | None = None, max_bytes: int | None = None
+) -> ReloadMessage:
     """A message read off the exchange's pub/sub topic on Redis: kombu's envelope, whoever
-    published it, opened as kombu's Redis transport opens it, then ``decode``."""
+    published it, opened as kombu's Redis transport opens it, then ``decode`` (the envelope
+    itself refused unread if larger than a body of ``max_bytes`` could make it)."""
+    if max_bytes is not None and len(data) > _envelope_bytes(max_bytes):
+        raise MalformedMessage(
+            f"envelope: {len(data)} bytes, more than {_envelope_bytes(max_bytes)}"
+        )
     try:
         envelope = json.loads(data)
         properties = envelope["properties"]
         headers = envelope.get("headers") or {}
         compression = headers.get("compression")
+        signature = headers.get(SIGNATURE_HEADER)
         body = envelope.get("body")
         body_encoding = properties.get("body_encoding")
         if body and body_encoding and body_encoding.lower() != "utf-8":
@@ -308,7 +380,15 @@ def decode_redis_envelope(data: bytes | str) -> ReloadMessage:
         content_type=content_type,
         content_encoding=content_encoding,
         compression=compression,
+        keyring=keyring,
+        signature=signature,
+        max_bytes=max_bytes,
     )
+
+
+def _envelope_bytes(max_bytes: int) -> int:
+    # A body in base64 (4 bytes for 3), its headers and properties.
+    return max_bytes * 4 // 3 + 4096
 
 
 # -- checks ----------------------------------------------------------------------------------
@@ -341,8 +421,17 @@ def _scope(value: object) -> str:
 
 def _revision(value: object, name: str) -> int:
     if type(value) is not int or value < 1:
-        raise MalformedMessage(f"{name}: must be a positive integer, got {value!r}")
+        raise MalformedMessage(f"{name}: must be a positive integer, got {_short(value)}")
+    if value > MAX_REVISION:
+        raise MalformedMessage(f"{name}: at most 2**63-1, got {_short(value)}")
     return value
+
+
+def _short(value: object) -> str:
+    # An integer of thousands of digits is shown by its size (and its repr may refuse it).
+    if type(value) is int and value.bit_length() > 128:
+        return f"an integer of {value.bit_length()} bits"
+    return repr(value)[:100]
 
 
 def _marks(value: object) -> dict[str, int] | None:
@@ -350,6 +439,8 @@ def _marks(value: object) -> dict[str, int] | None:
         return None
     if not isinstance(value, dict):
         raise MalformedMessage("marks: must be an object of scope -> revision")
+    if len(value) > MAX_MARKS:
+        raise MalformedMessage(f"marks: {len(value)} scopes, more than {MAX_MARKS}")
     # Canonical names only: a mark is compared with cache keys as is.
     return {_scope(scope): _revision(rev, f"marks.{scope}") for scope, rev in value.items()}
 
@@ -364,4 +455,12 @@ def _number(body: dict[str, Any], name: str) -> float:
         raise MalformedMessage(f"{name}: out of range") from None
     if not math.isfinite(number):
         raise MalformedMessage(f"{name}: must be finite, got {number!r}")
+    return number
+
+
+def _timestamp(body: dict[str, Any], name: str) -> float:
+    """Seconds since the epoch: not negative, and not far ahead of this host's clock."""
+    number = _number(body, name)
+    if number < 0 or number > time.time() + MAX_FUTURE_SECONDS:
+        raise MalformedMessage(f"{name}: must be a time from 0 to a day from now, got {number!r}")
     return number

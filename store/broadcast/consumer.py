@@ -17,17 +17,23 @@ import kombu
 from store.broadcast.codec import (
     CONTENT_ENCODING,
     CONTENT_TYPE,
+    DEFAULT_MAX_MESSAGE_BYTES,
     HEARTBEAT,
+    SIGNATURE_HEADER,
     MalformedMessage,
     ReloadMessage,
+    UnverifiedMessage,
     decode,
     decode_redis_envelope,
     encode,
+    max_body_bytes,
+    signature_headers,
 )
 from store.broadcast.exchange import reload_exchange, reload_queue
-from store.events import log
+from store.events import Throttled, log
 from store.options_store import OptionsStore
 from store.redis.presence import Presence
+from store.signing.keys import Keyring
 from store.transport.redis import publish_topics, subscriber
 
 REPORTED_SCOPES = 5000  # revisions a process reports; older ones fall off its report
@@ -50,6 +56,10 @@ class ReloadConsumer(threading.Thread):
     that proves the subscription is live end to end (on Redis, kombu subscribes lazily).
     Losing the connection, or hearing nothing for ``deadline`` seconds, drops the local cache
     and stops caching until the next hello comes back.
+
+    With a ``keyring``, a message is read only if its signature checks out: anything else is
+    dropped unread, counted and logged (once per interval), and does not count as heard, so a
+    forged message neither changes a cache nor keeps a deaf process looking alive.
     """
 
     def __init__(
@@ -63,6 +73,8 @@ class ReloadConsumer(threading.Thread):
         pool: str,
         deadline: float = 5.0,
         report_interval: float = 0.02,
+        keyring: Keyring | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         super().__init__(name="optionstore-reload", daemon=True)
         self.backend = backend
@@ -74,6 +86,9 @@ class ReloadConsumer(threading.Thread):
         self.pool = pool
         self.deadline = deadline
         self.report_interval = report_interval
+        self.keyring = keyring
+        self.max_body_bytes = max_body_bytes(max_message_bytes)
+        self._throttled = Throttled()
         self.hostname = socket.gethostname()
         self.pid = os.getpid()
         self.stopping = threading.Event()
@@ -180,15 +195,16 @@ class ReloadConsumer(threading.Thread):
                 pubsub.close()
 
     def _say_hello(self, conn: kombu.Connection) -> None:
-        hello = ReloadMessage.heartbeat(origin=f"hello:{self._hello}")
+        hello = encode(ReloadMessage.heartbeat(origin=f"hello:{self._hello}"))
         exchange = reload_exchange(self.namespace)
         with conn.channel() as channel:
             kombu.Producer(channel).publish(
-                encode(hello),
+                hello,
                 exchange=exchange,
                 routing_key="",
                 content_type=CONTENT_TYPE,
                 content_encoding=CONTENT_ENCODING,
+                headers=signature_headers(hello, self.keyring),
                 delivery_mode=1,
                 declare=[exchange],
             )
@@ -197,26 +213,31 @@ class ReloadConsumer(threading.Thread):
 
     def _on_data(self, data: bytes) -> None:
         """A message read off the exchange's pub/sub topic on Redis."""
-        self._heard()
         try:
-            reload = decode_redis_envelope(data)
+            reload = decode_redis_envelope(
+                data, keyring=self.keyring, max_bytes=self.max_body_bytes
+            )
         except MalformedMessage as exc:
             self._on_malformed(exc)
             return
+        self._heard()
         self._on_reload(reload)
 
     def _on_kombu_message(self, message: kombu.Message) -> None:
         """A message kombu's consumer received (AMQP): its body, not yet decoded."""
-        self._heard()
         try:
             reload = decode(
                 message.body,
                 content_type=message.content_type,
                 content_encoding=message.content_encoding,
+                keyring=self.keyring,
+                signature=(message.headers or {}).get(SIGNATURE_HEADER),
+                max_bytes=self.max_body_bytes,
             )
         except MalformedMessage as exc:
             self._on_malformed(exc)
             return
+        self._heard()
         self._on_reload(reload)
 
     def _heard(self) -> None:
@@ -230,6 +251,17 @@ class ReloadConsumer(threading.Thread):
         self._heard_at = time.time()
 
     def _on_malformed(self, exc: MalformedMessage) -> None:
+        if isinstance(exc, UnverifiedMessage):
+            # Not heard: a forged message must not stand in for the heartbeat.
+            self.backend.metrics.broadcast("unverified")
+            self._throttled.warning(
+                "broadcast.unverified", key=exc.reason, reason=exc.reason, error=str(exc)
+            )
+            return
+        if self.keyring is None:
+            # Without keys, whatever arrives proves the subscription is alive (as a verified
+            # message does with them).
+            self._heard()
         self.backend.metrics.broadcast("malformed")
         log.warning("broadcast.malformed", error=str(exc), **exc.context)
 
@@ -261,7 +293,10 @@ class ReloadConsumer(threading.Thread):
 
     def _on_undecodable(self, message: kombu.Message, exc: Exception) -> None:
         # What kombu could not open (a body it failed to decompress): never applied, never
-        # fatal.
+        # fatal; with keys, never verified either.
+        if self.keyring is not None:
+            self._on_malformed(UnverifiedMessage("unverifiable", "kombu could not open the body"))
+            return
         self._heard()
         self.backend.metrics.broadcast("malformed")
         log.warning(

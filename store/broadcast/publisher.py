@@ -19,11 +19,13 @@ from store.broadcast.codec import (
     encode,
     encode_announcement,
     redis_envelope,
+    signature_headers,
 )
 from store.broadcast.exchange import reload_exchange
 from store.fork import after_fork_in_child
 from store.model.writes import WriteResult
 from store.redis.cache import server_identity
+from store.signing.keys import Keyring
 from store.transport.redis import publish_topics, publishing_client
 
 # Seconds a publish on AMQP waits for the broker's confirm before it counts as failed.
@@ -42,7 +44,8 @@ def publish_transport_options(broker_url: str) -> dict[str, Any]:
 
 
 class Publisher:
-    """Publishes reload messages from this process over its own broker connection."""
+    """Publishes reload messages from this process over its own broker connection, each signed
+    when it has a ``keyring``."""
 
     def __init__(
         self,
@@ -51,11 +54,13 @@ class Publisher:
         namespace: str,
         origin: str = "",
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        keyring: Keyring | None = None,
     ) -> None:
         # Makes a new connection to the broker: the app's own (its transport options and TLS),
         # with publisher confirms on AMQP (publish_transport_options).
         self.connect = connect
         self.max_message_bytes = max_message_bytes
+        self.keyring = keyring
         self.exchange = reload_exchange(namespace)
         self.origin = origin or f"{os.uname().nodename}:{os.getpid()}"
         self._connection: kombu.Connection | None = None
@@ -76,8 +81,10 @@ class Publisher:
         self._publish_text(self._announcement(result))
 
     def envelope(self, result: WriteResult) -> str:
-        """The message that announces ``result`` on a Redis broker, as ``announce`` sends it."""
-        return redis_envelope(self._announcement(result), self.exchange.name)
+        """The message that announces ``result`` on a Redis broker, as ``announce`` sends it
+        (signed: a script publishes it as it is, store/redis/delta.lua)."""
+        text = self._announcement(result)
+        return redis_envelope(text, self.exchange.name, signature_headers(text, self.keyring))
 
     def topics_on(self, client: Any) -> list[str]:
         """The pub/sub topics this publisher's announcements go to, if its broker is the Redis
@@ -107,22 +114,23 @@ class Publisher:
         return encode_announcement(result, origin=self.origin, max_bytes=self.max_message_bytes)
 
     def _publish_text(self, text: str) -> None:
+        headers = signature_headers(text, self.keyring)
         with self._lock:
             try:
-                self._send(text)
+                self._send(text, headers)
             except Exception:
                 # One fresh connection and one more try (kombu's own retry wrapper costs on
                 # every message); if that fails too, the outbox relay announces it later.
                 self._reset()
-                self._send(text)
+                self._send(text, headers)
 
-    def _send(self, text: str) -> None:
+    def _send(self, text: str, headers: dict[str, str]) -> None:
         producer = self._get_producer()
         if self._topics:
             # A fanout on Redis is a PUBLISH of kombu's message to the exchange's topics: sent
             # here with the channel's own client, without kombu's producer layers (their
             # Python cost more than the PUBLISH).
-            message = redis_envelope(text, self.exchange.name)
+            message = redis_envelope(text, self.exchange.name, headers)
             for topic in self._topics:
                 self._client.publish(topic, message)
             return
@@ -133,6 +141,7 @@ class Publisher:
             routing_key="",
             content_type=CONTENT_TYPE,
             content_encoding=CONTENT_ENCODING,
+            headers=headers,
             delivery_mode=1,  # transient
             confirm_timeout=CONFIRM_TIMEOUT,  # AMQP with confirms only; ignored elsewhere
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -260,6 +261,7 @@ def _status(args: argparse.Namespace, _: list[str]) -> int:
         "redis_url": redact_url(settings.redis_url),
         "broker_url": redact_url(settings.broker_url),
         "local_cache": settings.local_cache,
+        "signing": signing_report(settings),
     }
     with backend.db.connection() as conn:
         report["schema_version"] = schema_version(conn)
@@ -284,7 +286,9 @@ def _status(args: argparse.Namespace, _: list[str]) -> int:
         _print_json(report)
         return 0
     for key, value in report.items():
-        if key != "processes":
+        if key == "signing":
+            print(f"{key:20} {_signing_line(value)}")
+        elif key != "processes":
             print(f"{key:20} {value}")
     print(f"\n{'process':28} {'kind':6} {'pool':8} {'mode':8} {'synced':7} {'heard':>8}  converged")
     for p in report["processes"]:
@@ -295,6 +299,27 @@ def _status(args: argparse.Namespace, _: list[str]) -> int:
             f" {heard:>8}  {state}"
         )
     return 0
+
+
+def signing_report(settings: Any) -> dict[str, Any]:
+    """Whether this environment signs and checks write tasks and reload messages, and with
+    which keys, by id only: a key is never shown."""
+    keyring = settings.keyring
+    return {
+        "enabled": keyring is not None,
+        "key_ids": [] if keyring is None else list(keyring.ids),
+        "signs_with": None if keyring is None else keyring.signing_id,
+        "unsigned_writes": settings.unsigned_writes,
+    }
+
+
+def _signing_line(signing: dict[str, Any]) -> str:
+    if not signing["enabled"]:
+        return "off (no OPTIONS_SIGNING_KEY: write tasks and reload messages are not checked)"
+    others = [kid for kid in signing["key_ids"] if kid != signing["signs_with"]]
+    verifies = f", verifies with {', '.join(others)} too" if others else ""
+    unsigned = "accepted" if signing["unsigned_writes"] == "accept" else "refused"
+    return f"on (signs with key {signing['signs_with']}{verifies}; unsigned write tasks {unsigned})"
 
 
 def _broker_eviction(settings: Any) -> str | None:
@@ -348,7 +373,13 @@ def _worker(args: argparse.Namespace, extra: list[str]) -> int:
 def _embedded(args: argparse.Namespace, _: list[str]) -> int:
     from pathlib import Path
 
-    from store.embedded import embedded_status, ensure_embedded, stop_embedded
+    from store.embedded import (
+        SIGNING_KEY_FILE,
+        embedded_status,
+        ensure_embedded,
+        ensure_signing_key,
+        stop_embedded,
+    )
 
     state_dir = Path(os.environ.get("OPTIONS_STATE_DIR") or ".optionstore").absolute()
     if args.action == "stop":
@@ -367,6 +398,10 @@ def _embedded(args: argparse.Namespace, _: list[str]) -> int:
     if args.action == "env":
         print(f"export OPTIONS_DATABASE_URL={services.database_url}")
         print(f"export OPTIONS_REDIS_URL={services.redis_url}")
+        # The embedded default's key, by its file's name: every process given these variables
+        # signs and checks with it, as one started with no URL set would.
+        ensure_signing_key(state_dir)
+        print(f"export OPTIONS_SIGNING_KEY_FILE={shlex.quote(str(state_dir / SIGNING_KEY_FILE))}")
     else:
         print(f"postgres  {services.database_url}\nredis     {services.redis_url}")
     return 0

@@ -27,11 +27,14 @@ def configured() -> Any:
     import store
 
     found = settings()
-    return store.configure(
+    # The runtime's own configure: it takes the keys of the settings, the embedded default's
+    # too, which sign the write tasks a command sends.
+    return store.runtime.configure(
         database_url=found.database_url,
         redis_url=found.redis_url,
         namespace=found.namespace,
         max_value_bytes=found.max_value_bytes,
+        keyring=found.keyring,
     )
 
 

@@ -1,0 +1,1 @@
+"""Signatures: the keys of a fleet, and what a write task's signature covers."""
