@@ -336,7 +336,7 @@ def decode(
         if compression:
             body = kombu.compression.decompress(body, compression)
         if content_type == CONTENT_TYPE and content_encoding == CONTENT_ENCODING:
-            data = json.loads(body)  # type: ignore[arg-type]  # None is refused: undecodable
+            data = decode_value(body)  # type: ignore[arg-type]  # None is refused: undecodable
         else:
             data = kombu.serialization.loads(body, content_type, content_encoding, accept=ACCEPT)
     except Exception as exc:  # whatever the bytes make a decoder raise (RecursionError too)
@@ -360,7 +360,7 @@ def decode_redis_envelope(
             f"envelope: {len(data)} bytes, more than {_envelope_bytes(max_bytes)}"
         )
     try:
-        envelope = json.loads(data)
+        envelope = decode_value(data)
         properties = envelope["properties"]
         headers = envelope.get("headers") or {}
         compression = headers.get("compression")
