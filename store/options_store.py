@@ -334,16 +334,15 @@ class OptionsStore:
 
     def _check_reused(self, result: WriteResult, before: Applied) -> None:
         """``result`` was committed just now, and Redis has seen its revision or a newer one
-        announced. The same revision from another task: PostgreSQL handed it out again. A newer
-        one: a concurrent write announced first, unless PostgreSQL is behind it."""
+        announced. The same revision from another task: PostgreSQL handed it out again, and
+        the scope is rebased at once. A newer one is most often a concurrent write that
+        announced first (a busy scope, every few writes): asking PostgreSQL here would cost
+        those a round trip, so a database behind it is left to the reconciler's next round,
+        which holds every scope announced in the last seconds against PostgreSQL."""
+        if before.announced != result.revision or before.by == result.task_id:
+            return  # a newer one; or the relay announced this commit first
         try:
-            if before.announced == result.revision:
-                reused = before.by != result.task_id  # else the relay announced it first
-            else:
-                committed = self.db.revisions([result.scope]).get(result.scope, 0)
-                reused = committed < before.announced
-            if reused:
-                self.rebase(result.scope, above=before.announced)
+            self.rebase(result.scope, above=before.announced)
         except Exception as exc:  # the reconciler finds the database behind, and repairs it
             log.warning("postgres.rebase_failed", scope=result.scope, error=describe(exc))
 
