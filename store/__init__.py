@@ -45,7 +45,7 @@ registry = backend.registry
 # Every options.* task this process publishes, from any Celery app, is signed when it holds a
 # key (producers that send by name included). Connecting reads nothing: the key is resolved on
 # the first publish.
-connect_task_signing()
+connect_task_signing(runtime.keyring)
 
 
 def configure(

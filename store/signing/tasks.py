@@ -13,7 +13,7 @@ other languages.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from store.events import Throttled
@@ -89,25 +89,32 @@ def task_refusal(
 # -- signing what this process publishes -----------------------------------------------------
 
 
-def connect_task_signing() -> None:
-    """Sign every ``options.*`` task this process publishes, from any Celery app, when it holds
-    a key (resolved on the first publish). Idempotent; reads nothing, starts nothing."""
+def connect_task_signing(keyring: Callable[[], Keyring | None]) -> None:
+    """Sign every ``options.*`` task this process publishes, from any Celery app, with the
+    ``keyring()`` of the moment (None: unsigned), called on the first publish, not here.
+    Idempotent; reads nothing, starts nothing."""
     from celery.signals import before_task_publish
 
-    before_task_publish.connect(_sign, weak=False, dispatch_uid="optionstore.sign_write_tasks")
+    def sign(
+        sender: object = None,
+        body: object = None,
+        headers: dict[str, Any] | None = None,
+        **_: Any,
+    ) -> None:
+        _sign(keyring, sender, body, headers)
+
+    before_task_publish.connect(sign, weak=False, dispatch_uid="optionstore.sign_write_tasks")
 
 
 def _sign(
-    sender: object = None,
-    body: object = None,
-    headers: dict[str, Any] | None = None,
-    **_: Any,
+    keyrings: Callable[[], Keyring | None],
+    sender: object,
+    body: object,
+    headers: dict[str, Any] | None,
 ) -> None:
     if not (isinstance(sender, str) and sender.startswith(WRITE_TASK_PREFIX)) or headers is None:
         return
-    import store  # here: this module is imported by store's own __init__
-
-    keyring = store.runtime.keyring()
+    keyring = keyrings()
     if keyring is None:
         return
     if not _may_vouch(headers):
