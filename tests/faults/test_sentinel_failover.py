@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from tests.conftest import fresh_id, wait_for
 from tests.faults.checks import (
@@ -61,10 +62,19 @@ def test_sentinel_failover_under_load(stable: PostgresServer, sentinels: Sentine
         killed: list[float] = []
 
         def kill_primary() -> None:
-            # Between two sends: Redis replicates asynchronously, so a task the primary took in
-            # its last milliseconds may be missing on the replica it fails over to, whatever
-            # the producer does (docs/architecture.md, known limits). Every send after this
-            # meets the failover: refused, then sent again to the promoted replica.
+            # Between two sends, once the replica holds all the primary has: Redis replicates
+            # asynchronously, so a task the primary took in its last milliseconds may be
+            # missing on the replica it fails over to, whatever the producer does
+            # (docs/architecture.md, known limits). Every send after this meets the failover:
+            # refused, then sent again to the promoted replica.
+            client = old.client()
+            sent = int(client.info("replication")["master_repl_offset"])
+            wait_for(
+                lambda: replicated(client, sent),
+                timeout=30,
+                interval=0.01,
+                message="the replica to hold every task sent so far",
+            )
             killed.append(time.monotonic())
             old.kill()
 
@@ -109,3 +119,11 @@ def test_sentinel_failover_under_load(stable: PostgresServer, sentinels: Sentine
         all_committed_s=round(done.committed_s, 2),
         converge_s=round(done.converge_s, 2),
     )
+
+
+def replicated(primary: redis.Redis, offset: int) -> bool:
+    """Whether every replica of ``primary`` has acknowledged its stream up to ``offset`` (a
+    replica acknowledges about once a second)."""
+    info = primary.info("replication")
+    replicas = [value for name, value in info.items() if name.startswith("slave")]
+    return bool(replicas) and all(int(r.get("offset", -1)) >= offset for r in replicas)
