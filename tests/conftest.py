@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import tempfile
@@ -328,6 +329,32 @@ def worker(services: Services) -> Iterator[Worker]:
     running = Worker(services).start()
     yield running
     running.stop()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def worker_serving_metrics(services: Services, queue: str) -> Iterator[tuple[Worker, int]]:
+    """A prefork worker serving its metrics on a free port (yielded with it), on a task queue
+    of its own (``<namespace>.<queue>``): the session's worker must not answer its tasks."""
+    port = free_port()
+    worker = Worker(
+        services,
+        extra_env={
+            "OPTIONS_METRICS_PORT": str(port),
+            "OPTIONS_TASK_QUEUE": f"{services.namespace}.{queue}",
+        },
+    ).start()
+    try:
+        yield worker, port
+    finally:
+        worker.stop()
 
 
 @contextlib.contextmanager

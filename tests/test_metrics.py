@@ -3,38 +3,19 @@
 from __future__ import annotations
 
 import re
-import socket
 import urllib.request
 from collections.abc import Iterator
 
 import pytest
 
 from store.metrics import Metrics
-from tests.conftest import Services, Worker, fresh_id, wait_for
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+from tests.conftest import Services, Worker, fresh_id, wait_for, worker_serving_metrics
 
 
 @pytest.fixture(scope="module")
 def measured(services: Services) -> Iterator[tuple[Worker, int]]:
-    port = free_port()
-    # A queue of its own: the session's worker must not answer the tasks meant for this one.
-    worker = Worker(
-        services,
-        extra_env={
-            "OPTIONS_METRICS_PORT": str(port),
-            "OPTIONS_TASK_QUEUE": f"{services.namespace}.metrics",
-        },
-    ).start()
-    try:
-        yield worker, port
-    finally:
-        worker.stop()
+    with worker_serving_metrics(services, "metrics") as serving:
+        yield serving
 
 
 def scrape(port: int) -> dict[str, float]:

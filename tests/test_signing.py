@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import stat
 import subprocess
 import sys
@@ -24,34 +23,26 @@ from celery.signals import before_task_publish
 from store.errors import SignatureRefused
 from store.postgres.store import PostgresStore
 from store.signing.keys import key_id
-from tests.conftest import ROOT, SIGNING_KEY, STATE_DIR, Services, Worker, fresh_id, wait_for
+from tests.conftest import (
+    ROOT,
+    SIGNING_KEY,
+    STATE_DIR,
+    Services,
+    Worker,
+    fresh_id,
+    wait_for,
+    worker_serving_metrics,
+)
 from tests.processes import log_events
 
 WRONG_KEY = f"not-the-fleets-{uuid.uuid4().hex}"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def guarded(services: Services) -> Iterator[tuple[Worker, int]]:
     """A prefork worker holding the run's key, on a queue of its own, serving its metrics."""
-    port = free_port()
-    worker = Worker(
-        services,
-        extra_env={
-            "OPTIONS_METRICS_PORT": str(port),
-            "OPTIONS_TASK_QUEUE": f"{services.namespace}.signed",
-        },
-    ).start()
-    try:
-        yield worker, port
-    finally:
-        worker.stop()
+    with worker_serving_metrics(services, "signed") as serving:
+        yield serving
 
 
 def refused_count(port: int, reason: str) -> float:

@@ -22,14 +22,7 @@ import redis
 
 from store.embedded import _postgres_binary, _redis_binary, ensure_embedded, stop_embedded
 from store.postgres.schema import migrate
-from tests.conftest import IN_CI, wait_for
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+from tests.conftest import IN_CI, free_port, wait_for
 
 
 def unavailable(reason: str) -> None:
