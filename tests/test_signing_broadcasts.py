@@ -25,9 +25,17 @@ from store.broadcast.codec import (
 )
 from store.broadcast.exchange import reload_exchange
 from store.signing.keys import Keyring
-from tests.conftest import ROOT, Services, Worker, amqp_url, fresh_id, run_keyring, wait_for
+from tests.conftest import (
+    ROOT,
+    Services,
+    Worker,
+    amqp_url,
+    free_port,
+    fresh_id,
+    run_keyring,
+    wait_for,
+)
 from tests.test_broadcast import first_answers, isolated, start, wait_applied
-from tests.test_signing import free_port
 
 CHILDREN = 2
 FORGER = Keyring([f"forger-{uuid.uuid4().hex}"])
