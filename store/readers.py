@@ -84,15 +84,20 @@ class ProjectOptions(_Reader):
         # The hot path: the shared map's values by project id (over the declared defaults,
         # unless the caller gave one), two subscripts and no method call; a try costs nothing
         # until a key is missing. The exact int check keeps True and 42.0 (equal to 1 and 42
-        # as dict keys) away from those projects' caches.
+        # as dict keys) away from those projects' caches. Everything else is in _read, so this
+        # frame stays small.
         if type(project_id) is int:
             try:
                 if default is UNSET:
                     return self._reads[project_id][key]
                 return self._projects[project_id].get(key, default)
             except KeyError:
-                if project_id in self._projects:
-                    return self._registry.missing(PROJECT, key, default)
+                pass
+        return self._read(project_id, key, default)
+
+    def _read(self, project_id: int, key: str, default: Any) -> Any:
+        if type(project_id) is int and project_id in self._projects:
+            return self._registry.missing(PROJECT, key, default)
         # Per-thread maps (a threads-pool worker), or not cached here yet.
         # An id is validated once, then known by its name.
         name = _PROJECT_NAMES.get(project_id) if type(project_id) is int else None
@@ -151,8 +156,12 @@ class GroupMeta(_Reader):
                     return self._reads[group_id][key]
                 return self._groups[group_id].get(key, default)
             except KeyError:
-                if group_id in self._groups:
-                    return self._registry.missing(GROUP, key, default)
+                pass
+        return self._read(group_id, key, default)
+
+    def _read(self, group_id: int, key: str, default: Any) -> Any:
+        if type(group_id) is int and group_id in self._groups:
+            return self._registry.missing(GROUP, key, default)
         # An id is validated once, then known by its name.
         name = _GROUP_NAMES.get(group_id) if type(group_id) is int else None
         if name is None:
