@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from store.model.validation import decode_value
-from store.postgres.store import Snapshot
+from store.postgres.store import EncodedScope
 
 # Past this many scopes the revision floors are forgotten; see LocalCache.floors.
 MAX_FLOORS = 100_000
@@ -31,11 +31,9 @@ class ScopeState:
         self._sorted_keys: list[str] | None = None
 
     @classmethod
-    def from_snapshot(cls, snapshot: Snapshot) -> ScopeState:
-        # One json.loads for the whole scope: the texts are canonical JSON, so joining them
-        # makes a valid array, and one parse is far cheaper than one per value.
-        values = decode_value("[" + ",".join(snapshot.values.values()) + "]")
-        return cls(snapshot.revision, dict(zip(snapshot.values, values, strict=True)))
+    def from_encoded(cls, scope: EncodedScope) -> ScopeState:
+        # One decoder call for the whole scope: far cheaper than one per value.
+        return cls(scope.revision, dict(zip(scope.keys, decode_value(scope.array), strict=True)))
 
     def sorted_keys(self) -> list[str]:
         if self._sorted_keys is None:

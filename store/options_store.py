@@ -24,7 +24,7 @@ from store.metrics import Metrics
 from store.model.registry import Registry
 from store.model.validation import DEFAULT_MAX_VALUE_BYTES, decode_value
 from store.model.writes import Write, WriteResult
-from store.postgres.store import PostgresStore, Snapshot
+from store.postgres.store import EncodedScope, PostgresStore
 from store.redis.cache import Applied, RedisCache
 from store.transient import postgres_unavailable, redis_unavailable
 
@@ -185,21 +185,21 @@ class OptionsStore:
         """Fresh states from Redis, or PostgreSQL (refilling Redis), or last-known values."""
         if self.postgres is None:
             self._lifecycle.ensure_configured()
-        snapshots: dict[str, Snapshot | None] = dict.fromkeys(scopes)
-        cached = self._from_redis(lambda r: r.get_many(scopes)) if use_redis else None
+        found: dict[str, EncodedScope | None] = dict.fromkeys(scopes)
+        cached = self._from_redis(lambda r: r.get_encoded(scopes)) if use_redis else None
         if cached is not None:
-            snapshots.update(cached)
-        missing = [scope for scope, snap in snapshots.items() if snap is None]
+            found.update(cached)
+        missing = [scope for scope, encoded in found.items() if encoded is None]
         if cached is not None:
             self.metrics.miss("redis", len(scopes) - len(missing))
         if missing:
-            snapshots.update(self._from_postgres(missing))
+            found.update(self._from_postgres(missing))
         states: dict[str, ScopeState] = {}
-        for scope, snapshot in snapshots.items():
-            if snapshot is None:  # PostgreSQL down; a last-known state was served instead
+        for scope, encoded in found.items():
+            if encoded is None:  # PostgreSQL down; a last-known state was served instead
                 states[scope] = self.last_known.get(scope)
                 continue
-            state = ScopeState.from_snapshot(snapshot)
+            state = ScopeState.from_encoded(encoded)
             self.last_known.remember(scope, state)
             states[scope] = state
         return states
@@ -221,7 +221,7 @@ class OptionsStore:
         self._redis_breaker.reset()
         return result
 
-    def _from_postgres(self, scopes: list[str]) -> dict[str, Snapshot | None]:
+    def _from_postgres(self, scopes: list[str]) -> dict[str, EncodedScope | None]:
         try:
             if not self._postgres_breaker.available():
                 raise StoreUnavailable("PostgreSQL failed moments ago")
@@ -239,7 +239,7 @@ class OptionsStore:
         self.metrics.miss("postgres", len(scopes))
         for scope, snapshot in snapshots.items():
             self._from_redis(lambda r, s=scope, snap=snapshot: r.fill(s, snap))  # type: ignore[misc]
-        return dict(snapshots)
+        return {scope: snapshot.encoded() for scope, snapshot in snapshots.items()}
 
     # -- writes: commit, then every cache forward ------------------------------------------
 

@@ -329,7 +329,9 @@ def test_floor_sends_a_late_redis_answer_to_postgres(
         late = quiet.db.load_scope(scope.name)  # taken before the next commit, served after it
         assert quiet.redis is not None
         newer = quiet.commit(set_write(scope, "k", "v2"))
-        monkeypatch.setattr(quiet.redis, "get_many", lambda scopes: dict.fromkeys(scopes, late))
+        monkeypatch.setattr(
+            quiet.redis, "get_encoded", lambda scopes: dict.fromkeys(scopes, late.encoded())
+        )
 
         assert quiet.apply_message(ReloadMessage.change(newer)) == "absent"
         state = quiet.state(scope.name)

@@ -216,18 +216,18 @@ class Spy:
 @pytest.fixture
 def spies(backend: Any, monkeypatch: pytest.MonkeyPatch) -> dict[str, Spy]:
     found = {
-        "redis_get_many": Spy(backend.redis.get_many),
+        "redis_get_encoded": Spy(backend.redis.get_encoded),
         "redis_fill": Spy(backend.redis.fill),
         "postgres": Spy(backend.db.load_scopes),
     }
-    monkeypatch.setattr(backend.redis, "get_many", found["redis_get_many"])
+    monkeypatch.setattr(backend.redis, "get_encoded", found["redis_get_encoded"])
     monkeypatch.setattr(backend.redis, "fill", found["redis_fill"])
     monkeypatch.setattr(backend.db, "load_scopes", found["postgres"])
     return found
 
 
 def _calls(spies: dict[str, Spy]) -> tuple[int, int, int]:
-    return spies["redis_get_many"].calls, spies["postgres"].calls, spies["redis_fill"].calls
+    return spies["redis_get_encoded"].calls, spies["postgres"].calls, spies["redis_fill"].calls
 
 
 def test_read_path_local_then_redis_then_postgres(backend: Any, spies: dict[str, Spy]) -> None:
@@ -267,12 +267,12 @@ def test_get_value_bulk_returns_only_ids_that_have_the_key(
     backend.commit(set_write(project_scope(cached), "k", False), task_id=_task_id())
     store.clear_local_cache()
     assert store.project_options.get_value(cached, "k") is False  # one scope cached locally
-    before = spies["redis_get_many"].calls
+    before = spies["redis_get_encoded"].calls
     assert store.project_options.get_value_bulk([has, other, empty, cached], "k") == {
         has: "a",
         cached: False,
     }
-    assert spies["redis_get_many"].calls == before + 1  # the three uncached scopes at once
+    assert spies["redis_get_encoded"].calls == before + 1  # the three uncached scopes at once
     assert store.project_options.get_value_bulk([], "k") == {}
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import psycopg
 from psycopg.rows import TupleRow
@@ -47,6 +47,20 @@ class Snapshot:
 
     revision: int
     values: dict[str, str]
+
+    def encoded(self) -> EncodedScope:
+        return EncodedScope(
+            self.revision, list(self.values), ("[" + ",".join(self.values.values()) + "]").encode()
+        )
+
+
+class EncodedScope(NamedTuple):
+    """A whole scope as of one revision, as a reader decodes it: its keys, and its values as
+    one JSON array (the canonical texts joined), so that one decoder call reads them all."""
+
+    revision: int
+    keys: list[str]
+    array: bytes
 
 
 @dataclass(frozen=True, slots=True)

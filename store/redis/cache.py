@@ -12,7 +12,7 @@ import redis
 from redis.connection import URL_QUERY_ARGUMENT_PARSERS
 from redis.sentinel import Sentinel, SentinelManagedConnection, SentinelManagedSSLConnection
 
-from store.postgres.store import Snapshot
+from store.postgres.store import EncodedScope, Snapshot
 
 # Option keys cannot contain control characters, so these field names never collide with one.
 REVISION_FIELD = b"\x00rev"
@@ -64,13 +64,15 @@ class RedisCache:
     def get(self, scope: str) -> Snapshot | None:
         return _snapshot(self.client.hgetall(self.key(scope)))
 
-    def get_many(self, scopes: list[str]) -> dict[str, Snapshot | None]:
+    def get_encoded(self, scopes: list[str]) -> dict[str, EncodedScope | None]:
+        """The scopes a reader loads, as stored (no value decoded here); None where a scope is
+        not cached or marked stale."""
         if len(scopes) == 1:  # the common miss: a pipeline only adds overhead to one command
-            return {scopes[0]: self.get(scopes[0])}
+            return {scopes[0]: _encoded(self.client.hgetall(self.key(scopes[0])))}
         pipe = self.client.pipeline(transaction=False)
         for scope in scopes:
             pipe.hgetall(self.key(scope))
-        return {scope: _snapshot(raw) for scope, raw in zip(scopes, pipe.execute(), strict=True)}
+        return {scope: _encoded(raw) for scope, raw in zip(scopes, pipe.execute(), strict=True)}
 
     def fill(self, scope: str, snapshot: Snapshot) -> bool:
         args: list[str | bytes | int] = [REVISION_FIELD, STALE_FIELD, snapshot.revision, self.ttl]
@@ -221,6 +223,15 @@ def server_identity(pool: Any) -> tuple[Any, ...] | None:
         kwargs.get("port"),
         kwargs.get("username"),
         kwargs.get("password"),
+    )
+
+
+def _encoded(raw: dict[Any, Any]) -> EncodedScope | None:
+    if not raw or STALE_FIELD in raw:
+        return None
+    revision = int(raw.pop(REVISION_FIELD, 0))
+    return EncodedScope(
+        revision, [field.decode() for field in raw], b"[" + b",".join(raw.values()) + b"]"
     )
 
 
