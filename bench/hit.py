@@ -58,6 +58,7 @@ def hit_figure(name: str, title: str, answer: dict[str, Any], where: str) -> Fig
         value=Series("ns/call", store_net),
         baseline=Series("ns/call", dict_net),
         goal="<= 4x",
+        tail_in_goal=True,
         method=(
             f"timeit inside {where} ({answer['mode']} mode), a 10-key project scope; "
             f"{len(loop)} repetitions of {answer['number']:,} calls each, interleaved with the "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import threading
 import time
@@ -40,6 +41,11 @@ REPORTED_SCOPES = 5000  # revisions a process reports; older ones fall off its r
 # Seconds between two reports that carry revisions: under a stream of changes a process
 # reports a few times a second, not once per change (a report is a Redis write).
 REPORT_GAP = 0.25
+# Every process of a fleet applies a change at the same moment, so their reports would fall
+# due together too, and their Redis writes would queue for the CPU behind one another and
+# behind the next change. Each process waits its own share of this much longer (drawn once),
+# which spreads them out.
+REPORT_SPREAD = 1.0
 # Seconds a subscribed consumer with nothing to report waits for a message before it checks
 # for silence (a tenth of the deadline, if that is shorter) and reports it is alive (1 s).
 IDLE_WAIT = 0.5
@@ -104,6 +110,11 @@ class ReloadConsumer(threading.Thread):
         self._last_report = 0.0
         self._last_change_report = 0.0
         self._unreported_since = 0.0
+        # A fraction of the report delays this process adds to them (REPORT_SPREAD); the
+        # random module is reseeded in every forked child.
+        self._spread = 1.0 + REPORT_SPREAD * random.random()  # noqa: S311  # not a secret
+        # Its kind, pool and mode: sent when the report's hash may be new, not every time.
+        self._introduced = False
 
     # -- the loop -------------------------------------------------------------
 
@@ -325,7 +336,8 @@ class ReloadConsumer(threading.Thread):
         # report that carried changes: one change alone is reported at once, a stream in
         # batches.
         return max(
-            self._unreported_since + self.report_interval, self._last_change_report + REPORT_GAP
+            self._unreported_since + self.report_interval * self._spread,
+            self._last_change_report + REPORT_GAP * self._spread,
         )
 
     def _drain_timeout(self) -> float:
@@ -344,21 +356,19 @@ class ReloadConsumer(threading.Thread):
         # Reported a little after the first unreported change, not at once: the report is a
         # Redis write, and the processes still applying the same message share the CPU.
         due = self._unreported and now >= self._report_due_at()
-        if not (force or due or now - self._last_report >= 1.0):
+        if not (force or due or now - self._last_report >= self._spread):
             return
         revisions, self._unreported = self._unreported, {}
         if revisions:
             self._last_change_report = now
         forgotten, self._forgotten = self._forgotten, []
         try:
+            introduction = {} if self._introduced else self._introduction()
             recreated = self.presence.report(
                 hostname=self.hostname,
                 pid=self.pid,
                 fields={
-                    "hostname": self.hostname,
-                    "pid": self.pid,
-                    "kind": self.kind,
-                    "pool": self.pool,
+                    **introduction,
                     "mode": self.backend.local.mode,
                     "synced": self.subscribed.is_set(),
                     "synced_at": self._synced_at,
@@ -371,12 +381,20 @@ class ReloadConsumer(threading.Thread):
                 revisions=revisions,
                 forgotten=forgotten,
             )
-            if recreated and len(self._revisions) > len(revisions):
+            if recreated and (len(self._revisions) > len(revisions) or not introduction):
+                # Redis lost the hash (a restart, a failover): send what it held again.
                 self.presence.report(
-                    hostname=self.hostname, pid=self.pid, fields={}, revisions=dict(self._revisions)
+                    hostname=self.hostname,
+                    pid=self.pid,
+                    fields=self._introduction(),
+                    revisions=dict(self._revisions),
                 )
+            self._introduced = True
         except Exception as exc:  # a report is best effort; the next one carries these too
             self._unreported = {**revisions, **self._unreported}
             self._forgotten = forgotten + self._forgotten
             log.warning("presence.report_failed", error=f"{type(exc).__name__}: {exc}")
         self._last_report = now
+
+    def _introduction(self) -> dict[str, Any]:
+        return {"hostname": self.hostname, "pid": self.pid, "kind": self.kind, "pool": self.pool}

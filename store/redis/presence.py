@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import redis
 
 from store.model.writes import WriteResult
@@ -84,8 +85,8 @@ class Presence:
     ) -> bool:
         """Write a report; True if the hash was (re)created and so lacks earlier revisions."""
         key = self.key(hostname, pid)
-        mapping: dict[Any, Any] = {name: json.dumps(value) for name, value in fields.items()}
-        mapping["reported_at"] = json.dumps(time.time())
+        mapping: dict[Any, Any] = {name: orjson.dumps(value) for name, value in fields.items()}
+        mapping["reported_at"] = orjson.dumps(time.time())
         mapping.update({REVISION_PREFIX + scope: rev for scope, rev in revisions.items()})
         pipe = self.client.pipeline(transaction=True)
         pipe.hset(key, mapping=mapping)
