@@ -14,7 +14,12 @@ COPY pyproject.toml README.md celeryconfig.py ./
 COPY store ./store
 COPY tasks ./tasks
 COPY worker ./worker
-RUN pip install . \
+# gcc only while installing: it builds the readers' C hit (store/_hit.c), then leaves the image.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && pip install . \
+    && apt-get purge -y --auto-remove gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/* \
     && useradd --system --create-home --uid 10001 optionstore
 
 # Nothing here needs root, and Celery warns against running its workers as root.

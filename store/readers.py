@@ -198,3 +198,26 @@ def _bulk(store: OptionsStore, ids_by_scope: dict[str, int], key: str) -> dict[i
         for scope, state in states.items()
         if key in state.values
     }
+
+
+def _hit_in_c(reader: type[_Reader], reads: str, values: str) -> bool:
+    """Make ``reader.get_value`` the C build of its hit path (store/_hit.c) when there is one.
+
+    The C method answers a local hit itself and hands everything else (a miss, keyword
+    arguments, an id that is not exactly an int) to the Python method above, unchanged, so
+    that method remains the one definition of a read. The extension is optional: a source
+    checkout that was not built, or an install without a C compiler, reads in Python.
+    """
+    try:
+        from store._hit import HitMethod
+    except ImportError:
+        return False
+    python_method = reader.__dict__["get_value"]
+    setattr(reader, "get_value", HitMethod(reader, reads, values, UNSET, python_method))  # noqa: B010
+    return True
+
+
+# True when the local hit of project options and group metadata runs in C.
+HIT_IN_C = _hit_in_c(ProjectOptions, "_reads", "_projects") and _hit_in_c(
+    GroupMeta, "_reads", "_groups"
+)
