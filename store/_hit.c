@@ -11,11 +11,13 @@
  *     if type(ident) is int:
  *         default not given:  return self.<reads>[ident][key]             if both are present
  *         default given:      return self.<values>[ident].get(key, default)  if ident is
+ *         a miss:             return <python miss path>(self, ident, key, default or UNSET)
  *     anything else:          return <python get_value>(self, ident, key[, default])
  *
  * Keyword arguments, a wrong number of arguments, a subclass-less type mismatch and every miss
- * go to the Python method with the arguments unchanged, so its errors and its miss path are
- * the only ones there are. The two maps are read from the reader's __slots__ by offset (the
+ * go to the Python method with the arguments unchanged, and a miss to the method the Python
+ * one hands its misses to (``_read``), so its errors and its miss path are the only ones
+ * there are. The two maps are read from the reader's __slots__ by offset (the
  * offsets are taken from the class's member descriptors when the HitMethod is made, and the
  * reader's type is checked on every call before they are used).
  */
@@ -31,6 +33,7 @@ typedef struct {
     Py_ssize_t values_at;    /* offset of the slot: id -> values */
     PyObject *unset;         /* the UNSET sentinel: no default given */
     PyObject *slow;          /* the Python get_value (a plain function taking self) */
+    PyObject *miss;          /* the Python miss path: miss(self, ident, key, default) */
     vectorcallfunc vectorcall;
 } HitMethod;
 
@@ -72,10 +75,13 @@ HitMethod_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf,
         if (value != NULL) {
             return Py_NewRef(value);
         }
-        if (PyErr_Occurred()) {
-            /* an unhashable key: the Python method raises what it raises */
-            PyErr_Clear();
+        if (!PyErr_Occurred()) {
+            /* A miss: straight to where the Python method's own miss goes. */
+            PyObject *miss_args[4] = {reader, ident, key, nargs == 4 ? args[3] : self->unset};
+            return PyObject_Vectorcall(self->miss, miss_args, 4, NULL);
         }
+        /* an unhashable key: the Python method raises what it raises */
+        PyErr_Clear();
     }
     return PyObject_Vectorcall(self->slow, args, nargsf, kwnames);
 }
@@ -106,15 +112,15 @@ static PyObject *
 HitMethod_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     PyTypeObject *owner;
-    PyObject *reads_name, *values_name, *unset, *slow;
-    static char *names[] = {"owner", "reads", "values", "unset", "slow", NULL};
+    PyObject *reads_name, *values_name, *unset, *slow, *miss;
+    static char *names[] = {"owner", "reads", "values", "unset", "slow", "miss", NULL};
     Py_ssize_t reads_at, values_at;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!UUOO:HitMethod", names, &PyType_Type,
-                                     &owner, &reads_name, &values_name, &unset, &slow)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!UUOOO:HitMethod", names, &PyType_Type,
+                                     &owner, &reads_name, &values_name, &unset, &slow, &miss)) {
         return NULL;
     }
-    if (!PyFunction_Check(slow)) {
-        PyErr_SetString(PyExc_TypeError, "HitMethod: slow must be a Python function");
+    if (!PyFunction_Check(slow) || !PyFunction_Check(miss)) {
+        PyErr_SetString(PyExc_TypeError, "HitMethod: slow and miss must be Python functions");
         return NULL;
     }
     if (member_offset(owner, reads_name, &reads_at) < 0
@@ -130,6 +136,7 @@ HitMethod_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->values_at = values_at;
     self->unset = Py_NewRef(unset);
     self->slow = Py_NewRef(slow);
+    self->miss = Py_NewRef(miss);
     self->vectorcall = HitMethod_vectorcall;
     return (PyObject *)self;
 }
@@ -140,6 +147,7 @@ HitMethod_traverse(HitMethod *self, visitproc visit, void *arg)
     Py_VISIT(self->owner);
     Py_VISIT(self->unset);
     Py_VISIT(self->slow);
+    Py_VISIT(self->miss);
     return 0;
 }
 
@@ -149,6 +157,7 @@ HitMethod_clear(HitMethod *self)
     Py_CLEAR(self->owner);
     Py_CLEAR(self->unset);
     Py_CLEAR(self->slow);
+    Py_CLEAR(self->miss);
     return 0;
 }
 

@@ -132,7 +132,7 @@ class OptionsStore:
             if not local.synced:
                 self._lifecycle.ensure_following()
             generation = local.generation
-            state = self.load(scope)
+            state = self.load_many([scope])[scope]
             floors = local.floors
             if state.revision < floors.get(scope, 0):
                 # Redis answered before a change we already heard about reached it.

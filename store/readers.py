@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from store.events import log
 from store.model.registry import UNSET, Registry
 from store.model.scopes import (
     GLOBAL,
@@ -203,17 +204,23 @@ def _bulk(store: OptionsStore, ids_by_scope: dict[str, int], key: str) -> dict[i
 def _hit_in_c(reader: type[_Reader], reads: str, values: str) -> bool:
     """Make ``reader.get_value`` the C build of its hit path (store/_hit.c) when there is one.
 
-    The C method answers a local hit itself and hands everything else (a miss, keyword
-    arguments, an id that is not exactly an int) to the Python method above, unchanged, so
-    that method remains the one definition of a read. The extension is optional: a source
+    The C method answers a local hit itself, hands a miss to ``_read`` (where the Python
+    method sends its misses) and everything else (keyword arguments, an id that is not exactly
+    an int) to the Python method above, unchanged, so the Python code remains the one
+    definition of a read. The extension is optional: a source
     checkout that was not built, or an install without a C compiler, reads in Python.
     """
     try:
         from store._hit import HitMethod
     except ImportError:
         return False
-    python_method = reader.__dict__["get_value"]
-    setattr(reader, "get_value", HitMethod(reader, reads, values, UNSET, python_method))  # noqa: B010
+    python_method, miss = reader.__dict__["get_value"], reader.__dict__["_read"]
+    try:
+        method = HitMethod(reader, reads, values, UNSET, python_method, miss)
+    except TypeError as exc:  # a build older than this source (a checkout not rebuilt)
+        log.warning("readers.c_hit_unusable", error=str(exc), fix="reinstall the package")
+        return False
+    setattr(reader, "get_value", method)  # noqa: B010
     return True
 
 

@@ -257,7 +257,13 @@ class Registry:
 
     def note_read(self, kind: str, key: str) -> None:
         """Log the first read of an undeclared key in this process (a typo returns a default)."""
-        if (kind, key) in self._noted or not self.active:
+        if (kind, key) in self._noted:
+            return
+        # ``active``, spelled out: this runs on every first read of a scope in a task.
+        if not self._resolved:
+            self._ensure_resolved()
+        strict = self._file_strict if self.strict_override is None else self.strict_override
+        if not (self._declared or self.source is not None or strict):
             return
         self._noted.add((kind, key))
         if self.get(key, kind) is None:

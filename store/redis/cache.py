@@ -230,9 +230,10 @@ def _encoded(raw: dict[Any, Any]) -> EncodedScope | None:
     if not raw or STALE_FIELD in raw:
         return None
     revision = int(raw.pop(REVISION_FIELD, 0))
-    return EncodedScope(
-        revision, [field.decode() for field in raw], b"[" + b",".join(raw.values()) + b"]"
-    )
+    # The keys decoded in one call: a key holds no control character (validate_key), so NUL
+    # separates them.
+    keys = b"\0".join(raw).decode().split("\0") if raw else []
+    return EncodedScope(revision, keys, b"[" + b",".join(raw.values()) + b"]")
 
 
 def _snapshot(raw: Mapping[Any, Any]) -> Snapshot | None:
