@@ -1,5 +1,6 @@
-"""A first read's HGETALL on a pooled connection (RedisCache._hgetall, below redis-py's command
-layer) reads what redis-py's own HGETALL reads, and hands a failed connection back to it."""
+"""Commands on a pooled connection below redis-py's command layer (store/redis/direct.py: a
+first read's HGETALL, a process's report) answer what redis-py answers, and hand a failed
+connection back to it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from store.redis import direct
 from store.redis.cache import RedisCache
+from store.redis.presence import Presence
 from tests.conftest import Services
 
 
@@ -33,8 +36,8 @@ def _seed(cache: RedisCache, scope: str, fields: dict[str, bytes]) -> str:
 
 def test_the_pooled_read_is_redis_pys_read(cache: RedisCache) -> None:
     key = _seed(cache, "project:1", {"a": b'"x"', "b": b"[1,2]", "c": b"{}"})
-    assert cache._hgetall(key) == cache.client.hgetall(key)
-    assert cache._hgetall(cache.key("project:404")) == {}
+    assert direct.hgetall(cache.client, key) == cache.client.hgetall(key)
+    assert direct.hgetall(cache.client, cache.key("project:404")) == {}
     encoded = cache.get_encoded(["project:1"])["project:1"]
     assert encoded is not None
     assert (encoded.revision, encoded.keys, encoded.array) == (
@@ -46,12 +49,12 @@ def test_the_pooled_read_is_redis_pys_read(cache: RedisCache) -> None:
 
 def test_a_killed_connection_is_replaced(cache: RedisCache, services: Services) -> None:
     key = _seed(cache, "project:2", {"a": b"1"})
-    cache._hgetall(key)  # the pool now holds one idle connection
+    direct.hgetall(cache.client, key)  # the pool now holds one idle connection
     killer = redis.Redis.from_url(services.redis_url)
     try:
         before = cache.client.client_id()
         assert killer.client_kill_filter(_id=before) == 1
-        assert cache._hgetall(key) == {b"\x00rev": b"3", b"a": b"1"}
+        assert direct.hgetall(cache.client, key) == {b"\x00rev": b"3", b"a": b"1"}
         assert cache.client.client_id() != before
     finally:
         killer.close()
@@ -76,7 +79,7 @@ def test_a_connection_failing_mid_read_hands_the_read_to_redis_py(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(connection, "read_response", fails_once)
-    assert cache._hgetall(key) == {b"\x00rev": b"3", b"a": b"5"}
+    assert direct.hgetall(cache.client, key) == {b"\x00rev": b"3", b"a": b"5"}
     assert failures == ["read"]
     # The failed connection's socket was closed (its reply was half read), not reused.
     assert sock.fileno() == -1
@@ -86,6 +89,23 @@ def test_a_reply_error_is_raised_and_the_connection_stays_usable(cache: RedisCac
     key = cache.key("project:3")
     cache.client.set(key, "not a hash")
     with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
-        cache._hgetall(key)
+        direct.hgetall(cache.client, key)
     other = _seed(cache, "project:4", {"a": b"2"})
-    assert cache._hgetall(other) == {b"\x00rev": b"3", b"a": b"2"}
+    assert direct.hgetall(cache.client, other) == {b"\x00rev": b"3", b"a": b"2"}
+
+
+def test_a_report_of_thousands_of_revisions_is_written_whole(cache: RedisCache) -> None:
+    presence = Presence(cache.client, namespace=cache.prefix, ttl=30.0)
+    revisions = {f"project:{n}": n for n in range(5000)}
+    fields = {"kind": "worker", "pid": 7}
+    assert presence.report(hostname="h", pid=7, fields=fields, revisions=revisions)
+    # Not new the second time; 3,000 revisions forgotten, 10 moved on.
+    moved = {f"project:{n}": n + 1 for n in range(4990, 5000)}
+    forgotten = [f"project:{n}" for n in range(3000)]
+    assert not presence.report(hostname="h", pid=7, fields={}, revisions=moved, forgotten=forgotten)
+    (report,) = presence.processes()
+    assert report.revisions == {**{f"project:{n}": n for n in range(3000, 4990)}, **moved}
+    assert 29_000 < cache.client.pttl(presence.key("h", 7)) <= 30_000
+    # Redis lost the hash: the next report says so.
+    cache.client.delete(presence.key("h", 7))
+    assert presence.report(hostname="h", pid=7, fields=fields, revisions=moved)

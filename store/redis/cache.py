@@ -13,6 +13,7 @@ from redis.connection import URL_QUERY_ARGUMENT_PARSERS
 from redis.sentinel import Sentinel, SentinelManagedConnection, SentinelManagedSSLConnection
 
 from store.postgres.store import EncodedScope, Snapshot
+from store.redis import direct
 
 # Option keys cannot contain control characters, so these field names never collide with one.
 REVISION_FIELD = b"\x00rev"
@@ -68,41 +69,11 @@ class RedisCache:
         """The scopes a reader loads, as stored (no value decoded here); None where a scope is
         not cached or marked stale."""
         if len(scopes) == 1:  # the common miss: a pipeline only adds overhead to one command
-            return {scopes[0]: _encoded(self._hgetall(self.key(scopes[0])))}
+            return {scopes[0]: _encoded(direct.hgetall(self.client, self.key(scopes[0])))}
         pipe = self.client.pipeline(transaction=False)
         for scope in scopes:
             pipe.hgetall(self.key(scope))
         return {scope: _encoded(raw) for scope, raw in zip(scopes, pipe.execute(), strict=True)}
-
-    def _hgetall(self, key: str) -> dict[bytes, bytes]:
-        """HGETALL on a connection of the client's pool, without redis-py's per-command layer
-        (retry wrapper, events, observability, reply callbacks): a fifth of a first read's
-        instructions. A connection that fails hands the command to that layer, which runs it
-        again with its own retries; any other error is raised as redis-py raises it."""
-        client = self.client
-        if not isinstance(client, redis.Redis) or client.connection is not None:
-            return client.hgetall(key)  # type: ignore[return-value]  # bytes: not decoded
-        pool = client.connection_pool
-        connection: Any = pool.get_connection()  # redis-py's Connection methods are untyped
-        try:
-            connection.send_command("HGETALL", key)
-            reply = connection.read_response()
-        except (redis.ConnectionError, redis.TimeoutError):
-            connection.disconnect()  # its reply may be half read
-            reply = None
-        except BaseException:
-            connection.disconnect()
-            raise
-        finally:
-            if connection.should_reconnect():  # the server announced maintenance
-                connection.disconnect()
-            pool.release(connection)
-        if reply is None:
-            return client.hgetall(key)  # type: ignore[return-value]
-        if isinstance(reply, dict):  # RESP3
-            return reply
-        pairs = iter(reply)
-        return dict(zip(pairs, pairs, strict=True))
 
     def fill(self, scope: str, snapshot: Snapshot) -> bool:
         args: list[str | bytes | int] = [REVISION_FIELD, STALE_FIELD, snapshot.revision, self.ttl]

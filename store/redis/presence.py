@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any
 
 import orjson
 import redis
 
 from store.model.writes import WriteResult
+from store.redis import direct
 
 REVISION_PREFIX = "r:"
+_REPORT = resources.files("store.redis").joinpath("report.lua").read_text(encoding="utf-8")
+_REPORT_SHA = hashlib.sha1(_REPORT.encode(), usedforsecurity=False).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -85,19 +90,27 @@ class Presence:
     ) -> bool:
         """Write a report; True if the hash was (re)created and so lacks earlier revisions."""
         key = self.key(hostname, pid)
-        mapping: dict[Any, Any] = {name: orjson.dumps(value) for name, value in fields.items()}
-        mapping["reported_at"] = orjson.dumps(time.time())
-        mapping.update({REVISION_PREFIX + scope: rev for scope, rev in revisions.items()})
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hset(key, mapping=mapping)
         stale = [REVISION_PREFIX + scope for scope in forgotten]
-        if stale:
-            pipe.hdel(key, *stale)
-        pipe.pexpire(key, int(self.ttl * 1000))
+        args: list[Any] = [int(self.ttl * 1000), len(stale), *stale]
+        for name, value in fields.items():
+            args += (name, orjson.dumps(value))
+        args += ("reported_at", orjson.dumps(time.time()))
+        for scope, revision in revisions.items():
+            args += (REVISION_PREFIX + scope, revision)
         # HSET answers how many fields were new: "reported_at" is new only in a fresh hash
         # (first report, or Redis lost it), whose revisions must then be sent again in full.
-        added = pipe.execute()[0]
-        return bool(added) and added >= len(mapping)
+        added = self._run_report(key, args)
+        return bool(added) and added >= len(fields) + 1 + len(revisions)
+
+    def _run_report(self, key: str, args: list[Any]) -> int:
+        # By its digest, on a pooled connection (store/redis/direct.py): a report follows every
+        # change in every process of a fleet. NOSCRIPT (a new or restarted server): loaded,
+        # then run.
+        try:
+            return int(direct.execute(self.client, "EVALSHA", _REPORT_SHA, 1, key, *args))
+        except redis.exceptions.NoScriptError:
+            self.client.script_load(_REPORT)
+            return int(direct.execute(self.client, "EVALSHA", _REPORT_SHA, 1, key, *args))
 
     def remove(self, hostname: str, pid: int) -> None:
         self.client.delete(self.key(hostname, pid))
