@@ -4,6 +4,9 @@ and drop ``swallowed:`` broadcasts on the way (tests/broadcast_hooks.py)."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -15,7 +18,7 @@ from celery import chain
 import store
 from store.errors import InvalidToken
 from store.tokens import MAX_SCOPES
-from tests.conftest import Services, Worker, fresh_id, wait_for
+from tests.conftest import ROOT, Services, Worker, fresh_id, wait_for
 
 ROUNDS = 500
 UNTOKENED_ROUNDS = 100
@@ -182,3 +185,61 @@ def test_a_malformed_token_fails_the_task_naming_the_field_before_its_body(
         result.get(timeout=30, propagate=True)
     assert refused.value.field == field
     assert redis.Redis.from_url(services.redis_url).get(marker) is None  # the body never ran
+
+
+def test_a_web_request_that_made_a_write_reads_it_back_after_catch_up(
+    ryw_worker: Worker,
+) -> None:
+    project, rounds = fresh_id(), 50
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.web_read_back", str(project), "web", str(rounds)],
+        cwd=ROOT,
+        env=ryw_worker.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["kind"] == "web"
+    assert report["stale"]["with_catch_up"] == 0, report
+    assert report["stale"]["without"] > 0, report  # the gap catch_up closes is there
+
+
+@pytest.mark.parametrize("pool", ["threads", "solo"])
+def test_a_worker_of_another_pool_catches_up_to_a_write_made_elsewhere(
+    ryw_worker: Worker, services: Services, pool: str
+) -> None:
+    # Written by the prefork worker, read by a worker of another pool, whose process heard the
+    # write only by its broadcast (applied 10 ms late).
+    reader = Worker(
+        services,
+        pool=pool,
+        concurrency=2 if pool == "threads" else 1,
+        extra_env={
+            "OPTIONS_LOCAL_CACHE": "process",
+            "OPTIONS_TASK_QUEUE": f"{services.namespace}.ryw-{pool}",
+        },
+        include="tests.probe_tasks,tests.slow_apply",
+    ).start()
+    try:
+        project, key = fresh_id(), "pools"
+        _write(ryw_worker, project, key, "slow:0")
+        reader.call("probe.read", "project_options", "get_value", [project, key])
+        missed = {"with": 0, "without": 0}
+        for round_ in range(1, 51):
+            for way in ("with", "without"):
+                value = f"slow:{way}:{round_}"
+                written = _write(ryw_worker, project, key, value)
+                headers = store.options_after(written) if way == "with" else None
+                answer = reader.send(
+                    "probe.read", "project_options", "get_value", [project, key], headers=headers
+                ).get(timeout=30)
+                missed[way] += answer["result"] != value
+        assert missed["with"] == 0, missed
+        assert missed["without"] > 0, missed
+        refused = reader.send("probe.pid", headers={"options_after": {"global": -1}})
+        with pytest.raises(InvalidToken):
+            refused.get(timeout=30, propagate=True)
+    finally:
+        reader.stop()
