@@ -3,10 +3,17 @@ publishes with it; no services."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 import store
-from store.errors import InvalidToken
+from store.broadcast.codec import CHANGE, ReloadMessage
+from store.errors import InvalidOption, InvalidToken
+from store.local import PROCESS, ScopeState
+from store.options_store import OptionsStore
+from store.settings import Settings
+from store.snapshot import Snapshot, Snapshots
 from store.tokens import MAX_SCOPES, MAX_TOKEN_BYTES, parse_token, token_of, written
 
 
@@ -63,3 +70,66 @@ def test_the_tasks_a_write_publishes_carry_its_token() -> None:
     before_task_publish.send(sender="probe.read", body=[[], {}, {}], headers=headers)
     assert headers == {}
     assert store.OPTIONS_AFTER == "options_after"
+
+
+def _process_store_holding(scope: str, revision: int, values: dict[str, object]) -> OptionsStore:
+    backend = OptionsStore()
+    backend.local.set_mode(PROCESS)
+    backend.local.scopes[scope] = ScopeState(revision, values)
+    return backend
+
+
+def test_catch_up_waits_for_the_broadcast_then_keeps_the_state_it_brought() -> None:
+    backend = _process_store_holding("project:1", 3, {"k": "old"})
+    change = ReloadMessage(CHANGE, "project:1", 4, {"k": "new"})
+    arrives = threading.Timer(0.05, backend.apply_message, args=(change,))
+    arrives.start()
+    try:
+        assert backend.catch_up({"project:1": 4, "global": 9}, wait=10.0) == {
+            "project:1": "heard",
+            "global": "current",  # not held: the next read loads it, under the floor
+        }
+    finally:
+        arrives.join()
+    assert backend.local.scopes["project:1"].values == {"k": "new"}
+    assert backend.local.floors == {"project:1": 4, "global": 9}
+
+
+def test_catch_up_to_a_revision_already_held_does_not_wait() -> None:
+    backend = _process_store_holding("project:1", 5, {"k": "v"})
+    assert backend.catch_up({"project:1": 4}, wait=10.0) == {"project:1": "current"}
+    assert backend.local.scopes["project:1"].revision == 5
+
+
+def test_catch_up_wait_is_a_bounded_setting_in_seconds() -> None:
+    assert Settings.from_environ({}).catch_up_wait == 0.1
+    assert Settings.from_environ({"OPTIONS_CATCH_UP_WAIT": "0.5"}).catch_up_wait == 0.5
+    for bad in ("nan", "-1", "11", "soon"):
+        with pytest.raises(InvalidOption) as refused:
+            Settings.from_environ({"OPTIONS_CATCH_UP_WAIT": bad})
+        assert refused.value.field == "OPTIONS_CATCH_UP_WAIT"
+
+
+def test_a_snapshot_keeps_the_state_it_pinned_while_the_store_moves_on() -> None:
+    backend = _process_store_holding("project:1", 3, {"k": "old"})
+    view = Snapshot(backend)
+    assert view.project_options.get_value(1, "k") == "old"
+    backend.apply_message(ReloadMessage(CHANGE, "project:1", 4, {"k": "new"}))
+    assert backend.local.scopes["project:1"].values == {"k": "new"}
+    assert view.project_options.get_value(1, "k") == "old"
+    assert view.project_options.get_all_values(1) == {"k": "old"}
+    assert view.scopes == ["project:1"]
+
+
+def test_in_a_task_every_snapshot_call_returns_the_task_s_until_it_ends() -> None:
+    snapshots = Snapshots()
+    backend = OptionsStore()
+    assert snapshots.open(backend) is not snapshots.open(backend)  # outside a task: new ones
+    snapshots.begin_task()
+    first = snapshots.open(backend)
+    assert snapshots.open(backend) is first
+    snapshots.end_task()
+    assert snapshots.open(backend) is not first
+    with snapshots.open(backend) as block:
+        assert snapshots.open(backend) is block
+    assert snapshots.current is None
