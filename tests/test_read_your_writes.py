@@ -18,7 +18,8 @@ from celery import chain
 import store
 from store.errors import InvalidToken
 from store.tokens import MAX_SCOPES
-from tests.conftest import ROOT, Services, Worker, fresh_id, wait_for
+from tests.conftest import ROOT, Services, Worker, amqp_url, fresh_id, wait_for
+from tests.test_broadcast import isolated
 
 ROUNDS = 500
 UNTOKENED_ROUNDS = 100
@@ -243,3 +244,44 @@ def test_a_worker_of_another_pool_catches_up_to_a_write_made_elsewhere(
             refused.get(timeout=30, propagate=True)
     finally:
         reader.stop()
+
+
+def test_on_rabbitmq_the_token_travels_as_an_amqp_header(services: Services) -> None:
+    # RabbitMQ carries the header as an AMQP table: the token must come out as it went in.
+    broker = amqp_url()
+    with isolated(services, broker) as own:
+        rabbit = Worker(
+            own,
+            broker_url=broker,
+            extra_env={"OPTIONS_LOCAL_CACHE": "process"},
+            include="tests.probe_tasks,tests.slow_apply",
+        ).start()
+        try:
+            project, key = fresh_id(), "amqp"
+            _write(rabbit, project, key, "slow:0")
+            _warm_both_children(rabbit, project, key)
+            missed = {"with": 0, "without": 0}
+            for round_ in range(1, 101):
+                for way in ("with", "without"):
+                    value = f"slow:{way}:{round_}"
+                    written = _write(rabbit, project, key, value)
+                    headers = store.options_after(written) if way == "with" else None
+                    answers = _read_twice(rabbit, project, key, headers=headers)
+                    missed[way] += sum(answer["result"] != value for answer in answers)
+            assert missed["with"] == 0, missed
+            assert missed["without"] > 0, missed
+            steps = chain(
+                rabbit.producer.signature("options.set_project_option", args=[project, key, 1]),
+                rabbit.producer.signature("probe.read_chained", args=[project, key]),
+            )
+            answer = steps.apply_async().get(timeout=30)
+            assert (answer["result"], answer["token"]) == (
+                1,
+                {f"project:{project}": answer["write"]["revision"]},
+            )
+            refused = rabbit.send("probe.pid", headers={"options_after": {"global": "1"}})
+            with pytest.raises(InvalidToken) as error:
+                refused.get(timeout=30, propagate=True)
+            assert error.value.field == "options_after['global']"
+        finally:
+            rabbit.stop()
