@@ -88,20 +88,32 @@ def options_after(*writes: Mapping[str, Any]) -> dict[str, dict[str, int]]:
 
 class Written(threading.local):
     """What the task running in this thread has committed, for the tasks it then publishes (a
-    chain's next step, a link): they carry it in their ``options_after`` header."""
+    chain's next step, a link): they carry it in their ``options_after`` header.
+
+    Recorded only between ``begin_task`` and ``end_task`` (an installed app's ``task_prerun``
+    and ``task_postrun``; counted, so a write run eagerly inside a task is kept for its caller):
+    a write run outside a worker's task (``apply()`` in a script) leaves nothing behind.
+    """
 
     def __init__(self) -> None:
         self.token: dict[str, int] = {}
+        self.depth = 0
+
+    def begin_task(self) -> None:
+        if self.depth == 0:
+            self.token = {}
+        self.depth += 1
+
+    def end_task(self) -> None:
+        self.depth = max(0, self.depth - 1)
+        if self.depth == 0:
+            self.token = {}
 
     def add(self, scope: str, revision: int) -> None:
-        if revision < 1:
-            return  # nothing written anywhere yet: nothing to wait for
+        if self.depth == 0 or revision < 1:
+            return  # not in a task; or nothing written anywhere yet: nothing to wait for
         if len(self.token) < MAX_SCOPES and revision > self.token.get(scope, 0):
             self.token[scope] = revision
-
-    def clear(self) -> None:
-        if self.token:
-            self.token = {}
 
 
 written = Written()

@@ -54,9 +54,13 @@ def test_a_token_is_bounded_in_scopes_and_checked_per_entry() -> None:
 def test_the_tasks_a_write_publishes_carry_its_token() -> None:
     from celery.signals import before_task_publish
 
+    written.add("project:1", 9)  # outside a task: not recorded
+    written.begin_task()
     written.add("project:1", 4)
     written.add("project:1", 3)  # never backwards
     written.add("global", 0)  # a scope never written: nothing to wait for
+    written.begin_task()  # a task run eagerly inside this one
+    written.end_task()
     try:
         headers: dict[str, object] = {}
         before_task_publish.send(sender="probe.read", body=[[], {}, {}], headers=headers)
@@ -65,7 +69,7 @@ def test_the_tasks_a_write_publishes_carry_its_token() -> None:
         before_task_publish.send(sender="probe.read", body=[[], {}, {}], headers=own)
         assert own == {"options_after": {"global": 1}}  # a token of its own wins
     finally:
-        written.clear()
+        written.end_task()
     headers = {}
     before_task_publish.send(sender="probe.read", body=[[], {}, {}], headers=headers)
     assert headers == {}

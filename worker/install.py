@@ -142,7 +142,7 @@ class Installation:
             structlog.contextvars.bind_contextvars(task_id=task_id, task_name=task.name)
             store.runtime.check_heard()
             store.snapshots.begin_task()
-            written.clear()
+            written.begin_task()
 
     def _task_ended(self, task: Any = None, **_: Any) -> None:
         # Sent from a finally in Celery's tracer: after success, failure, retry and eager runs.
@@ -150,7 +150,7 @@ class Installation:
             store.backend.local.end_task()
             store.snapshots.end_task()
             # After the chain's next step and the links were published with it.
-            written.clear()
+            written.end_task()
             structlog.contextvars.unbind_contextvars("task_id", "task_name")
 
     def guard_tasks(self) -> None:
