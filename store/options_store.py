@@ -261,40 +261,49 @@ class OptionsStore:
         ``token`` at its revision or a newer one.
 
         A scope held locally at an older revision waits for its broadcast, up to ``wait``
-        seconds (``catch_up_wait`` by default); past that it is dropped and loaded again, from
-        Redis, or from PostgreSQL if Redis is behind. Every scope's revision becomes a floor,
-        so a later load never settles for an older state either.
+        seconds (``catch_up_wait`` by default), for all such scopes together. A scope still
+        older after that, or not held, is loaded now: from Redis, or from PostgreSQL if Redis
+        is behind the revision, which becomes the scope's floor, so no later load settles for
+        an older state either.
 
-        Returns what happened per scope: ``current`` (held at that revision, or not held: the
-        next read loads it under the floor), ``heard`` (its broadcast arrived in the wait),
-        ``loaded`` (loaded from the store), ``behind`` (neither Redis nor PostgreSQL could give
-        that revision: the reads serve the newest state they have, and it is logged).
+        Returns what happened per scope: ``current`` (held at that revision or newer),
+        ``heard`` (its broadcast arrived in the wait), ``loaded`` (loaded from the store),
+        ``behind`` (neither Redis nor PostgreSQL could give that revision: reads serve the
+        newest state there is, and it is logged).
         """
         local = self.local
-        outcomes: dict[str, str] = {}
         older = [scope for scope, revision in token.items() if _held_before(local, scope, revision)]
         if older:
             limit = self.catch_up_wait if wait is None else wait
             self._wait_for(token, older, limit)
+        outcomes: dict[str, str] = {}
         for scope, revision in token.items():
-            if scope not in older:
-                outcomes[scope] = "current"
-            elif not _held_before(local, scope, revision):
-                outcomes[scope] = "heard"
-            else:
-                outcomes[scope] = "loaded"
-            # The floor: dropped if still older, and no later load settles for less.
-            local.invalidate(scope, revision)
-            if outcomes[scope] == "loaded":
-                state = self.state(scope)
-                if state.revision < revision:
-                    outcomes[scope] = "behind"
-                    log.warning(
-                        "token.behind", scope=scope, revision=revision, loaded=state.revision
-                    )
-        if older:
+            state = local.holder.scopes.get(scope)
+            if state is not None and state.revision >= revision:
+                outcomes[scope] = "heard" if scope in older else "current"
+                local.invalidate(scope, revision)  # the floor, confirmed by the state held
+                continue
+            outcomes[scope] = self._load_at_least(scope, revision)
+        if older or "behind" in outcomes.values():
             log.debug("token.caught_up", outcomes=outcomes)
         return outcomes
+
+    def _load_at_least(self, scope: str, revision: int) -> str:
+        """Load ``scope`` under a floor of ``revision``; ``loaded``, or ``behind`` if no layer
+        has it."""
+        local = self.local
+        before = local.floors.get(scope, 0)
+        local.invalidate(scope, revision)  # drops an older state; the load must reach revision
+        state = self.state(scope)
+        if state.revision >= revision:
+            return "loaded"
+        # The token claims a revision the store does not have: PostgreSQL down with Redis
+        # behind, a database that went back in time, or a forged header. Its floor would keep
+        # the scope out of the cache for good (every read two round trips), so it goes back to
+        # what the store confirmed, and the process caches as it did before the token.
+        local.retract_floor(scope, revision, max(before, state.revision))
+        log.warning("token.behind", scope=scope, revision=revision, loaded=state.revision)
+        return "behind"
 
     def _wait_for(self, token: Mapping[str, int], scopes: list[str], limit: float) -> None:
         deadline = time.monotonic() + limit

@@ -285,3 +285,29 @@ def test_on_rabbitmq_the_token_travels_as_an_amqp_header(services: Services) -> 
             assert error.value.field == "options_after['global']"
         finally:
             rabbit.stop()
+
+
+def test_catch_up_loads_a_scope_held_behind_and_runs_on_when_the_store_is_behind_too(
+    backend: Any,
+) -> None:
+    from store.local import ScopeState
+    from store.model.scopes import project_scope
+    from store.model.writes import set_write
+
+    project, key = fresh_id(), "loads"
+    scope = project_scope(project).name
+    result = backend.commit(set_write(project_scope(project), key, "current"))
+    # Held one revision behind, and no consumer to bring the broadcast: loaded at the deadline.
+    backend.local.scopes[scope] = ScopeState(result.revision - 1, {key: "older"})
+    assert store.catch_up({scope: result.revision}, wait=0.05) == {scope: "loaded"}
+    assert store.project_options.get_value(project, key) == "current"
+    # Not held: loaded now, under the floor.
+    backend.local.drop(scope)
+    assert store.catch_up({scope: result.revision}) == {scope: "loaded"}
+    # A revision no layer has (PostgreSQL went back in time, or a forged header): the task
+    # runs on the newest state there is, and the floor goes back, so the scope is cached again.
+    ahead = result.revision + 1000
+    assert store.catch_up({scope: ahead}, wait=0.01) == {scope: "behind"}
+    assert store.project_options.get_value(project, key) == "current"
+    assert backend.local.floors[scope] == result.revision
+    assert backend.local.scopes[scope].revision == result.revision

@@ -89,14 +89,11 @@ def test_catch_up_waits_for_the_broadcast_then_keeps_the_state_it_brought() -> N
     arrives = threading.Timer(0.05, backend.apply_message, args=(change,))
     arrives.start()
     try:
-        assert backend.catch_up({"project:1": 4, "global": 9}, wait=10.0) == {
-            "project:1": "heard",
-            "global": "current",  # not held: the next read loads it, under the floor
-        }
+        assert backend.catch_up({"project:1": 4}, wait=10.0) == {"project:1": "heard"}
     finally:
         arrives.join()
     assert backend.local.scopes["project:1"].values == {"k": "new"}
-    assert backend.local.floors == {"project:1": 4, "global": 9}
+    assert backend.local.floors == {"project:1": 4}
 
 
 def test_catch_up_to_a_revision_already_held_does_not_wait() -> None:
