@@ -30,6 +30,7 @@ _FIGURES: dict[str, tuple[str, str]] = {
     "gunicorn": ("hosts", "gunicorn"),
     "scale": ("scale", "scale"),
     "visibility": ("fleet", "visibility"),
+    "token_round_trip": ("tokens", "token_round_trip"),
     "writes": ("writes", "throughput"),
     "broadcast_size": ("footprint", "broadcast_size"),
     "memory": ("footprint", "memory"),

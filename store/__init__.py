@@ -6,9 +6,12 @@ process from the environment, unless ``configure()`` or ``worker.install()`` did
 
 from __future__ import annotations
 
+from typing import Any
+
 from store.broadcast.codec import DEFAULT_MAX_MESSAGE_BYTES
 from store.errors import (
     InvalidOption,
+    InvalidToken,
     MigrationError,
     NotConfigured,
     NotMigrated,
@@ -23,12 +26,15 @@ from store.model.validation import (
     DEFAULT_MAX_SCOPE_KEYS,
     DEFAULT_MAX_VALUE_BYTES,
 )
-from store.options_store import OptionsStore
+from store.options_store import DEFAULT_CATCH_UP_WAIT, OptionsStore
 from store.process import WEB, WORKER, StoreProcess, broker_connections
 from store.readers import GroupMeta, Options, ProjectOptions, TagKeys, UserOptions
 from store.settings import signing_keys, signing_keys_from_environ
 from store.signing.keys import Keyring
 from store.signing.tasks import connect_task_signing
+from store.snapshot import Snapshot, Snapshots
+from store.tokens import HEADER as OPTIONS_AFTER
+from store.tokens import connect_token_carrying, options_after, token_of
 
 # The one owner of this process's optionstore lifecycle; everything below is a view of it.
 runtime = StoreProcess()
@@ -46,6 +52,10 @@ registry = backend.registry
 # key (producers that send by name included). Connecting reads nothing: the key is resolved on
 # the first publish.
 connect_task_signing(runtime.keyring)
+# A task that wrote passes its token on to the tasks it publishes (a chain's next step, a link).
+connect_token_carrying()
+# Each thread's current snapshot (store.snapshot()).
+snapshots = Snapshots()
 
 
 def configure(
@@ -65,6 +75,7 @@ def configure(
     max_scope_keys: int = DEFAULT_MAX_SCOPE_KEYS,
     max_scope_bytes: int = DEFAULT_MAX_SCOPE_BYTES,
     signing_key: str | None = None,
+    catch_up_wait: float = DEFAULT_CATCH_UP_WAIT,
 ) -> OptionsStore:
     """Point this process at its services by hand; connections open lazily, after any fork.
 
@@ -79,6 +90,8 @@ def configure(
     ``signing_key`` (comma-separated for several: the first signs, every one verifies) signs
     the write tasks and reload messages this process sends and checks those it receives; None
     takes OPTIONS_SIGNING_KEY (or OPTIONS_SIGNING_KEY_FILE) if set; "" turns signing off.
+    ``catch_up_wait``: how long ``catch_up`` (and a task with an ``options_after`` token) waits
+    for a broadcast before loading the scope from the store.
     """
     keys = signing_keys_from_environ() if signing_key is None else signing_keys(signing_key)
     publish, follow = (
@@ -102,7 +115,29 @@ def configure(
         max_scope_keys=max_scope_keys,
         max_scope_bytes=max_scope_bytes,
         keyring=Keyring(keys) if keys else None,
+        catch_up_wait=catch_up_wait,
     )
+
+
+def snapshot() -> Snapshot:
+    """One consistent view of the scopes read through it (``snapshot().project_options
+    .get_value(...)``, and every other reader): a scope's first read pins its state, and every
+    later read of it returns that state, whatever broadcasts arrive meanwhile.
+
+    Inside a task of an installed app, every call returns the task's snapshot, dropped when the
+    task ends. Elsewhere each call returns a new one; ``with store.snapshot() as view:`` makes
+    it this thread's current one for the block.
+    """
+    return snapshots.open(backend)
+
+
+def catch_up(*writes: Any, wait: float | None = None) -> dict[str, str]:
+    """Make this process read the scopes of ``writes`` (write task results, or tokens
+    ``{scope: revision}``) at those revisions or newer: what a web request that made a write
+    calls before reading it back. Waits for the broadcast up to ``wait`` seconds
+    (OPTIONS_CATCH_UP_WAIT), then loads from the store. Returns what happened per scope
+    (``OptionsStore.catch_up``). A malformed token raises InvalidToken naming the field."""
+    return backend.catch_up(token_of(*writes), wait=wait)
 
 
 def clear_local_cache() -> None:
@@ -111,24 +146,31 @@ def clear_local_cache() -> None:
 
 
 __all__ = [
+    "OPTIONS_AFTER",
     "WEB",
     "WORKER",
     "InvalidOption",
+    "InvalidToken",
     "MigrationError",
     "NotConfigured",
     "NotMigrated",
     "OptionsError",
     "RevisionConflict",
     "SignatureRefused",
+    "Snapshot",
     "StoreUnavailable",
     "backend",
+    "catch_up",
     "clear_local_cache",
     "configure",
     "group_meta",
     "options",
+    "options_after",
     "project_options",
     "registry",
     "runtime",
+    "snapshot",
+    "snapshots",
     "tag_keys",
     "user_options",
 ]

@@ -62,3 +62,8 @@ def describe(exc: BaseException) -> str:
     """An exception in one line, for a log event."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+class InvalidToken(InvalidOption):
+    """A task's ``options_after`` token (a write's revision per scope) is malformed or too
+    large; ``field`` names the header, and the scope when one entry is at fault."""

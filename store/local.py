@@ -300,6 +300,16 @@ class LocalCache:
                 dropped = True
         return dropped
 
+    def retract_floor(self, scope: str, revision: int, to: int) -> None:
+        """Take back a floor raised to ``revision`` on a claim the store did not confirm (a
+        token it cannot serve), down to ``to``; unless something raised it further meanwhile."""
+        floors = self.floors
+        if floors.get(scope) == revision:
+            if to > 0:
+                floors[scope] = to
+            else:
+                floors.pop(scope, None)
+
     def all_maps(self) -> Iterator[ScopeMap]:
         yield self._shared.scopes
         yield from self._registry.maps()

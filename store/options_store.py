@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, TypeVar
 
 from store.broadcast.codec import HEARTBEAT, RELOAD, ReloadMessage
@@ -29,6 +29,10 @@ from store.redis.cache import Applied, RedisCache
 from store.transient import postgres_unavailable, redis_unavailable
 
 T = TypeVar("T")
+
+# How long a task with an ``options_after`` token waits for the broadcasts it names before
+# loading those scopes from the store instead (OPTIONS_CATCH_UP_WAIT).
+DEFAULT_CATCH_UP_WAIT = 0.1
 
 
 class Lifecycle(Protocol):
@@ -78,6 +82,10 @@ class OptionsStore:
         self._redis_breaker = Breaker(2.0)
         self._postgres_breaker = Breaker(1.0)
         self._lock = threading.Lock()
+        # Notified after each broadcast applied while a catch_up waits (``_waiting``).
+        self._applied = threading.Condition()
+        self._waiting = 0
+        self.catch_up_wait = DEFAULT_CATCH_UP_WAIT
         after_fork_in_child(self._new_lock)
         # Round trips made on behalf of reads (misses only; a local hit touches nothing), in
         # this process's report.
@@ -87,6 +95,9 @@ class OptionsStore:
 
     def _new_lock(self) -> None:
         self._lock = threading.Lock()
+        # A thread of the parent may have been waiting: its count and lock stay there.
+        self._applied = threading.Condition()
+        self._waiting = 0
 
     # Keyword-only, the defaults in the signature, like StoreProcess.configure and
     # store.configure above it: each layer names what it takes rather than passing **kwargs on.
@@ -99,8 +110,10 @@ class OptionsStore:
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
         grace_period: float = 300.0,
         publisher: Publisher | None = None,
+        catch_up_wait: float = DEFAULT_CATCH_UP_WAIT,
     ) -> None:
         with self._lock:
+            self.catch_up_wait = catch_up_wait
             self.publisher = publisher
             if self.postgres is not None:
                 self.postgres.close()
@@ -241,6 +254,71 @@ class OptionsStore:
             self._from_redis(lambda r, s=scope, snap=snapshot: r.fill(s, snap))  # type: ignore[misc]
         return {scope: snapshot.encoded() for scope, snapshot in snapshots.items()}
 
+    # -- read-your-writes: catching up to a token -----------------------------------------
+
+    def catch_up(self, token: Mapping[str, int], *, wait: float | None = None) -> dict[str, str]:
+        """Make every read of this process (from now on, in every thread) return each scope of
+        ``token`` at its revision or a newer one.
+
+        A scope held locally at an older revision waits for its broadcast, up to ``wait``
+        seconds (``catch_up_wait`` by default), for all such scopes together. A scope still
+        older after that, or not held, is loaded now: from Redis, or from PostgreSQL if Redis
+        is behind the revision, which becomes the scope's floor, so no later load settles for
+        an older state either.
+
+        Returns what happened per scope: ``current`` (held at that revision or newer),
+        ``heard`` (its broadcast arrived in the wait), ``loaded`` (loaded from the store),
+        ``behind`` (neither Redis nor PostgreSQL could give that revision: reads serve the
+        newest state there is, and it is logged).
+        """
+        local = self.local
+        older = [scope for scope, revision in token.items() if _held_before(local, scope, revision)]
+        if older:
+            limit = self.catch_up_wait if wait is None else wait
+            self._wait_for(token, older, limit)
+        outcomes: dict[str, str] = {}
+        for scope, revision in token.items():
+            state = local.holder.scopes.get(scope)
+            if state is not None and state.revision >= revision:
+                outcomes[scope] = "heard" if scope in older else "current"
+                local.invalidate(scope, revision)  # the floor, confirmed by the state held
+                continue
+            outcomes[scope] = self._load_at_least(scope, revision)
+        if older or "behind" in outcomes.values():
+            log.debug("token.caught_up", outcomes=outcomes)
+        return outcomes
+
+    def _load_at_least(self, scope: str, revision: int) -> str:
+        """Load ``scope`` under a floor of ``revision``; ``loaded``, or ``behind`` if no layer
+        has it."""
+        local = self.local
+        before = local.floors.get(scope, 0)
+        local.invalidate(scope, revision)  # drops an older state; the load must reach revision
+        state = self.state(scope)
+        if state.revision >= revision:
+            return "loaded"
+        # The token claims a revision the store does not have: PostgreSQL down with Redis
+        # behind, a database that went back in time, or a forged header. Its floor would keep
+        # the scope out of the cache for good (every read two round trips), so it goes back to
+        # what the store confirmed, and the process caches as it did before the token.
+        local.retract_floor(scope, revision, max(before, state.revision))
+        log.warning("token.behind", scope=scope, revision=revision, loaded=state.revision)
+        return "behind"
+
+    def _wait_for(self, token: Mapping[str, int], scopes: list[str], limit: float) -> None:
+        deadline = time.monotonic() + limit
+        local = self.local
+        with self._applied:
+            self._waiting += 1
+            try:
+                while any(_held_before(local, scope, token[scope]) for scope in scopes):
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return
+                    self._applied.wait(remaining)
+            finally:
+                self._waiting -= 1
+
     # -- writes: commit, then every cache forward ------------------------------------------
 
     def commit(self, write: Write, *, task_id: str | None = None) -> WriteResult:
@@ -366,6 +444,13 @@ class OptionsStore:
         """Apply a received message: a change in revision order; a RELOAD, or a heartbeat's
         marks, by dropping whatever they prove older. Returns what happened (for the log and
         the tests)."""
+        outcome = self._apply(message)
+        if self._waiting:  # a task waits in catch_up (one attribute read when none does)
+            with self._applied:
+                self._applied.notify_all()
+        return outcome
+
+    def _apply(self, message: ReloadMessage) -> str:
         local, last_known = self.local, self.last_known
         if message.kind == HEARTBEAT:
             return self._apply_marks(message)
@@ -396,6 +481,12 @@ class OptionsStore:
             )
             return "dropped"
         return "current"
+
+
+def _held_before(local: LocalCache, scope: str, revision: int) -> bool:
+    """Whether this thread's reads would find ``scope`` held at a revision before ``revision``."""
+    state = local.holder.scopes.get(scope)
+    return state is not None and state.revision < revision
 
 
 def _run_steps(

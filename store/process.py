@@ -25,7 +25,7 @@ from store.model.validation import (
     DEFAULT_MAX_SCOPE_KEYS,
     DEFAULT_MAX_VALUE_BYTES,
 )
-from store.options_store import OptionsStore
+from store.options_store import DEFAULT_CATCH_UP_WAIT, OptionsStore
 from store.postgres.store import PostgresStore
 from store.redis.cache import RedisCache
 from store.redis.presence import Presence
@@ -121,6 +121,7 @@ class StoreProcess:
         max_scope_keys: int = DEFAULT_MAX_SCOPE_KEYS,
         max_scope_bytes: int = DEFAULT_MAX_SCOPE_BYTES,
         keyring: Keyring | None = None,
+        catch_up_wait: float = DEFAULT_CATCH_UP_WAIT,
     ) -> OptionsStore:
         """Point this process at its services; connections open lazily, after any fork.
 
@@ -159,6 +160,7 @@ class StoreProcess:
                 local_cache=local_cache,
                 max_value_bytes=max_value_bytes,
                 grace_period=grace_period,
+                catch_up_wait=catch_up_wait,
             )
             self.namespace = namespace
             if kind is not None:
@@ -190,6 +192,7 @@ class StoreProcess:
             max_scope_keys=settings.max_scope_keys,
             max_scope_bytes=settings.max_scope_bytes,
             keyring=settings.keyring,
+            catch_up_wait=settings.catch_up_wait,
         )
 
     def provide(

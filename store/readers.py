@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from store.events import log
+from store.local import ScopeMap, ScopeState
 from store.model.registry import UNSET, Registry
 from store.model.scopes import (
     GLOBAL,
@@ -18,7 +19,35 @@ from store.model.scopes import (
     tag_keys_scope,
     user_scope,
 )
-from store.options_store import OptionsStore
+
+
+class _HoldsScopes(Protocol):
+    @property
+    def scopes(self) -> ScopeMap: ...
+
+
+class _LocalView(Protocol):
+    @property
+    def shared(self) -> ScopeMap: ...
+
+    @property
+    def holder(self) -> _HoldsScopes: ...
+
+
+class Source(Protocol):
+    """What a reader reads from: the store (store/options_store.py), or a snapshot of it
+    (store/snapshot.py)."""
+
+    @property
+    def local(self) -> _LocalView: ...
+
+    @property
+    def registry(self) -> Registry: ...
+
+    def state(self, scope: str) -> ScopeState: ...
+
+    def states(self, names: list[str]) -> dict[str, ScopeState]: ...
+
 
 _PROJECT_NAMES: dict[int, str] = {}
 _GROUP_NAMES: dict[int, str] = {}
@@ -43,7 +72,7 @@ class _Reader:
     # miss pays for this: a hit is still one dictionary lookup and an identity check.
     __slots__ = ("_local", "_registry", "_store")
 
-    def __init__(self, store: OptionsStore) -> None:
+    def __init__(self, store: Source) -> None:
         self._store = store
         self._local = store.local
         self._registry: Registry = store.registry
@@ -54,7 +83,7 @@ class Options(_Reader):
 
     __slots__ = ("_shared",)
 
-    def __init__(self, store: OptionsStore) -> None:
+    def __init__(self, store: Source) -> None:
         super().__init__(store)
         self._shared = store.local.shared
 
@@ -76,7 +105,7 @@ class ProjectOptions(_Reader):
 
     __slots__ = ("_projects", "_reads")
 
-    def __init__(self, store: OptionsStore) -> None:
+    def __init__(self, store: Source) -> None:
         super().__init__(store)
         self._projects = store.local.shared.projects
         self._reads = store.local.shared.project_reads
@@ -143,7 +172,7 @@ class GroupMeta(_Reader):
 
     __slots__ = ("_groups", "_reads")
 
-    def __init__(self, store: OptionsStore) -> None:
+    def __init__(self, store: Source) -> None:
         super().__init__(store)
         self._groups = store.local.shared.groups
         self._reads = store.local.shared.group_reads
@@ -192,7 +221,7 @@ class TagKeys(_Reader):
         return self._store.state(tag_keys_scope(project_id).name).sorted_keys()
 
 
-def _bulk(store: OptionsStore, ids_by_scope: dict[str, int], key: str) -> dict[int, Any]:
+def _bulk(store: Source, ids_by_scope: dict[str, int], key: str) -> dict[int, Any]:
     states = store.states(list(ids_by_scope))
     return {
         ids_by_scope[scope]: state.values[key]

@@ -48,6 +48,7 @@ OVERRIDES = {
     "metrics_port": "OPTIONS_METRICS_PORT",
     "broker_master_name": "OPTIONS_BROKER_MASTER_NAME",
     "task_queue_type": "OPTIONS_TASK_QUEUE_TYPE",
+    "catch_up_wait": "OPTIONS_CATCH_UP_WAIT",
     "write_retention": "OPTIONS_WRITE_RETENTION",
     "history_retention": "OPTIONS_HISTORY_RETENTION",
     "registry": "OPTIONS_REGISTRY",
@@ -226,6 +227,9 @@ class Settings:
     signing_keys: tuple[str, ...] = field(default=(), repr=False)
     # "accept": a write task without a signature is run (one with a signature is still checked).
     unsigned_writes: str = REFUSE
+    # Seconds a task with an options_after token waits for a broadcast before it loads the
+    # scope from the store instead.
+    catch_up_wait: float = 0.1
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -298,6 +302,7 @@ class Settings:
             task_queue_type=queue_type,
             registry_path=env.get("OPTIONS_REGISTRY") or "",
             registry_strict=_flag(env, "OPTIONS_REGISTRY_STRICT"),
+            catch_up_wait=_seconds(env, "OPTIONS_CATCH_UP_WAIT", 0.1, most=10.0),
             signing_keys=_signing_keys(env),
             unsigned_writes=unsigned_writes,
         )
@@ -409,6 +414,17 @@ def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
         raise InvalidOption(name, f"must be an integer, got {raw!r}") from None
     if value < 1:
         raise InvalidOption(name, f"must be at least 1, got {value}")
+    return value
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float, *, most: float) -> float:
+    raw = env.get(name) or str(default)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidOption(name, f"must be a number of seconds, got {raw!r}") from None
+    if not 0 <= value <= most:  # also refuses nan
+        raise InvalidOption(name, f"must be between 0 and {most:g} seconds, got {raw}")
     return value
 
 

@@ -13,6 +13,7 @@ import store
 from store.errors import InvalidOption, StoreUnavailable
 from store.model.writes import Write, audit, check_expected_revision
 from store.signing.tasks import ACTOR_HEADER, ORIGIN_HEADER, REASON_HEADER
+from store.tokens import written
 from store.transient import postgres_unavailable, redis_unavailable
 
 # Task headers a producer sets to say who asks for a write and why (`app.send_task(...,
@@ -59,6 +60,8 @@ class WriteTask(Task):  # type: ignore[misc]
             if self.request.called_directly or not worth_retrying(exc):
                 raise
             raise self.retry(exc=exc, countdown=self.backoff(self.request.retries)) from exc
+        # The tasks this one publishes next (a chain's next step, a link) carry its token.
+        written.add(result.scope, result.revision)
         return result.as_task_result(write.keys)
 
     def backoff(self, retries: int) -> float:

@@ -103,3 +103,46 @@ def switch_interval(seconds: float) -> float:
     before = sys.getswitchinterval()
     sys.setswitchinterval(seconds)
     return before
+
+
+@app.task(name="probe.read_chained")
+def read_chained(write_result: Any, project_id: int, key: str) -> dict[str, Any]:
+    """The step after a write in a chain: the write's result arrives first; reads one project
+    option and reports the token this task carried."""
+    return {
+        "pid": os.getpid(),
+        "result": store.project_options.get_value(project_id, key),
+        "write": write_result,
+        "token": getattr(read_chained.request, "options_after", None),
+    }
+
+
+@app.task(name="probe.mark")
+def mark(marker: str) -> int:
+    """Set ``marker`` in Redis: proof that this task's body ran."""
+    assert store.backend.redis is not None
+    store.backend.redis.client.set(marker, os.getpid(), ex=60)
+    return os.getpid()
+
+
+@app.task(name="probe.snapshot_twice")
+def snapshot_twice(project_id: int, key: str, marker: str, changed: Any) -> dict[str, Any]:
+    """Read a project option through ``store.snapshot()``, raise ``marker`` in Redis, poll the
+    plain read until it returns ``changed`` (the broadcast of a write made meanwhile has
+    arrived; at most 20 s), then read through the snapshot again."""
+    view = store.snapshot()
+    first = view.project_options.get_value(project_id, key)
+    assert store.backend.redis is not None
+    store.backend.redis.client.set(marker, os.getpid(), ex=60)
+    deadline = time.monotonic() + 20.0
+    plain = store.project_options.get_value(project_id, key)
+    while plain != changed and time.monotonic() < deadline:
+        time.sleep(0.001)
+        plain = store.project_options.get_value(project_id, key)
+    return {
+        "pid": os.getpid(),
+        "first": first,
+        "plain": plain,
+        "second": store.snapshot().project_options.get_value(project_id, key),
+        "same_view": store.snapshot() is view,
+    }

@@ -211,3 +211,25 @@ def test_install_rejects_an_unknown_setting() -> None:
 
     with pytest.raises(TypeError, match="databse_url"):
         worker.install(Celery("typo", set_as_current=False), databse_url="postgresql://x")
+
+
+def test_installed_app_tasks_catch_up_to_a_token_and_refuse_a_malformed_one(
+    services: Services, worker: Worker, user_worker: UserWorker
+) -> None:
+    """A task of the user's app sent with a write's options_after token reads that write; one
+    sent with a malformed token fails with InvalidToken naming the header, before its body."""
+    import store
+    from store.errors import InvalidToken
+
+    project, key = fresh_id(), "ryw"
+    written = worker.call("options.set_project_option", project, key, "after")
+    answer = user_worker.producer.send_task(
+        "userproj.read", args=[project, key], headers=store.options_after(written)
+    ).get(timeout=30)
+    assert answer["value"] == "after"
+    refused = user_worker.producer.send_task(
+        "userproj.read", args=[project, key], headers={"options_after": {"project:0": 1}}
+    )
+    with pytest.raises(InvalidToken) as error:
+        refused.get(timeout=30, propagate=True)
+    assert error.value.field == "options_after['project:0']"

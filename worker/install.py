@@ -17,6 +17,7 @@ from store.errors import describe
 from store.events import log
 from store.redis.eviction import eviction_policy
 from store.settings import OVERRIDES, Settings
+from store.tokens import HEADER, parse_token, written
 from worker.metrics import process_ended
 from worker.steps import STEPS
 
@@ -140,12 +141,54 @@ class Installation:
         if getattr(task, "app", None) is self.app:
             structlog.contextvars.bind_contextvars(task_id=task_id, task_name=task.name)
             store.runtime.check_heard()
+            store.snapshots.begin_task()
+            written.begin_task()
 
     def _task_ended(self, task: Any = None, **_: Any) -> None:
         # Sent from a finally in Celery's tracer: after success, failure, retry and eager runs.
         if getattr(task, "app", None) is self.app:
             store.backend.local.end_task()
+            store.snapshots.end_task()
+            # After the chain's next step and the links were published with it.
+            written.end_task()
             structlog.contextvars.unbind_contextvars("task_id", "task_name")
+
+    def guard_tasks(self) -> None:
+        """Make every task of the app catch up to its ``options_after`` token before its body
+        runs: a ``before_start`` wrapped around the task class's own, so that a malformed token
+        fails the task with InvalidToken (an error in a ``task_prerun`` receiver would only be
+        logged, and the body would run). Run when the worker starts, before the pool forks
+        (Celery builds each task's tracer, which looks ``before_start`` up, after that)."""
+        for name, task in self.app.tasks.items():
+            if not name.startswith("celery."):
+                _guard(type(task))
+
+
+def catch_up_task(request: Any) -> None:
+    """Catch this process up to the ``options_after`` token of the task ``request`` belongs
+    to, if it carries one; InvalidToken (naming the field) if the token is malformed."""
+    # Celery hands custom headers to the task as attributes of its request (protocol 2).
+    raw = getattr(request, HEADER, None)
+    if raw is None:
+        raw = (getattr(request, "headers", None) or {}).get(HEADER)
+    if raw is None:
+        return
+    token = parse_token(raw)
+    if token:
+        store.backend.catch_up(token)
+
+
+def _guard(cls: type) -> None:
+    if "_optionstore_guarded" in cls.__dict__:
+        return
+    inner = cls.before_start  # type: ignore[attr-defined]  # every Celery Task has it
+
+    def before_start(self: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        catch_up_task(self.request)
+        inner(self, task_id, args, kwargs)
+
+    cls.before_start = before_start  # type: ignore[attr-defined]
+    cls._optionstore_guarded = True  # type: ignore[attr-defined]
 
 
 def install(app: Any, **overrides: Any) -> Installation:

@@ -58,6 +58,7 @@ class StoreStep(bootsteps.StartStopStep):  # type: ignore[misc]
         installation.running = True
         store.runtime.pool = installation.pool
         installation.configure_store(kind=store.WORKER)
+        installation.guard_tasks()
         local = store.backend.local
         local.set_mode(local.mode, one_task_at_a_time=installation.pool in ONE_TASK_AT_A_TIME)
         report_signing(store.runtime.keyring(), unsigned_writes=settings.unsigned_writes)

@@ -1,0 +1,136 @@
+"""The read-your-writes token (store/tokens.py) as untrusted input, and what a write task
+publishes with it; no services."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import store
+from store.broadcast.codec import CHANGE, ReloadMessage
+from store.errors import InvalidOption, InvalidToken
+from store.local import PROCESS, ScopeState
+from store.options_store import OptionsStore
+from store.settings import Settings
+from store.snapshot import Snapshot, Snapshots
+from store.tokens import MAX_SCOPES, MAX_TOKEN_BYTES, parse_token, token_of, written
+
+
+def test_token_of_merges_results_and_tokens_to_the_newest_revision() -> None:
+    merged = token_of(
+        {"scope": "project:1", "revision": 3, "changed": True},
+        {"project:1": 5, "global": 2},
+        {"scope": "global", "revision": 1, "changed": False},
+        {"scope": "user:4", "revision": 0, "changed": False},  # nothing to wait for
+    )
+    assert merged == {"project:1": 5, "global": 2}
+    assert store.options_after({"global": 2}) == {"options_after": {"global": 2}}
+    assert parse_token(None) == {}
+
+
+def test_token_of_refuses_what_is_not_a_write() -> None:
+    with pytest.raises(InvalidToken) as refused:
+        token_of(["project:1", 3])  # type: ignore[arg-type]
+    assert refused.value.field == "writes[0]"
+    with pytest.raises(InvalidToken) as refused:
+        token_of({"scope": "project:x", "revision": 3})
+    assert refused.value.field == "writes[0]['project:x']"
+
+
+def test_a_token_is_bounded_in_scopes_and_checked_per_entry() -> None:
+    assert len(parse_token({f"project:{n}": 2**63 - 1 for n in range(1, MAX_SCOPES + 1)})) == 64
+    assert MAX_TOKEN_BYTES >= MAX_SCOPES * (64 + 22)  # the largest valid token fits
+    with pytest.raises(InvalidToken, match="at most 64"):
+        parse_token({f"project:{n}": 1 for n in range(1, MAX_SCOPES + 2)})
+    with pytest.raises(InvalidToken) as refused:
+        parse_token({"x" * 1000: 1})
+    assert refused.value.field == "options_after"
+    with pytest.raises(InvalidToken) as refused:
+        parse_token({"global": "3"})
+    assert refused.value.field == "options_after['global']"
+
+
+def test_the_tasks_a_write_publishes_carry_its_token() -> None:
+    from celery.signals import before_task_publish
+
+    written.add("project:1", 9)  # outside a task: not recorded
+    written.begin_task()
+    written.add("project:1", 4)
+    written.add("project:1", 3)  # never backwards
+    written.add("global", 0)  # a scope never written: nothing to wait for
+    written.begin_task()  # a task run eagerly inside this one
+    written.end_task()
+    try:
+        headers: dict[str, object] = {}
+        before_task_publish.send(sender="probe.read", body=[[], {}, {}], headers=headers)
+        assert headers == {"options_after": {"project:1": 4}}
+        own = {"options_after": {"global": 1}}
+        before_task_publish.send(sender="probe.read", body=[[], {}, {}], headers=own)
+        assert own == {"options_after": {"global": 1}}  # a token of its own wins
+    finally:
+        written.end_task()
+    headers = {}
+    before_task_publish.send(sender="probe.read", body=[[], {}, {}], headers=headers)
+    assert headers == {}
+    assert store.OPTIONS_AFTER == "options_after"
+
+
+def _process_store_holding(scope: str, revision: int, values: dict[str, object]) -> OptionsStore:
+    backend = OptionsStore()
+    backend.local.set_mode(PROCESS)
+    backend.local.scopes[scope] = ScopeState(revision, values)
+    return backend
+
+
+def test_catch_up_waits_for_the_broadcast_then_keeps_the_state_it_brought() -> None:
+    backend = _process_store_holding("project:1", 3, {"k": "old"})
+    change = ReloadMessage(CHANGE, "project:1", 4, {"k": "new"})
+    arrives = threading.Timer(0.05, backend.apply_message, args=(change,))
+    arrives.start()
+    try:
+        assert backend.catch_up({"project:1": 4}, wait=10.0) == {"project:1": "heard"}
+    finally:
+        arrives.join()
+    assert backend.local.scopes["project:1"].values == {"k": "new"}
+    assert backend.local.floors == {"project:1": 4}
+
+
+def test_catch_up_to_a_revision_already_held_does_not_wait() -> None:
+    backend = _process_store_holding("project:1", 5, {"k": "v"})
+    assert backend.catch_up({"project:1": 4}, wait=10.0) == {"project:1": "current"}
+    assert backend.local.scopes["project:1"].revision == 5
+
+
+def test_catch_up_wait_is_a_bounded_setting_in_seconds() -> None:
+    assert Settings.from_environ({}).catch_up_wait == 0.1
+    assert Settings.from_environ({"OPTIONS_CATCH_UP_WAIT": "0.5"}).catch_up_wait == 0.5
+    for bad in ("nan", "-1", "11", "soon"):
+        with pytest.raises(InvalidOption) as refused:
+            Settings.from_environ({"OPTIONS_CATCH_UP_WAIT": bad})
+        assert refused.value.field == "OPTIONS_CATCH_UP_WAIT"
+
+
+def test_a_snapshot_keeps_the_state_it_pinned_while_the_store_moves_on() -> None:
+    backend = _process_store_holding("project:1", 3, {"k": "old"})
+    view = Snapshot(backend)
+    assert view.project_options.get_value(1, "k") == "old"
+    backend.apply_message(ReloadMessage(CHANGE, "project:1", 4, {"k": "new"}))
+    assert backend.local.scopes["project:1"].values == {"k": "new"}
+    assert view.project_options.get_value(1, "k") == "old"
+    assert view.project_options.get_all_values(1) == {"k": "old"}
+    assert view.scopes == ["project:1"]
+
+
+def test_in_a_task_every_snapshot_call_returns_the_task_s_until_it_ends() -> None:
+    snapshots = Snapshots()
+    backend = OptionsStore()
+    assert snapshots.open(backend) is not snapshots.open(backend)  # outside a task: new ones
+    snapshots.begin_task()
+    first = snapshots.open(backend)
+    assert snapshots.open(backend) is first
+    snapshots.end_task()
+    assert snapshots.open(backend) is not first
+    with snapshots.open(backend) as block:
+        assert snapshots.open(backend) is block
+    assert snapshots.current is None
