@@ -55,6 +55,8 @@ OVERRIDES = {
     "signing_key": "OPTIONS_SIGNING_KEY",
     "signing_key_file": "OPTIONS_SIGNING_KEY_FILE",
     "unsigned_writes": "OPTIONS_UNSIGNED_WRITES",
+    "web_users_file": "OPTIONS_WEB_USERS_FILE",
+    "web_secret": "OPTIONS_WEB_SECRET",
 }
 
 # The kombu versions store/transport/redis.py is tested with: it overrides private names of kombu's
@@ -226,6 +228,11 @@ class Settings:
     signing_keys: tuple[str, ...] = field(default=(), repr=False)
     # "accept": a write task without a signature is run (one with a signature is still checked).
     unsigned_writes: str = REFUSE
+    # The operators' console (worker/web): its users file (empty: ``web-users.json`` in the
+    # state folder) and the secret its session cookies are signed with (empty: one made on
+    # first use and kept in the state folder, readable by this user only).
+    web_users_file: str = ""
+    web_secret: str = field(default="", repr=False)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -300,6 +307,8 @@ class Settings:
             registry_strict=_flag(env, "OPTIONS_REGISTRY_STRICT"),
             signing_keys=_signing_keys(env),
             unsigned_writes=unsigned_writes,
+            web_users_file=env.get("OPTIONS_WEB_USERS_FILE") or "",
+            web_secret=env.get("OPTIONS_WEB_SECRET") or "",
         )
 
     @property
@@ -322,6 +331,11 @@ class Settings:
     @property
     def broker_transport(self) -> str | None:
         return broker_transport_for(self.broker_url)
+
+    @property
+    def web_users_path(self) -> Path:
+        """The console's users file: ``OPTIONS_WEB_USERS_FILE``, else in the state folder."""
+        return Path(self.web_users_file or self.state_dir / "web-users.json").absolute()
 
     @functools.cached_property
     def keyring(self) -> Keyring | None:
