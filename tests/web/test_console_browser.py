@@ -50,6 +50,12 @@ maximum = 500
 default = 50
 scopes = ["project"]
 description = "How many rows a page of this project shows"
+
+[options.rollout]
+type = "number"
+scopes = ["project"]
+reason_required = true
+description = "Share of requests on the new path"
 """
 TIMEOUT_MS = 30_000
 
@@ -270,6 +276,11 @@ def test_a_value_breaking_the_schema_is_refused_beside_its_field(
     shoot(page, "edit-error")
     set_in_browser(page, f"{console}/scope/{scope}", key="page_size", value="not json", reason="")
     assert "is not JSON" in page.inner_text("#error-value")
+    page.goto(f"{console}/scope/{scope}/edit?key=rollout")
+    page.fill("#value", "0.5")
+    page.evaluate("document.querySelector('#reason').removeAttribute('required')")
+    page.click("#preview")
+    assert "reason: is required" in page.inner_text("#error-reason")
     assert history_count(target, scope) == before
     page.context.close()
 

@@ -57,7 +57,7 @@ def reason_required(registry: Any, scope: Scope, key: str) -> bool:
     if scope.is_tag_keys:
         return False
     found = registry.get(key, scope.kind)
-    return bool(found is not None and getattr(found, "reason_required", False))
+    return bool(found is not None and found.reason_required)
 
 
 def plan_set(
