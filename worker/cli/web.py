@@ -74,10 +74,14 @@ def _users(args: argparse.Namespace, _: list[str]) -> int:
 def _web(args: argparse.Namespace, _: list[str]) -> int:
     import uvicorn
 
+    from store.postgres.schema import migrate
     from worker.web import create_app
     from worker.web.users import UsersFile
 
     found: Settings = settings()
+    # As `optionstore worker` does: on the embedded default, the console may be the first
+    # process to start the servers.
+    migrate(found.database_url)
     app: Any = create_app(settings=found, secure_cookies=args.secure_cookies)
     if not UsersFile(found.web_users_path).users():
         log.warning(
