@@ -97,18 +97,23 @@ class Console:
 
     @property
     def backend(self) -> Any:
-        """The store (``OptionsStore``), configured from the settings on first use."""
+        """This process's store (``store.backend``). In a host that configured it already (an
+        ASGI application the console is mounted into), that one, untouched; otherwise configured
+        here from the console's settings, as any process outside a worker is (it follows
+        broadcasts once it reads)."""
         with self._lock:
             if self._backend is None:
                 import store
+                from store.process import WEB, broker_connections
 
-                self._backend = store.runtime.configure(
-                    database_url=self.settings.database_url,
-                    redis_url=self.settings.redis_url,
-                    namespace=self.settings.namespace,
-                    max_value_bytes=self.settings.max_value_bytes,
-                    keyring=self.settings.keyring,
-                )
+                if store.backend.postgres is None:
+                    publish, follow = broker_connections(
+                        self.settings.broker_url, master_name=self.settings.broker_master_name
+                    )
+                    store.runtime.configure_from(
+                        self.settings, publish=publish, follow=follow, kind=WEB
+                    )
+                self._backend = store.backend
             return self._backend
 
     @property
