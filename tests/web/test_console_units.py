@@ -150,6 +150,20 @@ def test_sign_in_needs_the_csrf_token_and_the_right_password(client: TestClient)
     assert client.get("/login", follow_redirects=False).headers["location"] == "/"
 
 
+def test_a_password_change_or_removal_signs_the_user_out(
+    client: TestClient, tmp_path: Path
+) -> None:
+    """A session made before ``users passwd`` (or ``remove``) no longer counts as signed in."""
+    users = UsersFile(tmp_path / "users.json")
+    assert sign_in(client, "ana", "ana password") == 303
+    assert client.get("/login", follow_redirects=False).headers["location"] == "/"
+    users.passwd("ana", "a new password")
+    assert client.get("/status", follow_redirects=False).headers["location"] == "/login"
+    assert sign_in(client, "ana", "a new password") == 303
+    users.remove("ana")
+    assert client.get("/status", follow_redirects=False).headers["location"] == "/login"
+
+
 def test_sign_in_attempts_are_limited_per_user(client: TestClient) -> None:
     """After ten failed attempts for one name, even the right password is refused (429)."""
     for _ in range(10):

@@ -141,8 +141,8 @@ class Console:
     def fragment(self, name: str, **context: Any) -> str:
         return self.templates.get_template(name).render(**context)
 
-    def set_session(self, response: Response, user: str) -> Session:
-        session, cookie = self.signer.new(user)
+    def set_session(self, response: Response, user: User | None) -> Session:
+        session, cookie = self.signer.new(*((user.name, user.stamp) if user else ("", "")))
         response.set_cookie(
             SESSION_COOKIE,
             cookie,
@@ -254,6 +254,8 @@ class Sessions:
         user = None
         if session.user:
             user = await run_in_threadpool(self.console.users.get, session.user)
+            if user is not None and user.stamp != session.stamp:
+                user = None  # the password changed since this session signed in
         scope.setdefault("state", {})
         scope["state"]["session"] = session
         scope["state"]["user"] = user
@@ -310,14 +312,14 @@ async def login(request: Request) -> Response:
     console.per_user.reset(name)
     log.info("web.signed_in", user=user.name, role=user.role, address=address)
     response = RedirectResponse(to(request, "/"), status_code=303)
-    console.set_session(response, user.name)  # a new session, a new CSRF token
+    console.set_session(response, user)  # a new session, a new CSRF token
     return response
 
 
 @action(write=False)
 async def logout(request: Request) -> Response:
     response = RedirectResponse(to(request, "/login"), status_code=303)
-    console_of(request).set_session(response, "")
+    console_of(request).set_session(response, None)
     return response
 
 

@@ -51,6 +51,7 @@ class Session:
     user: str
     csrf: str
     expires: float
+    stamp: str = ""  # the user's password stamp when they signed in (users.User.stamp)
 
 
 class SessionSigner:
@@ -64,9 +65,11 @@ class SessionSigner:
     def _sign(self, payload: bytes) -> str:
         return hmac.new(self._key, payload, hashlib.sha256).hexdigest()
 
-    def new(self, user: str) -> tuple[Session, str]:
-        session = Session(user, secrets.token_urlsafe(32), time.time() + self.max_age)
-        body = json.dumps({"u": session.user, "c": session.csrf, "e": session.expires})
+    def new(self, user: str, stamp: str = "") -> tuple[Session, str]:
+        session = Session(user, secrets.token_urlsafe(32), time.time() + self.max_age, stamp)
+        body = json.dumps(
+            {"u": session.user, "c": session.csrf, "e": session.expires, "s": session.stamp}
+        )
         # Without padding: a cookie value with "=" in it would be sent quoted.
         payload = base64.urlsafe_b64encode(body.encode()).rstrip(b"=")
         return session, f"{payload.decode()}.{self._sign(payload)}"
@@ -81,7 +84,9 @@ class SessionSigner:
             data = json.loads(
                 base64.urlsafe_b64decode(payload.encode() + b"=" * (-len(payload) % 4))
             )
-            session = Session(str(data["u"]), str(data["c"]), float(data["e"]))
+            session = Session(
+                str(data["u"]), str(data["c"]), float(data["e"]), str(data.get("s", ""))
+            )
         except (ValueError, KeyError, TypeError):
             return None
         return session if session.expires > time.time() else None

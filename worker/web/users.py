@@ -4,6 +4,7 @@ readable by its owner only."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -31,6 +32,9 @@ _HASHER = PasswordHasher()
 class User:
     name: str
     role: str
+    # Changes with the password: a session made before a passwd (or a remove and add) no longer
+    # matches, so it is signed out.
+    stamp: str = ""
 
     @property
     def can_write(self) -> bool:
@@ -97,11 +101,11 @@ class UsersFile:
             scratch.unlink(missing_ok=True)
 
     def users(self) -> list[User]:
-        return [User(name, entry["role"]) for name, entry in sorted(self._read().items())]
+        return [_user(name, entry) for name, entry in sorted(self._read().items())]
 
     def get(self, name: str) -> User | None:
         entry = self._read().get(name)
-        return None if entry is None else User(name, entry["role"])
+        return None if entry is None else _user(name, entry)
 
     def add(self, name: str, role: str, password: str) -> User:
         users = self._read()
@@ -110,7 +114,7 @@ class UsersFile:
             raise InvalidOption("name", f"{name!r} exists already (passwd changes a password)")
         users[name] = {"role": check_role(role), "hash": _HASHER.hash(check_password(password))}
         self._write(users)
-        return User(name, role)
+        return _user(name, users[name])
 
     def remove(self, name: str) -> None:
         users = self._read()
@@ -142,4 +146,9 @@ class UsersFile:
             _HASHER.verify(entry["hash"], password)
         except (VerificationError, InvalidHashError):
             return None
-        return User(name, entry["role"])
+        return _user(name, entry)
+
+
+def _user(name: str, entry: dict[str, str]) -> User:
+    stamp = hashlib.sha256(entry["hash"].encode()).hexdigest()[:16]
+    return User(name, entry["role"], stamp)

@@ -4,3 +4,5 @@
 
     CREATE INDEX options_scope_name_c ON options_scope ((scope COLLATE "C"));
     CREATE INDEX options_value_key_c ON options_value ((key COLLATE "C"), (scope COLLATE "C"));
+    -- A scope's history, newest first, a page at a time.
+    CREATE INDEX options_history_scope_id ON options_history (scope, id);
