@@ -226,6 +226,10 @@ def test_editor_changes_an_option_and_every_process_applies_it(
     answers = worker.read_everywhere("project_options", "get_value", project, "page_size")
     assert set(answers.values()) == {100}, answers
 
+    page.goto(f"{console}/scope/{scope}/explain?key=page_size")
+    assert page.inner_text("#explain-value") == "100"
+    assert page.inner_text("#explain-source") == "scope"
+    assert page.inner_text("#explain-actor") == EDITOR[0]
     page.goto(f"{console}/scope/{scope}/history?key=page_size")
     newest = page.query_selector("tr.entry")
     assert newest.query_selector(".actor").inner_text() == EDITOR[0]

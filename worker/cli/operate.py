@@ -111,23 +111,23 @@ def _options(args: argparse.Namespace, _: list[str]) -> int:
     return 0
 
 
-def _explain(args: argparse.Namespace, _: list[str]) -> int:
-    scope = Scope.parse(args.scope)
-    validate_key(args.key)
-    db = configured().db
+def explain(db: Any, registry: Any, scope: Scope, key: str) -> dict[str, Any]:
+    """Where ``key``'s value in ``scope`` comes from (the scope, the registry's default, or
+    unset), and its last change: who, when, why (``explain``, and the console's page)."""
+    validate_key(key)
     snapshot = db.load_scope(scope.name)
-    text = snapshot.values.get(args.key)
-    declared = None if scope.kind == TAGKEYS else _registry().get(args.key, scope.kind)
-    last = last_changes(db, scope.name, [args.key]).get(args.key)
+    text = snapshot.values.get(key)
+    declared = None if scope.kind == TAGKEYS else registry.get(key, scope.kind)
+    last = last_changes(db, scope.name, [key]).get(key)
     if text is not None:
         source, value = "scope", json.loads(text)
     elif declared is not None and declared.has_default:
         source, value = "registry default", declared.default
     else:
         source, value = "unset", None
-    report = {
+    return {
         "scope": scope.name,
-        "key": args.key,
+        "key": key,
         "source": source,
         "value": value,
         "scope_revision": snapshot.revision,
@@ -139,6 +139,15 @@ def _explain(args: argparse.Namespace, _: list[str]) -> int:
         "task_id": None if last is None else last.task_id,
         "declared": None if declared is None else declared.as_dict(),
     }
+
+
+def _explain(args: argparse.Namespace, _: list[str]) -> int:
+    scope = Scope.parse(args.scope)
+    db = configured().db
+    report = explain(db, _registry(), scope, args.key)
+    source, value = report["source"], report["value"]
+    declared = None if scope.kind == TAGKEYS else _registry().get(args.key, scope.kind)
+    last = last_changes(db, scope.name, [args.key]).get(args.key)
     if args.json:
         print_json(report)
         return 0 if source != "unset" else 1

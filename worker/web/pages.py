@@ -325,6 +325,29 @@ async def revert(request: Request) -> Response:
 
 
 @page
+async def explain_page(request: Request) -> Response:
+    from worker.cli.operate import explain
+
+    console = console_of(request)
+    scope = scope_of(request)
+    if isinstance(scope, Response):
+        return scope
+    key = param(request, "key")
+    try:
+        report = await run_in_threadpool(explain, console.backend.db, console.registry, scope, key)
+    except InvalidOption as exc:
+        return PlainTextResponse(str(exc), status_code=400)
+    return console.render(
+        request,
+        "explain.html",
+        scope=scope,
+        key=key,
+        report=report,
+        url=lambda tail="", **q: scope_url(request, scope.name, tail, **q),
+    )
+
+
+@page
 async def write_page(request: Request) -> Response:
     task_id = request.path_params["task_id"]
     if not _TASK_ID.fullmatch(task_id):
@@ -348,6 +371,7 @@ def routes() -> list[Route]:
         Route("/scope/{scope:path}/preview", preview, methods=["POST"]),
         Route("/scope/{scope:path}/apply", apply, methods=["POST"]),
         Route("/scope/{scope:path}/history", history_page, methods=["GET"]),
+        Route("/scope/{scope:path}/explain", explain_page, methods=["GET"]),
         Route("/scope/{scope:path}/revert", revert_page, methods=["GET"]),
         Route("/scope/{scope:path}/revert", revert, methods=["POST"]),
         Route("/scope/{scope:path}", scope_page, methods=["GET"]),
