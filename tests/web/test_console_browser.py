@@ -374,3 +374,29 @@ def test_the_status_page_follows_workers_starting_and_stopping(
     wait_for(lambda: count() == before, timeout=30, message="the stopped worker to leave the page")
     assert page.evaluate("window.notReloaded") is True
     page.context.close()
+
+
+def test_an_editor_unsets_a_key_and_removes_a_tag_key(
+    browser: Any, console: str, worker: Worker
+) -> None:
+    """Unset (and a tag key's removal) go through the same preview and the unset tasks; every
+    worker child then reads the key as unset."""
+    project = fresh_id()
+    worker.call("options.set_project_option", project, "theme", "dark")
+    worker.call("options.add_tag_key", project, "browser")
+    page = signed_in(browser, console, EDITOR)
+    page.goto(f"{console}/scope/project:{project}/edit?key=theme")
+    page.click("#preview-unset")
+    assert "+ theme (unset)" in page.inner_text("#diff pre")
+    page.click("#apply")
+    converge(page, worker)
+    answers = worker.read_everywhere("project_options", "get_value", project, "theme")
+    assert set(answers.values()) == {None}, answers
+    page.goto(f"{console}/scope/tagkeys:{project}")
+    page.click("tr[data-key=browser] a.edit")
+    page.click("#preview-unset")
+    page.click("#apply")
+    converge(page, worker)
+    answers = worker.read_everywhere("tag_keys", "all_keys", project)
+    assert set(map(tuple, answers.values())) == {()}, answers
+    page.context.close()

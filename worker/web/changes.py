@@ -77,6 +77,20 @@ def plan_set(
     return PlannedWrite(name, args, changes, checked_reason)
 
 
+def plan_unset(
+    db: Any, registry: Any, *, scope: Scope, key: str, reason: str, actor: str
+) -> PlannedWrite:
+    """Check the removal of ``key`` from ``scope`` (``optionstore unset``; a tag key's removal
+    for a ``tagkeys:`` scope); InvalidOption names the field, and nothing is sent."""
+    validate_key(key)
+    checked_reason = _reason(reason, required=reason_required(registry, scope, key))
+    name, args = task_call(scope, key, None, unset=True)
+    _checked(name, args, {ACTOR_HEADER: actor, REASON_HEADER: checked_reason})
+    old = value_of(db, scope.name, key)
+    changes = [] if old is None else [Change(key, old, None)]
+    return PlannedWrite(name, args, changes, checked_reason)
+
+
 def plan_revert(
     db: Any,
     registry: Any,

@@ -164,6 +164,7 @@ async def edit_page(request: Request) -> Response:
         reason="",
         errors={},
         planned=None,
+        unset=False,
         **context,
     )
 
@@ -174,7 +175,18 @@ async def _plan_or_errors(request: Request, scope: Scope, *, apply: bool) -> Res
     user = request.state.user
     key, value, reason = form.get("key", ""), form.get("value", ""), form.get("reason", "")
 
+    unset = form.get("unset") == "1"
+
     def plan() -> changes.PlannedWrite:
+        if unset:
+            return changes.plan_unset(
+                console.backend.db,
+                console.registry,
+                scope=scope,
+                key=key,
+                reason=reason,
+                actor=user.name,
+            )
         return changes.plan_set(
             console.backend.db,
             console.registry,
@@ -199,6 +211,7 @@ async def _plan_or_errors(request: Request, scope: Scope, *, apply: bool) -> Res
             reason=reason,
             errors={form_field(exc): str(exc)},
             planned=None,
+            unset=unset,
             **context,
         )
     if not apply or not planned.changes:
@@ -212,6 +225,7 @@ async def _plan_or_errors(request: Request, scope: Scope, *, apply: bool) -> Res
             reason=reason,
             errors={},
             planned=planned,
+            unset=unset,
             **context,
         )
     task_id = await run_in_threadpool(changes.send, planned, actor=user.name)
