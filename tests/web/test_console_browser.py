@@ -400,3 +400,41 @@ def test_an_editor_unsets_a_key_and_removes_a_tag_key(
     answers = worker.read_everywhere("tag_keys", "all_keys", project)
     assert set(map(tuple, answers.values())) == {()}, answers
     page.context.close()
+
+
+def test_an_editor_plans_and_applies_a_desired_state_file(
+    browser: Any, console: str, worker: Worker, target: Services
+) -> None:
+    """A desired-state file pasted in the console is planned as ``optionstore plan`` does (a
+    diff per scope), then applied as ``optionstore apply`` does (one set_many per scope, origin
+    apply, the user as actor); every worker child reads the new values."""
+    first, second = fresh_id(), fresh_id()
+    worker.call("options.set_project_option", first, "page_size", 10)
+    document = json.dumps(
+        {
+            "optionstore": 1,
+            "scopes": {
+                f"project:{first}": {"values": {"page_size": 30}},
+                f"project:{second}": {"values": {"page_size": 40, "theme": "light"}},
+            },
+        }
+    )
+    page = signed_in(browser, console, EDITOR)
+    page.goto(f"{console}/plan")
+    page.fill("#document", document)
+    page.click("#plan")
+    plan = page.inner_text("#plan-result")
+    assert "- page_size = 10" in plan and "+ page_size = 30" in plan and "+ theme" in plan
+    page.click("#apply-plan")
+    page.wait_for_selector("#all-converged", timeout=60_000)
+    first_values = worker.read_everywhere("project_options", "get_value", first, "page_size")
+    second_values = worker.read_everywhere("project_options", "get_value", second, "theme")
+    assert set(first_values.values()) == {30} and set(second_values.values()) == {"light"}
+    with psycopg.connect(target.database_url) as conn:
+        rows = conn.execute(
+            "SELECT actor, origin, reason FROM options_history WHERE scope = %s"
+            " ORDER BY id DESC LIMIT 1",
+            (f"project:{first}",),
+        ).fetchall()
+    assert rows == [(EDITOR[0], "apply", "apply desired-state.json")]
+    page.context.close()

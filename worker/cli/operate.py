@@ -299,16 +299,22 @@ def _plan(args: argparse.Namespace, _: list[str]) -> int:
     return 0
 
 
-def _apply(args: argparse.Namespace, _: list[str]) -> int:
-    plans = _plans(args)
-    _print_plans(plans, args)
-    # A scope with drift but nothing to change still gets a write (changing nothing): it
-    # records this apply, so the drift it accepted is not reported again.
-    writes = [
+def apply_writes(plans: list[ScopePlan]) -> list[tuple[str, list[Change]]]:
+    """The ``set_many`` of each scope an apply writes (``apply``, and the console's).
+
+    A scope with drift but nothing to change still gets a write (changing nothing): it records
+    this apply, so the drift it accepted is not reported again."""
+    return [
         (p.scope, p.changes or [Change(d.key, d.current, d.current) for d in p.drift])
         for p in plans
         if p.changes or p.drift
     ]
+
+
+def _apply(args: argparse.Namespace, _: list[str]) -> int:
+    plans = _plans(args)
+    _print_plans(plans, args)
+    writes = apply_writes(plans)
     report: dict[str, Any] = {"file": args.file, "scopes": _plan_json(plans), "applied": False}
     if _only_shown(args, report, bool(writes), "add --yes to write it (one set_many per scope)"):
         return 0

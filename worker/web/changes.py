@@ -18,7 +18,9 @@ from worker.cli.audit import Change, diff, state_at
 from worker.cli.commands import parse_value, task_call
 from worker.web.browse import value_of
 
-REVERT = "revert"
+REVERT, APPLY = "revert", "apply"
+# The most scopes one apply from the console writes (one set_many and one live panel each).
+MAX_APPLY_SCOPES = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +120,41 @@ def plan_revert(
     headers = {ACTOR_HEADER: actor, REASON_HEADER: full_reason, ORIGIN_HEADER: REVERT}
     _checked("options.set_many", args, headers)
     return PlannedWrite("options.set_many", args, changes, full_reason, REVERT)
+
+
+def plan_document(db: Any, text: str, *, max_value_bytes: int) -> list[Any]:
+    """The plan of a desired-state document (``optionstore plan``): per scope, the changes and
+    the drift since its last apply; InvalidOption names what is wrong in it."""
+    from worker.cli.desired import parse_desired, plan_all
+
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise InvalidOption("file", f"is not JSON: {exc}") from None
+    desired = parse_desired(data, source="file", max_value_bytes=max_value_bytes)
+    if len(desired) > MAX_APPLY_SCOPES:
+        raise InvalidOption(
+            "file", f"names {len(desired)} scopes; the console applies at most {MAX_APPLY_SCOPES}"
+        )
+    return plan_all(db, desired)
+
+
+def plan_apply(plans: list[Any], *, name: str, reason: str, actor: str) -> list[PlannedWrite]:
+    """The writes of ``optionstore apply`` for ``plans``, each checked before any is sent: one
+    ``set_many`` per scope, origin ``apply``, reason ``apply NAME[: reason]``."""
+    from worker.cli.operate import apply_writes
+
+    given = _reason(reason, required=False)
+    full_reason = f"apply {name}" + (f": {given}" if given else "")
+    headers = {ACTOR_HEADER: actor, REASON_HEADER: full_reason, ORIGIN_HEADER: APPLY}
+    planned = []
+    for scope, changes in apply_writes(plans):
+        values = {c.key: json.loads(c.new) for c in changes if c.new is not None}
+        unset = [c.key for c in changes if c.new is None]
+        args: list[Any] = [scope, values, unset]
+        _checked("options.set_many", args, headers)
+        planned.append(PlannedWrite("options.set_many", args, changes, full_reason, APPLY))
+    return planned
 
 
 def send(planned: PlannedWrite, *, actor: str) -> str:

@@ -102,28 +102,39 @@ def _stream(body: AsyncIterator[str]) -> StreamingResponse:
 
 
 async def write_events(request: Request) -> Response:
+    from worker.web.pages import task_ids_of
+
     console = console_of(request)
     if request.state.user is None:
         return PlainTextResponse("sign in first", status_code=401)
-    task_id = request.path_params["task_id"]
-    from worker.web.pages import _TASK_ID
-
-    if not _TASK_ID.fullmatch(task_id):
-        return PlainTextResponse("not a task id", status_code=404)
+    task_ids = task_ids_of(request)
+    if task_ids is None:
+        return PlainTextResponse("not a list of task ids", status_code=404)
+    root = request.scope.get("root_path", "")
 
     async def body() -> AsyncIterator[str]:
         deadline = time.monotonic() + CONVERGENCE_DEADLINE
         shown = None
         while True:
             late = time.monotonic() >= deadline
-            found = await run_in_threadpool(convergence, console, task_id, late=late)
-            html = console.fragment(
-                "convergence.html", c=found, root=request.scope.get("root_path", "")
+            found = [
+                await run_in_threadpool(convergence, console, task_id, late=late)
+                for task_id in task_ids
+            ]
+            html = "".join(
+                console.fragment("convergence.html", c=c, root=root, many=len(found) > 1)
+                for c in found
             )
             if html != shown:
                 yield event("panel", html)
                 shown = html
-            if found.done:
+            if all(c.done for c in found):
+                if len(found) > 1 and all(c.state in ("converged", "unchanged") for c in found):
+                    yield event(
+                        "panel",
+                        html + '<p class="ok" id="all-converged">Every write '
+                        "applied by every live process.</p>",
+                    )
                 yield event("done", "")
                 return
             if await request.is_disconnected():
@@ -164,6 +175,6 @@ async def status_events(request: Request) -> Response:
 
 def routes() -> list[Route]:
     return [
-        Route("/writes/{task_id}/events", write_events, methods=["GET"]),
+        Route("/writes/{task_ids}/events", write_events, methods=["GET"]),
         Route("/status/events", status_events, methods=["GET"]),
     ]

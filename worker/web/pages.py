@@ -361,12 +361,89 @@ async def explain_page(request: Request) -> Response:
     )
 
 
+def task_ids_of(request: Request) -> list[str] | None:
+    """The write task ids of a ``/writes/ID[,ID...]`` path, or None if it holds anything else."""
+    ids = str(request.path_params["task_ids"]).split(",")
+    if len(ids) > changes.MAX_APPLY_SCOPES or not all(_TASK_ID.fullmatch(i) for i in ids):
+        return None
+    return ids
+
+
 @page
 async def write_page(request: Request) -> Response:
-    task_id = request.path_params["task_id"]
-    if not _TASK_ID.fullmatch(task_id):
-        return PlainTextResponse("not a task id", status_code=404)
-    return console_of(request).render(request, "write.html", task_id=task_id)
+    task_ids = task_ids_of(request)
+    if task_ids is None:
+        return PlainTextResponse("not a list of task ids", status_code=404)
+    return console_of(request).render(
+        request, "write.html", task_ids=task_ids, path=",".join(task_ids)
+    )
+
+
+@page
+async def plan_page(request: Request) -> Response:
+    return console_of(request).render(
+        request,
+        "plan.html",
+        name="desired-state.json",
+        document="",
+        reason="",
+        error=None,
+        plans=None,
+    )
+
+
+async def _plan_document(request: Request, *, apply: bool) -> Response:
+    console = console_of(request)
+    form = request.state.form
+    name = form.get("name", "")[:MAX_PARAM_CHARS] or "desired-state.json"
+    document, reason = form.get("document", ""), form.get("reason", "")
+    user = request.state.user
+
+    def plan() -> tuple[list[Any], list[changes.PlannedWrite]]:
+        plans = changes.plan_document(
+            console.backend.db, document, max_value_bytes=console.settings.max_value_bytes
+        )
+        writes = changes.plan_apply(plans, name=name, reason=reason, actor=user.name)
+        return plans, writes
+
+    try:
+        plans, writes = await run_in_threadpool(plan)
+    except InvalidOption as exc:
+        return console.render(
+            request,
+            "plan.html",
+            422,
+            name=name,
+            document=document,
+            reason=reason,
+            error=str(exc),
+            plans=None,
+        )
+    if apply and writes:
+        task_ids = [
+            await run_in_threadpool(changes.send, planned, actor=user.name) for planned in writes
+        ]
+        return RedirectResponse(to(request, f"/writes/{','.join(task_ids)}"), status_code=303)
+    return console.render(
+        request,
+        "plan.html",
+        name=name,
+        document=document,
+        reason=reason,
+        error=None,
+        plans=plans,
+        writes=len(writes),
+    )
+
+
+@action(write=False)
+async def plan_document(request: Request) -> Response:
+    return await _plan_document(request, apply=False)
+
+
+@action(write=True)
+async def apply_document(request: Request) -> Response:
+    return await _plan_document(request, apply=True)
 
 
 @page
@@ -380,7 +457,10 @@ def routes() -> list[Route]:
     return [
         Route("/", index, methods=["GET"]),
         Route("/status", status_page, methods=["GET"]),
-        Route("/writes/{task_id}", write_page, methods=["GET"]),
+        Route("/plan", plan_page, methods=["GET"]),
+        Route("/plan", plan_document, methods=["POST"]),
+        Route("/apply", apply_document, methods=["POST"]),
+        Route("/writes/{task_ids}", write_page, methods=["GET"]),
         Route("/scope/{scope:path}/edit", edit_page, methods=["GET"]),
         Route("/scope/{scope:path}/preview", preview, methods=["POST"]),
         Route("/scope/{scope:path}/apply", apply, methods=["POST"]),
