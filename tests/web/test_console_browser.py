@@ -204,6 +204,8 @@ def test_editor_changes_an_option_and_every_process_applies_it(
     worker.call("options.set_project_option", project, "page_size", 20)
     worker.call("options.set_project_option", project, "theme", "dark")
     page = signed_in(browser, console, EDITOR)
+    messages: list[str] = []
+    page.on("console", lambda message: messages.append(message.text))
     page.goto(f"{console}/scope/{scope}")
     assert page.inner_text("tr[data-key=page_size] .value") == "20"
     assert "integer" in page.inner_text("tr[data-key=page_size]")
@@ -247,6 +249,8 @@ def test_editor_changes_an_option_and_every_process_applies_it(
     newest = page.query_selector("tr.entry")
     assert newest.query_selector(".reason").inner_text() == "revert to r1"
     assert newest.query_selector(".actor").inner_text() == EDITOR[0]
+    # Every page, htmx and its event streams ran under the strict policy without a violation.
+    assert not [m for m in messages if "Content Security Policy" in m], messages
     page.context.close()
 
 
