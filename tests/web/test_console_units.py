@@ -186,3 +186,12 @@ def test_writes_need_an_editor_and_the_csrf_token(client: TestClient) -> None:
     anonymous = TestClient(client.app)
     token = csrf_of(anonymous)
     assert anonymous.post("/scope/global/apply", data={**form, "csrf": token}).status_code == 401
+
+
+def test_a_form_too_large_is_refused_before_it_is_read(client: TestClient) -> None:
+    """A POST past 4 MiB (or with more than 20 fields) is refused with 413, unparsed."""
+    token = csrf_of(client)
+    big = client.post("/login", data={"csrf": token, "name": "x" * (5 * 1024 * 1024)})
+    assert big.status_code == 413
+    many = client.post("/login", data={"csrf": token, **{f"f{i}": "1" for i in range(30)}})
+    assert many.status_code == 413
