@@ -34,6 +34,7 @@ _FIGURES: dict[str, tuple[str, str]] = {
     "writes": ("writes", "throughput"),
     "broadcast_size": ("footprint", "broadcast_size"),
     "memory": ("footprint", "memory"),
+    "console": ("console", "console"),
 }
 _NAMES = tuple(_FIGURES)
 # Run only when named (`--only scale`): it starts 128 worker processes and takes minutes.

@@ -56,6 +56,8 @@ OVERRIDES = {
     "signing_key": "OPTIONS_SIGNING_KEY",
     "signing_key_file": "OPTIONS_SIGNING_KEY_FILE",
     "unsigned_writes": "OPTIONS_UNSIGNED_WRITES",
+    "web_users_file": "OPTIONS_WEB_USERS_FILE",
+    "web_secret": "OPTIONS_WEB_SECRET",
 }
 
 # The kombu versions store/transport/redis.py is tested with: it overrides private names of kombu's
@@ -230,6 +232,11 @@ class Settings:
     # Seconds a task with an options_after token waits for a broadcast before it loads the
     # scope from the store instead.
     catch_up_wait: float = 0.1
+    # The operators' console (worker/web): its users file (empty: ``web-users.json`` in the
+    # state folder) and the secret its session cookies are signed with (empty: one made on
+    # first use and kept in the state folder, readable by this user only).
+    web_users_file: str = ""
+    web_secret: str = field(default="", repr=False)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -305,6 +312,8 @@ class Settings:
             catch_up_wait=_seconds(env, "OPTIONS_CATCH_UP_WAIT", 0.1, most=10.0),
             signing_keys=_signing_keys(env),
             unsigned_writes=unsigned_writes,
+            web_users_file=env.get("OPTIONS_WEB_USERS_FILE") or "",
+            web_secret=env.get("OPTIONS_WEB_SECRET") or "",
         )
 
     @property
@@ -327,6 +336,11 @@ class Settings:
     @property
     def broker_transport(self) -> str | None:
         return broker_transport_for(self.broker_url)
+
+    @property
+    def web_users_path(self) -> Path:
+        """The console's users file: ``OPTIONS_WEB_USERS_FILE``, else in the state folder."""
+        return Path(self.web_users_file or self.state_dir / "web-users.json").absolute()
 
     @functools.cached_property
     def keyring(self) -> Keyring | None:

@@ -20,7 +20,15 @@ from store.model.validation import encode_value, validate_key
 from store.model.writes import Write
 
 OPTION_KINDS = (GLOBAL, PROJECT, USER, GROUP)  # tag keys are a set, not declared options
-_FIELDS = {"scopes", "schema", "default", "description", "read_only", "deprecated"}
+_FIELDS = {
+    "scopes",
+    "schema",
+    "default",
+    "description",
+    "read_only",
+    "deprecated",
+    "reason_required",
+}
 _SCHEMA_SHORTHAND = {"type", "enum", "minimum", "maximum", "maxLength", "items"}
 _NO_DEFAULT = object()
 
@@ -37,6 +45,8 @@ class Declaration:
     description: str = ""
     read_only: bool = False
     deprecated: bool = False
+    # The console asks for a reason with every change of this option (worker/web).
+    reason_required: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -47,6 +57,7 @@ class Declaration:
             "description": self.description,
             "read_only": self.read_only,
             "deprecated": self.deprecated,
+            "reason_required": self.reason_required,
         }
         if self.has_default:
             data["default"] = self.default
@@ -62,6 +73,7 @@ def declaration(
     description: str = "",
     read_only: bool = False,
     deprecated: bool = False,
+    reason_required: bool = False,
     field_name: str = "key",
 ) -> Declaration:
     """A checked ``Declaration``: a valid key, known scope kinds, a valid schema, and a default
@@ -88,6 +100,7 @@ def declaration(
         str(description),
         bool(read_only),
         bool(deprecated),
+        bool(reason_required),
     )
 
 
@@ -121,6 +134,7 @@ def parse_registry(data: Mapping[str, Any], *, source: str) -> tuple[list[Declar
                 description=spec.get("description", ""),
                 read_only=spec.get("read_only", False),
                 deprecated=spec.get("deprecated", False),
+                reason_required=spec.get("reason_required", False),
                 field_name=where,
             )
         )

@@ -25,6 +25,7 @@ from worker.cli.console import show, table
 from worker.cli.operate import add_commands as add_operator_commands
 from worker.cli.waits import presence as _presence
 from worker.cli.waits import wait_for_writes
+from worker.cli.web import add_commands as add_console_commands
 
 DEFAULT_WORKER_ARGS = ["--pool", "prefork", "--concurrency", "2", "--loglevel", "INFO"]
 
@@ -105,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     embedded.add_argument("action", choices=["start", "stop", "status", "env"])
     add_operator_commands(command)
+    add_console_commands(command)
     return parser
 
 
@@ -151,7 +153,7 @@ def _list(args: argparse.Namespace, _: list[str]) -> int:
     return 0
 
 
-def _task_call(scope: Scope, key: str, value: Any, *, unset: bool) -> tuple[str, list[Any]]:
+def task_call(scope: Scope, key: str, value: Any, *, unset: bool) -> tuple[str, list[Any]]:
     """The contract's task name and positional args for a write of ``key`` in ``scope``."""
     verb = "unset" if unset else "set"
     tail: list[Any] = [key] if unset else [key, value]
@@ -172,7 +174,7 @@ def _task_call(scope: Scope, key: str, value: Any, *, unset: bool) -> tuple[str,
 def _enqueue(args: argparse.Namespace, value: Any, *, unset: bool) -> int:
     scope = Scope.parse(args.scope)
     validate_key(args.key)
-    name, task_args = _task_call(scope, args.key, value, unset=unset)
+    name, task_args = task_call(scope, args.key, value, unset=unset)
     backend = _configured()
     from worker import app
 
@@ -192,14 +194,19 @@ def _enqueue(args: argparse.Namespace, value: Any, *, unset: bool) -> int:
     return wait_for_writes(backend, [task_id], timeout=args.timeout, on_commit=committed)
 
 
-def _set(args: argparse.Namespace, _: list[str]) -> int:
+def parse_value(text: str) -> Any:
+    """A value typed by a person (``set``'s argument, the console's field): JSON, or an error
+    naming ``value`` that says how to quote a string."""
     try:
-        value = json.loads(args.value)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidOption(
             "value", f"is not JSON ({exc.msg}); quote strings: '\"text\"'"
         ) from None
-    return _enqueue(args, value, unset=False)
+
+
+def _set(args: argparse.Namespace, _: list[str]) -> int:
+    return _enqueue(args, parse_value(args.value), unset=False)
 
 
 def _unset(args: argparse.Namespace, _: list[str]) -> int:
@@ -250,11 +257,11 @@ def history_dict(e: Any) -> dict[str, Any]:
     }
 
 
-def _status(args: argparse.Namespace, _: list[str]) -> int:
+def status_report(settings: Any, backend: Any, *, broker: bool = True) -> dict[str, Any]:
+    """What ``status`` shows (the console's status page too): the services, the schema, the
+    outbox, the leader and every live process with what it has not applied."""
     from store.postgres.schema import SCHEMA_VERSION, schema_version
 
-    settings = _settings()
-    backend = _configured()
     report: dict[str, Any] = {
         "embedded": settings.embedded,
         "database_url": redact_url(settings.database_url),
@@ -273,15 +280,33 @@ def _status(args: argparse.Namespace, _: list[str]) -> int:
     try:
         report["redis"] = "up" if backend.redis and backend.redis.ping() else "down"
         report["redis_eviction"] = eviction_policy(backend.redis.client) if backend.redis else None
+        report["leader"] = _leader(backend, settings.namespace)
         report["processes"] = _process_table(backend)
     except Exception as exc:  # a status report shows every failure instead of raising
         report["redis"] = f"down ({type(exc).__name__})"
         report["processes"] = []
     try:
-        report["broker_eviction"] = _broker_eviction(settings)
+        # One broker connection: the console's live page leaves it out of each refresh.
+        report["broker_eviction"] = _broker_eviction(settings) if broker else None
     except Exception as exc:
         report["broker_eviction"] = f"unknown ({type(exc).__name__})"
     report["converged"] = all(p["converged"] for p in report["processes"])
+    return report
+
+
+def _leader(backend: Any, namespace: str) -> str | None:
+    """The worker main process that holds the lease (``host:pid``), or None."""
+    if backend.redis is None:
+        return None
+    token = backend.redis.client.get(f"{namespace}:leader")
+    if token is None:
+        return None
+    text = token.decode(errors="replace") if isinstance(token, bytes) else str(token)
+    return text.rsplit(":", 1)[0]  # the token ends with a random tag of the lease's holder
+
+
+def _status(args: argparse.Namespace, _: list[str]) -> int:
+    report = status_report(_settings(), _configured())
     if args.json:
         _print_json(report)
         return 0
@@ -351,6 +376,8 @@ def _process_table(backend: Any) -> list[dict[str, Any]]:
             "mode": r.mode,
             "synced": r.synced,
             "heard_ago_s": round(now - r.heard_at, 3) if r.heard_at else None,
+            "subscribed_ago_s": round(now - r.synced_at, 3) if r.synced_at else None,
+            "scopes_applied": len(r.revisions),
             "messages": r.messages,
             "redis_reads": r.redis_reads,
             "postgres_reads": r.postgres_reads,

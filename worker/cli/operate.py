@@ -111,23 +111,23 @@ def _options(args: argparse.Namespace, _: list[str]) -> int:
     return 0
 
 
-def _explain(args: argparse.Namespace, _: list[str]) -> int:
-    scope = Scope.parse(args.scope)
-    validate_key(args.key)
-    db = configured().db
+def explain(db: Any, registry: Any, scope: Scope, key: str) -> dict[str, Any]:
+    """Where ``key``'s value in ``scope`` comes from (the scope, the registry's default, or
+    unset), and its last change: who, when, why (``explain``, and the console's page)."""
+    validate_key(key)
     snapshot = db.load_scope(scope.name)
-    text = snapshot.values.get(args.key)
-    declared = None if scope.kind == TAGKEYS else _registry().get(args.key, scope.kind)
-    last = last_changes(db, scope.name, [args.key]).get(args.key)
+    text = snapshot.values.get(key)
+    declared = None if scope.kind == TAGKEYS else registry.get(key, scope.kind)
+    last = last_changes(db, scope.name, [key]).get(key)
     if text is not None:
         source, value = "scope", json.loads(text)
     elif declared is not None and declared.has_default:
         source, value = "registry default", declared.default
     else:
         source, value = "unset", None
-    report = {
+    return {
         "scope": scope.name,
-        "key": args.key,
+        "key": key,
         "source": source,
         "value": value,
         "scope_revision": snapshot.revision,
@@ -139,6 +139,15 @@ def _explain(args: argparse.Namespace, _: list[str]) -> int:
         "task_id": None if last is None else last.task_id,
         "declared": None if declared is None else declared.as_dict(),
     }
+
+
+def _explain(args: argparse.Namespace, _: list[str]) -> int:
+    scope = Scope.parse(args.scope)
+    db = configured().db
+    report = explain(db, _registry(), scope, args.key)
+    source, value = report["source"], report["value"]
+    declared = None if scope.kind == TAGKEYS else _registry().get(args.key, scope.kind)
+    last = last_changes(db, scope.name, [args.key]).get(args.key)
     if args.json:
         print_json(report)
         return 0 if source != "unset" else 1
@@ -290,16 +299,22 @@ def _plan(args: argparse.Namespace, _: list[str]) -> int:
     return 0
 
 
-def _apply(args: argparse.Namespace, _: list[str]) -> int:
-    plans = _plans(args)
-    _print_plans(plans, args)
-    # A scope with drift but nothing to change still gets a write (changing nothing): it
-    # records this apply, so the drift it accepted is not reported again.
-    writes = [
+def apply_writes(plans: list[ScopePlan]) -> list[tuple[str, list[Change]]]:
+    """The ``set_many`` of each scope an apply writes (``apply``, and the console's).
+
+    A scope with drift but nothing to change still gets a write (changing nothing): it records
+    this apply, so the drift it accepted is not reported again."""
+    return [
         (p.scope, p.changes or [Change(d.key, d.current, d.current) for d in p.drift])
         for p in plans
         if p.changes or p.drift
     ]
+
+
+def _apply(args: argparse.Namespace, _: list[str]) -> int:
+    plans = _plans(args)
+    _print_plans(plans, args)
+    writes = apply_writes(plans)
     report: dict[str, Any] = {"file": args.file, "scopes": _plan_json(plans), "applied": False}
     if _only_shown(args, report, bool(writes), "add --yes to write it (one set_many per scope)"):
         return 0

@@ -1,0 +1,197 @@
+"""The console's users file, sessions, CSRF check and sign-in rate limit, without services."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from store.errors import InvalidOption
+from store.settings import Settings
+from worker.web import create_app
+from worker.web.app import CONTENT_SECURITY_POLICY
+from worker.web.security import SESSION_COOKIE, RateLimit, SessionSigner, csrf_matches
+from worker.web.users import UsersFile
+
+# Starlette's TestClient suggests another HTTP client; this one is what the lock holds.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:starlette.testclient")
+
+
+def test_users_file_holds_argon2_hashes_readable_by_its_owner_only(tmp_path: Path) -> None:
+    """A user added is stored with an argon2 hash (never the password), in a 0600 file."""
+    users = UsersFile(tmp_path / "users.json")
+    users.add("ana", "editor", "correct horse")
+    text = users.path.read_text()
+    assert "correct horse" not in text and "$argon2id$" in text
+    assert stat.S_IMODE(users.path.stat().st_mode) == 0o600
+    assert users.verify("ana", "correct horse") == users.get("ana")
+    assert users.verify("ana", "wrong password") is None
+    assert users.verify("nobody", "correct horse") is None
+
+
+def test_users_file_passwd_remove_and_bad_input(tmp_path: Path) -> None:
+    """passwd replaces the hash, remove forgets the user; bad names, roles and short passwords
+    are refused naming their field, and nothing is written."""
+    users = UsersFile(tmp_path / "users.json")
+    users.add("bo", "viewer", "first password")
+    users.passwd("bo", "second password")
+    assert users.verify("bo", "first password") is None
+    assert users.verify("bo", "second password") is not None
+    for call, field in (
+        (lambda: users.add("bad name", "viewer", "long enough"), "name"),
+        (lambda: users.add("cy", "admin", "long enough"), "role"),
+        (lambda: users.add("cy", "viewer", "short"), "password"),
+        (lambda: users.add("bo", "viewer", "long enough"), "name"),
+        (lambda: users.passwd("nobody", "long enough"), "name"),
+    ):
+        with pytest.raises(InvalidOption) as caught:
+            call()
+        assert caught.value.field == field
+    assert [u.name for u in users.users()] == ["bo"]
+    users.remove("bo")
+    assert users.users() == []
+
+
+def test_session_cookie_is_signed_and_expires() -> None:
+    """A session cookie read back gives its user; one altered, signed with another secret or
+    expired reads as no session."""
+    signer = SessionSigner("s" * 64)
+    session, cookie = signer.new("ana")
+    assert signer.read(cookie) == session
+    payload, _, signature = cookie.rpartition(".")
+    assert signer.read(payload + "x." + signature) is None
+    assert SessionSigner("t" * 64).read(cookie) is None
+    expired = SessionSigner("s" * 64, max_age=-1)
+    assert expired.read(expired.new("ana")[1]) is None
+    assert signer.read("garbage") is None and signer.read(None) is None
+
+
+def test_csrf_token_must_match_the_session() -> None:
+    """Only the session's own token passes; none, another's or a non-string does not."""
+    signer = SessionSigner("s" * 64)
+    session, _ = signer.new("ana")
+    other, _ = signer.new("ana")
+    assert csrf_matches(session, session.csrf)
+    assert not csrf_matches(session, other.csrf)
+    assert not csrf_matches(session, None)
+    assert not csrf_matches(None, session.csrf)
+
+
+def test_rate_limit_counts_per_key_within_its_window() -> None:
+    """At most ``limit`` attempts per key in a window; other keys are not affected; attempts
+    older than the window no longer count."""
+    limit = RateLimit(limit=3, window=10.0, max_keys=2)
+    assert all(limit.allow("ana", now=t) for t in (0, 1, 2))
+    assert not limit.allow("ana", now=3)
+    assert limit.allow("bo", now=3)
+    assert limit.allow("ana", now=10.5)  # the attempt at 0 left the window
+    limit.allow("cy", now=11)  # a third key: the oldest one is forgotten
+    assert len(limit._attempts) == 2
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> TestClient:
+    users = UsersFile(tmp_path / "users.json")
+    users.add("ana", "editor", "ana password")
+    users.add("vic", "viewer", "vic password")
+    # Services nobody listens on: these tests never reach the store (nor start the embedded one).
+    settings = Settings.from_environ(
+        {
+            "OPTIONS_STATE_DIR": str(tmp_path),
+            "OPTIONS_DATABASE_URL": "postgresql://127.0.0.1:1/none",
+            "OPTIONS_REDIS_URL": "redis://127.0.0.1:1/0",
+        }
+    )
+    return TestClient(create_app(settings=settings, users_file=users.path, secret="k" * 64))
+
+
+def csrf_of(client: TestClient) -> str:
+    """The CSRF token of the client's session (given with its first page)."""
+    if SESSION_COOKIE not in client.cookies:
+        client.get("/login")
+    session = SessionSigner("k" * 64).read(client.cookies[SESSION_COOKIE])
+    assert session is not None
+    return session.csrf
+
+
+def sign_in(client: TestClient, name: str, password: str) -> int:
+    token = csrf_of(client)
+    response = client.post(
+        "/login", data={"csrf": token, "name": name, "password": password}, follow_redirects=False
+    )
+    return response.status_code
+
+
+def test_every_response_carries_the_security_headers(client: TestClient) -> None:
+    """Pages and static files carry the restrictive CSP (no inline scripts) and its siblings;
+    the session cookie is HttpOnly and SameSite=Strict."""
+    for path in ("/login", "/static/htmx.min.js"):
+        response = client.get(path)
+        assert response.status_code == 200
+        assert response.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+        assert "default-src 'self'" in CONTENT_SECURITY_POLICY
+        assert "unsafe-inline" not in CONTENT_SECURITY_POLICY
+        assert response.headers["x-frame-options"] == "DENY"
+    cookie = client.get("/login").headers.get("set-cookie", "") or ""
+    fresh = TestClient(client.app).get("/login").headers["set-cookie"].lower()
+    assert "httponly" in fresh and "samesite=strict" in fresh, (cookie, fresh)
+
+
+def test_sign_in_needs_the_csrf_token_and_the_right_password(client: TestClient) -> None:
+    """A sign-in without the form's token is refused (403), a wrong password is 401, the
+    right one signs in and pages are then served."""
+    unsigned = client.post("/login", data={"name": "ana", "password": "ana password"})
+    assert unsigned.status_code == 403
+    assert sign_in(client, "ana", "wrong") == 401
+    assert client.get("/status", follow_redirects=False).status_code == 303
+    assert sign_in(client, "ana", "ana password") == 303
+    assert client.get("/login", follow_redirects=False).headers["location"] == "/"
+
+
+def test_a_password_change_or_removal_signs_the_user_out(
+    client: TestClient, tmp_path: Path
+) -> None:
+    """A session made before ``users passwd`` (or ``remove``) no longer counts as signed in."""
+    users = UsersFile(tmp_path / "users.json")
+    assert sign_in(client, "ana", "ana password") == 303
+    assert client.get("/login", follow_redirects=False).headers["location"] == "/"
+    users.passwd("ana", "a new password")
+    assert client.get("/status", follow_redirects=False).headers["location"] == "/login"
+    assert sign_in(client, "ana", "a new password") == 303
+    users.remove("ana")
+    assert client.get("/status", follow_redirects=False).headers["location"] == "/login"
+
+
+def test_sign_in_attempts_are_limited_per_user(client: TestClient) -> None:
+    """After ten failed attempts for one name, even the right password is refused (429)."""
+    for _ in range(10):
+        assert sign_in(client, "vic", "wrong") == 401
+    assert sign_in(client, "vic", "vic password") == 429
+
+
+def test_writes_need_an_editor_and_the_csrf_token(client: TestClient) -> None:
+    """A POST that writes is refused without the session's CSRF token (even for an editor),
+    and for a viewer even with it; nothing reaches the store."""
+    assert sign_in(client, "ana", "ana password") == 303
+    form = {"key": "k", "value": "1", "reason": ""}
+    refused = client.post("/scope/global/apply", data=form)
+    assert refused.status_code == 403 and "CSRF" in refused.text
+    viewer = TestClient(client.app)
+    assert sign_in(viewer, "vic", "vic password") == 303
+    token = csrf_of(viewer)
+    forged = viewer.post("/scope/global/apply", data={**form, "csrf": token})
+    assert forged.status_code == 403 and "viewers cannot write" in forged.text
+    anonymous = TestClient(client.app)
+    token = csrf_of(anonymous)
+    assert anonymous.post("/scope/global/apply", data={**form, "csrf": token}).status_code == 401
+
+
+def test_a_form_too_large_is_refused_before_it_is_read(client: TestClient) -> None:
+    """A POST past 4 MiB (or with more than 20 fields) is refused with 413, unparsed."""
+    token = csrf_of(client)
+    big = client.post("/login", data={"csrf": token, "name": "x" * (5 * 1024 * 1024)})
+    assert big.status_code == 413
+    many = client.post("/login", data={"csrf": token, **{f"f{i}": "1" for i in range(30)}})
+    assert many.status_code == 413

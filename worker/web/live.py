@@ -1,0 +1,180 @@
+"""The console's live panels, as server-sent events: a write's convergence (which live processes
+have applied it, from the same reports as ``set --wait``) until every one has or a deadline
+passes, and the fleet's status (``optionstore status``) each second."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from worker.cli.commands import status_report
+from worker.cli.waits import presence
+from worker.web.app import Console, console_of
+
+# A write's panel follows it this long, then names the processes still behind.
+CONVERGENCE_DEADLINE = 60.0
+CONVERGENCE_INTERVAL = 0.25
+STATUS_INTERVAL = 1.0
+# A status stream ends after this long; the browser's EventSource opens a new one.
+STATUS_STREAM_SECONDS = 600.0
+
+
+@dataclass
+class Convergence:
+    """Where one write is: not committed yet, failed, committed without a change, or committed
+    and applied by ``applied`` of each kind's live processes (``behind``: who has not)."""
+
+    task_id: str
+    state: str = "pending"  # pending, failed, unchanged, applying, converged, late
+    scope: str = ""
+    revision: int = 0
+    error: str = ""
+    kinds: dict[str, tuple[int, int]] = field(default_factory=dict)  # kind: (applied, live)
+    behind: list[str] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.state in ("failed", "unchanged", "converged", "late")
+
+
+def convergence(console: Console, task_id: str, *, late: bool) -> Convergence:
+    backend = console.backend
+    found = Convergence(task_id)
+    records = backend.db.write_records([task_id])
+    if task_id not in records:
+        error = _failure(task_id)
+        if error is not None:
+            found.state, found.error = "failed", error
+        elif late:
+            found.state, found.error = "late", "not committed: is a worker running?"
+        return found
+    result, announced = records[task_id]
+    found.scope, found.revision = result.scope, result.revision
+    if not result.changed:
+        found.state = "unchanged"
+        return found
+    for report in presence(backend).processes():
+        applied, live = found.kinds.get(report.kind, (0, 0))
+        ok = report.has_applied(result.scope, result.revision, result.committed_at, announced)
+        found.kinds[report.kind] = (applied + ok, live + 1)
+        if not ok:
+            found.behind.append(f"{report.name} ({report.kind})")
+    found.behind.sort()
+    if not found.behind:
+        found.state = "converged"
+    else:
+        found.state = "late" if late else "applying"
+    return found
+
+
+def _failure(task_id: str) -> str | None:
+    """The worker's error for a write it refused, if there is a result backend to ask."""
+    from celery.backends.base import DisabledBackend
+
+    from worker import app
+
+    if isinstance(app.backend, DisabledBackend):
+        return None
+    result = app.AsyncResult(task_id)
+    return str(result.result) if result.state == "FAILURE" else None
+
+
+def event(name: str, html: str) -> str:
+    """One server-sent event whose data is ``html`` (each of its lines a ``data:`` line)."""
+    lines = "".join(f"data: {line}\n" for line in html.splitlines() or [""])
+    return f"event: {name}\n{lines}\n"
+
+
+def _stream(body: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(
+        body,
+        media_type="text/event-stream",
+        headers={"cache-control": "no-store", "x-accel-buffering": "no"},
+    )
+
+
+async def write_events(request: Request) -> Response:
+    from worker.web.pages import task_ids_of
+
+    console = console_of(request)
+    if request.state.user is None:
+        return PlainTextResponse("sign in first", status_code=401)
+    task_ids = task_ids_of(request)
+    if task_ids is None:
+        return PlainTextResponse("not a list of task ids", status_code=404)
+    root = request.scope.get("root_path", "")
+
+    async def body() -> AsyncIterator[str]:
+        deadline = time.monotonic() + CONVERGENCE_DEADLINE
+        shown = None
+        while True:
+            late = time.monotonic() >= deadline
+            found = [
+                await run_in_threadpool(convergence, console, task_id, late=late)
+                for task_id in task_ids
+            ]
+            html = "".join(
+                console.fragment("convergence.html", c=c, root=root, many=len(found) > 1)
+                for c in found
+            )
+            if html != shown:
+                yield event("panel", html)
+                shown = html
+            if all(c.done for c in found):
+                if len(found) > 1 and all(c.state in ("converged", "unchanged") for c in found):
+                    yield event(
+                        "panel",
+                        html + '<p class="ok" id="all-converged">Every write '
+                        "applied by every live process.</p>",
+                    )
+                yield event("done", "")
+                return
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(CONVERGENCE_INTERVAL)
+
+    return _stream(body())
+
+
+def status_fragment(console: Console, report: dict[str, Any]) -> str:
+    return console.fragment("status_panel.html", report=report, now=time.time())
+
+
+async def status_events(request: Request) -> Response:
+    console = console_of(request)
+    if request.state.user is None:
+        return PlainTextResponse("sign in first", status_code=401)
+
+    async def body() -> AsyncIterator[str]:
+        ends = time.monotonic() + STATUS_STREAM_SECONDS
+        shown = None
+        while time.monotonic() < ends:
+            report = await run_in_threadpool(
+                status_report, console.settings, console.backend, broker=False
+            )
+            html = status_fragment(console, report)
+            if html != shown:
+                yield event("status", html)
+                shown = html
+            else:
+                yield ": still here\n\n"  # a comment: tells a closed connection apart
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(STATUS_INTERVAL)
+
+    return _stream(body())
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/writes/{task_ids}/events", write_events, methods=["GET"]),
+        Route("/status/events", status_events, methods=["GET"]),
+    ]
