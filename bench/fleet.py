@@ -28,8 +28,22 @@ from bench.env import (
 )
 from bench.figures import Figure, Series
 from bench.reads import KEY, PROJECT_ID, option_values, seed_scope
+from store.broadcast.consumer import REPORT_SPREAD, ReloadConsumer
 
 REP_TIMEOUT = 20.0
+
+# A process reports what it applied report_interval after it applied it, stretched by its own
+# share of REPORT_SPREAD: rounds wait past that, so that a sample is not timed while the fleet
+# is still writing the previous round's reports (what a fleet does after one change, not
+# while the next one arrives 30 ms later).
+_REPORTED_WITHIN = (
+    ReloadConsumer.__init__.__kwdefaults__["report_interval"] * (1 + REPORT_SPREAD)  # type: ignore[index]
+)
+
+
+def settle() -> None:
+    """Wait between two rounds: past the processes' reports, then 0-20 ms more at random."""
+    time.sleep(_REPORTED_WITHIN + 0.01 + random.random() * 0.02)
 
 
 @dataclass
@@ -220,7 +234,7 @@ def _propagation_at(
                         received = baseline.all_received(i + 10)
                         if i >= 0:
                             raw.append((max(received) - sent) * 1000)
-                    time.sleep(0.03 + random.random() * 0.02)  # let reports and logs settle
+                    settle()
                     if i >= 0:
                         # CPU the group spent on this round, less what it burns when idle.
                         spent = _cpu_seconds(groups[group]) - cpu_before
@@ -241,7 +255,8 @@ def _propagation_at(
         "inside the transaction, to that return; mostly the WAL flush). Baseline: "
         f"{count} processes each consuming an exclusive queue on a raw kombu fanout exchange "
         "(same broker), time from publish to the last process's callback. "
-        f"{reps} rounds, alternating which goes first, 30-50 ms apart. extra.cpu_us_...: CPU "
+        f"{reps} rounds, alternating which goes first, 50-70 ms apart (past the reports of "
+        "the round before). extra.cpu_us_...: CPU "
         "time (psutil) each process spent per round, less its idle rate"
     )
     extra = {
@@ -361,7 +376,7 @@ def visibility(run: Services, *, quick: bool) -> list[Figure]:
                     sample = getattr(parts, part)()
                     if i >= 0:
                         samples[part].append(sample)
-                    time.sleep(0.03 + random.random() * 0.02)
+                    settle()
         finally:
             baseline.stop()
         timeline = {t: parts.timeline[t] for t in list(parts.timeline)[3:]}
@@ -376,7 +391,8 @@ def visibility(run: Services, *, quick: bool) -> list[Figure]:
         "broadcast (the writing child drops the scope and rereads from Redis, which the task "
         "updated before publishing). Sample: from `set_option.delay()` returning to the "
         "latest `broadcast.applied` timestamp of the 4 children for the task's revision. "
-        f"{reps} rounds; in each, in random order 30-50 ms apart: one write, one "
+        f"{reps} rounds; in each, in random order 50-70 ms apart (past the reports of the "
+        "part before): one write, one "
         "`noop.delay()` (returned to the time the no-op task started, its return value; same "
         "worker and broker), one `PostgresStore.apply` of a one-key change from this process "
         "(one options_apply round trip), and one raw kombu fanout to 4 processes (publish to "
