@@ -11,7 +11,7 @@ from starlette.testclient import TestClient
 from store.errors import InvalidOption
 from store.settings import Settings
 from worker.web import create_app
-from worker.web.app import CONTENT_SECURITY_POLICY
+from worker.web.console import CONTENT_SECURITY_POLICY
 from worker.web.security import SESSION_COOKIE, RateLimit, SessionSigner, csrf_matches
 from worker.web.users import UsersFile
 

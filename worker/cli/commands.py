@@ -7,29 +7,24 @@ import json
 import os
 import shlex
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
 from store.errors import InvalidOption, OptionsError
-from store.model.scopes import GLOBAL, GROUP, PROJECT, TAGKEYS, USER, Scope
+from store.model.scopes import Scope
 from store.model.validation import validate_key
-from store.redis.eviction import eviction_policy
-from store.redis.presence import lagging
-from store.settings import redact_url
 from worker.cli.actor import actor_of, add_audit_arguments
 from worker.cli.console import configured as _configured
 from worker.cli.console import print_json as _print_json
 from worker.cli.console import settings as _settings
 from worker.cli.console import show, table
 from worker.cli.operate import add_commands as add_operator_commands
-from worker.cli.waits import presence as _presence
+from worker.cli.status import status_report
 from worker.cli.waits import wait_for_writes
 from worker.cli.web import add_commands as add_console_commands
+from worker.cli.writes import parse_value, task_call
 
 DEFAULT_WORKER_ARGS = ["--pool", "prefork", "--concurrency", "2", "--loglevel", "INFO"]
-
-# Counts in `status` stop here: a number this large only says "very many".
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -153,24 +148,6 @@ def _list(args: argparse.Namespace, _: list[str]) -> int:
     return 0
 
 
-def task_call(scope: Scope, key: str, value: Any, *, unset: bool) -> tuple[str, list[Any]]:
-    """The contract's task name and positional args for a write of ``key`` in ``scope``."""
-    verb = "unset" if unset else "set"
-    tail: list[Any] = [key] if unset else [key, value]
-    if scope.kind == GLOBAL:
-        return f"options.{verb}_option", tail
-    if scope.kind == PROJECT:
-        return f"options.{verb}_project_option", [scope.id, *tail]
-    if scope.kind == USER:
-        return f"options.{verb}_user_option", [scope.id, scope.project_id, *tail]
-    if scope.kind == GROUP:
-        return f"options.{verb}_group_meta", [scope.id, *tail]
-    assert scope.kind == TAGKEYS
-    if not unset and value is not True:
-        raise InvalidOption("value", "a tag key is added with the value true")
-    return ("options.remove_tag_key" if unset else "options.add_tag_key"), [scope.id, key]
-
-
 def _enqueue(args: argparse.Namespace, value: Any, *, unset: bool) -> int:
     scope = Scope.parse(args.scope)
     validate_key(args.key)
@@ -192,17 +169,6 @@ def _enqueue(args: argparse.Namespace, value: Any, *, unset: bool) -> int:
         print(f"committed: {result.scope} at revision {result.revision} ({state})")
 
     return wait_for_writes(backend, [task_id], timeout=args.timeout, on_commit=committed)
-
-
-def parse_value(text: str) -> Any:
-    """A value typed by a person (``set``'s argument, the console's field): JSON, or an error
-    naming ``value`` that says how to quote a string."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidOption(
-            "value", f"is not JSON ({exc.msg}); quote strings: '\"text\"'"
-        ) from None
 
 
 def _set(args: argparse.Namespace, _: list[str]) -> int:
@@ -257,54 +223,6 @@ def history_dict(e: Any) -> dict[str, Any]:
     }
 
 
-def status_report(settings: Any, backend: Any, *, broker: bool = True) -> dict[str, Any]:
-    """What ``status`` shows (the console's status page too): the services, the schema, the
-    outbox, the leader and every live process with what it has not applied."""
-    from store.postgres.schema import SCHEMA_VERSION, schema_version
-
-    report: dict[str, Any] = {
-        "embedded": settings.embedded,
-        "database_url": redact_url(settings.database_url),
-        "redis_url": redact_url(settings.redis_url),
-        "broker_url": redact_url(settings.broker_url),
-        "local_cache": settings.local_cache,
-        "signing": signing_report(settings),
-    }
-    with backend.db.connection() as conn:
-        report["schema_version"] = schema_version(conn)
-        report["schema_expected"] = SCHEMA_VERSION
-        if report["schema_version"] >= 1:
-            # Bounded counts (up to COUNT_CAP, on indexes): cheap on a database of any size.
-            report["scopes"] = backend.db.count_scopes()
-            report["unannounced_writes"] = backend.db.count_unannounced()
-    try:
-        report["redis"] = "up" if backend.redis and backend.redis.ping() else "down"
-        report["redis_eviction"] = eviction_policy(backend.redis.client) if backend.redis else None
-        report["leader"] = _leader(backend, settings.namespace)
-        report["processes"] = _process_table(backend)
-    except Exception as exc:  # a status report shows every failure instead of raising
-        report["redis"] = f"down ({type(exc).__name__})"
-        report["processes"] = []
-    try:
-        # One broker connection: the console's live page leaves it out of each refresh.
-        report["broker_eviction"] = _broker_eviction(settings) if broker else None
-    except Exception as exc:
-        report["broker_eviction"] = f"unknown ({type(exc).__name__})"
-    report["converged"] = all(p["converged"] for p in report["processes"])
-    return report
-
-
-def _leader(backend: Any, namespace: str) -> str | None:
-    """The worker main process that holds the lease (``host:pid``), or None."""
-    if backend.redis is None:
-        return None
-    token = backend.redis.client.get(f"{namespace}:leader")
-    if token is None:
-        return None
-    text = token.decode(errors="replace") if isinstance(token, bytes) else str(token)
-    return text.rsplit(":", 1)[0]  # the token ends with a random tag of the lease's holder
-
-
 def _status(args: argparse.Namespace, _: list[str]) -> int:
     report = status_report(_settings(), _configured())
     if args.json:
@@ -326,18 +244,6 @@ def _status(args: argparse.Namespace, _: list[str]) -> int:
     return 0
 
 
-def signing_report(settings: Any) -> dict[str, Any]:
-    """Whether this environment signs and checks write tasks and reload messages, and with
-    which keys, by id only: a key is never shown."""
-    keyring = settings.keyring
-    return {
-        "enabled": keyring is not None,
-        "key_ids": [] if keyring is None else list(keyring.ids),
-        "signs_with": None if keyring is None else keyring.signing_id,
-        "unsigned_writes": settings.unsigned_writes,
-    }
-
-
 def _signing_line(signing: dict[str, Any]) -> str:
     if not signing["enabled"]:
         return "off (no OPTIONS_SIGNING_KEY: write tasks and reload messages are not checked)"
@@ -345,47 +251,6 @@ def _signing_line(signing: dict[str, Any]) -> str:
     verifies = f", verifies with {', '.join(others)} too" if others else ""
     unsigned = "accepted" if signing["unsigned_writes"] == "accept" else "refused"
     return f"on (signs with key {signing['signs_with']}{verifies}; unsigned write tasks {unsigned})"
-
-
-def _broker_eviction(settings: Any) -> str | None:
-    """The broker's maxmemory-policy if it is a Redis (a worker refuses an allkeys-* one)."""
-    from store.process import broker_connections
-
-    connect, _ = broker_connections(settings.broker_url, master_name=settings.broker_master_name)
-    with connect() as conn:
-        if conn.transport.driver_type != "redis":
-            return None
-        return eviction_policy(conn.default_channel.client)
-
-
-def _process_table(backend: Any) -> list[dict[str, Any]]:
-    """Each live worker process, and which of the latest writes it has not applied."""
-    reports = _presence(backend).processes()
-    latest: dict[str, tuple[Any, bool]] = {}
-    for result, announced in backend.db.recent_writes(limit=200):
-        latest.setdefault(result.scope, (result, announced))  # newest first: keep the first
-    behind = lagging(reports, latest.values())
-    now = time.time()
-    return [
-        {
-            "process": r.name,
-            "hostname": r.hostname,
-            "pid": r.pid,
-            "kind": r.kind,
-            "pool": r.pool,
-            "mode": r.mode,
-            "synced": r.synced,
-            "heard_ago_s": round(now - r.heard_at, 3) if r.heard_at else None,
-            "subscribed_ago_s": round(now - r.synced_at, 3) if r.synced_at else None,
-            "scopes_applied": len(r.revisions),
-            "messages": r.messages,
-            "redis_reads": r.redis_reads,
-            "postgres_reads": r.postgres_reads,
-            "converged": r.synced and not behind[r.name],
-            "behind": behind[r.name],
-        }
-        for r in reports
-    ]
 
 
 def _worker(args: argparse.Namespace, extra: list[str]) -> int:

@@ -15,7 +15,7 @@ from store.model.validation import validate_key
 from store.model.writes import MAX_REASON_LENGTH
 from store.signing.tasks import ACTOR_HEADER, ORIGIN_HEADER, REASON_HEADER
 from worker.cli.audit import Change, diff, state_at
-from worker.cli.commands import parse_value, task_call
+from worker.cli.writes import parse_value, task_call
 from worker.web.browse import value_of
 
 REVERT, APPLY = "revert", "apply"

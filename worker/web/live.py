@@ -15,9 +15,9 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from worker.cli.commands import status_report
+from worker.cli.status import status_report
 from worker.cli.waits import presence
-from worker.web.app import Console, console_of
+from worker.web.console import Console, console_of
 
 # A write's panel follows it this long, then names the processes still behind.
 CONVERGENCE_DEADLINE = 60.0

@@ -16,9 +16,9 @@ from starlette.routing import Route
 from store.errors import InvalidOption
 from store.model.registry import OPTION_KINDS
 from store.model.scopes import Scope
-from worker.cli.commands import status_report
+from worker.cli.status import status_report
 from worker.web import browse, changes
-from worker.web.app import action, console_of, page, to
+from worker.web.console import action, console_of, page, to
 
 MAX_PARAM_CHARS = 200
 _TASK_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
