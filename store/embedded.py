@@ -68,26 +68,32 @@ def stop_embedded(state_dir: Path) -> None:
             _stop(postmaster.pid, _postgres_binary(), signal.SIGINT)
 
 
-def ensure_signing_key(state_dir: Path) -> str:
-    """The signing key of ``state_dir``, made on first use: readable by this user only, written
-    aside and linked into place, so concurrent first starts agree on the first one linked and
-    no reader sees half a key. Starts no server."""
-    path = state_dir / SIGNING_KEY_FILE
+def secret_file(path: Path) -> str:
+    """The secret ``path`` holds, 32 random bytes in hex made on first use: readable by this
+    user only, written aside and linked into place, so concurrent first starts agree on the
+    first one linked and no reader sees half a secret."""
     if not path.exists():
-        state_dir.mkdir(parents=True, exist_ok=True)
-        scratch = state_dir / f"{SIGNING_KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scratch = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
         descriptor = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             with os.fdopen(descriptor, "w") as out:
                 out.write(secrets.token_hex(32) + "\n")
                 out.flush()
                 os.fsync(out.fileno())
-            # A link never replaces: whoever comes second reads the first one's key.
+            # A link never replaces: whoever comes second reads the first one's secret.
             with contextlib.suppress(FileExistsError):
                 os.link(scratch, path)
         finally:
             scratch.unlink(missing_ok=True)
-    key = path.read_text().strip()
+    return path.read_text().strip()
+
+
+def ensure_signing_key(state_dir: Path) -> str:
+    """The signing key of ``state_dir``, made on first use (``secret_file``). Starts no
+    server."""
+    path = state_dir / SIGNING_KEY_FILE
+    key = secret_file(path)
     if not key:
         raise EmbeddedError(f"{path} holds no key: remove it, and the next start makes one")
     return key

@@ -4,17 +4,17 @@ the sign-in rate limit, and the secret the cookies are signed with."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import hmac
 import json
-import os
 import secrets
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+
+from store.embedded import secret_file
 
 SECRET_FILE = "web-secret"  # noqa: S105 (the file's name, not its content)
 SESSION_COOKIE = "optionstore_session"
@@ -24,23 +24,9 @@ MAX_COOKIE_CHARS = 4096
 
 
 def ensure_secret(state_dir: Path) -> str:
-    """The state folder's cookie secret, made on first use (0600, linked into place so that
-    concurrent first starts agree on one)."""
+    """The state folder's cookie secret, made on first use (``store.embedded.secret_file``)."""
     path = state_dir / SECRET_FILE
-    if not path.exists():
-        state_dir.mkdir(parents=True, exist_ok=True)
-        scratch = state_dir / f"{SECRET_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
-        descriptor = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(descriptor, "w") as out:
-                out.write(secrets.token_hex(32) + "\n")
-                out.flush()
-                os.fsync(out.fileno())
-            with contextlib.suppress(FileExistsError):
-                os.link(scratch, path)
-        finally:
-            scratch.unlink(missing_ok=True)
-    secret = path.read_text().strip()
+    secret = secret_file(path)
     if len(secret) < 32:
         raise ValueError(f"{path} holds no usable secret: remove it, and the next start makes one")
     return secret
