@@ -1,9 +1,10 @@
 """``Snapshot``: one consistent view of the scopes a task (or a request) reads, kept for as long
-as it runs, whatever broadcasts arrive meanwhile; and each thread's current one."""
+as it runs, whatever broadcasts arrive meanwhile; and each context's current one (a thread's,
+an asyncio task's)."""
 
 from __future__ import annotations
 
-import threading
+from contextvars import ContextVar
 from types import TracebackType
 
 from store.local import ScopeMap, ScopeState
@@ -87,29 +88,54 @@ class Snapshot:
         self._entered = False
 
 
-class Snapshots(threading.local):
-    """Each thread's current snapshot: the running task's (from its first ``store.snapshot()``
-    to its end), or the one a ``with store.snapshot():`` block opened."""
+class Snapshots:
+    """Each context's current snapshot: the running task's (from its first ``store.snapshot()``
+    to its end), or the one a ``with store.snapshot():`` block opened.
+
+    Held in context variables, not per thread: every thread has its own context (so each
+    worker thread of a threads pool, each prefork child and a solo worker run one task per
+    context), and so does every asyncio task, so requests of an async web app interleaving on
+    one event-loop thread never see one another's snapshot (a task started inside a block
+    inherits it, as it inherits any context variable)."""
 
     def __init__(self) -> None:
-        self.current: Snapshot | None = None
-        self.depth = 0  # tasks running in this thread (a task may run another eagerly)
+        # One instance per process (store.snapshots); a context holds its variables strongly,
+        # so they are made once per instance, never per call.
+        self._current: ContextVar[Snapshot | None] = ContextVar(
+            "optionstore_snapshot", default=None
+        )
+        # Tasks running in this context (a task may run another eagerly).
+        self._depth: ContextVar[int] = ContextVar("optionstore_task_depth", default=0)
+
+    @property
+    def current(self) -> Snapshot | None:
+        return self._current.get()
+
+    @current.setter
+    def current(self, snapshot: Snapshot | None) -> None:
+        self._current.set(snapshot)
+
+    @property
+    def depth(self) -> int:
+        return self._depth.get()
 
     def open(self, store: OptionsStore) -> Snapshot:
-        current = self.current
+        current = self._current.get()
         if current is not None:
             return current
         snapshot = Snapshot(store, owner=self)
-        if self.depth:
-            self.current = snapshot  # held until the task ends
+        if self._depth.get():
+            self._current.set(snapshot)  # held until the task ends
         return snapshot
 
     def begin_task(self) -> None:
-        if self.depth == 0:
-            self.current = None
-        self.depth += 1
+        depth = self._depth.get()
+        if depth == 0:
+            self._current.set(None)
+        self._depth.set(depth + 1)
 
     def end_task(self) -> None:
-        self.depth = max(0, self.depth - 1)
-        if self.depth == 0:
-            self.current = None
+        depth = max(0, self._depth.get() - 1)
+        self._depth.set(depth)
+        if depth == 0:
+            self._current.set(None)

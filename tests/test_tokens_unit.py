@@ -134,3 +134,26 @@ def test_in_a_task_every_snapshot_call_returns_the_task_s_until_it_ends() -> Non
     with snapshots.open(backend) as block:
         assert snapshots.open(backend) is block
     assert snapshots.current is None
+
+
+def test_asyncio_tasks_interleaving_snapshot_blocks_each_get_their_own() -> None:
+    import asyncio
+
+    snapshots = Snapshots()
+    backend = OptionsStore()
+
+    async def request(entered: asyncio.Event, other: asyncio.Event) -> tuple[Snapshot, Snapshot]:
+        with snapshots.open(backend) as block:
+            entered.set()
+            await other.wait()  # the other request enters its block meanwhile
+            await asyncio.sleep(0)
+            return block, snapshots.open(backend)
+
+    async def main() -> list[tuple[Snapshot, Snapshot]]:
+        first, second = asyncio.Event(), asyncio.Event()
+        return await asyncio.gather(request(first, second), request(second, first))
+
+    (block_a, seen_a), (block_b, seen_b) = asyncio.run(main())
+    assert block_a is not block_b
+    assert seen_a is block_a and seen_b is block_b
+    assert snapshots.current is None
