@@ -39,7 +39,6 @@ class Snapshot:
     def __init__(self, store: OptionsStore, *, owner: Snapshots | None = None) -> None:
         self._store = store
         self._owner = owner
-        self._entered = False
         self.registry = store.registry
         self._pinned = ScopeMap(store.registry.defaults)
         self.local = _Pinned(self._pinned)
@@ -71,10 +70,8 @@ class Snapshot:
         return sorted(self._pinned)
 
     def __enter__(self) -> Snapshot:
-        owner = self._owner
-        if owner is not None and owner.current is None:
-            owner.current = self
-            self._entered = True
+        if self._owner is not None:
+            self._owner.enter(self)
         return self
 
     def __exit__(
@@ -83,9 +80,8 @@ class Snapshot:
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if self._entered and self._owner is not None and self._owner.current is self:
-            self._owner.current = None
-        self._entered = False
+        if self._owner is not None:
+            self._owner.leave(self)
 
 
 class Snapshots:
@@ -104,6 +100,8 @@ class Snapshots:
         self._current: ContextVar[Snapshot | None] = ContextVar(
             "optionstore_snapshot", default=None
         )
+        # ``with`` blocks open on the current snapshot in this context (they nest).
+        self._blocks: ContextVar[int] = ContextVar("optionstore_snapshot_blocks", default=0)
         # Tasks running in this context (a task may run another eagerly).
         self._depth: ContextVar[int] = ContextVar("optionstore_task_depth", default=0)
 
@@ -128,10 +126,32 @@ class Snapshots:
             self._current.set(snapshot)  # held until the task ends
         return snapshot
 
+    def enter(self, snapshot: Snapshot) -> None:
+        """A ``with`` block on ``snapshot`` begins: it becomes the current one if there is
+        none; a block on the current one (nested) is counted; another snapshot's changes
+        nothing."""
+        current = self._current.get()
+        if current is None:
+            self._current.set(snapshot)
+            self._blocks.set(1)
+        elif current is snapshot:
+            self._blocks.set(self._blocks.get() + 1)
+
+    def leave(self, snapshot: Snapshot) -> None:
+        """A ``with`` block on ``snapshot`` ends: the last one open on the current snapshot
+        ends it, unless a task holds it (until the task ends)."""
+        blocks = self._blocks.get()
+        if self._current.get() is not snapshot or blocks == 0:
+            return
+        self._blocks.set(blocks - 1)
+        if blocks == 1 and self._depth.get() == 0:
+            self._current.set(None)
+
     def begin_task(self) -> None:
         depth = self._depth.get()
         if depth == 0:
             self._current.set(None)
+            self._blocks.set(0)
         self._depth.set(depth + 1)
 
     def end_task(self) -> None:
@@ -139,3 +159,4 @@ class Snapshots:
         self._depth.set(depth)
         if depth == 0:
             self._current.set(None)
+            self._blocks.set(0)

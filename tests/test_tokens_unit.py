@@ -157,3 +157,20 @@ def test_asyncio_tasks_interleaving_snapshot_blocks_each_get_their_own() -> None
     assert block_a is not block_b
     assert seen_a is block_a and seen_b is block_b
     assert snapshots.current is None
+
+
+def test_a_nested_snapshot_block_keeps_the_outer_block_s_snapshot() -> None:
+    snapshots = Snapshots()
+    backend = OptionsStore()
+    with snapshots.open(backend) as outer:
+        with snapshots.open(backend) as inner:
+            assert inner is outer
+        assert snapshots.current is outer  # the inner block's end did not end the outer's
+        assert snapshots.open(backend) is outer
+    assert snapshots.current is None
+    other = Snapshot(backend, owner=snapshots)
+    with snapshots.open(backend) as block:
+        with other:  # another snapshot entered inside: the block's stays current
+            assert snapshots.current is block
+        assert snapshots.current is block
+    assert snapshots.current is None
