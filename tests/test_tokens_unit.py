@@ -174,3 +174,49 @@ def test_a_nested_snapshot_block_keeps_the_outer_block_s_snapshot() -> None:
             assert snapshots.current is block
         assert snapshots.current is block
     assert snapshots.current is None
+
+
+def test_the_token_guard_keeps_a_static_or_class_before_start_working() -> None:
+    from celery import Celery, Task
+
+    from worker.install import _guard
+
+    calls: list[object] = []
+
+    class StaticStart(Task):  # type: ignore[misc]
+        abstract = True
+
+        @staticmethod
+        def before_start(task_id: str, args: object, kwargs: object) -> None:
+            calls.append(("static", task_id))
+
+    class ClassStart(Task):  # type: ignore[misc]
+        abstract = True
+
+        @classmethod
+        def before_start(cls, task_id: str, args: object, kwargs: object) -> None:
+            calls.append((cls.__name__, task_id))
+
+    class PlainStart(Task):  # type: ignore[misc]
+        abstract = True
+
+        def before_start(self, task_id: str, args: object, kwargs: object) -> None:
+            calls.append(("plain", task_id, self.name))
+
+    app = Celery("guarded", set_as_current=False)
+    for base, name in ((StaticStart, "static"), (ClassStart, "class"), (PlainStart, "plain")):
+        app.task(base=base, name=f"probe.{name}", shared=False)(_nothing)
+    static, classy, plain = (app.tasks[f"probe.{name}"] for name in ("static", "class", "plain"))
+    for task in (static, classy, plain):
+        _guard(type(task))
+        _guard(type(task))  # once only
+        task.before_start("t-1", (), {})  # no token in the request: the class's own runs
+    assert calls == [
+        ("static", "t-1"),
+        (type(classy).__name__, "t-1"),
+        ("plain", "t-1", "probe.plain"),
+    ]
+
+
+def _nothing() -> None:
+    pass
