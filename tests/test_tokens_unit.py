@@ -220,3 +220,23 @@ def test_the_token_guard_keeps_a_static_or_class_before_start_working() -> None:
 
 def _nothing() -> None:
     pass
+
+
+def test_a_forged_token_never_lowers_the_floor_below_a_revision_heard_meanwhile() -> None:
+    backend = _process_store_holding("project:1", 5, {"k": "five"})
+    backend.local.floors["project:1"] = 5
+    redis_holds = ScopeState(5, {"k": "five"})  # Redis (and the store) behind revision 6
+
+    def load_many(scopes: list[str], *, use_redis: bool = True) -> dict[str, ScopeState]:
+        if backend.local.floors.get("project:1", 0) > 6:
+            # While the forged floor stands, the change to revision 6 is broadcast and heard:
+            # it cannot raise the floor further, and nothing is held to apply it to.
+            backend.apply_message(ReloadMessage(CHANGE, "project:1", 6, {"k": "six"}))
+        return dict.fromkeys(scopes, redis_holds)
+
+    backend.load_many = load_many  # type: ignore[method-assign]
+    assert backend.catch_up({"project:1": 10**12}, wait=0.0) == {"project:1": "behind"}
+    assert backend.local.floors["project:1"] == 6  # not 5: revision 6 was heard
+    # A later read finds Redis still at 5: served, but never cached below what was heard.
+    assert backend.state("project:1").revision == 5
+    assert "project:1" not in backend.local.scopes
