@@ -240,3 +240,27 @@ def test_a_forged_token_never_lowers_the_floor_below_a_revision_heard_meanwhile(
     # A later read finds Redis still at 5: served, but never cached below what was heard.
     assert backend.state("project:1").revision == 5
     assert "project:1" not in backend.local.scopes
+
+
+def test_a_task_writing_past_64_scopes_is_told_its_token_lost_the_rest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from structlog.testing import capture_logs
+
+    from store import tokens
+    from store.events import Throttled
+
+    monkeypatch.setattr(tokens, "_throttled", Throttled(60.0))
+    record = tokens.Written()
+    with capture_logs() as events:
+        record.begin_task()
+        for n in range(1, MAX_SCOPES + 4):
+            record.add(f"project:{n}", 2)
+        record.add("project:1", 3)  # a scope it holds still moves on
+        record.add(f"project:{MAX_SCOPES + 1}", 5)  # one of the dropped, again
+        assert len(record.token) == MAX_SCOPES and record.token["project:1"] == 3
+        record.end_task()
+    dropped = [event for event in events if event["event"] == "token.scopes_dropped"]
+    assert len(dropped) == 1
+    assert dropped[0]["log_level"] == "warning"
+    assert dropped[0]["dropped"] == 3 and dropped[0]["kept"] == MAX_SCOPES
