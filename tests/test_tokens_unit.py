@@ -15,6 +15,7 @@ from store.options_store import OptionsStore
 from store.settings import Settings
 from store.snapshot import Snapshot, Snapshots
 from store.tokens import MAX_SCOPES, MAX_TOKEN_BYTES, parse_token, token_of, written
+from tests.conftest import wait_for
 
 
 def test_token_of_merges_results_and_tokens_to_the_newest_revision() -> None:
@@ -86,12 +87,18 @@ def _process_store_holding(scope: str, revision: int, values: dict[str, object])
 def test_catch_up_waits_for_the_broadcast_then_keeps_the_state_it_brought() -> None:
     backend = _process_store_holding("project:1", 3, {"k": "old"})
     change = ReloadMessage(CHANGE, "project:1", 4, {"k": "new"})
-    arrives = threading.Timer(0.05, backend.apply_message, args=(change,))
-    arrives.start()
+    outcomes: list[dict[str, str]] = []
+    waits = threading.Thread(
+        target=lambda: outcomes.append(backend.catch_up({"project:1": 4}, wait=30.0))
+    )
+    waits.start()
     try:
-        assert backend.catch_up({"project:1": 4}, wait=10.0) == {"project:1": "heard"}
+        # The broadcast arrives once catch_up is waiting for it, however slow the machine.
+        wait_for(lambda: backend._waiting == 1, interval=0.001, message="catch_up waiting")
+        backend.apply_message(change)
     finally:
-        arrives.join()
+        waits.join(timeout=30.0)
+    assert outcomes == [{"project:1": "heard"}]
     assert backend.local.scopes["project:1"].values == {"k": "new"}
     assert backend.local.floors == {"project:1": 4}
 
