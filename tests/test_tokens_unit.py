@@ -271,3 +271,28 @@ def test_a_task_writing_past_64_scopes_is_told_its_token_lost_the_rest(
     assert len(dropped) == 1
     assert dropped[0]["log_level"] == "warning"
     assert dropped[0]["dropped"] == 3 and dropped[0]["kept"] == MAX_SCOPES
+
+
+def test_tasks_running_side_by_side_in_threads_each_hold_their_own_snapshot() -> None:
+    snapshots = Snapshots()
+    backend = OptionsStore()
+    both_open = threading.Barrier(2, timeout=30)
+    seen: dict[str, tuple[Snapshot, Snapshot]] = {}
+
+    def task(name: str) -> None:
+        snapshots.begin_task()
+        try:
+            first = snapshots.open(backend)
+            both_open.wait()  # the other thread's task holds its own by now
+            seen[name] = (first, snapshots.open(backend))
+        finally:
+            snapshots.end_task()
+
+    threads = [threading.Thread(target=task, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert seen["a"][0] is seen["a"][1] and seen["b"][0] is seen["b"][1]
+    assert seen["a"][0] is not seen["b"][0]
+    assert snapshots.current is None and snapshots.depth == 0
