@@ -54,7 +54,7 @@ registry = backend.registry
 connect_task_signing(runtime.keyring)
 # A task that wrote passes its token on to the tasks it publishes (a chain's next step, a link).
 connect_token_carrying()
-# Each thread's current snapshot (store.snapshot()).
+# Each context's current snapshot (store.snapshot()): a thread's, an asyncio task's.
 snapshots = Snapshots()
 
 
@@ -126,7 +126,7 @@ def snapshot() -> Snapshot:
 
     Inside a task of an installed app, every call returns the task's snapshot, dropped when the
     task ends. Elsewhere each call returns a new one; ``with store.snapshot() as view:`` makes
-    it this thread's current one for the block.
+    it the current one of this thread (or asyncio task) for the block.
     """
     return snapshots.open(backend)
 

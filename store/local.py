@@ -173,6 +173,10 @@ class LocalCache:
         # The newest revision announced per scope: a load that comes back older than this
         # (Redis read before the change landed) is not cached.
         self.floors: dict[str, int] = {}
+        # The newest revision per scope this process heard of from the store's side (a
+        # broadcast, a heartbeat's marks, a state held): unlike a floor, never raised by a
+        # token's mere claim, so taking a claimed floor back never goes below it.
+        self.heard: dict[str, int] = {}
         # False while broadcasts may be missed (not yet subscribed, connection lost, silence):
         # reads then go to Redis or PostgreSQL every time and nothing is kept locally.
         self.synced = True
@@ -250,11 +254,7 @@ class LocalCache:
         message, nothing changes; ``gap``: a revision was missed, the scope is dropped and the
         next read reloads it; ``absent``: nothing cached here.
         """
-        floors = self.floors
-        if len(floors) >= MAX_FLOORS:
-            floors.clear()
-        if floors.get(scope, 0) < revision:
-            floors[scope] = revision  # set before the scan below: see OptionsStore.state
+        self._raise_floor(scope, revision, heard=True)  # before the scan: see OptionsStore.state
         outcome = "absent"
         successors: dict[int, ScopeState] = {}
         for scopes in self.all_maps():
@@ -279,17 +279,15 @@ class LocalCache:
                 outcome = "gap"
         return outcome
 
-    def invalidate(self, scope: str, revision: int) -> bool:
+    def invalidate(self, scope: str, revision: int, *, claimed: bool = False) -> bool:
         """``revision`` of ``scope`` is committed: drop any state older than it and raise the
         floor, so the next read cannot settle for an older one (Redis behind included).
+        ``claimed``: only a token says so, not yet confirmed (``retract_floor`` may take the
+        floor back); it is not recorded as heard.
 
         Returns whether a cached state was dropped: this process had missed that change.
         """
-        floors = self.floors
-        if len(floors) >= MAX_FLOORS:
-            floors.clear()
-        if floors.get(scope, 0) < revision:
-            floors[scope] = revision  # before the scan, as in apply_change
+        self._raise_floor(scope, revision, heard=not claimed)  # before the scan, as in apply_change
         dropped = False
         for scopes in self.all_maps():
             state = scopes.get(scope)
@@ -302,13 +300,26 @@ class LocalCache:
 
     def retract_floor(self, scope: str, revision: int, to: int) -> None:
         """Take back a floor raised to ``revision`` on a claim the store did not confirm (a
-        token it cannot serve), down to ``to``; unless something raised it further meanwhile."""
+        token it cannot serve), down to ``to``; unless something raised it further meanwhile.
+        Never below a revision heard (a broadcast that came while the claimed floor stood
+        could not raise it): a load older than that is still not cached."""
         floors = self.floors
         if floors.get(scope) == revision:
+            to = max(to, self.heard.get(scope, 0))
             if to > 0:
                 floors[scope] = to
             else:
                 floors.pop(scope, None)
+
+    def _raise_floor(self, scope: str, revision: int, *, heard: bool) -> None:
+        floors = self.floors
+        if len(floors) >= MAX_FLOORS:
+            floors.clear()
+            self.heard.clear()
+        if floors.get(scope, 0) < revision:
+            floors[scope] = revision
+        if heard and self.heard.get(scope, 0) < revision:
+            self.heard[scope] = revision
 
     def all_maps(self) -> Iterator[ScopeMap]:
         yield self._shared.scopes

@@ -293,7 +293,8 @@ class OptionsStore:
         has it."""
         local = self.local
         before = local.floors.get(scope, 0)
-        local.invalidate(scope, revision)  # drops an older state; the load must reach revision
+        # Drops an older state; the load must reach revision. A claim until the store confirms it.
+        local.invalidate(scope, revision, claimed=True)
         state = self.state(scope)
         if state.revision >= revision:
             return "loaded"

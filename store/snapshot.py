@@ -1,9 +1,10 @@
 """``Snapshot``: one consistent view of the scopes a task (or a request) reads, kept for as long
-as it runs, whatever broadcasts arrive meanwhile; and each thread's current one."""
+as it runs, whatever broadcasts arrive meanwhile; and each context's current one (a thread's,
+an asyncio task's)."""
 
 from __future__ import annotations
 
-import threading
+from contextvars import ContextVar
 from types import TracebackType
 
 from store.local import ScopeMap, ScopeState
@@ -38,7 +39,6 @@ class Snapshot:
     def __init__(self, store: OptionsStore, *, owner: Snapshots | None = None) -> None:
         self._store = store
         self._owner = owner
-        self._entered = False
         self.registry = store.registry
         self._pinned = ScopeMap(store.registry.defaults)
         self.local = _Pinned(self._pinned)
@@ -70,10 +70,8 @@ class Snapshot:
         return sorted(self._pinned)
 
     def __enter__(self) -> Snapshot:
-        owner = self._owner
-        if owner is not None and owner.current is None:
-            owner.current = self
-            self._entered = True
+        if self._owner is not None:
+            self._owner.enter(self)
         return self
 
     def __exit__(
@@ -82,34 +80,83 @@ class Snapshot:
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if self._entered and self._owner is not None and self._owner.current is self:
-            self._owner.current = None
-        self._entered = False
+        if self._owner is not None:
+            self._owner.leave(self)
 
 
-class Snapshots(threading.local):
-    """Each thread's current snapshot: the running task's (from its first ``store.snapshot()``
-    to its end), or the one a ``with store.snapshot():`` block opened."""
+class Snapshots:
+    """Each context's current snapshot: the running task's (from its first ``store.snapshot()``
+    to its end), or the one a ``with store.snapshot():`` block opened.
+
+    Held in context variables, not per thread: every thread has its own context (so each
+    worker thread of a threads pool, each prefork child and a solo worker run one task per
+    context), and so does every asyncio task, so requests of an async web app interleaving on
+    one event-loop thread never see one another's snapshot (a task started inside a block
+    inherits it, as it inherits any context variable)."""
 
     def __init__(self) -> None:
-        self.current: Snapshot | None = None
-        self.depth = 0  # tasks running in this thread (a task may run another eagerly)
+        # One instance per process (store.snapshots); a context holds its variables strongly,
+        # so they are made once per instance, never per call.
+        self._current: ContextVar[Snapshot | None] = ContextVar(
+            "optionstore_snapshot", default=None
+        )
+        # ``with`` blocks open on the current snapshot in this context (they nest).
+        self._blocks: ContextVar[int] = ContextVar("optionstore_snapshot_blocks", default=0)
+        # Tasks running in this context (a task may run another eagerly).
+        self._depth: ContextVar[int] = ContextVar("optionstore_task_depth", default=0)
+
+    @property
+    def current(self) -> Snapshot | None:
+        return self._current.get()
+
+    @current.setter
+    def current(self, snapshot: Snapshot | None) -> None:
+        self._current.set(snapshot)
+
+    @property
+    def depth(self) -> int:
+        return self._depth.get()
 
     def open(self, store: OptionsStore) -> Snapshot:
-        current = self.current
+        current = self._current.get()
         if current is not None:
             return current
         snapshot = Snapshot(store, owner=self)
-        if self.depth:
-            self.current = snapshot  # held until the task ends
+        if self._depth.get():
+            self._current.set(snapshot)  # held until the task ends
         return snapshot
 
+    def enter(self, snapshot: Snapshot) -> None:
+        """A ``with`` block on ``snapshot`` begins: it becomes the current one if there is
+        none; a block on the current one (nested) is counted; another snapshot's changes
+        nothing."""
+        current = self._current.get()
+        if current is None:
+            self._current.set(snapshot)
+            self._blocks.set(1)
+        elif current is snapshot:
+            self._blocks.set(self._blocks.get() + 1)
+
+    def leave(self, snapshot: Snapshot) -> None:
+        """A ``with`` block on ``snapshot`` ends: the last one open on the current snapshot
+        ends it, unless a task holds it (until the task ends)."""
+        blocks = self._blocks.get()
+        if self._current.get() is not snapshot or blocks == 0:
+            return
+        self._blocks.set(blocks - 1)
+        if blocks == 1 and self._depth.get() == 0:
+            self._current.set(None)
+
     def begin_task(self) -> None:
-        if self.depth == 0:
-            self.current = None
-        self.depth += 1
+        depth = self._depth.get()
+        if depth == 0:
+            self._current.set(None)
+            self._blocks.set(0)
+        self._depth.set(depth + 1)
 
     def end_task(self) -> None:
-        self.depth = max(0, self.depth - 1)
-        if self.depth == 0:
-            self.current = None
+        depth = max(0, self._depth.get() - 1)
+        self._depth.set(depth)
+        if depth == 0:
+            self._current.set(None)
+            self._blocks.set(0)

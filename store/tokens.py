@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from store.errors import InvalidOption, InvalidToken
+from store.events import Throttled
 from store.model.scopes import Scope
 from store.model.validation import MAX_ID
 
@@ -93,29 +94,49 @@ class Written(threading.local):
     Recorded only between ``begin_task`` and ``end_task`` (an installed app's ``task_prerun``
     and ``task_postrun``; counted, so a write run eagerly inside a task is kept for its caller):
     a write run outside a worker's task (``apply()`` in a script) leaves nothing behind.
+
+    A token names at most ``MAX_SCOPES`` scopes: the task's writes to further scopes are not
+    carried (the tasks it publishes may read them stale), and its end logs
+    ``token.scopes_dropped`` with how many (throttled).
     """
 
     def __init__(self) -> None:
         self.token: dict[str, int] = {}
+        self.dropped: set[str] = set()
         self.depth = 0
 
     def begin_task(self) -> None:
         if self.depth == 0:
             self.token = {}
+            self.dropped = set()
         self.depth += 1
 
     def end_task(self) -> None:
         self.depth = max(0, self.depth - 1)
         if self.depth == 0:
+            if self.dropped:
+                _throttled.warning(
+                    "token.scopes_dropped",
+                    kept=len(self.token),
+                    dropped=len(self.dropped),
+                    why=f"a token names at most {MAX_SCOPES} scopes: the tasks this one "
+                    "published do not wait for its writes to the others",
+                )
             self.token = {}
+            self.dropped = set()
 
     def add(self, scope: str, revision: int) -> None:
         if self.depth == 0 or revision < 1:
             return  # not in a task; or nothing written anywhere yet: nothing to wait for
-        if len(self.token) < MAX_SCOPES and revision > self.token.get(scope, 0):
-            self.token[scope] = revision
+        token = self.token
+        if scope in token or len(token) < MAX_SCOPES:
+            if revision > token.get(scope, 0):
+                token[scope] = revision
+        else:
+            self.dropped.add(scope)
 
 
+_throttled = Throttled(60.0)
 written = Written()
 
 

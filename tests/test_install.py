@@ -23,7 +23,9 @@ USERPROJ = ROOT / "tests" / "userproj"
 
 
 class UserWorker:
-    """``celery -A userproj worker``: the user's app on its own queue, prefork with 2 children."""
+    """``celery -A userproj worker``: the user's app on its own queue, prefork with 2 children,
+    in process mode (a child keeps what it read across tasks), applying the broadcasts of
+    ``slow:`` values 10 ms late (tests/slow_apply.py)."""
 
     def __init__(self, services: Services) -> None:
         self.queue = f"{services.namespace}.userproj"
@@ -32,6 +34,7 @@ class UserWorker:
             USERPROJ_RESULT_BACKEND=services.redis_url,
             USERPROJ_QUEUE=self.queue,
             PYTHONPATH=f"{ROOT}{os.pathsep}{USERPROJ}",
+            OPTIONS_LOCAL_CACHE="process",
         )
         # The user's app takes its broker from its own configuration, not ours.
         for name in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "OPTIONS_TASK_QUEUE"):
@@ -40,6 +43,7 @@ class UserWorker:
         command = [
             *(sys.executable, "-m", "celery", "-A", "userproj", "worker"),
             *("--pool", "prefork", "--concurrency", "2", "--queues", self.queue),
+            *("--include", "tests.slow_apply"),
             *("--hostname", f"{services.namespace}-userproj@%h"),
             *("--without-mingle", "--without-gossip", "--loglevel", "INFO"),
         ]
@@ -216,17 +220,28 @@ def test_install_rejects_an_unknown_setting() -> None:
 def test_installed_app_tasks_catch_up_to_a_token_and_refuse_a_malformed_one(
     services: Services, worker: Worker, user_worker: UserWorker
 ) -> None:
-    """A task of the user's app sent with a write's options_after token reads that write; one
-    sent with a malformed token fails with InvalidToken naming the header, before its body."""
+    """A task of the user's app sent with a write's options_after token reads that write, though
+    its child holds the scope and hears the write's broadcast late (one sent without a token
+    reads it stale, at times: the guard is what makes the difference); one sent with a
+    malformed token fails with InvalidToken naming the header, before its body."""
     import store
     from store.errors import InvalidToken
 
     project, key = fresh_id(), "ryw"
-    written = worker.call("options.set_project_option", project, key, "after")
-    answer = user_worker.producer.send_task(
-        "userproj.read", args=[project, key], headers=store.options_after(written)
-    ).get(timeout=30)
-    assert answer["value"] == "after"
+    worker.call("options.set_project_option", project, key, "slow:0")
+    read_in_every_child(user_worker, project, key)  # both children hold the scope from now on
+    missed = {"with": 0, "without": 0}
+    for round_ in range(1, 31):
+        for way in ("with", "without"):
+            value = f"slow:{way}:{round_}"
+            written = worker.call("options.set_project_option", project, key, value)
+            headers = store.options_after(written) if way == "with" else None
+            answer = user_worker.producer.send_task(
+                "userproj.read", args=[project, key], headers=headers
+            ).get(timeout=30)
+            missed[way] += answer["value"] != value
+    assert missed["with"] == 0, missed
+    assert missed["without"] > 0, missed  # the stale read the guard prevents is there
     refused = user_worker.producer.send_task(
         "userproj.read", args=[project, key], headers={"options_after": {"project:0": 1}}
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import inspect
 from typing import Any
 
 import kombu
@@ -181,11 +182,14 @@ def catch_up_task(request: Any) -> None:
 def _guard(cls: type) -> None:
     if "_optionstore_guarded" in cls.__dict__:
         return
-    inner = cls.before_start  # type: ignore[attr-defined]  # every Celery Task has it
+    # As defined, not as looked up: a staticmethod or classmethod is bound below as Python
+    # would bind it (every Celery Task has a before_start).
+    inner = inspect.getattr_static(cls, "before_start")
 
     def before_start(self: Any, task_id: str, args: Any, kwargs: Any) -> None:
         catch_up_task(self.request)
-        inner(self, task_id, args, kwargs)
+        bind = getattr(type(inner), "__get__", None)  # any callable without it, as it is
+        (bind(inner, self, type(self)) if bind is not None else inner)(task_id, args, kwargs)
 
     cls.before_start = before_start  # type: ignore[attr-defined]
     cls._optionstore_guarded = True  # type: ignore[attr-defined]
