@@ -66,6 +66,17 @@ def test_session_cookie_is_signed_and_expires() -> None:
     expired = SessionSigner("s" * 64, max_age=-1)
     assert expired.read(expired.new("ana")[1]) is None
     assert signer.read("garbage") is None and signer.read(None) is None
+    assert signer.read("a.\u00e9") is None and signer.read("\u00e9." + cookie) is None
+
+
+def test_a_cookie_not_ascii_reads_as_no_session(client: TestClient) -> None:
+    """A session cookie with a signature that is not ASCII is no session: the sign-in page,
+    not a server error."""
+    cookie = {"cookie": f"{SESSION_COOKIE}=a.\u00e9".encode()}  # sent as raw bytes
+    response = client.get("/login", headers=cookie)
+    assert response.status_code == 200 and 'name="password"' in response.text
+    status = client.get("/status", headers=cookie, follow_redirects=False)
+    assert status.headers["location"] == "/login"
 
 
 def test_csrf_token_must_match_the_session() -> None:

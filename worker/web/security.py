@@ -64,7 +64,10 @@ class SessionSigner:
         if not cookie or len(cookie) > MAX_COOKIE_CHARS or "." not in cookie:
             return None
         payload, _, signature = cookie.rpartition(".")
-        if not hmac.compare_digest(self._sign(payload.encode()), signature):
+        # compare_digest refuses a str that is not ASCII: bytes compare any cookie's.
+        if not hmac.compare_digest(
+            self._sign(payload.encode()).encode(), signature.encode(errors="replace")
+        ):
             return None
         try:
             data = json.loads(
