@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import stat
 from pathlib import Path
 
@@ -206,3 +207,37 @@ def test_a_form_too_large_is_refused_before_it_is_read(client: TestClient) -> No
     assert big.status_code == 413
     many = client.post("/login", data={"csrf": token, **{f"f{i}": "1" for i in range(30)}})
     assert many.status_code == 413
+
+
+def test_a_number_parameter_not_ascii_is_refused_naming_it(client: TestClient) -> None:
+    """``?before=`` of history and ``?to=`` of revert take ASCII digits only: "²" (a digit to
+    ``str.isdigit``) is a 400 naming the parameter, not a server error; so is a form whose
+    Content-Length is not ASCII digits."""
+    assert sign_in(client, "ana", "ana password") == 303
+    for bad in ("\u00b2", "-1", "1e3", "9" * 19):
+        history = client.get("/scope/global/history", params={"before": bad})
+        assert history.status_code == 400 and history.text.startswith("before:"), bad
+        revert = client.get("/scope/global/revert", params={"to": bad})
+        assert revert.status_code == 400 and revert.text.startswith("to:"), bad
+    from starlette.requests import Request
+
+    from worker.web.console import FormTooLarge, read_form
+
+    odd = Request({"type": "http", "method": "POST", "headers": [(b"content-length", b"\xb2")]})
+    with pytest.raises(FormTooLarge):
+        asyncio.run(read_form(odd))
+
+
+def test_json_nested_too_deeply_is_refused_naming_its_field() -> None:
+    """A value or a desired-state document nested past what the parser recurses is an
+    InvalidOption naming "value" or "file", like any other JSON that does not read."""
+    from worker.cli.writes import parse_value
+    from worker.web.changes import plan_document
+
+    deep = "[" * 100_000
+    with pytest.raises(InvalidOption) as caught:
+        parse_value(deep)
+    assert caught.value.field == "value"
+    with pytest.raises(InvalidOption) as caught:
+        plan_document(None, deep, max_value_bytes=1024)
+    assert caught.value.field == "file"

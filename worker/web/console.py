@@ -163,7 +163,7 @@ async def read_form(request: Request) -> dict[str, str]:
     """The urlencoded form of a POST, bounded in bytes and fields; a field given twice keeps
     its first value."""
     declared = request.headers.get("content-length", "0")
-    if not declared.isdigit() or int(declared) > MAX_FORM_BYTES:
+    if not (declared.isascii() and declared.isdecimal()) or int(declared) > MAX_FORM_BYTES:
         raise FormTooLarge  # refused before a byte of it is read
     body = bytearray()
     async for chunk in request.stream():
