@@ -99,8 +99,38 @@ def test_rate_limit_counts_per_key_within_its_window() -> None:
     assert not limit.allow("ana", now=3)
     assert limit.allow("bo", now=3)
     assert limit.allow("ana", now=10.5)  # the attempt at 0 left the window
-    limit.allow("cy", now=11)  # a third key: the oldest one is forgotten
     assert len(limit._attempts) == 2
+
+
+def test_rate_limit_when_full_forgets_only_expired_keys() -> None:
+    """Full (``max_keys``), the limit drops only keys whose attempts all left the window; if
+    none did, a new key is refused: spraying names never resets another name's count."""
+    limit = RateLimit(limit=2, window=10.0, max_keys=3)
+    assert limit.allow("victim", now=0) and limit.allow("victim", now=1)
+    assert not limit.allow("victim", now=2)
+    assert limit.allow("a", now=3) and limit.allow("b", now=4)
+    assert not limit.allow("c", now=5)  # full of keys inside their window: refused
+    assert not limit.allow("victim", now=5)  # and the victim's count is still there
+    assert limit.allow("c", now=11.5)  # the victim's attempts (0, 1) left the window
+    assert "victim" not in limit._attempts and len(limit._attempts) == 3
+    assert not limit.allow("d", now=12)  # a, b and c are recent again
+
+
+def test_web_ignores_forwarded_headers_unless_told_which_proxies_to_trust() -> None:
+    """``optionstore web`` runs uvicorn with proxy headers off (its default trusts
+    X-Forwarded-For from 127.0.0.1); ``--forwarded-allow-ips`` turns them on for those
+    addresses only."""
+    import uvicorn
+
+    from worker.cli.commands import _parser
+    from worker.cli.web import server_options
+
+    plain = server_options(_parser().parse_args(["web"]))
+    assert plain["proxy_headers"] is False and "forwarded_allow_ips" not in plain
+    proxied = server_options(_parser().parse_args(["web", "--forwarded-allow-ips", "10.0.0.5"]))
+    assert proxied["proxy_headers"] is True and proxied["forwarded_allow_ips"] == "10.0.0.5"
+    for options in (plain, proxied):
+        uvicorn.Config("worker.web:create_app", **options)  # options uvicorn takes
 
 
 @pytest.fixture
