@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import stat
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from starlette.testclient import TestClient
 
 from store.errors import InvalidOption
+from store.model.writes import WriteResult
+from store.redis.presence import ProcessReport
 from store.settings import Settings
 from worker.web import create_app
-from worker.web.console import CONTENT_SECURITY_POLICY
+from worker.web.console import CONTENT_SECURITY_POLICY, Console
 from worker.web.security import SESSION_COOKIE, RateLimit, SessionSigner, csrf_matches
 from worker.web.users import UsersFile
 
@@ -271,3 +275,79 @@ def test_json_nested_too_deeply_is_refused_naming_its_field() -> None:
     with pytest.raises(InvalidOption) as caught:
         plan_document(None, deep, max_value_bytes=1024)
     assert caught.value.field == "file"
+
+
+def _report(name: str, revisions: dict[str, int]) -> ProcessReport:
+    host, pid = name.split(":")
+    return ProcessReport(host, int(pid), "worker", "prefork", "process", True, 1.0, 1.0, 1.0, 0,
+                         revisions=revisions)  # fmt: skip
+
+
+class _FakeDb:
+    def __init__(self, records: dict[str, tuple[WriteResult, bool]]) -> None:
+        self.records = records
+        self.calls: list[list[str]] = []
+
+    def write_records(self, task_ids: list[str]) -> dict[str, tuple[WriteResult, bool]]:
+        self.calls.append(list(task_ids))
+        return {t: self.records[t] for t in task_ids if t in self.records}
+
+
+def _console(namespace: str, records: dict[str, tuple[WriteResult, bool]]) -> Console:
+    """A console of ``namespace`` whose store is a fake: write records only, no Redis."""
+    console = Console(
+        settings=Settings(namespace=namespace),
+        users=UsersFile(Path("/nonexistent/users.json")),
+        signer=SessionSigner("k" * 64),
+        secure=False,
+    )
+    console._backend = SimpleNamespace(db=_FakeDb(records), redis=None)
+    return console
+
+
+def test_convergence_reads_the_consoles_namespace_and_no_process_is_not_converged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A console made with ``Settings(namespace="prod")`` reads the process reports of
+    "prod" (not of the environment's namespace); with no live process report, a committed
+    change is "no_process", not "converged"; with reports, converged once each applied it."""
+    from worker.web import live
+
+    committed = WriteResult("global", 7, True, {"k": "1"}, "t1", 100.0)
+    console = _console("prod", {"t1": (committed, True)})
+    asked: list[str] = []
+    fleets: dict[str, list[ProcessReport]] = {"prod": [], "options": [_report("h:1", {})]}
+
+    def presence(backend: Any, namespace: str) -> Any:
+        asked.append(namespace)
+        return SimpleNamespace(processes=lambda: fleets.get(namespace, []))
+
+    monkeypatch.setattr(live, "presence", presence)
+    found = live.convergence(console, "t1", late=False)
+    assert asked == ["prod"]
+    assert found.state == "no_process" and found.done
+    html = console.fragment("convergence.html", c=found, root="", many=False)
+    assert 'id="no-process"' in html and 'id="converged"' not in html
+    fleets["prod"] = [_report("h:2", {"global": 6})]
+    found = live.convergence(console, "t1", late=False)
+    assert found.state == "applying" and found.behind == ["h:2 (worker)"]
+    fleets["prod"] = [_report("h:2", {"global": 7})]
+    assert live.convergence(console, "t1", late=False).state == "converged"
+
+
+def test_status_with_no_live_process_is_not_converged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The status report (page and command) says "not converged" when no process reports,
+    and the status panel says there is no live process."""
+    import contextlib
+
+    import store.postgres.schema
+    from worker.cli.status import status_report
+    from worker.web import live
+
+    monkeypatch.setattr(store.postgres.schema, "schema_version", lambda conn: 0)
+    console = _console("prod", {})
+    console.backend.db.connection = lambda: contextlib.nullcontext(None)
+    report = status_report(console.settings, console.backend, broker=False)
+    assert report["processes"] == [] and report["converged"] is False
+    html = live.status_fragment(console, report)
+    assert '<td id="fleet-converged">no live process</td>' in html

@@ -33,7 +33,9 @@ class Convergence:
     and applied by ``applied`` of each kind's live processes (``behind``: who has not)."""
 
     task_id: str
-    state: str = "pending"  # pending, failed, unchanged, applying, converged, late
+    # pending, failed, unchanged, applying, converged, late, or no_process: committed with a
+    # change, and no live process reports (none to apply it, none that did: not converged).
+    state: str = "pending"
     scope: str = ""
     revision: int = 0
     error: str = ""
@@ -42,7 +44,7 @@ class Convergence:
 
     @property
     def done(self) -> bool:
-        return self.state in ("failed", "unchanged", "converged", "late")
+        return self.state in ("failed", "unchanged", "converged", "late", "no_process")
 
 
 def convergence(console: Console, task_id: str, *, late: bool) -> Convergence:
@@ -61,7 +63,11 @@ def convergence(console: Console, task_id: str, *, late: bool) -> Convergence:
     if not result.changed:
         found.state = "unchanged"
         return found
-    for report in presence(backend).processes():
+    reports = presence(backend, console.settings.namespace).processes()
+    if not reports:
+        found.state = "no_process"
+        return found
+    for report in reports:
         applied, live = found.kinds.get(report.kind, (0, 0))
         ok = report.has_applied(result.scope, result.revision, result.committed_at, announced)
         found.kinds[report.kind] = (applied + ok, live + 1)
