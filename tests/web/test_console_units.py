@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import stat
+import uuid
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -323,16 +324,17 @@ def test_convergence_reads_the_consoles_namespace_and_no_process_is_not_converge
         return SimpleNamespace(processes=lambda: fleets.get(namespace, []))
 
     monkeypatch.setattr(live, "presence", presence)
-    found = live.convergence(console, "t1", late=False)
+    watch = live.WriteWatch(console, ["t1"], failures=lambda ids: {})
+    found = watch.tick(late=False)[0]
     assert asked == ["prod"]
     assert found.state == "no_process" and found.done
     html = console.fragment("convergence.html", c=found, root="", many=False)
     assert 'id="no-process"' in html and 'id="converged"' not in html
     fleets["prod"] = [_report("h:2", {"global": 6})]
-    found = live.convergence(console, "t1", late=False)
+    found = watch.tick(late=False)[0]
     assert found.state == "applying" and found.behind == ["h:2 (worker)"]
     fleets["prod"] = [_report("h:2", {"global": 7})]
-    assert live.convergence(console, "t1", late=False).state == "converged"
+    assert watch.tick(late=False)[0].state == "converged"
 
 
 def test_status_with_no_live_process_is_not_converged(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -351,3 +353,70 @@ def test_status_with_no_live_process_is_not_converged(monkeypatch: pytest.Monkey
     assert report["processes"] == [] and report["converged"] is False
     html = live.status_fragment(console, report)
     assert '<td id="fleet-converged">no live process</td>' in html
+
+
+def test_a_write_panel_tick_reads_once_for_all_its_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One tick of a panel of several writes reads their records in one query and the process
+    reports once; the result backend is asked at most once a second (and at the deadline),
+    only for the writes not committed yet."""
+    from worker.web import live
+
+    done = WriteResult("global", 3, True, {"k": "1"}, "t1", 100.0)
+    same = WriteResult("project:1", 5, False, {}, "t2", 100.0)
+    console = _console("options", {"t1": (done, True), "t2": (same, True)})
+    scans: list[str] = []
+
+    def presence(backend: Any, namespace: str) -> Any:
+        return SimpleNamespace(
+            processes=lambda: scans.append(namespace) or [_report("h:1", {"global": 3})]
+        )
+
+    monkeypatch.setattr(live, "presence", presence)
+    asked: list[list[str]] = []
+    now = [0.0]
+
+    def failures(ids: list[str]) -> dict[str, str]:
+        asked.append(ids)
+        return {"t4": "scope limit"} if "t4" in ids and now[0] >= 1.0 else {}
+
+    watch = live.WriteWatch(
+        console, ["t1", "t2", "t3", "t4"], failures=failures, clock=lambda: now[0]
+    )
+    for tick in range(4):  # four ticks in 0.75 s: one question to the result backend
+        now[0] = tick * 0.25
+        states = [c.state for c in watch.tick(late=False)]
+    assert states == ["converged", "unchanged", "pending", "pending"]
+    assert console.backend.db.calls == [["t1", "t2", "t3", "t4"]] * 4
+    assert scans == ["options"] * 4
+    assert asked == [["t3", "t4"]]
+    now[0] = 1.0
+    assert [c.state for c in watch.tick(late=False)][2:] == ["pending", "failed"]
+    now[0] = 1.25
+    found = watch.tick(late=True)  # at the deadline: asked once more, for t3 only
+    assert asked == [["t3", "t4"], ["t3", "t4"], ["t3"]]
+    assert [c.state for c in found] == ["converged", "unchanged", "late", "failed"]
+
+
+def test_a_session_holds_at_most_four_event_streams(client: TestClient) -> None:
+    """A fifth live panel of one session is refused (429) while four are open; another
+    session is not affected, and a slot given back can be taken again."""
+    from worker.web.console import STREAMS_PER_SESSION
+
+    assert sign_in(client, "ana", "ana password") == 303
+    console: Console = client.app.state.console  # type: ignore[attr-defined]
+    key = csrf_of(client)
+    for _ in range(STREAMS_PER_SESSION):
+        assert console.streams.take(key)
+    refused = client.get("/status/events")
+    assert refused.status_code == 429
+    assert client.get(f"/writes/{uuid.uuid4()}/events").status_code == 429
+    assert console.streams.open(key) == STREAMS_PER_SESSION
+    console.streams.give_back(key)
+    task_id = str(uuid.uuid4())
+    same = WriteResult("global", 2, False, {}, task_id, 100.0)
+    console._backend = SimpleNamespace(db=_FakeDb({task_id: (same, True)}), redis=None)
+    ended = client.get(f"/writes/{task_id}/events")  # one slot free: served, to its end
+    assert ended.status_code == 200 and "event: done" in ended.text
+    assert console.streams.open(key) == STREAMS_PER_SESSION - 1  # its slot given back
+    assert console.streams.take(key)
+    assert console.streams.take("another session")

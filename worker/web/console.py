@@ -22,6 +22,7 @@ from worker.web.security import (
     RateLimit,
     Session,
     SessionSigner,
+    StreamSlots,
     csrf_matches,
 )
 from worker.web.users import User, UsersFile
@@ -34,6 +35,8 @@ MAX_FORM_FIELDS = 20
 ATTEMPTS_PER_USER = 10
 ATTEMPTS_PER_ADDRESS = 30
 ATTEMPT_WINDOW = 300.0
+# Event streams (live panels) one session may hold open at once; more are refused (429).
+STREAMS_PER_SESSION = 4
 
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -81,6 +84,7 @@ class Console:
         self.secure_cookies = secure
         self.per_user = RateLimit(limit=ATTEMPTS_PER_USER, window=ATTEMPT_WINDOW)
         self.per_address = RateLimit(limit=ATTEMPTS_PER_ADDRESS, window=ATTEMPT_WINDOW)
+        self.streams = StreamSlots(limit=STREAMS_PER_SESSION)
         self._lock = threading.Lock()
         self._backend: Any = None
         self.templates = jinja2.Environment(

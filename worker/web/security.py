@@ -131,3 +131,33 @@ class RateLimit:
     def reset(self, key: str) -> None:
         with self._lock:
             self._attempts.pop(key, None)
+
+
+class StreamSlots:
+    """At most ``limit`` open event streams per key (a session): ``take`` one before a stream
+    starts (False when all are in use), ``give_back`` it when the stream ends."""
+
+    def __init__(self, *, limit: int) -> None:
+        self.limit = limit
+        self._open: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: str) -> bool:
+        with self._lock:
+            count = self._open.get(key, 0)
+            if count >= self.limit:
+                return False
+            self._open[key] = count + 1
+            return True
+
+    def give_back(self, key: str) -> None:
+        with self._lock:
+            count = self._open.get(key, 0) - 1
+            if count > 0:
+                self._open[key] = count
+            else:
+                self._open.pop(key, None)
+
+    def open(self, key: str) -> int:
+        with self._lock:
+            return self._open.get(key, 0)
