@@ -420,3 +420,40 @@ def test_a_session_holds_at_most_four_event_streams(client: TestClient) -> None:
     assert console.streams.open(key) == STREAMS_PER_SESSION - 1  # its slot given back
     assert console.streams.take(key)
     assert console.streams.take("another session")
+
+
+def test_a_status_stream_ends_once_its_user_is_removed_or_changes_password(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A live status stream re-checks its user as a request would: it ends at the first check
+    after ``users remove`` (or ``users passwd``), instead of streaming on."""
+    from worker.web import live
+
+    users = UsersFile(tmp_path / "users.json")
+    reports: list[int] = []
+    change = {"remove": lambda: users.remove("ana"), "passwd": lambda: users.passwd("vic", "x" * 9)}
+    signed: dict[str, str] = {}
+
+    def status_report(settings: Any, backend: Any, *, broker: bool) -> dict[str, Any]:
+        reports.append(1)
+        if len(reports) == 2:
+            change[signed["how"]]()
+        return {"tick": len(reports)}
+
+    monkeypatch.setattr(live, "status_report", status_report)
+    monkeypatch.setattr(live, "status_fragment", lambda console, report: f"<p>{report}</p>")
+    monkeypatch.setattr(live, "STATUS_INTERVAL", 0.001)
+    monkeypatch.setattr(live, "USER_CHECK_INTERVAL", 0.0, raising=False)  # checked at every tick
+    monkeypatch.setattr(live, "STATUS_STREAM_SECONDS", 5.0)  # without the check: 5 s of ticks
+    for name, password, how in (
+        ("ana", "ana password", "remove"),
+        ("vic", "vic password", "passwd"),
+    ):
+        session = TestClient(client.app)
+        assert sign_in(session, name, password) == 303
+        reports.clear()
+        signed["how"] = how
+        streamed = session.get("/status/events")
+        assert streamed.status_code == 200
+        assert len(reports) == 2, how  # the check after the change ended it
+        assert session.get("/status/events").status_code == 401

@@ -5,6 +5,7 @@ signer, templates), its security headers, sessions and CSRF check, and the ``pag
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl
@@ -136,6 +137,14 @@ class Console:
         response.headers["cache-control"] = "no-store"
         return response
 
+    def user_of(self, session: Session) -> User | None:
+        """The session's user as the users file says now: None if the session is anonymous or
+        expired, the user removed, or their password changed since the session signed in."""
+        if not session.user or session.expires <= time.time():
+            return None
+        user = self.users.get(session.user)
+        return user if user is not None and user.stamp == session.stamp else None
+
     def fragment(self, name: str, **context: Any) -> str:
         return self.templates.get_template(name).render(**context)
 
@@ -254,9 +263,7 @@ class Sessions:
             session, fresh = self.console.signer.new("")
         user = None
         if session.user:
-            user = await run_in_threadpool(self.console.users.get, session.user)
-            if user is not None and user.stamp != session.stamp:
-                user = None  # the password changed since this session signed in
+            user = await run_in_threadpool(self.console.user_of, session)
         scope.setdefault("state", {})
         scope["state"]["session"] = session
         scope["state"]["user"] = user

@@ -20,6 +20,7 @@ from store.redis.presence import ProcessReport
 from worker.cli.status import status_report
 from worker.cli.waits import presence
 from worker.web.console import Console, console_of
+from worker.web.security import Session
 
 # A write's panel follows it this long, then names the processes still behind.
 CONVERGENCE_DEADLINE = 60.0
@@ -29,6 +30,8 @@ FAILED_CHECK_INTERVAL = 1.0
 STATUS_INTERVAL = 1.0
 # A status stream ends after this long; the browser's EventSource opens a new one.
 STATUS_STREAM_SECONDS = 600.0
+# How often a stream checks that its user still holds (not removed, same password).
+USER_CHECK_INTERVAL = 2.0
 
 
 @dataclass
@@ -141,6 +144,23 @@ def _failures(task_ids: list[str]) -> dict[str, str]:
     return found
 
 
+class SignedIn:
+    """Whether a stream's session still holds, as a request's would (``Console.user_of``):
+    asked each tick, it reads the users file at most once per USER_CHECK_INTERVAL."""
+
+    def __init__(self, console: Console, session: Session) -> None:
+        self.console = console
+        self.session = session
+        self._checked_at = time.monotonic()  # the request that opened the stream checked it
+
+    async def holds(self) -> bool:
+        now = time.monotonic()
+        if now - self._checked_at < USER_CHECK_INTERVAL:
+            return True
+        self._checked_at = now
+        return await run_in_threadpool(self.console.user_of, self.session) is not None
+
+
 def event(name: str, html: str) -> str:
     """One server-sent event whose data is ``html`` (each of its lines a ``data:`` line)."""
     lines = "".join(f"data: {line}\n" for line in html.splitlines() or [""])
@@ -186,11 +206,12 @@ async def write_events(request: Request) -> Response:
     root = request.scope.get("root_path", "")
 
     watch = WriteWatch(console, task_ids)
+    signed_in = SignedIn(console, request.state.session)
 
     async def body() -> AsyncIterator[str]:
         deadline = time.monotonic() + CONVERGENCE_DEADLINE
         shown = None
-        while True:
+        while await signed_in.holds():
             late = time.monotonic() >= deadline
             found = await run_in_threadpool(watch.tick, late=late)
             html = "".join(
@@ -225,10 +246,12 @@ async def status_events(request: Request) -> Response:
     if request.state.user is None:
         return PlainTextResponse("sign in first", status_code=401)
 
+    signed_in = SignedIn(console, request.state.session)
+
     async def body() -> AsyncIterator[str]:
         ends = time.monotonic() + STATUS_STREAM_SECONDS
         shown = None
-        while time.monotonic() < ends:
+        while time.monotonic() < ends and await signed_in.holds():
             report = await run_in_threadpool(
                 status_report, console.settings, console.backend, broker=False
             )
