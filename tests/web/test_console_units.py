@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import stat
+import uuid
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from starlette.testclient import TestClient
 
 from store.errors import InvalidOption
+from store.model.writes import WriteResult
+from store.redis.presence import ProcessReport
 from store.settings import Settings
 from worker.web import create_app
-from worker.web.console import CONTENT_SECURITY_POLICY
+from worker.web.console import CONTENT_SECURITY_POLICY, Console
 from worker.web.security import SESSION_COOKIE, RateLimit, SessionSigner, csrf_matches
 from worker.web.users import UsersFile
 
@@ -66,6 +72,17 @@ def test_session_cookie_is_signed_and_expires() -> None:
     expired = SessionSigner("s" * 64, max_age=-1)
     assert expired.read(expired.new("ana")[1]) is None
     assert signer.read("garbage") is None and signer.read(None) is None
+    assert signer.read("a.\u00e9") is None and signer.read("\u00e9." + cookie) is None
+
+
+def test_a_cookie_not_ascii_reads_as_no_session(client: TestClient) -> None:
+    """A session cookie with a signature that is not ASCII is no session: the sign-in page,
+    not a server error."""
+    cookie = {"cookie": f"{SESSION_COOKIE}=a.\u00e9".encode()}  # sent as raw bytes
+    response = client.get("/login", headers=cookie)
+    assert response.status_code == 200 and 'name="password"' in response.text
+    status = client.get("/status", headers=cookie, follow_redirects=False)
+    assert status.headers["location"] == "/login"
 
 
 def test_csrf_token_must_match_the_session() -> None:
@@ -87,8 +104,38 @@ def test_rate_limit_counts_per_key_within_its_window() -> None:
     assert not limit.allow("ana", now=3)
     assert limit.allow("bo", now=3)
     assert limit.allow("ana", now=10.5)  # the attempt at 0 left the window
-    limit.allow("cy", now=11)  # a third key: the oldest one is forgotten
     assert len(limit._attempts) == 2
+
+
+def test_rate_limit_when_full_forgets_only_expired_keys() -> None:
+    """Full (``max_keys``), the limit drops only keys whose attempts all left the window; if
+    none did, a new key is refused: spraying names never resets another name's count."""
+    limit = RateLimit(limit=2, window=10.0, max_keys=3)
+    assert limit.allow("victim", now=0) and limit.allow("victim", now=1)
+    assert not limit.allow("victim", now=2)
+    assert limit.allow("a", now=3) and limit.allow("b", now=4)
+    assert not limit.allow("c", now=5)  # full of keys inside their window: refused
+    assert not limit.allow("victim", now=5)  # and the victim's count is still there
+    assert limit.allow("c", now=11.5)  # the victim's attempts (0, 1) left the window
+    assert "victim" not in limit._attempts and len(limit._attempts) == 3
+    assert not limit.allow("d", now=12)  # a, b and c are recent again
+
+
+def test_web_ignores_forwarded_headers_unless_told_which_proxies_to_trust() -> None:
+    """``optionstore web`` runs uvicorn with proxy headers off (its default trusts
+    X-Forwarded-For from 127.0.0.1); ``--forwarded-allow-ips`` turns them on for those
+    addresses only."""
+    import uvicorn
+
+    from worker.cli.commands import _parser
+    from worker.cli.web import server_options
+
+    plain = server_options(_parser().parse_args(["web"]))
+    assert plain["proxy_headers"] is False and "forwarded_allow_ips" not in plain
+    proxied = server_options(_parser().parse_args(["web", "--forwarded-allow-ips", "10.0.0.5"]))
+    assert proxied["proxy_headers"] is True and proxied["forwarded_allow_ips"] == "10.0.0.5"
+    for options in (plain, proxied):
+        uvicorn.Config("worker.web:create_app", **options)  # options uvicorn takes
 
 
 @pytest.fixture
@@ -195,3 +242,218 @@ def test_a_form_too_large_is_refused_before_it_is_read(client: TestClient) -> No
     assert big.status_code == 413
     many = client.post("/login", data={"csrf": token, **{f"f{i}": "1" for i in range(30)}})
     assert many.status_code == 413
+
+
+def test_a_number_parameter_not_ascii_is_refused_naming_it(client: TestClient) -> None:
+    """``?before=`` of history and ``?to=`` of revert take ASCII digits only: "²" (a digit to
+    ``str.isdigit``) is a 400 naming the parameter, not a server error; so is a form whose
+    Content-Length is not ASCII digits."""
+    assert sign_in(client, "ana", "ana password") == 303
+    for bad in ("\u00b2", "-1", "1e3", "9" * 19):
+        history = client.get("/scope/global/history", params={"before": bad})
+        assert history.status_code == 400 and history.text.startswith("before:"), bad
+        revert = client.get("/scope/global/revert", params={"to": bad})
+        assert revert.status_code == 400 and revert.text.startswith("to:"), bad
+    from starlette.requests import Request
+
+    from worker.web.console import FormTooLarge, read_form
+
+    odd = Request({"type": "http", "method": "POST", "headers": [(b"content-length", b"\xb2")]})
+    with pytest.raises(FormTooLarge):
+        asyncio.run(read_form(odd))
+
+
+def test_json_nested_too_deeply_is_refused_naming_its_field() -> None:
+    """A value or a desired-state document nested past what the parser recurses is an
+    InvalidOption naming "value" or "file", like any other JSON that does not read."""
+    from worker.cli.writes import parse_value
+    from worker.web.changes import plan_document
+
+    deep = "[" * 100_000
+    with pytest.raises(InvalidOption) as caught:
+        parse_value(deep)
+    assert caught.value.field == "value"
+    with pytest.raises(InvalidOption) as caught:
+        plan_document(None, deep, max_value_bytes=1024)
+    assert caught.value.field == "file"
+
+
+def _report(name: str, revisions: dict[str, int]) -> ProcessReport:
+    host, pid = name.split(":")
+    return ProcessReport(host, int(pid), "worker", "prefork", "process", True, 1.0, 1.0, 1.0, 0,
+                         revisions=revisions)  # fmt: skip
+
+
+class _FakeDb:
+    def __init__(self, records: dict[str, tuple[WriteResult, bool]]) -> None:
+        self.records = records
+        self.calls: list[list[str]] = []
+
+    def write_records(self, task_ids: list[str]) -> dict[str, tuple[WriteResult, bool]]:
+        self.calls.append(list(task_ids))
+        return {t: self.records[t] for t in task_ids if t in self.records}
+
+
+def _console(namespace: str, records: dict[str, tuple[WriteResult, bool]]) -> Console:
+    """A console of ``namespace`` whose store is a fake: write records only, no Redis."""
+    console = Console(
+        settings=Settings(namespace=namespace),
+        users=UsersFile(Path("/nonexistent/users.json")),
+        signer=SessionSigner("k" * 64),
+        secure=False,
+    )
+    console._backend = SimpleNamespace(db=_FakeDb(records), redis=None)
+    return console
+
+
+def test_convergence_reads_the_consoles_namespace_and_no_process_is_not_converged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A console made with ``Settings(namespace="prod")`` reads the process reports of
+    "prod" (not of the environment's namespace); with no live process report, a committed
+    change is "no_process", not "converged"; with reports, converged once each applied it."""
+    from worker.web import live
+
+    committed = WriteResult("global", 7, True, {"k": "1"}, "t1", 100.0)
+    console = _console("prod", {"t1": (committed, True)})
+    asked: list[str] = []
+    fleets: dict[str, list[ProcessReport]] = {"prod": [], "options": [_report("h:1", {})]}
+
+    def presence(backend: Any, namespace: str) -> Any:
+        asked.append(namespace)
+        return SimpleNamespace(processes=lambda: fleets.get(namespace, []))
+
+    monkeypatch.setattr(live, "presence", presence)
+    watch = live.WriteWatch(console, ["t1"], failures=lambda ids: {})
+    found = watch.tick(late=False)[0]
+    assert asked == ["prod"]
+    assert found.state == "no_process" and found.done
+    html = console.fragment("convergence.html", c=found, root="", many=False)
+    assert 'id="no-process"' in html and 'id="converged"' not in html
+    fleets["prod"] = [_report("h:2", {"global": 6})]
+    found = watch.tick(late=False)[0]
+    assert found.state == "applying" and found.behind == ["h:2 (worker)"]
+    fleets["prod"] = [_report("h:2", {"global": 7})]
+    assert watch.tick(late=False)[0].state == "converged"
+
+
+def test_status_with_no_live_process_is_not_converged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The status report (page and command) says "not converged" when no process reports,
+    and the status panel says there is no live process."""
+    import contextlib
+
+    import store.postgres.schema
+    from worker.cli.status import status_report
+    from worker.web import live
+
+    monkeypatch.setattr(store.postgres.schema, "schema_version", lambda conn: 0)
+    console = _console("prod", {})
+    console.backend.db.connection = lambda: contextlib.nullcontext(None)
+    report = status_report(console.settings, console.backend, broker=False)
+    assert report["processes"] == [] and report["converged"] is False
+    html = live.status_fragment(console, report)
+    assert '<td id="fleet-converged">no live process</td>' in html
+
+
+def test_a_write_panel_tick_reads_once_for_all_its_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One tick of a panel of several writes reads their records in one query and the process
+    reports once; the result backend is asked at most once a second (and at the deadline),
+    only for the writes not committed yet."""
+    from worker.web import live
+
+    done = WriteResult("global", 3, True, {"k": "1"}, "t1", 100.0)
+    same = WriteResult("project:1", 5, False, {}, "t2", 100.0)
+    console = _console("options", {"t1": (done, True), "t2": (same, True)})
+    scans: list[str] = []
+
+    def presence(backend: Any, namespace: str) -> Any:
+        return SimpleNamespace(
+            processes=lambda: scans.append(namespace) or [_report("h:1", {"global": 3})]
+        )
+
+    monkeypatch.setattr(live, "presence", presence)
+    asked: list[list[str]] = []
+    now = [0.0]
+
+    def failures(ids: list[str]) -> dict[str, str]:
+        asked.append(ids)
+        return {"t4": "scope limit"} if "t4" in ids and now[0] >= 1.0 else {}
+
+    watch = live.WriteWatch(
+        console, ["t1", "t2", "t3", "t4"], failures=failures, clock=lambda: now[0]
+    )
+    for tick in range(4):  # four ticks in 0.75 s: one question to the result backend
+        now[0] = tick * 0.25
+        states = [c.state for c in watch.tick(late=False)]
+    assert states == ["converged", "unchanged", "pending", "pending"]
+    assert console.backend.db.calls == [["t1", "t2", "t3", "t4"]] * 4
+    assert scans == ["options"] * 4
+    assert asked == [["t3", "t4"]]
+    now[0] = 1.0
+    assert [c.state for c in watch.tick(late=False)][2:] == ["pending", "failed"]
+    now[0] = 1.25
+    found = watch.tick(late=True)  # at the deadline: asked once more, for t3 only
+    assert asked == [["t3", "t4"], ["t3", "t4"], ["t3"]]
+    assert [c.state for c in found] == ["converged", "unchanged", "late", "failed"]
+
+
+def test_a_session_holds_at_most_four_event_streams(client: TestClient) -> None:
+    """A fifth live panel of one session is refused (429) while four are open; another
+    session is not affected, and a slot given back can be taken again."""
+    from worker.web.console import STREAMS_PER_SESSION
+
+    assert sign_in(client, "ana", "ana password") == 303
+    console: Console = client.app.state.console  # type: ignore[attr-defined]
+    key = csrf_of(client)
+    for _ in range(STREAMS_PER_SESSION):
+        assert console.streams.take(key)
+    refused = client.get("/status/events")
+    assert refused.status_code == 429
+    assert client.get(f"/writes/{uuid.uuid4()}/events").status_code == 429
+    assert console.streams.open(key) == STREAMS_PER_SESSION
+    console.streams.give_back(key)
+    task_id = str(uuid.uuid4())
+    same = WriteResult("global", 2, False, {}, task_id, 100.0)
+    console._backend = SimpleNamespace(db=_FakeDb({task_id: (same, True)}), redis=None)
+    ended = client.get(f"/writes/{task_id}/events")  # one slot free: served, to its end
+    assert ended.status_code == 200 and "event: done" in ended.text
+    assert console.streams.open(key) == STREAMS_PER_SESSION - 1  # its slot given back
+    assert console.streams.take(key)
+    assert console.streams.take("another session")
+
+
+def test_a_status_stream_ends_once_its_user_is_removed_or_changes_password(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A live status stream re-checks its user as a request would: it ends at the first check
+    after ``users remove`` (or ``users passwd``), instead of streaming on."""
+    from worker.web import live
+
+    users = UsersFile(tmp_path / "users.json")
+    reports: list[int] = []
+    change = {"remove": lambda: users.remove("ana"), "passwd": lambda: users.passwd("vic", "x" * 9)}
+    signed: dict[str, str] = {}
+
+    def status_report(settings: Any, backend: Any, *, broker: bool) -> dict[str, Any]:
+        reports.append(1)
+        if len(reports) == 2:
+            change[signed["how"]]()
+        return {"tick": len(reports)}
+
+    monkeypatch.setattr(live, "status_report", status_report)
+    monkeypatch.setattr(live, "status_fragment", lambda console, report: f"<p>{report}</p>")
+    monkeypatch.setattr(live, "STATUS_INTERVAL", 0.001)
+    monkeypatch.setattr(live, "USER_CHECK_INTERVAL", 0.0, raising=False)  # checked at every tick
+    monkeypatch.setattr(live, "STATUS_STREAM_SECONDS", 5.0)  # without the check: 5 s of ticks
+    for name, password, how in (
+        ("ana", "ana password", "remove"),
+        ("vic", "vic password", "passwd"),
+    ):
+        session = TestClient(client.app)
+        assert sign_in(session, name, password) == 303
+        reports.clear()
+        signed["how"] = how
+        streamed = session.get("/status/events")
+        assert streamed.status_code == 200
+        assert len(reports) == 2, how  # the check after the change ended it
+        assert session.get("/status/events").status_code == 401

@@ -234,6 +234,8 @@ def _status(args: argparse.Namespace, _: list[str]) -> int:
         elif key != "processes":
             print(f"{key:20} {value}")
     print(f"\n{'process':28} {'kind':6} {'pool':8} {'mode':8} {'synced':7} {'heard':>8}  converged")
+    if not report["processes"]:
+        print("(no live process reports: nothing has applied the latest writes)")
     for p in report["processes"]:
         heard = f"{p['heard_ago_s']:.1f}s" if p["heard_ago_s"] is not None else "never"
         state = "yes" if p["converged"] else f"no: behind on {', '.join(p['behind'][:5])}"

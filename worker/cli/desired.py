@@ -107,6 +107,8 @@ def load_desired(
         raise InvalidOption("FILE", f"cannot read {path}: {exc.strerror}") from None
     except ValueError as exc:
         raise InvalidOption("FILE", f"{path} is not JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidOption("FILE", f"{path} is nested too deeply to read") from None
     return parse_desired(data, source=str(path), max_value_bytes=max_value_bytes)
 
 

@@ -36,7 +36,7 @@ def status_report(settings: Any, backend: Any, *, broker: bool = True) -> dict[s
         report["redis"] = "up" if backend.redis and backend.redis.ping() else "down"
         report["redis_eviction"] = eviction_policy(backend.redis.client) if backend.redis else None
         report["leader"] = leader(backend, settings.namespace)
-        report["processes"] = process_table(backend)
+        report["processes"] = process_table(backend, settings.namespace)
     except Exception as exc:  # a status report shows every failure instead of raising
         report["redis"] = f"down ({type(exc).__name__})"
         report["processes"] = []
@@ -45,7 +45,10 @@ def status_report(settings: Any, backend: Any, *, broker: bool = True) -> dict[s
         report["broker_eviction"] = broker_eviction(settings) if broker else None
     except Exception as exc:
         report["broker_eviction"] = f"unknown ({type(exc).__name__})"
-    report["converged"] = all(p["converged"] for p in report["processes"])
+    # No live process has applied nothing: that is not convergence.
+    report["converged"] = bool(report["processes"]) and all(
+        p["converged"] for p in report["processes"]
+    )
     return report
 
 
@@ -83,9 +86,10 @@ def broker_eviction(settings: Any) -> str | None:
         return eviction_policy(conn.default_channel.client)
 
 
-def process_table(backend: Any) -> list[dict[str, Any]]:
-    """Each live worker process, and which of the latest writes it has not applied."""
-    reports = presence(backend).processes()
+def process_table(backend: Any, namespace: str) -> list[dict[str, Any]]:
+    """Each live worker process of ``namespace``, and which of the latest writes it has not
+    applied."""
+    reports = presence(backend, namespace).processes()
     latest: dict[str, tuple[Any, bool]] = {}
     for result, announced in backend.db.recent_writes(limit=200):
         latest.setdefault(result.scope, (result, announced))  # newest first: keep the first

@@ -27,10 +27,12 @@ def poll(probe: Callable[[], T | None], deadline: float, interval: float = 0.02)
         time.sleep(interval)
 
 
-def presence(backend: Any) -> Presence:
+def presence(backend: Any, namespace: str) -> Presence:
+    """The process reports of ``namespace`` (the settings' ``namespace`` of whoever asks: the
+    command line's environment, a console's own settings)."""
     if backend.redis is None:
         raise OptionsError("process reports live in Redis, and no Redis is configured")
-    return Presence(backend.redis.client, namespace=settings().namespace)
+    return Presence(backend.redis.client, namespace=namespace)
 
 
 def wait_for_writes(
@@ -91,7 +93,7 @@ def wait_for_writes(
     changed = [t for t in task_ids if t in committed and committed[t][0].changed]
     if not changed:
         return status
-    reports = presence(backend)
+    reports = presence(backend, settings().namespace)
 
     def behind() -> dict[str, list[str]]:
         current = backend.db.write_records(changed)

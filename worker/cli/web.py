@@ -27,6 +27,12 @@ def add_commands(command: Command) -> None:
         action="store_true",
         help="send the session cookie over HTTPS only (behind a TLS proxy)",
     )
+    web.add_argument(
+        "--forwarded-allow-ips",
+        metavar="ADDRESSES",
+        help="trust X-Forwarded-For and X-Forwarded-Proto from these proxy addresses "
+        "(comma-separated, as uvicorn's option; default: trust no one)",
+    )
     users = command("users", _users, "manage the console's users (OPTIONS_WEB_USERS_FILE)")
     actions = users.add_subparsers(dest="action", required=True)
     add = actions.add_parser("add", help="add a user (the password is asked for)")
@@ -90,12 +96,22 @@ def _web(args: argparse.Namespace, _: list[str]) -> int:
             hint="create the first editor: optionstore users add NAME --role editor",
         )
     log.info("web.serving", url=f"http://{args.host}:{args.port}/")
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level="warning",
-        # Event streams stay open: a stop waits this long for them, then closes them.
-        timeout_graceful_shutdown=2,
-    )
+    uvicorn.run(app, **server_options(args))
     return 0
+
+
+def server_options(args: argparse.Namespace) -> dict[str, Any]:
+    """uvicorn's options for ``web``. Forwarded headers are ignored unless
+    ``--forwarded-allow-ips`` names the proxies to trust: uvicorn's default trusts them from
+    127.0.0.1, where an SSH tunnel or a local proxy would let any client pick its address (and
+    so escape the per-address sign-in limit)."""
+    trusted = args.forwarded_allow_ips
+    return {
+        "host": args.host,
+        "port": args.port,
+        "log_level": "warning",
+        "proxy_headers": bool(trusted),
+        **({"forwarded_allow_ips": trusted} if trusted else {}),
+        # Event streams stay open: a stop waits this long for them, then closes them.
+        "timeout_graceful_shutdown": 2,
+    }

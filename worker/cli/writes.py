@@ -37,3 +37,5 @@ def parse_value(text: str) -> Any:
         raise InvalidOption(
             "value", f"is not JSON ({exc.msg}); quote strings: '\"text\"'"
         ) from None
+    except RecursionError:
+        raise InvalidOption("value", "is nested too deeply to read") from None

@@ -131,6 +131,8 @@ def plan_document(db: Any, text: str, *, max_value_bytes: int) -> list[Any]:
         data = json.loads(text)
     except ValueError as exc:
         raise InvalidOption("file", f"is not JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidOption("file", "is nested too deeply to read") from None
     desired = parse_desired(data, source="file", max_value_bytes=max_value_bytes)
     if len(desired) > MAX_APPLY_SCOPES:
         raise InvalidOption(

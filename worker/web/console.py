@@ -5,6 +5,7 @@ signer, templates), its security headers, sessions and CSRF check, and the ``pag
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl
@@ -22,6 +23,7 @@ from worker.web.security import (
     RateLimit,
     Session,
     SessionSigner,
+    StreamSlots,
     csrf_matches,
 )
 from worker.web.users import User, UsersFile
@@ -34,6 +36,8 @@ MAX_FORM_FIELDS = 20
 ATTEMPTS_PER_USER = 10
 ATTEMPTS_PER_ADDRESS = 30
 ATTEMPT_WINDOW = 300.0
+# Event streams (live panels) one session may hold open at once; more are refused (429).
+STREAMS_PER_SESSION = 4
 
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -81,6 +85,7 @@ class Console:
         self.secure_cookies = secure
         self.per_user = RateLimit(limit=ATTEMPTS_PER_USER, window=ATTEMPT_WINDOW)
         self.per_address = RateLimit(limit=ATTEMPTS_PER_ADDRESS, window=ATTEMPT_WINDOW)
+        self.streams = StreamSlots(limit=STREAMS_PER_SESSION)
         self._lock = threading.Lock()
         self._backend: Any = None
         self.templates = jinja2.Environment(
@@ -132,6 +137,14 @@ class Console:
         response.headers["cache-control"] = "no-store"
         return response
 
+    def user_of(self, session: Session) -> User | None:
+        """The session's user as the users file says now: None if the session is anonymous or
+        expired, the user removed, or their password changed since the session signed in."""
+        if not session.user or session.expires <= time.time():
+            return None
+        user = self.users.get(session.user)
+        return user if user is not None and user.stamp == session.stamp else None
+
     def fragment(self, name: str, **context: Any) -> str:
         return self.templates.get_template(name).render(**context)
 
@@ -163,7 +176,7 @@ async def read_form(request: Request) -> dict[str, str]:
     """The urlencoded form of a POST, bounded in bytes and fields; a field given twice keeps
     its first value."""
     declared = request.headers.get("content-length", "0")
-    if not declared.isdigit() or int(declared) > MAX_FORM_BYTES:
+    if not (declared.isascii() and declared.isdecimal()) or int(declared) > MAX_FORM_BYTES:
         raise FormTooLarge  # refused before a byte of it is read
     body = bytearray()
     async for chunk in request.stream():
@@ -250,9 +263,7 @@ class Sessions:
             session, fresh = self.console.signer.new("")
         user = None
         if session.user:
-            user = await run_in_threadpool(self.console.users.get, session.user)
-            if user is not None and user.stamp != session.stamp:
-                user = None  # the password changed since this session signed in
+            user = await run_in_threadpool(self.console.user_of, session)
         scope.setdefault("state", {})
         scope["state"]["session"] = session
         scope["state"]["user"] = user

@@ -30,6 +30,12 @@ def param(request: Request, name: str) -> str:
     return request.query_params.get(name, "")[:MAX_PARAM_CHARS]
 
 
+def is_number(text: str) -> bool:
+    """Whether ``text`` is a revision number ``int`` reads (ASCII digits only: ``"²"`` is a
+    digit to ``str.isdigit`` that ``int`` refuses), below 10**18."""
+    return text.isascii() and text.isdecimal() and len(text) <= 18
+
+
 def scope_of(request: Request) -> Scope | Response:
     try:
         return Scope.parse(request.path_params["scope"])
@@ -256,7 +262,9 @@ async def history_page(request: Request) -> Response:
         return scope
     key = param(request, "key") or None
     before_text = param(request, "before")
-    before = int(before_text) if before_text.isdigit() and len(before_text) < 19 else None
+    if before_text and not is_number(before_text):
+        return PlainTextResponse("before: must be a history entry's number", status_code=400)
+    before = int(before_text) if before_text else None
     found = await run_in_threadpool(
         browse.history_page, console.backend.db, scope.name, key, before=before
     )
@@ -277,7 +285,7 @@ async def history_page(request: Request) -> Response:
 def _revert_target(request: Request, source: dict[str, str]) -> tuple[str | None, int] | str:
     key = source.get("key", "")[:MAX_PARAM_CHARS] or None
     to_text = source.get("to", "")
-    if not to_text.isdigit() or len(to_text) > 18:
+    if not is_number(to_text):
         return "to: must be a revision number"
     return key, int(to_text)
 

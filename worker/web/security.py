@@ -64,7 +64,10 @@ class SessionSigner:
         if not cookie or len(cookie) > MAX_COOKIE_CHARS or "." not in cookie:
             return None
         payload, _, signature = cookie.rpartition(".")
-        if not hmac.compare_digest(self._sign(payload.encode()), signature):
+        # compare_digest refuses a str that is not ASCII: bytes compare any cookie's.
+        if not hmac.compare_digest(
+            self._sign(payload.encode()).encode(), signature.encode(errors="replace")
+        ):
             return None
         try:
             data = json.loads(
@@ -89,7 +92,9 @@ def csrf_matches(session: Session | None, token: object) -> bool:
 
 class RateLimit:
     """At most ``limit`` attempts per ``window`` seconds for each key (a user name, an address);
-    memory bounded by ``max_keys`` (the oldest key is forgotten first)."""
+    memory bounded by ``max_keys``. A key is forgotten only once its attempts left the window:
+    when ``max_keys`` keys all have recent attempts, a new key is refused (counted as limited),
+    so that spraying names cannot reset another name's count."""
 
     def __init__(self, *, limit: int, window: float, max_keys: int = 10_000) -> None:
         self.limit = limit
@@ -102,17 +107,57 @@ class RateLimit:
         """Count one attempt for ``key``; False (and not counted) when it is over the limit."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            attempts = self._attempts.pop(key, None) or deque()
+            attempts = self._attempts.get(key)
+            if attempts is None:
+                if len(self._attempts) >= self.max_keys:
+                    self._forget_expired(now)
+                if len(self._attempts) >= self.max_keys:
+                    return False
+                attempts = self._attempts[key] = deque()
             while attempts and attempts[0] <= now - self.window:
                 attempts.popleft()
             allowed = len(attempts) < self.limit
             if allowed:
                 attempts.append(now)
-            self._attempts[key] = attempts  # re-inserted: the newest keys stay at the end
-            while len(self._attempts) > self.max_keys:
-                del self._attempts[next(iter(self._attempts))]
             return allowed
+
+    def _forget_expired(self, now: float) -> None:
+        """Drops every key whose attempts all left the window (one pass: O(max_keys), run only
+        when full)."""
+        expired = [k for k, a in self._attempts.items() if not a or a[-1] <= now - self.window]
+        for k in expired:
+            del self._attempts[k]
 
     def reset(self, key: str) -> None:
         with self._lock:
             self._attempts.pop(key, None)
+
+
+class StreamSlots:
+    """At most ``limit`` open event streams per key (a session): ``take`` one before a stream
+    starts (False when all are in use), ``give_back`` it when the stream ends."""
+
+    def __init__(self, *, limit: int) -> None:
+        self.limit = limit
+        self._open: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: str) -> bool:
+        with self._lock:
+            count = self._open.get(key, 0)
+            if count >= self.limit:
+                return False
+            self._open[key] = count + 1
+            return True
+
+    def give_back(self, key: str) -> None:
+        with self._lock:
+            count = self._open.get(key, 0) - 1
+            if count > 0:
+                self._open[key] = count
+            else:
+                self._open.pop(key, None)
+
+    def open(self, key: str) -> int:
+        with self._lock:
+            return self._open.get(key, 0)
