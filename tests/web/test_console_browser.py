@@ -1,6 +1,7 @@
 """The console in a real browser (Debian's headless Chromium through Playwright) against a real
-``optionstore web`` server, a real prefork worker and the machine's PostgreSQL and Redis: sign
-in, change, converge, refuse, history, revert, roles, CSRF, escaping, live status."""
+``optionstore web`` server and a real prefork worker, on both targets (the embedded default's
+PostgreSQL and Redis, and the machine's): sign in, change, converge, refuse, history, revert,
+roles, CSRF, escaping, live status, plan and apply."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pytest
 from tests.conftest import (
     IN_CI,
     ROOT,
+    STATE_DIR,
     Services,
     Worker,
     _machine_services,
@@ -58,6 +60,8 @@ reason_required = true
 description = "Share of requests on the new path"
 """
 TIMEOUT_MS = 30_000
+# The target whose pages become the screenshots of docs/images.
+SCREENSHOTS_FROM = "machine"
 
 
 def optionstore(env: dict[str, str], *args: str, stdin: str = "") -> str:
@@ -75,14 +79,23 @@ def optionstore(env: dict[str, str], *args: str, stdin: str = "") -> str:
     return done.stdout
 
 
-@pytest.fixture(scope="module")
-def target() -> Iterator[Services]:
+@pytest.fixture(scope="module", params=["embedded", "machine"])
+def target(request: pytest.FixtureRequest) -> Iterator[Services]:
+    """One target per run of the module's tests, with a namespace of its own: the worker and
+    the console below are started once per target and shared by its tests."""
+    from store.embedded import ensure_embedded
     from store.postgres.schema import migrate
 
     if not CHROMIUM.exists():
         if IN_CI:
             pytest.fail(f"CI=true but {CHROMIUM} is missing (.ci/run installs it)")
         pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    if request.param == "embedded":
+        found = ensure_embedded(STATE_DIR)
+        services = Services("embedded", found.database_url, found.redis_url)
+        migrate(services.database_url)
+        yield services
+        return
     for services in _machine_services():
         migrate(services.database_url)
         yield services
@@ -167,7 +180,10 @@ def history_count(target: Services, scope: str) -> int:
         return int(row.fetchone()[0])  # type: ignore[index]
 
 
-def shoot(page: Any, name: str) -> None:
+def shoot(page: Any, target: Services, name: str) -> None:
+    """Write the page as docs/images/console-NAME.png (from one target only)."""
+    if target.name != SCREENSHOTS_FROM:
+        return
     IMAGES.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(IMAGES / f"console-{name}.png"), full_page=True)
 
@@ -209,7 +225,7 @@ def test_editor_changes_an_option_and_every_process_applies_it(
     page.goto(f"{console}/scope/{scope}")
     assert page.inner_text("tr[data-key=page_size] .value") == "20"
     assert "integer" in page.inner_text("tr[data-key=page_size]")
-    shoot(page, "browse")
+    shoot(page, target, "browse")
 
     set_in_browser(
         page,
@@ -224,7 +240,7 @@ def test_editor_changes_an_option_and_every_process_applies_it(
     counts = converge(page, worker)
     applied, live = counts["worker"]
     assert applied == live >= worker.concurrency, counts  # every prefork child, at least
-    shoot(page, "convergence")
+    shoot(page, target, "convergence")
     answers = worker.read_everywhere("project_options", "get_value", project, "page_size")
     assert set(answers.values()) == {100}, answers
 
@@ -236,7 +252,7 @@ def test_editor_changes_an_option_and_every_process_applies_it(
     newest = page.query_selector("tr.entry")
     assert newest.query_selector(".actor").inner_text() == EDITOR[0]
     assert newest.query_selector(".reason").inner_text() == "bigger pages for the audit"
-    shoot(page, "history")
+    shoot(page, target, "history")
 
     # Revert to the first revision: the same preview as the CLI's revert, then a set_many.
     page.click("tr.entry[data-revision='1'] a.revert")
@@ -281,7 +297,7 @@ def test_a_value_breaking_the_schema_is_refused_beside_its_field(
     assert cli.returncode == 2
     assert error in cli.stderr, (error, cli.stderr)
     assert page.query_selector("#apply") is None
-    shoot(page, "edit-error")
+    shoot(page, target, "edit-error")
     set_in_browser(page, f"{console}/scope/{scope}", key="page_size", value="not json", reason="")
     assert "is not JSON" in page.inner_text("#error-value")
     page.goto(f"{console}/scope/{scope}/edit?key=rollout")
@@ -372,7 +388,7 @@ def test_the_status_page_follows_workers_starting_and_stopping(
     try:
         wait_for(lambda: count() > before, timeout=30, message="the new worker on the page")
         assert page.locator(f"tr.process[data-pid='{extra.process.pid}']").count() == 1  # type: ignore[union-attr]
-        shoot(page, "status")
+        shoot(page, target, "status")
     finally:
         extra.stop()
     wait_for(lambda: count() == before, timeout=30, message="the stopped worker to leave the page")
