@@ -1,11 +1,12 @@
 """The console in a real browser (Debian's headless Chromium through Playwright) against a real
 ``optionstore web`` server and a real prefork worker, on both targets (the embedded default's
-PostgreSQL and Redis, and the machine's): sign in, change, converge, refuse, history, revert,
-roles, CSRF, escaping, live status, plan and apply."""
+PostgreSQL and Redis, and the machine's): sign in, change, converge, stragglers, refuse,
+history, revert, roles, CSRF, escaping, live status, plan and apply."""
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import tempfile
@@ -60,6 +61,8 @@ reason_required = true
 description = "Share of requests on the new path"
 """
 TIMEOUT_MS = 30_000
+# How long a write's panel follows it here before it names the processes behind.
+CONVERGE_SECONDS = 20
 # The target whose pages become the screenshots of docs/images.
 SCREENSHOTS_FROM = "machine"
 
@@ -130,7 +133,10 @@ def console(console_env: dict[str, str], worker: Worker) -> Iterator[str]:
     port = free_port()
     log_path = Path(tempfile.mkstemp(prefix="console-", suffix=".log")[1])
     server = start_group(
-        [sys.executable, "-m", "worker.cli", "web", "--port", str(port)],
+        [
+            *(sys.executable, "-m", "worker.cli", "web", "--port", str(port)),
+            *("--converge-seconds", str(CONVERGE_SECONDS)),
+        ],
         env=console_env,
         log_path=log_path,
     )
@@ -458,3 +464,49 @@ def test_an_editor_plans_and_applies_a_desired_state_file(
         ).fetchall()
     assert rows == [(EDITOR[0], "apply", "apply desired-state.json")]
     page.context.close()
+
+
+def test_the_convergence_panel_names_a_process_that_never_applies_the_change(
+    browser: Any, console: str, console_env: dict[str, str], target: Services, worker: Worker
+) -> None:
+    """A live worker process that never applies one change (tests/held_apply.py holds it back)
+    keeps the panel waiting until the deadline passes; the panel then names that process by
+    host, pid and kind, and only it, and counts every other worker process as applied."""
+    project = fresh_id()
+    scope = f"project:{project}"
+    worker.call("options.set_project_option", project, "theme", "dark")
+    held = Worker(
+        target,
+        pool="solo",
+        concurrency=1,
+        include="tests.probe_tasks,tests.held_apply",
+        extra_env={
+            "OPTIONS_TASK_QUEUE": f"{target.namespace}.held",
+            "OPTIONS_REGISTRY": console_env["OPTIONS_REGISTRY"],
+        },
+    ).start()
+    try:
+        held_pid = held.process.pid  # type: ignore[union-attr]
+        page = signed_in(browser, console, EDITOR)
+        page.goto(f"{console}/status")
+        page.wait_for_selector(f"tr.process[data-pid='{held_pid}']")
+        page.goto(f"{console}/scope/{scope}/edit?key=theme")
+        page.fill("#value", '"held:back"')
+        page.click("#preview")
+        assert '+ theme = "held:back"' in page.inner_text("#diff pre")
+        page.click("#apply")
+        page.wait_for_selector("section.convergence[data-state=applying]")
+        stragglers = page.wait_for_selector("#stragglers", timeout=(CONVERGE_SECONDS + 40) * 1000)
+        named = stragglers.inner_text()  # type: ignore[union-attr]
+        assert f"{socket.gethostname()}:{held_pid} (worker)" in named, named
+        others = {worker.process.pid, *worker.child_pids()}  # type: ignore[union-attr]
+        assert not [pid for pid in others if f":{pid} " in named], (named, others)
+        applied, live = (
+            int(page.inner_text("tr.kind[data-kind=worker] .applied")),
+            int(page.inner_text("tr.kind[data-kind=worker] .live")),
+        )
+        assert applied == live - 1 >= worker.concurrency, (applied, live)
+        shoot(page, target, "stragglers")
+        page.context.close()
+    finally:
+        held.stop()

@@ -244,6 +244,16 @@ def test_a_form_too_large_is_refused_before_it_is_read(client: TestClient) -> No
     assert many.status_code == 413
 
 
+def test_a_convergence_deadline_out_of_range_is_refused_naming_it(tmp_path: Path) -> None:
+    """``create_app(convergence_deadline=...)`` (``web --converge-seconds``) takes more than 0
+    and at most an hour; otherwise a ValueError names it."""
+    settings = Settings.from_environ({"OPTIONS_STATE_DIR": str(tmp_path)})
+    for bad in (0.0, -1.0, 3601.0):
+        with pytest.raises(ValueError, match="convergence_deadline"):
+            create_app(settings=settings, secret="k" * 64, convergence_deadline=bad)
+    create_app(settings=settings, secret="k" * 64, convergence_deadline=5.0)
+
+
 def test_a_number_parameter_not_ascii_is_refused_naming_it(client: TestClient) -> None:
     """``?before=`` of history and ``?to=`` of revert take ASCII digits only: "²" (a digit to
     ``str.isdigit``) is a 400 naming the parameter, not a server error; so is a form whose

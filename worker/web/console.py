@@ -38,6 +38,9 @@ ATTEMPTS_PER_ADDRESS = 30
 ATTEMPT_WINDOW = 300.0
 # Event streams (live panels) one session may hold open at once; more are refused (429).
 STREAMS_PER_SESSION = 4
+# A write's panel follows it this long (seconds), then names the processes still behind.
+CONVERGENCE_DEADLINE = 60.0
+MAX_CONVERGENCE_DEADLINE = 3600.0
 
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -77,9 +80,16 @@ class Console:
     (configured on first use) and the templates."""
 
     def __init__(
-        self, *, settings: Settings, users: UsersFile, signer: SessionSigner, secure: bool
+        self,
+        *,
+        settings: Settings,
+        users: UsersFile,
+        signer: SessionSigner,
+        secure: bool,
+        convergence_deadline: float = CONVERGENCE_DEADLINE,
     ) -> None:
         self.settings = settings
+        self.convergence_deadline = convergence_deadline
         self.users = users
         self.signer = signer
         self.secure_cookies = secure
