@@ -466,6 +466,62 @@ def test_an_editor_plans_and_applies_a_desired_state_file(
     page.context.close()
 
 
+def upload_plan(page: Any, console: str, name: str, document: dict[str, Any]) -> str:
+    """Upload ``document`` as the file ``name`` on the plan page; the plan's text."""
+    page.goto(f"{console}/plan")
+    page.set_input_files(
+        "#file",
+        files=[
+            {"name": name, "mimeType": "application/json", "buffer": json.dumps(document).encode()}
+        ],
+    )
+    page.click("#plan")
+    return str(page.inner_text("#plan-result"))
+
+
+def test_an_editor_uploads_a_desired_state_file_sees_its_drift_and_applies_it(
+    browser: Any, console: str, worker: Worker, target: Services
+) -> None:
+    """A desired-state file uploaded as a file (multipart) is planned as ``optionstore plan``
+    plans it: a value changed outside the file since its last apply is shown as drift, and
+    nothing is written until the plan is applied; the apply (origin apply, the file's name in
+    the reason, the user as actor) then reaches every worker child and the scope's history."""
+    project = fresh_id()
+    scope = f"project:{project}"
+    page = signed_in(browser, console, EDITOR)
+    upload_plan(
+        page,
+        console,
+        "fleet.json",
+        {"optionstore": 1, "scopes": {scope: {"values": {"page_size": 30}}}},
+    )
+    page.click("#apply-plan")
+    converge(page, worker)
+    worker.call("options.set_project_option", project, "page_size", 35)  # outside the file
+    before = history_count(target, scope)
+
+    plan = upload_plan(
+        page,
+        console,
+        "fleet.json",
+        {"optionstore": 1, "scopes": {scope: {"values": {"page_size": 50}}}},
+    )
+    assert f"Drift in {scope}: changed outside fleet.json" in plan, plan
+    assert "page_size: applied 30, now 35" in plan, plan
+    assert "- page_size = 35" in plan and "+ page_size = 50" in plan, plan
+    assert history_count(target, scope) == before  # planned, nothing written
+    shoot(page, target, "plan-upload")
+    page.click("#apply-plan")
+    converge(page, worker)
+    answers = worker.read_everywhere("project_options", "get_value", project, "page_size")
+    assert set(answers.values()) == {50}, answers
+    page.goto(f"{console}/scope/{scope}/history?key=page_size")
+    newest = page.query_selector("tr.entry")
+    assert newest.query_selector(".actor").inner_text() == EDITOR[0]
+    assert newest.query_selector(".reason").inner_text() == "apply fleet.json"
+    page.context.close()
+
+
 def test_the_convergence_panel_names_a_process_that_never_applies_the_change(
     browser: Any, console: str, console_env: dict[str, str], target: Services, worker: Worker
 ) -> None:

@@ -42,9 +42,9 @@ async def login_page(request: Request) -> Response:
 async def login(request: Request) -> Response:
     console = console_of(request)
     try:
-        form = await read_form(request)
-    except FormTooLarge:
-        return PlainTextResponse("form too large or not UTF-8", status_code=413)
+        form, _ = await read_form(request)
+    except FormTooLarge as exc:
+        return PlainTextResponse(f"form refused: {exc}", status_code=413)
     if not csrf_matches(request.state.session, form.get("csrf")):
         return PlainTextResponse("missing or wrong CSRF token", status_code=403)
     name = form.get("name", "")[:64]

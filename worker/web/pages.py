@@ -401,10 +401,13 @@ async def plan_page(request: Request) -> Response:
 
 
 async def _plan_document(request: Request, *, apply: bool) -> Response:
+    """Plan (and with ``apply``, send) a desired-state file: the one uploaded as ``file``, else
+    the pasted ``document``. Nothing is sent unless every scope's write passed its checks."""
     console = console_of(request)
     form = request.state.form
     name = form.get("name", "")[:MAX_PARAM_CHARS] or "desired-state.json"
     document, reason = form.get("document", ""), form.get("reason", "")
+    upload = request.state.uploads.get("file")
     user = request.state.user
 
     def plan() -> tuple[list[Any], list[changes.PlannedWrite]]:
@@ -415,14 +418,17 @@ async def _plan_document(request: Request, *, apply: bool) -> Response:
         return plans, writes
 
     try:
+        if upload is not None and (upload.filename or upload.data):
+            name, document = changes.read_upload(upload.filename, upload.data)
         plans, writes = await run_in_threadpool(plan)
     except InvalidOption as exc:
+        too_large = isinstance(exc, changes.DocumentTooLarge)
         return console.render(
             request,
             "plan.html",
-            422,
+            413 if too_large else 422,
             name=name,
-            document=document,
+            document="" if too_large else document,
             reason=reason,
             error=str(exc),
             plans=None,
