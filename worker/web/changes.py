@@ -16,7 +16,6 @@ from store.model.writes import MAX_REASON_LENGTH
 from store.signing.tasks import ACTOR_HEADER, ORIGIN_HEADER, REASON_HEADER
 from worker.cli.audit import Change, diff, state_at
 from worker.cli.writes import parse_value, task_call
-from worker.web.browse import value_of
 
 REVERT, APPLY = "revert", "apply"
 # The most scopes one apply from the console writes (one set_many and one live panel each).
@@ -81,7 +80,7 @@ def plan_set(
     headers = {ACTOR_HEADER: actor, REASON_HEADER: checked_reason}
     _checked(name, args, headers)
     new = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    old = value_of(db, scope.name, key)
+    old = db.value_text(scope.name, key)
     changes = [] if old == new else [Change(key, old, new)]
     return PlannedWrite(name, args, changes, checked_reason)
 
@@ -95,7 +94,7 @@ def plan_unset(
     checked_reason = _reason(reason, required=reason_required(registry, scope, key))
     name, args = task_call(scope, key, None, unset=True)
     _checked(name, args, {ACTOR_HEADER: actor, REASON_HEADER: checked_reason})
-    old = value_of(db, scope.name, key)
+    old = db.value_text(scope.name, key)
     changes = [] if old is None else [Change(key, old, None)]
     return PlannedWrite(name, args, changes, checked_reason)
 

@@ -1,6 +1,6 @@
 """The console's pages: browse and search, a scope, edit (check, preview, apply), history and
-revert. Every read is a page of an index (``browse.py``); every write goes through
-``changes.py``."""
+revert. Every read is a keyset page of an index (``PostgresStore``'s ``*_page`` methods);
+every write goes through ``changes.py``."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from store.errors import InvalidOption
 from store.model.registry import OPTION_KINDS
 from store.model.scopes import Scope
 from worker.cli.status import status_report
-from worker.web import browse, changes
+from worker.web import changes
 from worker.web.console import action, console_of, page, to
 
 MAX_PARAM_CHARS = 200
@@ -62,16 +62,12 @@ async def index(request: Request) -> Response:
     prefix, key, after = param(request, "q"), param(request, "key"), param(request, "after")
     found: Any
     if key:
-        start = tuple(after.split("\n", 1)) if "\n" in after else ("", "")
-        found = await run_in_threadpool(
-            browse.keys_across_scopes,
-            db,
-            prefix=key,
-            after=start,  # type: ignore[arg-type]
-        )
+        after_key, newline, after_scope = after.partition("\n")
+        start = (after_key, after_scope) if newline else ("", "")
+        found = await run_in_threadpool(db.keys_page, prefix=key, after=start)
         kind = "keys"
     else:
-        found = await run_in_threadpool(browse.scopes, db, prefix=prefix, after=after)
+        found = await run_in_threadpool(db.scopes_page, prefix=prefix, after=after)
         kind = "scopes"
     next_url = None
     if found.after is not None:
@@ -99,17 +95,17 @@ async def scope_page(request: Request) -> Response:
     prefix, after = param(request, "q"), param(request, "after")
 
     def read() -> tuple[Any, tuple[int, int], list[Any]]:
-        found = browse.scope_values(db, scope.name, prefix=prefix, after=after)
+        found = db.values_page(scope.name, prefix=prefix, after=after)
         declared = [] if scope.is_tag_keys else registry.declarations()
         declared = [d for d in declared if scope.kind in d.scopes]
-        return found, browse.scope_revision(db, scope.name), declared
+        return found, db.scope_size(scope.name), declared
 
     found, (revision, key_count), declared = await run_in_threadpool(read)
     declarations = {d.key: d for d in declared}
     shown = {row.key for row in found.rows}
     unset_declared = []
     if not after:
-        set_keys = await run_in_threadpool(_set_keys, db, scope.name, list(declarations))
+        set_keys = await run_in_threadpool(db.keys_set, scope.name, list(declarations))
         unset_declared = [d for d in declared if d.key not in set_keys and d.key.startswith(prefix)]
     next_url = None
     if found.after is not None:
@@ -131,16 +127,6 @@ async def scope_page(request: Request) -> Response:
     )
 
 
-def _set_keys(db: Any, scope: str, keys: list[str]) -> set[str]:
-    if not keys:
-        return set()
-    with db.connection() as conn:
-        rows = conn.execute(
-            "SELECT key FROM options_value WHERE scope = %s AND key = ANY(%s)", (scope, keys)
-        ).fetchall()
-    return {row[0] for row in rows}
-
-
 def _edit_context(request: Request, scope: Scope, key: str) -> dict[str, Any]:
     registry = console_of(request).registry
     declared = None if scope.is_tag_keys else registry.get(key, scope.kind) if key else None
@@ -159,7 +145,7 @@ async def edit_page(request: Request) -> Response:
     if isinstance(scope, Response):
         return scope
     key = param(request, "key")
-    current = await run_in_threadpool(browse.value_of, console.backend.db, scope.name, key)
+    current = await run_in_threadpool(console.backend.db.value_text, scope.name, key)
     context = await run_in_threadpool(_edit_context, request, scope, key)
     return console.render(
         request,
@@ -265,9 +251,7 @@ async def history_page(request: Request) -> Response:
     if before_text and not is_number(before_text):
         return PlainTextResponse("before: must be a history entry's number", status_code=400)
     before = int(before_text) if before_text else None
-    found = await run_in_threadpool(
-        browse.history_page, console.backend.db, scope.name, key, before=before
-    )
+    found = await run_in_threadpool(console.backend.db.history_page, scope.name, key, before=before)
     next_url = None
     if found.after is not None:
         next_url = scope_url(request, scope.name, "/history", key=key, before=found.after)
