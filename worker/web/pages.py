@@ -5,6 +5,8 @@ every write goes through ``changes.py``."""
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -161,67 +163,67 @@ async def edit_page(request: Request) -> Response:
     )
 
 
-async def _plan_or_errors(request: Request, scope: Scope, *, apply: bool) -> Response:
+Render = Callable[[changes.PlannedWrite | None, InvalidOption | None], Awaitable[Response]]
+
+
+async def preview_or_send(
+    request: Request, plan: Callable[[], changes.PlannedWrite], render: Render, *, apply: bool
+) -> Response:
+    """The one shape of an edit, an unset and a revert: ``plan`` (in a thread) checks the write
+    and says what it changes. Its InvalidOption is rendered, nothing sent; a preview, or an
+    apply that changes nothing, renders the plan; an apply that changes something sends it and
+    goes to its write's panel."""
+    try:
+        planned = await run_in_threadpool(plan)
+    except InvalidOption as exc:
+        return await render(None, exc)
+    if not apply or not planned.changes:
+        return await render(planned, None)
+    task_id = await run_in_threadpool(changes.send, planned, actor=request.state.user.name)
+    return RedirectResponse(to(request, f"/writes/{task_id}"), status_code=303)
+
+
+async def _edit(request: Request, scope: Scope, *, apply: bool) -> Response:
+    """A set (or, with ``unset=1``, an unset) of one key, as ``optionstore set``/``unset``."""
     console = console_of(request)
     form = request.state.form
-    user = request.state.user
     key, value, reason = form.get("key", ""), form.get("value", ""), form.get("reason", "")
-
     unset = form.get("unset") == "1"
-
-    def plan() -> changes.PlannedWrite:
-        if unset:
-            return changes.plan_unset(
-                console.backend.db,
-                console.registry,
-                scope=scope,
-                key=key,
-                reason=reason,
-                actor=user.name,
-            )
-        return changes.plan_set(
-            console.backend.db,
-            console.registry,
+    db, registry, actor = console.backend.db, console.registry, request.state.user.name
+    plan: Callable[[], changes.PlannedWrite]
+    if unset:
+        plan = partial(
+            changes.plan_unset, db, registry, scope=scope, key=key, reason=reason, actor=actor
+        )
+    else:
+        plan = partial(
+            changes.plan_set,
+            db,
+            registry,
             scope=scope,
             key=key,
             value_text=value,
             reason=reason,
-            actor=user.name,
+            actor=actor,
         )
 
-    try:
-        planned = await run_in_threadpool(plan)
-    except InvalidOption as exc:
+    async def render(planned: changes.PlannedWrite | None, error: InvalidOption | None) -> Response:
         context = await run_in_threadpool(_edit_context, request, scope, key)
         return console.render(
             request,
             "edit.html",
-            422,
+            422 if error else 200,
             key=key,
             value=value,
             current=None,
             reason=reason,
-            errors={form_field(exc): str(exc)},
-            planned=None,
-            unset=unset,
-            **context,
-        )
-    if not apply or not planned.changes:
-        context = await run_in_threadpool(_edit_context, request, scope, key)
-        return console.render(
-            request,
-            "edit.html",
-            key=key,
-            value=value,
-            current=None,
-            reason=reason,
-            errors={},
+            errors={} if error is None else {form_field(error): str(error)},
             planned=planned,
             unset=unset,
             **context,
         )
-    task_id = await run_in_threadpool(changes.send, planned, actor=user.name)
-    return RedirectResponse(to(request, f"/writes/{task_id}"), status_code=303)
+
+    return await preview_or_send(request, plan, render, apply=apply)
 
 
 @action(write=True)
@@ -229,7 +231,7 @@ async def preview(request: Request) -> Response:
     scope = scope_of(request)
     if isinstance(scope, Response):
         return scope
-    return await _plan_or_errors(request, scope, apply=False)
+    return await _edit(request, scope, apply=False)
 
 
 @action(write=True)
@@ -237,7 +239,7 @@ async def apply(request: Request) -> Response:
     scope = scope_of(request)
     if isinstance(scope, Response):
         return scope
-    return await _plan_or_errors(request, scope, apply=True)
+    return await _edit(request, scope, apply=True)
 
 
 @page
@@ -284,40 +286,32 @@ async def _revert(request: Request, source: dict[str, str], *, apply: bool) -> R
         return PlainTextResponse(target, status_code=400)
     key, revision = target
     reason = source.get("reason", "")
-    user = request.state.user
-
-    def plan() -> changes.PlannedWrite:
-        return changes.plan_revert(
-            console.backend.db,
-            console.registry,
-            scope=scope,
-            key=key,
-            to=revision,
-            reason=reason,
-            actor=user.name,
-        )
-
-    error = None
-    planned = None
-    try:
-        planned = await run_in_threadpool(plan)
-    except InvalidOption as exc:
-        error = str(exc)
-    if apply and planned is not None and planned.changes:
-        task_id = await run_in_threadpool(changes.send, planned, actor=user.name)
-        return RedirectResponse(to(request, f"/writes/{task_id}"), status_code=303)
-    return console.render(
-        request,
-        "revert.html",
-        422 if error else 200,
+    plan = partial(
+        changes.plan_revert,
+        console.backend.db,
+        console.registry,
         scope=scope,
         key=key,
         to=revision,
         reason=reason,
-        error=error,
-        planned=planned,
-        url=lambda tail="", **q: scope_url(request, scope.name, tail, **q),
+        actor=request.state.user.name,
     )
+
+    async def render(planned: changes.PlannedWrite | None, error: InvalidOption | None) -> Response:
+        return console.render(
+            request,
+            "revert.html",
+            422 if error else 200,
+            scope=scope,
+            key=key,
+            to=revision,
+            reason=reason,
+            error=None if error is None else str(error),
+            planned=planned,
+            url=lambda tail="", **q: scope_url(request, scope.name, tail, **q),
+        )
+
+    return await preview_or_send(request, plan, render, apply=apply)
 
 
 @page
