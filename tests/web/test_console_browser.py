@@ -21,12 +21,11 @@ import pytest
 from tests.conftest import (
     IN_CI,
     ROOT,
-    STATE_DIR,
     Services,
     Worker,
-    _machine_services,
     free_port,
     fresh_id,
+    target_services,
     wait_for,
 )
 from tests.processes import start_group, stop_group
@@ -86,22 +85,11 @@ def optionstore(env: dict[str, str], *args: str, stdin: str = "") -> str:
 def target(request: pytest.FixtureRequest) -> Iterator[Services]:
     """One target per run of the module's tests, with a namespace of its own: the worker and
     the console below are started once per target and shared by its tests."""
-    from store.embedded import ensure_embedded
-    from store.postgres.schema import migrate
-
     if not CHROMIUM.exists():
         if IN_CI:
             pytest.fail(f"CI=true but {CHROMIUM} is missing (.ci/run installs it)")
         pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium")
-    if request.param == "embedded":
-        found = ensure_embedded(STATE_DIR)
-        services = Services("embedded", found.database_url, found.redis_url)
-        migrate(services.database_url)
-        yield services
-        return
-    for services in _machine_services():
-        migrate(services.database_url)
-        yield services
+    yield from target_services(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +202,14 @@ def converge(page: Any, worker: Worker) -> dict[str, tuple[int, int]]:
     return counts
 
 
+def converged_to(page: Any, worker: Worker, project: int, key: str, value: Any) -> None:
+    """Wait for the convergence panel to say every live process applied the write, then check
+    that every worker child reads ``value`` for ``key``."""
+    converge(page, worker)
+    answers = worker.read_everywhere("project_options", "get_value", project, key)
+    assert set(answers.values()) == {value}, answers
+
+
 def test_editor_changes_an_option_and_every_process_applies_it(
     browser: Any, console: str, worker: Worker, target: Services
 ) -> None:
@@ -264,9 +260,7 @@ def test_editor_changes_an_option_and_every_process_applies_it(
     page.click("tr.entry[data-revision='1'] a.revert")
     assert "+ page_size = 20" in page.inner_text("#diff")
     page.click("#revert")
-    converge(page, worker)
-    answers = worker.read_everywhere("project_options", "get_value", project, "page_size")
-    assert set(answers.values()) == {20}, answers
+    converged_to(page, worker, project, "page_size", 20)
     page.goto(f"{console}/scope/{scope}/history?key=page_size")
     newest = page.query_selector("tr.entry")
     assert newest.query_selector(".reason").inner_text() == "revert to r1"
@@ -415,9 +409,7 @@ def test_an_editor_unsets_a_key_and_removes_a_tag_key(
     page.click("#preview-unset")
     assert "+ theme (unset)" in page.inner_text("#diff pre")
     page.click("#apply")
-    converge(page, worker)
-    answers = worker.read_everywhere("project_options", "get_value", project, "theme")
-    assert set(answers.values()) == {None}, answers
+    converged_to(page, worker, project, "theme", None)
     page.goto(f"{console}/scope/tagkeys:{project}")
     page.click("tr[data-key=browser] a.edit")
     page.click("#preview-unset")
@@ -512,9 +504,7 @@ def test_an_editor_uploads_a_desired_state_file_sees_its_drift_and_applies_it(
     assert history_count(target, scope) == before  # planned, nothing written
     shoot(page, target, "plan-upload")
     page.click("#apply-plan")
-    converge(page, worker)
-    answers = worker.read_everywhere("project_options", "get_value", project, "page_size")
-    assert set(answers.values()) == {50}, answers
+    converged_to(page, worker, project, "page_size", 50)
     page.goto(f"{console}/scope/{scope}/history?key=page_size")
     newest = page.query_selector("tr.entry")
     assert newest.query_selector(".actor").inner_text() == EDITOR[0]
