@@ -162,12 +162,12 @@ def _machine_services() -> Iterator[Services]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture(scope="session", params=["embedded", "machine"])
-def services(request: pytest.FixtureRequest) -> Iterator[Services]:
+def target_services(name: str) -> Iterator[Services]:
+    """The target ``name`` ("embedded" or "machine"), migrated, with a namespace of its own."""
     from store.embedded import ensure_embedded
     from store.postgres.schema import migrate
 
-    if request.param == "embedded":
+    if name == "embedded":
         found = ensure_embedded(STATE_DIR)
         target = Services("embedded", found.database_url, found.redis_url)
         migrate(target.database_url)
@@ -176,6 +176,11 @@ def services(request: pytest.FixtureRequest) -> Iterator[Services]:
     for target in _machine_services():
         migrate(target.database_url)
         yield target
+
+
+@pytest.fixture(scope="session", params=["embedded", "machine"])
+def services(request: pytest.FixtureRequest) -> Iterator[Services]:
+    yield from target_services(request.param)
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from store.errors import InvalidOption, NotMigrated, RevisionConflict
 from store.fork import after_fork_in_child
 from store.model.validation import DEFAULT_MAX_SCOPE_BYTES, DEFAULT_MAX_SCOPE_KEYS
 from store.model.writes import Write, WriteResult
+from store.postgres.keyset import PAGE_SIZE, Page, ScopeRow, ValueRow, like_prefix
 from store.postgres.marks import AnnouncedMarks
 from store.postgres.schema import SCHEMA_VERSION, schema_version
 
@@ -352,20 +353,103 @@ class PostgresStore:
     def history(
         self, scope: str, key: str | None = None, *, limit: int = 100
     ) -> list[HistoryEntry]:
-        query = (
-            "SELECT scope, key, old_value, new_value, revision, changed_at, task_id,"
-            " actor, reason, origin, old_value IS NOT NULL, new_value IS NOT NULL"
-            " FROM options_history WHERE scope = %s"
-        )
-        params: list[Any] = [scope]
-        if key is not None:
-            query += " AND key = %s"
-            params.append(key)
+        """The newest ``limit`` changes of ``scope`` (or of one ``key``), oldest first."""
+        query, params = _history_query(scope, key, before=None)
         query += " ORDER BY revision DESC, id DESC LIMIT %s"
-        params.append(limit)
         with self.connection() as conn:
-            rows = conn.execute(query, params).fetchall()
-        return [HistoryEntry(*row) for row in reversed(rows)]
+            rows = conn.execute(query, [*params, limit]).fetchall()
+        return [HistoryEntry(*row[1:]) for row in reversed(rows)]
+
+    def history_page(
+        self,
+        scope: str,
+        key: str | None = None,
+        *,
+        before: int | None = None,
+        limit: int = PAGE_SIZE,
+    ) -> Page[tuple[int, HistoryEntry]]:
+        """Changes of ``scope`` (or of one ``key``), newest first, as (history id, entry), with
+        ids below ``before`` (on ``options_history_scope_id``); the next page's ``after`` is
+        the last id shown."""
+        query, params = _history_query(scope, key, before=before)
+        query += " ORDER BY id DESC LIMIT %s"
+        with self.connection() as conn:
+            rows = conn.execute(query, [*params, limit + 1]).fetchall()
+        entries = [(int(r[0]), HistoryEntry(*r[1:])) for r in rows[:limit]]
+        return Page(entries, str(entries[-1][0]) if len(rows) > limit else None)
+
+    def scopes_page(
+        self, *, prefix: str = "", after: str = "", limit: int = PAGE_SIZE
+    ) -> Page[ScopeRow]:
+        """Scopes whose name starts with ``prefix``, in name order ("C", on
+        ``options_scope_name_c``), after the scope ``after``."""
+        with self.connection() as conn:
+            rows = conn.execute(
+                'SELECT scope, revision, updated_at FROM options_scope WHERE scope COLLATE "C"'
+                ' LIKE %s AND scope COLLATE "C" > %s ORDER BY scope COLLATE "C" LIMIT %s',
+                (like_prefix(prefix), after, limit + 1),
+            ).fetchall()
+        found = [ScopeRow(r[0], int(r[1]), r[2]) for r in rows[:limit]]
+        return Page(found, found[-1].scope if len(rows) > limit else None)
+
+    def values_page(
+        self, scope: str, *, prefix: str = "", after: str = "", limit: int = PAGE_SIZE
+    ) -> Page[ValueRow]:
+        """One scope's keys starting with ``prefix``, in key order, after the key ``after`` (on
+        the primary key, ``(scope, key)``), each with its canonical JSON text."""
+        with self.connection() as conn:
+            rows = conn.execute(
+                "SELECT scope, key, value::text, revision FROM options_value"
+                " WHERE scope = %s AND key > %s AND key LIKE %s ORDER BY key LIMIT %s",
+                (scope, after, like_prefix(prefix), limit + 1),
+            ).fetchall()
+        found = [ValueRow(r[0], r[1], r[2], int(r[3])) for r in rows[:limit]]
+        return Page(found, found[-1].key if len(rows) > limit else None)
+
+    def keys_page(
+        self, *, prefix: str, after: tuple[str, str] = ("", ""), limit: int = PAGE_SIZE
+    ) -> Page[ValueRow]:
+        """Every (scope, key) whose key starts with ``prefix``, in (key, scope) order ("C", on
+        ``options_value_key_c``), after the (key, scope) ``after``; the next page's ``after``
+        is ``key + "\\n" + scope`` (a key holds no newline)."""
+        with self.connection() as conn:
+            rows = conn.execute(
+                'SELECT scope, key, value::text, revision FROM options_value WHERE key COLLATE "C"'
+                ' LIKE %s AND (key COLLATE "C", scope COLLATE "C") > (%s, %s)'
+                ' ORDER BY key COLLATE "C", scope COLLATE "C" LIMIT %s',
+                (like_prefix(prefix), after[0], after[1], limit + 1),
+            ).fetchall()
+        found = [ValueRow(r[0], r[1], r[2], int(r[3])) for r in rows[:limit]]
+        last = f"{found[-1].key}\n{found[-1].scope}" if len(rows) > limit else None
+        return Page(found, last)
+
+    def scope_size(self, scope: str) -> tuple[int, int]:
+        """A scope's revision and how many keys it holds (the count kept by migration 10);
+        (0, 0) for a scope never written."""
+        with self.connection() as conn:
+            row = conn.execute(
+                "SELECT revision, key_count FROM options_scope WHERE scope = %s", (scope,)
+            ).fetchone()
+        return (0, 0) if row is None else (int(row[0]), int(row[1]))
+
+    def value_text(self, scope: str, key: str) -> str | None:
+        """One key's canonical JSON text, or None when it is not set."""
+        with self.connection() as conn:
+            row = conn.execute(
+                "SELECT value::text FROM options_value WHERE scope = %s AND key = %s",
+                (scope, key),
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def keys_set(self, scope: str, keys: list[str]) -> set[str]:
+        """Which of ``keys`` are set in ``scope`` (on the primary key)."""
+        if not keys:
+            return set()
+        with self.connection() as conn:
+            rows = conn.execute(
+                "SELECT key FROM options_value WHERE scope = %s AND key = ANY(%s)", (scope, keys)
+            ).fetchall()
+        return {row[0] for row in rows}
 
     def count_unannounced(self, *, cap: int = COUNT_CAP) -> int:
         """Commits not yet announced, counted up to ``cap`` on the outbox's partial index."""
@@ -546,6 +630,24 @@ class PostgresStore:
                 (after, settle, limit),
             ).fetchall()
         return [(scope, int(revision)) for scope, revision in rows]
+
+
+def _history_query(scope: str, key: str | None, *, before: int | None) -> tuple[str, list[Any]]:
+    """The history rows of ``scope`` (or one ``key``), with ids below ``before``: id first,
+    then HistoryEntry's fields; the caller adds its order and limit."""
+    query = (
+        "SELECT id, scope, key, old_value, new_value, revision, changed_at, task_id,"
+        " actor, reason, origin, old_value IS NOT NULL, new_value IS NOT NULL"
+        " FROM options_history WHERE scope = %s"
+    )
+    params: list[Any] = [scope]
+    if key is not None:
+        query += " AND key = %s"
+        params.append(key)
+    if before is not None:
+        query += " AND id < %s"
+        params.append(before)
+    return query, params
 
 
 def _raise_if_not_migrated(conn: Connection, error: psycopg.Error) -> None:

@@ -1,10 +1,12 @@
 """The console in a real browser (Debian's headless Chromium through Playwright) against a real
-``optionstore web`` server, a real prefork worker and the machine's PostgreSQL and Redis: sign
-in, change, converge, refuse, history, revert, roles, CSRF, escaping, live status."""
+``optionstore web`` server and a real prefork worker, on both targets (the embedded default's
+PostgreSQL and Redis, and the machine's): sign in, change, converge, stragglers, refuse,
+history, revert, roles, CSRF, escaping, live status, plan and apply."""
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import tempfile
@@ -21,9 +23,9 @@ from tests.conftest import (
     ROOT,
     Services,
     Worker,
-    _machine_services,
     free_port,
     fresh_id,
+    target_services,
     wait_for,
 )
 from tests.processes import start_group, stop_group
@@ -58,6 +60,10 @@ reason_required = true
 description = "Share of requests on the new path"
 """
 TIMEOUT_MS = 30_000
+# How long a write's panel follows it here before it names the processes behind.
+CONVERGE_SECONDS = 20
+# The target whose pages become the screenshots of docs/images.
+SCREENSHOTS_FROM = "machine"
 
 
 def optionstore(env: dict[str, str], *args: str, stdin: str = "") -> str:
@@ -75,17 +81,15 @@ def optionstore(env: dict[str, str], *args: str, stdin: str = "") -> str:
     return done.stdout
 
 
-@pytest.fixture(scope="module")
-def target() -> Iterator[Services]:
-    from store.postgres.schema import migrate
-
+@pytest.fixture(scope="module", params=["embedded", "machine"])
+def target(request: pytest.FixtureRequest) -> Iterator[Services]:
+    """One target per run of the module's tests, with a namespace of its own: the worker and
+    the console below are started once per target and shared by its tests."""
     if not CHROMIUM.exists():
         if IN_CI:
             pytest.fail(f"CI=true but {CHROMIUM} is missing (.ci/run installs it)")
         pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium")
-    for services in _machine_services():
-        migrate(services.database_url)
-        yield services
+    yield from target_services(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +121,10 @@ def console(console_env: dict[str, str], worker: Worker) -> Iterator[str]:
     port = free_port()
     log_path = Path(tempfile.mkstemp(prefix="console-", suffix=".log")[1])
     server = start_group(
-        [sys.executable, "-m", "worker.cli", "web", "--port", str(port)],
+        [
+            *(sys.executable, "-m", "worker.cli", "web", "--port", str(port)),
+            *("--converge-seconds", str(CONVERGE_SECONDS)),
+        ],
         env=console_env,
         log_path=log_path,
     )
@@ -167,7 +174,10 @@ def history_count(target: Services, scope: str) -> int:
         return int(row.fetchone()[0])  # type: ignore[index]
 
 
-def shoot(page: Any, name: str) -> None:
+def shoot(page: Any, target: Services, name: str) -> None:
+    """Write the page as docs/images/console-NAME.png (from one target only)."""
+    if target.name != SCREENSHOTS_FROM:
+        return
     IMAGES.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(IMAGES / f"console-{name}.png"), full_page=True)
 
@@ -192,6 +202,14 @@ def converge(page: Any, worker: Worker) -> dict[str, tuple[int, int]]:
     return counts
 
 
+def converged_to(page: Any, worker: Worker, project: int, key: str, value: Any) -> None:
+    """Wait for the convergence panel to say every live process applied the write, then check
+    that every worker child reads ``value`` for ``key``."""
+    converge(page, worker)
+    answers = worker.read_everywhere("project_options", "get_value", project, key)
+    assert set(answers.values()) == {value}, answers
+
+
 def test_editor_changes_an_option_and_every_process_applies_it(
     browser: Any, console: str, worker: Worker, target: Services
 ) -> None:
@@ -209,7 +227,7 @@ def test_editor_changes_an_option_and_every_process_applies_it(
     page.goto(f"{console}/scope/{scope}")
     assert page.inner_text("tr[data-key=page_size] .value") == "20"
     assert "integer" in page.inner_text("tr[data-key=page_size]")
-    shoot(page, "browse")
+    shoot(page, target, "browse")
 
     set_in_browser(
         page,
@@ -224,7 +242,7 @@ def test_editor_changes_an_option_and_every_process_applies_it(
     counts = converge(page, worker)
     applied, live = counts["worker"]
     assert applied == live >= worker.concurrency, counts  # every prefork child, at least
-    shoot(page, "convergence")
+    shoot(page, target, "convergence")
     answers = worker.read_everywhere("project_options", "get_value", project, "page_size")
     assert set(answers.values()) == {100}, answers
 
@@ -236,15 +254,13 @@ def test_editor_changes_an_option_and_every_process_applies_it(
     newest = page.query_selector("tr.entry")
     assert newest.query_selector(".actor").inner_text() == EDITOR[0]
     assert newest.query_selector(".reason").inner_text() == "bigger pages for the audit"
-    shoot(page, "history")
+    shoot(page, target, "history")
 
     # Revert to the first revision: the same preview as the CLI's revert, then a set_many.
     page.click("tr.entry[data-revision='1'] a.revert")
     assert "+ page_size = 20" in page.inner_text("#diff")
     page.click("#revert")
-    converge(page, worker)
-    answers = worker.read_everywhere("project_options", "get_value", project, "page_size")
-    assert set(answers.values()) == {20}, answers
+    converged_to(page, worker, project, "page_size", 20)
     page.goto(f"{console}/scope/{scope}/history?key=page_size")
     newest = page.query_selector("tr.entry")
     assert newest.query_selector(".reason").inner_text() == "revert to r1"
@@ -281,7 +297,7 @@ def test_a_value_breaking_the_schema_is_refused_beside_its_field(
     assert cli.returncode == 2
     assert error in cli.stderr, (error, cli.stderr)
     assert page.query_selector("#apply") is None
-    shoot(page, "edit-error")
+    shoot(page, target, "edit-error")
     set_in_browser(page, f"{console}/scope/{scope}", key="page_size", value="not json", reason="")
     assert "is not JSON" in page.inner_text("#error-value")
     page.goto(f"{console}/scope/{scope}/edit?key=rollout")
@@ -372,7 +388,7 @@ def test_the_status_page_follows_workers_starting_and_stopping(
     try:
         wait_for(lambda: count() > before, timeout=30, message="the new worker on the page")
         assert page.locator(f"tr.process[data-pid='{extra.process.pid}']").count() == 1  # type: ignore[union-attr]
-        shoot(page, "status")
+        shoot(page, target, "status")
     finally:
         extra.stop()
     wait_for(lambda: count() == before, timeout=30, message="the stopped worker to leave the page")
@@ -393,9 +409,7 @@ def test_an_editor_unsets_a_key_and_removes_a_tag_key(
     page.click("#preview-unset")
     assert "+ theme (unset)" in page.inner_text("#diff pre")
     page.click("#apply")
-    converge(page, worker)
-    answers = worker.read_everywhere("project_options", "get_value", project, "theme")
-    assert set(answers.values()) == {None}, answers
+    converged_to(page, worker, project, "theme", None)
     page.goto(f"{console}/scope/tagkeys:{project}")
     page.click("tr[data-key=browser] a.edit")
     page.click("#preview-unset")
@@ -442,3 +456,103 @@ def test_an_editor_plans_and_applies_a_desired_state_file(
         ).fetchall()
     assert rows == [(EDITOR[0], "apply", "apply desired-state.json")]
     page.context.close()
+
+
+def upload_plan(page: Any, console: str, name: str, document: dict[str, Any]) -> str:
+    """Upload ``document`` as the file ``name`` on the plan page; the plan's text."""
+    page.goto(f"{console}/plan")
+    page.set_input_files(
+        "#file",
+        files=[
+            {"name": name, "mimeType": "application/json", "buffer": json.dumps(document).encode()}
+        ],
+    )
+    page.click("#plan")
+    return str(page.inner_text("#plan-result"))
+
+
+def test_an_editor_uploads_a_desired_state_file_sees_its_drift_and_applies_it(
+    browser: Any, console: str, worker: Worker, target: Services
+) -> None:
+    """A desired-state file uploaded as a file (multipart) is planned as ``optionstore plan``
+    plans it: a value changed outside the file since its last apply is shown as drift, and
+    nothing is written until the plan is applied; the apply (origin apply, the file's name in
+    the reason, the user as actor) then reaches every worker child and the scope's history."""
+    project = fresh_id()
+    scope = f"project:{project}"
+    page = signed_in(browser, console, EDITOR)
+    upload_plan(
+        page,
+        console,
+        "fleet.json",
+        {"optionstore": 1, "scopes": {scope: {"values": {"page_size": 30}}}},
+    )
+    page.click("#apply-plan")
+    converge(page, worker)
+    worker.call("options.set_project_option", project, "page_size", 35)  # outside the file
+    before = history_count(target, scope)
+
+    plan = upload_plan(
+        page,
+        console,
+        "fleet.json",
+        {"optionstore": 1, "scopes": {scope: {"values": {"page_size": 50}}}},
+    )
+    assert f"Drift in {scope}: changed outside fleet.json" in plan, plan
+    assert "page_size: applied 30, now 35" in plan, plan
+    assert "- page_size = 35" in plan and "+ page_size = 50" in plan, plan
+    assert history_count(target, scope) == before  # planned, nothing written
+    shoot(page, target, "plan-upload")
+    page.click("#apply-plan")
+    converged_to(page, worker, project, "page_size", 50)
+    page.goto(f"{console}/scope/{scope}/history?key=page_size")
+    newest = page.query_selector("tr.entry")
+    assert newest.query_selector(".actor").inner_text() == EDITOR[0]
+    assert newest.query_selector(".reason").inner_text() == "apply fleet.json"
+    page.context.close()
+
+
+def test_the_convergence_panel_names_a_process_that_never_applies_the_change(
+    browser: Any, console: str, console_env: dict[str, str], target: Services, worker: Worker
+) -> None:
+    """A live worker process that never applies one change (tests/held_apply.py holds it back)
+    keeps the panel waiting until the deadline passes; the panel then names that process by
+    host, pid and kind, and only it, and counts every other worker process as applied."""
+    project = fresh_id()
+    scope = f"project:{project}"
+    worker.call("options.set_project_option", project, "theme", "dark")
+    held = Worker(
+        target,
+        pool="solo",
+        concurrency=1,
+        include="tests.probe_tasks,tests.held_apply",
+        extra_env={
+            "OPTIONS_TASK_QUEUE": f"{target.namespace}.held",
+            "OPTIONS_REGISTRY": console_env["OPTIONS_REGISTRY"],
+        },
+    ).start()
+    try:
+        held_pid = held.process.pid  # type: ignore[union-attr]
+        page = signed_in(browser, console, EDITOR)
+        page.goto(f"{console}/status")
+        page.wait_for_selector(f"tr.process[data-pid='{held_pid}']")
+        page.goto(f"{console}/scope/{scope}/edit?key=theme")
+        page.fill("#value", '"held:back"')
+        page.click("#preview")
+        assert '+ theme = "held:back"' in page.inner_text("#diff pre")
+        page.click("#apply")
+        page.wait_for_selector("section.convergence[data-state=applying]")
+        stragglers = page.wait_for_selector("#stragglers", timeout=(CONVERGE_SECONDS + 40) * 1000)
+        named = stragglers.inner_text()  # type: ignore[union-attr]
+        assert f"{socket.gethostname()}:{held_pid} (worker)" in named, named
+        others = {worker.process.pid, *worker.child_pids()}  # type: ignore[union-attr]
+        assert not [pid for pid in others if f":{pid} " in named], (named, others)
+        applied, live = (
+            int(page.inner_text("tr.kind[data-kind=worker] .applied")),
+            int(page.inner_text("tr.kind[data-kind=worker] .live")),
+        )
+        assert applied == live - 1 >= worker.concurrency, (applied, live)
+        shoot(page, target, "stragglers")
+        page.context.close()
+    finally:
+        held.stop()

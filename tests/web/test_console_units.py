@@ -244,6 +244,45 @@ def test_a_form_too_large_is_refused_before_it_is_read(client: TestClient) -> No
     assert many.status_code == 413
 
 
+def test_an_upload_too_large_or_not_utf8_is_refused_with_a_clear_error(
+    client: TestClient,
+) -> None:
+    """A desired-state file uploaded past 1 MiB is refused (413) with an error naming the file
+    and the limit, one not UTF-8 is refused naming the file, a form past 4 MiB is refused
+    before it is parsed, and an upload without the CSRF token is refused: in each case before
+    the store is reached (this client's services do not exist)."""
+    assert sign_in(client, "ana", "ana password") == 303
+    token = csrf_of(client)
+    big = b'{"optionstore": 1, "scopes": {}, "pad": "' + b"x" * (2 * 1024 * 1024) + b'"}'
+    refused = client.post(
+        "/plan", data={"csrf": token}, files={"file": ("fleet.json", big, "application/json")}
+    )
+    assert refused.status_code == 413
+    assert "file: fleet.json is" in refused.text and "at most 1048576 bytes" in refused.text
+    latin = client.post(
+        "/apply", data={"csrf": token}, files={"file": ("fleet.json", b"\xff\xfe{}", "text/plain")}
+    )
+    assert latin.status_code == 422 and "file: fleet.json is not UTF-8" in latin.text
+    huge = client.post(
+        "/apply",
+        data={"csrf": token},
+        files={"file": ("fleet.json", b"x" * (5 * 1024 * 1024), "application/json")},
+    )
+    assert huge.status_code == 413 and "larger than 4 MiB" in huge.text
+    no_token = client.post("/apply", files={"file": ("fleet.json", b"{}", "application/json")})
+    assert no_token.status_code == 403
+
+
+def test_a_convergence_deadline_out_of_range_is_refused_naming_it(tmp_path: Path) -> None:
+    """``create_app(convergence_deadline=...)`` (``web --converge-seconds``) takes more than 0
+    and at most an hour; otherwise a ValueError names it."""
+    settings = Settings.from_environ({"OPTIONS_STATE_DIR": str(tmp_path)})
+    for bad in (0.0, -1.0, 3601.0):
+        with pytest.raises(ValueError, match="convergence_deadline"):
+            create_app(settings=settings, secret="k" * 64, convergence_deadline=bad)
+    create_app(settings=settings, secret="k" * 64, convergence_deadline=5.0)
+
+
 def test_a_number_parameter_not_ascii_is_refused_naming_it(client: TestClient) -> None:
     """``?before=`` of history and ``?to=`` of revert take ASCII digits only: "²" (a digit to
     ``str.isdigit``) is a 400 naming the parameter, not a server error; so is a form whose

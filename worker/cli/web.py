@@ -33,6 +33,14 @@ def add_commands(command: Command) -> None:
         help="trust X-Forwarded-For and X-Forwarded-Proto from these proxy addresses "
         "(comma-separated, as uvicorn's option; default: trust no one)",
     )
+    web.add_argument(
+        "--converge-seconds",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long a write's panel follows it before naming the processes that have not "
+        "applied it (60)",
+    )
     users = command("users", _users, "manage the console's users (OPTIONS_WEB_USERS_FILE)")
     actions = users.add_subparsers(dest="action", required=True)
     add = actions.add_parser("add", help="add a user (the password is asked for)")
@@ -88,7 +96,14 @@ def _web(args: argparse.Namespace, _: list[str]) -> int:
     # As `optionstore worker` does: on the embedded default, the console may be the first
     # process to start the servers.
     migrate(found.database_url)
-    app: Any = create_app(settings=found, secure_cookies=args.secure_cookies)
+    try:
+        app: Any = create_app(
+            settings=found,
+            secure_cookies=args.secure_cookies,
+            convergence_deadline=args.converge_seconds,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"optionstore web: --converge-seconds: {exc}") from None
     if not UsersFile(found.web_users_path).users():
         log.warning(
             "web.no_users",

@@ -17,6 +17,8 @@ from store.events import log
 from store.settings import Settings
 from worker.web import live, pages
 from worker.web.console import (
+    CONVERGENCE_DEADLINE,
+    MAX_CONVERGENCE_DEADLINE,
     Console,
     FormTooLarge,
     SecurityHeaders,
@@ -40,9 +42,9 @@ async def login_page(request: Request) -> Response:
 async def login(request: Request) -> Response:
     console = console_of(request)
     try:
-        form = await read_form(request)
-    except FormTooLarge:
-        return PlainTextResponse("form too large or not UTF-8", status_code=413)
+        form, _ = await read_form(request)
+    except FormTooLarge as exc:
+        return PlainTextResponse(f"form refused: {exc}", status_code=413)
     if not csrf_matches(request.state.session, form.get("csrf")):
         return PlainTextResponse("missing or wrong CSRF token", status_code=403)
     name = form.get("name", "")[:64]
@@ -76,6 +78,7 @@ def create_app(
     users_file: str | Path | None = None,
     secret: str | None = None,
     secure_cookies: bool = False,
+    convergence_deadline: float = CONVERGENCE_DEADLINE,
 ) -> Starlette:
     """The console as an ASGI application, to serve (``optionstore web``) or to mount into your
     own ASGI application (``Mount("/options", app=create_app())``).
@@ -84,12 +87,25 @@ def create_app(
     ``OPTIONS_WEB_USERS_FILE`` (or ``web-users.json`` in the state folder); ``secret`` (what
     session cookies are signed with) to ``OPTIONS_WEB_SECRET``, else one kept in the state
     folder. ``secure_cookies``: send the session cookie over HTTPS only (set it behind TLS).
+    ``convergence_deadline``: how many seconds a write's panel follows it before it names the
+    processes that have not applied it.
     Nothing is connected until the first request.
     """
     settings = settings or Settings.from_environ()
     users = UsersFile(Path(users_file) if users_file else settings.web_users_path)
     signer = SessionSigner(secret or settings.web_secret or ensure_secret(settings.state_dir))
-    console = Console(settings=settings, users=users, signer=signer, secure=secure_cookies)
+    if not 0 < convergence_deadline <= MAX_CONVERGENCE_DEADLINE:
+        raise ValueError(
+            f"convergence_deadline: must be above 0 and at most {MAX_CONVERGENCE_DEADLINE:g}"
+            f" seconds, got {convergence_deadline!r}"
+        )
+    console = Console(
+        settings=settings,
+        users=users,
+        signer=signer,
+        secure=secure_cookies,
+        convergence_deadline=convergence_deadline,
+    )
     static = resources.files("worker.web").joinpath("static")
     routes = [
         Route("/login", login_page, methods=["GET"]),

@@ -16,11 +16,17 @@ from store.model.writes import MAX_REASON_LENGTH
 from store.signing.tasks import ACTOR_HEADER, ORIGIN_HEADER, REASON_HEADER
 from worker.cli.audit import Change, diff, state_at
 from worker.cli.writes import parse_value, task_call
-from worker.web.browse import value_of
 
 REVERT, APPLY = "revert", "apply"
 # The most scopes one apply from the console writes (one set_many and one live panel each).
 MAX_APPLY_SCOPES = 100
+# The largest desired-state file the console plans, uploaded or pasted (``optionstore plan
+# FILE`` takes larger ones).
+MAX_DOCUMENT_BYTES = 1024 * 1024
+
+
+class DocumentTooLarge(InvalidOption):
+    """A desired-state file past MAX_DOCUMENT_BYTES: refused before it is read."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +80,7 @@ def plan_set(
     headers = {ACTOR_HEADER: actor, REASON_HEADER: checked_reason}
     _checked(name, args, headers)
     new = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    old = value_of(db, scope.name, key)
+    old = db.value_text(scope.name, key)
     changes = [] if old == new else [Change(key, old, new)]
     return PlannedWrite(name, args, changes, checked_reason)
 
@@ -88,7 +94,7 @@ def plan_unset(
     checked_reason = _reason(reason, required=reason_required(registry, scope, key))
     name, args = task_call(scope, key, None, unset=True)
     _checked(name, args, {ACTOR_HEADER: actor, REASON_HEADER: checked_reason})
-    old = value_of(db, scope.name, key)
+    old = db.value_text(scope.name, key)
     changes = [] if old is None else [Change(key, old, None)]
     return PlannedWrite(name, args, changes, checked_reason)
 
@@ -124,9 +130,17 @@ def plan_revert(
 
 def plan_document(db: Any, text: str, *, max_value_bytes: int) -> list[Any]:
     """The plan of a desired-state document (``optionstore plan``): per scope, the changes and
-    the drift since its last apply; InvalidOption names what is wrong in it."""
+    the drift since its last apply; InvalidOption names what is wrong in it (a document past
+    MAX_DOCUMENT_BYTES among them)."""
     from worker.cli.desired import parse_desired, plan_all
 
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_DOCUMENT_BYTES:
+        raise DocumentTooLarge(
+            "file",
+            f"is {size} bytes; the console plans files of at most {MAX_DOCUMENT_BYTES} bytes"
+            " (optionstore plan FILE takes larger ones)",
+        )
     try:
         data = json.loads(text)
     except ValueError as exc:
@@ -139,6 +153,22 @@ def plan_document(db: Any, text: str, *, max_value_bytes: int) -> list[Any]:
             "file", f"names {len(desired)} scopes; the console applies at most {MAX_APPLY_SCOPES}"
         )
     return plan_all(db, desired)
+
+
+def read_upload(filename: str, data: bytes) -> tuple[str, str]:
+    """The name (its last part, at most 200 characters) and the text of an uploaded
+    desired-state file; InvalidOption("file") when it is too large or not UTF-8."""
+    if len(data) > MAX_DOCUMENT_BYTES:
+        raise DocumentTooLarge(
+            "file",
+            f"{filename or 'the upload'} is {len(data)} bytes; the console plans files of at most"
+            f" {MAX_DOCUMENT_BYTES} bytes (optionstore plan FILE takes larger ones)",
+        )
+    name = filename.replace("\\", "/").rsplit("/", 1)[-1][:200] or "desired-state.json"
+    try:
+        return name, data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidOption("file", f"{name} is not UTF-8 text: {exc}") from None
 
 
 def plan_apply(plans: list[Any], *, name: str, reason: str, actor: str) -> list[PlannedWrite]:

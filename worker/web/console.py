@@ -7,11 +7,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
 import jinja2
 from starlette.concurrency import run_in_threadpool
+from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -38,6 +40,9 @@ ATTEMPTS_PER_ADDRESS = 30
 ATTEMPT_WINDOW = 300.0
 # Event streams (live panels) one session may hold open at once; more are refused (429).
 STREAMS_PER_SESSION = 4
+# A write's panel follows it this long (seconds), then names the processes still behind.
+CONVERGENCE_DEADLINE = 60.0
+MAX_CONVERGENCE_DEADLINE = 3600.0
 
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -77,9 +82,16 @@ class Console:
     (configured on first use) and the templates."""
 
     def __init__(
-        self, *, settings: Settings, users: UsersFile, signer: SessionSigner, secure: bool
+        self,
+        *,
+        settings: Settings,
+        users: UsersFile,
+        signer: SessionSigner,
+        secure: bool,
+        convergence_deadline: float = CONVERGENCE_DEADLINE,
     ) -> None:
         self.settings = settings
+        self.convergence_deadline = convergence_deadline
         self.users = users
         self.signer = signer
         self.secure_cookies = secure
@@ -172,17 +184,27 @@ def console_of(request: Request) -> Console:
     return console
 
 
-async def read_form(request: Request) -> dict[str, str]:
-    """The urlencoded form of a POST, bounded in bytes and fields; a field given twice keeps
-    its first value."""
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """A file sent in a multipart form: the name the browser gave it, and its bytes."""
+
+    filename: str
+    data: bytes
+
+
+async def read_form(request: Request) -> tuple[dict[str, str], dict[str, Upload]]:
+    """The form of a POST (urlencoded, or multipart with at most one file), bounded in bytes
+    and fields, and its uploaded files; a field given twice keeps its first value."""
     declared = request.headers.get("content-length", "0")
     if not (declared.isascii() and declared.isdecimal()) or int(declared) > MAX_FORM_BYTES:
-        raise FormTooLarge  # refused before a byte of it is read
+        raise FormTooLarge(_TOO_LARGE)  # refused before a byte of it is read
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_FORM_BYTES:
-            raise FormTooLarge
+            raise FormTooLarge(_TOO_LARGE)
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        return await _multipart(request, bytes(body))
     try:
         pairs = parse_qsl(
             body.decode("utf-8"),
@@ -191,15 +213,43 @@ async def read_form(request: Request) -> dict[str, str]:
             max_num_fields=MAX_FORM_FIELDS,
         )
     except (UnicodeDecodeError, ValueError):
-        raise FormTooLarge from None
+        raise FormTooLarge(f"not UTF-8, or more than {MAX_FORM_FIELDS} fields") from None
     form: dict[str, str] = {}
     for name, value in pairs:
         form.setdefault(name, value)
-    return form
+    return form, {}
+
+
+async def _multipart(request: Request, body: bytes) -> tuple[dict[str, str], dict[str, Upload]]:
+    """A multipart body already read (and bounded) whole, parsed by Starlette's parser."""
+
+    async def replay() -> Message:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        parsed = await Request(request.scope, replay).form(
+            max_files=1, max_fields=MAX_FORM_FIELDS, max_part_size=MAX_FORM_BYTES
+        )
+    except (MultiPartException, UnicodeDecodeError) as exc:
+        raise FormTooLarge(f"not a form this console reads: {exc}") from None
+    form: dict[str, str] = {}
+    uploads: dict[str, Upload] = {}
+    try:
+        for name, value in parsed.multi_items():
+            if isinstance(value, str):
+                form.setdefault(name, value)
+            elif name not in uploads:
+                uploads[name] = Upload(value.filename or "", await value.read())
+    finally:
+        await parsed.close()
+    return form, uploads
+
+
+_TOO_LARGE = f"larger than {MAX_FORM_BYTES // (1024 * 1024)} MiB"
 
 
 class FormTooLarge(Exception):
-    """A form past MAX_FORM_BYTES or MAX_FORM_FIELDS, or not UTF-8."""
+    """A form past MAX_FORM_BYTES or MAX_FORM_FIELDS, not UTF-8, or not a form at all."""
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -219,14 +269,15 @@ def page(handler: Handler) -> Handler:
 
 def action(*, write: bool) -> Callable[[Handler], Handler]:
     """A state-changing POST: a signed-in user (an editor when it ``write``s), and the form's
-    CSRF token matching the session's. The parsed form is ``request.state.form``."""
+    CSRF token matching the session's. The parsed form is ``request.state.form``, its files
+    ``request.state.uploads``."""
 
     def decorate(handler: Handler) -> Handler:
         async def wrapped(request: Request) -> Response:
             try:
-                form = await read_form(request)
-            except FormTooLarge:
-                return PlainTextResponse("form too large or not UTF-8", status_code=413)
+                form, uploads = await read_form(request)
+            except FormTooLarge as exc:
+                return PlainTextResponse(f"form refused: {exc}", status_code=413)
             if not csrf_matches(request.state.session, form.get("csrf")):
                 return PlainTextResponse("missing or wrong CSRF token", status_code=403)
             user: User | None = request.state.user
@@ -235,6 +286,7 @@ def action(*, write: bool) -> Callable[[Handler], Handler]:
             if write and not user.can_write:
                 return PlainTextResponse(f"{user.role}s cannot write", status_code=403)
             request.state.form = form
+            request.state.uploads = uploads
             return await handler(request)
 
         wrapped.__name__ = handler.__name__

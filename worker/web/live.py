@@ -22,8 +22,6 @@ from worker.cli.waits import presence
 from worker.web.console import Console, console_of
 from worker.web.security import Session
 
-# A write's panel follows it this long, then names the processes still behind.
-CONVERGENCE_DEADLINE = 60.0
 CONVERGENCE_INTERVAL = 0.25
 # How often a panel asks the result backend whether a write not committed yet was refused.
 FAILED_CHECK_INTERVAL = 1.0
@@ -209,7 +207,7 @@ async def write_events(request: Request) -> Response:
     signed_in = SignedIn(console, request.state.session)
 
     async def body() -> AsyncIterator[str]:
-        deadline = time.monotonic() + CONVERGENCE_DEADLINE
+        deadline = time.monotonic() + console.convergence_deadline
         shown = None
         while await signed_in.holds():
             late = time.monotonic() >= deadline

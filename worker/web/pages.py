@@ -1,10 +1,12 @@
 """The console's pages: browse and search, a scope, edit (check, preview, apply), history and
-revert. Every read is a page of an index (``browse.py``); every write goes through
-``changes.py``."""
+revert. Every read is a keyset page of an index (``PostgresStore``'s ``*_page`` methods);
+every write goes through ``changes.py``."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -17,7 +19,7 @@ from store.errors import InvalidOption
 from store.model.registry import OPTION_KINDS
 from store.model.scopes import Scope
 from worker.cli.status import status_report
-from worker.web import browse, changes
+from worker.web import changes
 from worker.web.console import action, console_of, page, to
 
 MAX_PARAM_CHARS = 200
@@ -62,16 +64,12 @@ async def index(request: Request) -> Response:
     prefix, key, after = param(request, "q"), param(request, "key"), param(request, "after")
     found: Any
     if key:
-        start = tuple(after.split("\n", 1)) if "\n" in after else ("", "")
-        found = await run_in_threadpool(
-            browse.keys_across_scopes,
-            db,
-            prefix=key,
-            after=start,  # type: ignore[arg-type]
-        )
+        after_key, newline, after_scope = after.partition("\n")
+        start = (after_key, after_scope) if newline else ("", "")
+        found = await run_in_threadpool(db.keys_page, prefix=key, after=start)
         kind = "keys"
     else:
-        found = await run_in_threadpool(browse.scopes, db, prefix=prefix, after=after)
+        found = await run_in_threadpool(db.scopes_page, prefix=prefix, after=after)
         kind = "scopes"
     next_url = None
     if found.after is not None:
@@ -99,17 +97,17 @@ async def scope_page(request: Request) -> Response:
     prefix, after = param(request, "q"), param(request, "after")
 
     def read() -> tuple[Any, tuple[int, int], list[Any]]:
-        found = browse.scope_values(db, scope.name, prefix=prefix, after=after)
+        found = db.values_page(scope.name, prefix=prefix, after=after)
         declared = [] if scope.is_tag_keys else registry.declarations()
         declared = [d for d in declared if scope.kind in d.scopes]
-        return found, browse.scope_revision(db, scope.name), declared
+        return found, db.scope_size(scope.name), declared
 
     found, (revision, key_count), declared = await run_in_threadpool(read)
     declarations = {d.key: d for d in declared}
     shown = {row.key for row in found.rows}
     unset_declared = []
     if not after:
-        set_keys = await run_in_threadpool(_set_keys, db, scope.name, list(declarations))
+        set_keys = await run_in_threadpool(db.keys_set, scope.name, list(declarations))
         unset_declared = [d for d in declared if d.key not in set_keys and d.key.startswith(prefix)]
     next_url = None
     if found.after is not None:
@@ -131,16 +129,6 @@ async def scope_page(request: Request) -> Response:
     )
 
 
-def _set_keys(db: Any, scope: str, keys: list[str]) -> set[str]:
-    if not keys:
-        return set()
-    with db.connection() as conn:
-        rows = conn.execute(
-            "SELECT key FROM options_value WHERE scope = %s AND key = ANY(%s)", (scope, keys)
-        ).fetchall()
-    return {row[0] for row in rows}
-
-
 def _edit_context(request: Request, scope: Scope, key: str) -> dict[str, Any]:
     registry = console_of(request).registry
     declared = None if scope.is_tag_keys else registry.get(key, scope.kind) if key else None
@@ -159,7 +147,7 @@ async def edit_page(request: Request) -> Response:
     if isinstance(scope, Response):
         return scope
     key = param(request, "key")
-    current = await run_in_threadpool(browse.value_of, console.backend.db, scope.name, key)
+    current = await run_in_threadpool(console.backend.db.value_text, scope.name, key)
     context = await run_in_threadpool(_edit_context, request, scope, key)
     return console.render(
         request,
@@ -175,67 +163,67 @@ async def edit_page(request: Request) -> Response:
     )
 
 
-async def _plan_or_errors(request: Request, scope: Scope, *, apply: bool) -> Response:
+Render = Callable[[changes.PlannedWrite | None, InvalidOption | None], Awaitable[Response]]
+
+
+async def preview_or_send(
+    request: Request, plan: Callable[[], changes.PlannedWrite], render: Render, *, apply: bool
+) -> Response:
+    """The one shape of an edit, an unset and a revert: ``plan`` (in a thread) checks the write
+    and says what it changes. Its InvalidOption is rendered, nothing sent; a preview, or an
+    apply that changes nothing, renders the plan; an apply that changes something sends it and
+    goes to its write's panel."""
+    try:
+        planned = await run_in_threadpool(plan)
+    except InvalidOption as exc:
+        return await render(None, exc)
+    if not apply or not planned.changes:
+        return await render(planned, None)
+    task_id = await run_in_threadpool(changes.send, planned, actor=request.state.user.name)
+    return RedirectResponse(to(request, f"/writes/{task_id}"), status_code=303)
+
+
+async def _edit(request: Request, scope: Scope, *, apply: bool) -> Response:
+    """A set (or, with ``unset=1``, an unset) of one key, as ``optionstore set``/``unset``."""
     console = console_of(request)
     form = request.state.form
-    user = request.state.user
     key, value, reason = form.get("key", ""), form.get("value", ""), form.get("reason", "")
-
     unset = form.get("unset") == "1"
-
-    def plan() -> changes.PlannedWrite:
-        if unset:
-            return changes.plan_unset(
-                console.backend.db,
-                console.registry,
-                scope=scope,
-                key=key,
-                reason=reason,
-                actor=user.name,
-            )
-        return changes.plan_set(
-            console.backend.db,
-            console.registry,
+    db, registry, actor = console.backend.db, console.registry, request.state.user.name
+    plan: Callable[[], changes.PlannedWrite]
+    if unset:
+        plan = partial(
+            changes.plan_unset, db, registry, scope=scope, key=key, reason=reason, actor=actor
+        )
+    else:
+        plan = partial(
+            changes.plan_set,
+            db,
+            registry,
             scope=scope,
             key=key,
             value_text=value,
             reason=reason,
-            actor=user.name,
+            actor=actor,
         )
 
-    try:
-        planned = await run_in_threadpool(plan)
-    except InvalidOption as exc:
+    async def render(planned: changes.PlannedWrite | None, error: InvalidOption | None) -> Response:
         context = await run_in_threadpool(_edit_context, request, scope, key)
         return console.render(
             request,
             "edit.html",
-            422,
+            422 if error else 200,
             key=key,
             value=value,
             current=None,
             reason=reason,
-            errors={form_field(exc): str(exc)},
-            planned=None,
-            unset=unset,
-            **context,
-        )
-    if not apply or not planned.changes:
-        context = await run_in_threadpool(_edit_context, request, scope, key)
-        return console.render(
-            request,
-            "edit.html",
-            key=key,
-            value=value,
-            current=None,
-            reason=reason,
-            errors={},
+            errors={} if error is None else {form_field(error): str(error)},
             planned=planned,
             unset=unset,
             **context,
         )
-    task_id = await run_in_threadpool(changes.send, planned, actor=user.name)
-    return RedirectResponse(to(request, f"/writes/{task_id}"), status_code=303)
+
+    return await preview_or_send(request, plan, render, apply=apply)
 
 
 @action(write=True)
@@ -243,7 +231,7 @@ async def preview(request: Request) -> Response:
     scope = scope_of(request)
     if isinstance(scope, Response):
         return scope
-    return await _plan_or_errors(request, scope, apply=False)
+    return await _edit(request, scope, apply=False)
 
 
 @action(write=True)
@@ -251,7 +239,7 @@ async def apply(request: Request) -> Response:
     scope = scope_of(request)
     if isinstance(scope, Response):
         return scope
-    return await _plan_or_errors(request, scope, apply=True)
+    return await _edit(request, scope, apply=True)
 
 
 @page
@@ -265,9 +253,7 @@ async def history_page(request: Request) -> Response:
     if before_text and not is_number(before_text):
         return PlainTextResponse("before: must be a history entry's number", status_code=400)
     before = int(before_text) if before_text else None
-    found = await run_in_threadpool(
-        browse.history_page, console.backend.db, scope.name, key, before=before
-    )
+    found = await run_in_threadpool(console.backend.db.history_page, scope.name, key, before=before)
     next_url = None
     if found.after is not None:
         next_url = scope_url(request, scope.name, "/history", key=key, before=found.after)
@@ -300,40 +286,32 @@ async def _revert(request: Request, source: dict[str, str], *, apply: bool) -> R
         return PlainTextResponse(target, status_code=400)
     key, revision = target
     reason = source.get("reason", "")
-    user = request.state.user
-
-    def plan() -> changes.PlannedWrite:
-        return changes.plan_revert(
-            console.backend.db,
-            console.registry,
-            scope=scope,
-            key=key,
-            to=revision,
-            reason=reason,
-            actor=user.name,
-        )
-
-    error = None
-    planned = None
-    try:
-        planned = await run_in_threadpool(plan)
-    except InvalidOption as exc:
-        error = str(exc)
-    if apply and planned is not None and planned.changes:
-        task_id = await run_in_threadpool(changes.send, planned, actor=user.name)
-        return RedirectResponse(to(request, f"/writes/{task_id}"), status_code=303)
-    return console.render(
-        request,
-        "revert.html",
-        422 if error else 200,
+    plan = partial(
+        changes.plan_revert,
+        console.backend.db,
+        console.registry,
         scope=scope,
         key=key,
         to=revision,
         reason=reason,
-        error=error,
-        planned=planned,
-        url=lambda tail="", **q: scope_url(request, scope.name, tail, **q),
+        actor=request.state.user.name,
     )
+
+    async def render(planned: changes.PlannedWrite | None, error: InvalidOption | None) -> Response:
+        return console.render(
+            request,
+            "revert.html",
+            422 if error else 200,
+            scope=scope,
+            key=key,
+            to=revision,
+            reason=reason,
+            error=None if error is None else str(error),
+            planned=planned,
+            url=lambda tail="", **q: scope_url(request, scope.name, tail, **q),
+        )
+
+    return await preview_or_send(request, plan, render, apply=apply)
 
 
 @page
@@ -401,10 +379,13 @@ async def plan_page(request: Request) -> Response:
 
 
 async def _plan_document(request: Request, *, apply: bool) -> Response:
+    """Plan (and with ``apply``, send) a desired-state file: the one uploaded as ``file``, else
+    the pasted ``document``. Nothing is sent unless every scope's write passed its checks."""
     console = console_of(request)
     form = request.state.form
     name = form.get("name", "")[:MAX_PARAM_CHARS] or "desired-state.json"
     document, reason = form.get("document", ""), form.get("reason", "")
+    upload = request.state.uploads.get("file")
     user = request.state.user
 
     def plan() -> tuple[list[Any], list[changes.PlannedWrite]]:
@@ -415,14 +396,17 @@ async def _plan_document(request: Request, *, apply: bool) -> Response:
         return plans, writes
 
     try:
+        if upload is not None and (upload.filename or upload.data):
+            name, document = changes.read_upload(upload.filename, upload.data)
         plans, writes = await run_in_threadpool(plan)
     except InvalidOption as exc:
+        too_large = isinstance(exc, changes.DocumentTooLarge)
         return console.render(
             request,
             "plan.html",
-            422,
+            413 if too_large else 422,
             name=name,
-            document=document,
+            document="" if too_large else document,
             reason=reason,
             error=str(exc),
             plans=None,
