@@ -16,6 +16,7 @@ from store.errors import InvalidOption
 from store.model.writes import WriteResult
 from store.redis.presence import ProcessReport
 from store.settings import Settings
+from tests.conftest import SIGNING_KEY
 from worker.web import create_app
 from worker.web.console import CONTENT_SECURITY_POLICY, Console
 from worker.web.security import SESSION_COOKIE, RateLimit, SessionSigner, csrf_matches
@@ -144,11 +145,14 @@ def client(tmp_path: Path) -> TestClient:
     users.add("ana", "editor", "ana password")
     users.add("vic", "viewer", "vic password")
     # Services nobody listens on: these tests never reach the store (nor start the embedded one).
+    # A live stream configures this process's store from these settings; the run's signing key
+    # keeps what the process publishes afterwards (the tests that follow) signed.
     settings = Settings.from_environ(
         {
             "OPTIONS_STATE_DIR": str(tmp_path),
             "OPTIONS_DATABASE_URL": "postgresql://127.0.0.1:1/none",
             "OPTIONS_REDIS_URL": "redis://127.0.0.1:1/0",
+            "OPTIONS_SIGNING_KEY": SIGNING_KEY,
         }
     )
     return TestClient(create_app(settings=settings, users_file=users.path, secret="k" * 64))
