@@ -15,15 +15,22 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from redis._parsers import Encoder
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.commands.core import Script
 from redis.connection import URL_QUERY_ARGUMENT_PARSERS
+from redis.retry import Retry
 
 from store.errors import InvalidOption
 from store.fork import after_fork_in_child
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 DEFAULT_PORT = 6379
+# How many times redis-py's cluster client tries a command again after a connection error or
+# CLUSTERDOWN, asking for the slot map in between (its default, 10, can hold a read for
+# seconds while a primary fails over; a read falls back to PostgreSQL instead, and a write's
+# cache step is done again by the outbox relay).
+RETRY_ATTEMPTS = 3
 
 
 def is_cluster_url(url: str) -> bool:
@@ -64,12 +71,16 @@ def cluster_client(url: str, **options: Any) -> ClusterClient:
         raise InvalidOption(
             "OPTIONS_REDIS_URL", f"a Redis Cluster has only database 0, got /{'/'.join(path)}"
         )
-    cluster_options: dict[str, Any] = dict(options)
+    retry = Retry(ExponentialWithJitterBackoff(base=0.01, cap=1.0), RETRY_ATTEMPTS)
+    cluster_options: dict[str, Any] = {"retry": retry, **options}
     for name, value in parse_qsl(parts.query):  # typed as redis-py types a redis:// URL's query
         if name == "db":
             raise InvalidOption("OPTIONS_REDIS_URL", "a Redis Cluster has only database 0")
         parser: Any = URL_QUERY_ARGUMENT_PARSERS.get(name)
-        cluster_options[name] = value if parser is None else parser(value)
+        try:
+            cluster_options[name] = value if parser is None else parser(value)
+        except ValueError as exc:
+            raise InvalidOption("OPTIONS_REDIS_URL", f"{name}: {exc}") from None
     if parts.username:
         cluster_options["username"] = unquote(parts.username)
     if parts.password:

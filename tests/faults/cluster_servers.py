@@ -88,8 +88,16 @@ class RedisClusterGroup:
         return self
 
     def ready(self) -> bool:
-        """Every node says the cluster is ok, and every primary has a replica."""
-        for node in self.nodes:
+        """Every node knows every other, says the cluster is ok, and every primary has a
+        replica."""
+        return self.ok(known=len(self.nodes)) and all(
+            self.replica_of(p) is not None for p in self.primaries()
+        )
+
+    def ok(self, known: int = 0) -> bool:
+        """Every live node says the cluster is ok (each slot served), and knows ``known``
+        nodes at least."""
+        for node in self.live():
             try:
                 with contextlib.closing(node.client()) as client:
                     text = client.execute_command("CLUSTER", "INFO").decode()
@@ -98,11 +106,9 @@ class RedisClusterGroup:
             info = dict(line.split(":", 1) for line in text.split() if ":" in line)
             if info.get("cluster_state") != "ok":
                 return False
-            if int(info.get("cluster_known_nodes", 0)) < len(self.nodes):
+            if int(info.get("cluster_known_nodes", 0)) < known:
                 return False
-        return len(self.primaries()) * 2 == len(self.nodes) and all(
-            self.replica_of(p) is not None for p in self.primaries()
-        )
+        return True
 
     def roles(self) -> dict[int, tuple[str, str | None]]:
         """Each live node's port: its role and, for a replica, its primary's node id."""

@@ -1,0 +1,198 @@
+"""A Redis Cluster of three primaries (each with a replica) as the shared cache and the process
+reports, the broker on RabbitMQ: a prefork worker writes, reads and reports through it, and a
+primary killed under writes is replaced by its replica with no write lost."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from store.redis.cache import RedisCache
+from tests.conftest import ROOT, amqp_url, fresh_id, wait_for
+from tests.faults.checks import (
+    committed,
+    read_all,
+    record,
+    snapshot,
+    wait_converged,
+    wait_status_converged,
+    writes_through_fault,
+)
+from tests.faults.cluster_servers import RedisClusterGroup
+from tests.faults.fleet import FaultWorker, Fleet, fleet, project_writes, wait_synced
+from tests.faults.servers import PostgresServer
+from tests.faults.test_sentinel_failover import replicated
+from tests.faults.topology_servers import Server
+
+WRITES = 300
+PER_SECOND = 40.0
+KEYS = 4
+
+
+@pytest.fixture
+def redis_cluster(scratch: Path) -> Iterator[RedisClusterGroup]:
+    """Three primaries and three replicas of this test's own."""
+    group = RedisClusterGroup(scratch / f"cluster-{uuid.uuid4().hex[:8]}").start()
+    yield group
+    group.close()
+
+
+def cluster_worker(own: Fleet, stable: PostgresServer) -> FaultWorker:
+    """A prefork worker with two children, its cache on the cluster and its broker on the
+    machine's RabbitMQ (a vhost of this test run's own)."""
+    worker = FaultWorker(
+        own.services, result_backend=stable.redis_url, broker_url=amqp_url(), concurrency=2
+    )
+    own.stack.callback(worker.stop)
+    worker.start()
+    own.workers.append(worker)
+    wait_synced(own, worker.pids())
+    return worker
+
+
+def cli(worker: FaultWorker, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        env=worker.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+
+
+def primary_serving(group: RedisClusterGroup, cache: RedisCache, scope: str) -> Server:
+    """The node that is the primary of ``scope``'s hash slot now."""
+    port = int(cache.client.cluster.get_node_from_key(cache.key(scope)).port)
+    return next(node for node in group.nodes if node.port == port)
+
+
+@pytest.mark.faults
+def test_cluster_cache_serves_a_prefork_fleet(
+    stable: PostgresServer, redis_cluster: RedisClusterGroup
+) -> None:
+    """With the cache on a redis+cluster:// URL, writes through a prefork worker land in
+    hash-tagged scope hashes spread over the shards, every child reads them, `status` lists
+    every process converged and `set --wait` counts each one."""
+    database_url = stable.new_database()
+    with fleet(database_url, redis_cluster.url, stable.redis_url) as own:
+        worker = cluster_worker(own, stable)
+        cache = RedisCache(url=redis_cluster.url, prefix=own.namespace)
+        projects = [fresh_id() for _ in range(12)]
+        for n, project in enumerate(projects):
+            worker.call("options.set_project_option", project, "k", n)
+        for n, project in enumerate(projects[:3]):
+            assert all(v == {"k": n} for v in read_all(worker, project).values())
+        # Each scope's hash is on its own slot, and the scopes use more than one shard.
+        shards = set()
+        for project in projects:
+            scope = f"project:{project}"
+            key = cache.key(scope)
+            assert key == f"{own.namespace}:scope:{{{scope}}}"
+            cached = cache.get(scope)
+            if cached is not None:  # a read fills it; a write alone moves only a cached hash
+                assert cached.revision == snapshot(database_url, scope)[0]
+            shards.add(primary_serving(redis_cluster, cache, scope).port)
+        assert len(shards) > 1, shards
+        assert cache.get(f"project:{projects[0]}") is not None
+        report = wait_status_converged(own)
+        assert {p["pid"] for p in report["processes"]} == worker.pids()
+        done = cli(worker, "set", f"project:{projects[0]}", "k", "100", "--wait")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"applied by {len(worker.pids())} live worker processes" in done.stdout
+        assert all(v == {"k": 100} for v in read_all(worker, projects[0]).values())
+        status = json.loads(cli(worker, "status", "--json").stdout)
+        assert status["converged"] is True, status
+
+
+@pytest.mark.faults
+def test_cluster_primary_killed_under_writes(
+    stable: PostgresServer, redis_cluster: RedisClusterGroup
+) -> None:
+    """kill -9 of the primary that holds the written scopes, under a stream of 300 writes:
+    its replica takes over, every write commits once, and every process then reads and
+    reports what PostgreSQL holds."""
+    database_url = stable.new_database()
+    projects = [fresh_id(), fresh_id()]
+    writes = project_writes("cluster", projects, count=WRITES, keys=KEYS)
+    ids = [task_id for task_id, _, _ in writes]
+    with fleet(database_url, redis_cluster.url, stable.redis_url) as own:
+        worker = cluster_worker(own, stable)
+        cache = RedisCache(url=redis_cluster.url, prefix=own.namespace)
+        old = primary_serving(redis_cluster, cache, f"project:{projects[0]}")
+        replica = redis_cluster.replica_of(old)
+        assert replica is not None
+        killed: list[float] = []
+        promoted: list[float] = []
+
+        def kill_primary() -> None:
+            # Once the replica holds all the primary has (Redis replicates asynchronously: what
+            # a primary took in its last milliseconds may be missing on the replica promoted,
+            # which the reconciler repairs from PostgreSQL; this test counts writes lost).
+            with contextlib.closing(old.client()) as client:
+                sent = int(client.info("replication")["master_repl_offset"])
+                wait_for(
+                    lambda: replicated(client, sent),
+                    timeout=30,
+                    interval=0.01,
+                    message="the replica to hold everything written so far",
+                )
+            killed.append(time.monotonic())
+            old.kill()
+
+        def promotion() -> float:
+            wait_for(
+                lambda: redis_cluster.roles().get(replica.port, ("", None))[0] == "primary",
+                timeout=60,
+                interval=0.05,
+                message="the replica to take over",
+            )
+            wait_for(redis_cluster.ok, timeout=60, message="cluster ok")
+            promoted.append(time.monotonic() - killed[0])
+            return killed[0]
+
+        done = writes_through_fault(
+            own,
+            worker,
+            database_url,
+            projects,
+            writes,
+            between_sends=kill_primary,
+            fault=promotion,
+            build_up=WRITES // 3,
+            per_second=PER_SECOND,
+            when="after the failover",
+        )
+        # The promoted replica holds each scope at PostgreSQL's revision (or not at all).
+        for project in projects:
+            scope = f"project:{project}"
+            cached = cache.get(scope)
+            truth = snapshot(database_url, scope)
+            assert cached is None or cached.revision == truth[0], (cached, truth)
+        converge_s = wait_converged(own, database_url, projects)
+        fallbacks = worker.log().count('"cache.fallback"')
+        failed_steps = worker.log().count('"cache.announce_failed"')
+    assert not own.failed_reads, own.failed_reads
+    assert set(done.counts) == set(ids)
+    assert set(done.counts.values()) == {1}, "a write is in history more than once"
+    record(
+        "Redis Cluster failover (a primary kill -9), cache and reports",
+        writes=len(ids),
+        lost=len(ids) - len(committed(database_url, ids)),
+        committed_when_killed=done.committed_at_fault,
+        promoted_s=round(promoted[0], 2),
+        cache_steps_failed=failed_steps,
+        read_fallbacks=fallbacks,
+        all_committed_s=round(done.committed_s, 2),
+        converge_s=round(done.converge_s, 2),
+        converged_again_s=round(converge_s, 2),
+    )
