@@ -300,12 +300,14 @@ def writes_through_fault(
     between_sends: Callable[[], None] | None = None,
     after_stream: Callable[[], None] | None = None,
     commit_timeout: float = 150.0,
+    converge_timeout: float = 90.0,
     when: str,
 ) -> ThroughFault:
     """Warm every process on ``projects``, stream ``writes`` to ``worker``, and once
     ``build_up`` are sent run ``fault`` (it returns the moment commits are timed from). Then:
     every write was sent, every write commits, no process reads a stale value, every process
-    converges and ``status`` says so. ``when`` names the moment in the stale-read failure.
+    converges (within ``converge_timeout`` of the last commit) and ``status`` says so. ``when``
+    names the moment in the stale-read failure.
     ``between_sends`` runs first, while no send is under way (see the Sentinel test)."""
     ids = [task_id for task_id, _, _ in writes]
     for project in projects:
@@ -327,7 +329,7 @@ def writes_through_fault(
     committed_s = time.monotonic() - since
     stale = stale_reads(worker, database_url, projects)
     assert not stale, f"stale reads {when}, every write committed: {stale}"
-    converge_s = wait_converged(own, database_url, projects) + committed_s
+    converge_s = wait_converged(own, database_url, projects, timeout=converge_timeout) + committed_s
     counts = history_counts(database_url, ids)
     wait_status_converged(own)
     return ThroughFault(ids, at_fault, committed_s, converge_s, counts, stream.refused)

@@ -1,6 +1,8 @@
 """A Redis Cluster of three primaries (each with a replica) as the shared cache and the process
-reports, the broker on RabbitMQ: a prefork worker writes, reads and reports through it, and a
-primary killed under writes is replaced by its replica with no write lost."""
+reports, the broker on RabbitMQ: a prefork worker writes, reads and reports through it; a scope
+hash that went back in time is repaired, a lost broadcast is noticed through the heartbeat's
+marks (read from the cluster), and a primary killed under writes is replaced by its replica
+with no write lost."""
 
 from __future__ import annotations
 
@@ -11,12 +13,14 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from store.redis.cache import RedisCache
-from tests.conftest import ROOT, amqp_url, fresh_id, wait_for
+from tests.conftest import ROOT, Services, amqp_url, fresh_id, read_in_new_process, wait_for
 from tests.faults.checks import (
     committed,
     read_all,
@@ -27,7 +31,7 @@ from tests.faults.checks import (
     writes_through_fault,
 )
 from tests.faults.cluster_servers import RedisClusterGroup
-from tests.faults.fleet import FaultWorker, Fleet, fleet, project_writes, wait_synced
+from tests.faults.fleet import FaultWorker, Fleet, project_writes, wait_synced
 from tests.faults.servers import PostgresServer
 from tests.faults.test_sentinel_failover import replicated
 from tests.faults.topology_servers import Server
@@ -35,6 +39,29 @@ from tests.faults.topology_servers import Server
 WRITES = 300
 PER_SECOND = 40.0
 KEYS = 4
+# The bounds of guarantees 8 (a cache that went back in time) and 4 (a process that may have
+# missed a broadcast), and the convergence after a failover's last commit, as deadlines.
+ROLLBACK_BOUND_S = 10.0
+HEARTBEAT_DEADLINE_S = 5.0
+CONVERGE_BOUND_S = 10.0
+
+
+@dataclass
+class ClusterServices(Services):
+    """A fault fleet's services with the cache on a cluster: the broker (and so the reload
+    exchange) on the machine's RabbitMQ, as a cluster cache requires."""
+
+    @property
+    def broker_url(self) -> str:
+        return amqp_url()
+
+
+@contextlib.contextmanager
+def fleet(database_url: str, cache_url: str, result_backend: str) -> Iterator[Fleet]:
+    """A fleet on a fresh namespace; every worker it started is stopped on the way out."""
+    own = Fleet(ClusterServices("faults", database_url, cache_url), result_backend)
+    with own.stack:
+        yield own
 
 
 @pytest.fixture
@@ -45,12 +72,10 @@ def redis_cluster(scratch: Path) -> Iterator[RedisClusterGroup]:
     group.close()
 
 
-def cluster_worker(own: Fleet, stable: PostgresServer) -> FaultWorker:
+def cluster_worker(own: Fleet, stable: PostgresServer, **options: Any) -> FaultWorker:
     """A prefork worker with two children, its cache on the cluster and its broker on the
     machine's RabbitMQ (a vhost of this test run's own)."""
-    worker = FaultWorker(
-        own.services, result_backend=stable.redis_url, broker_url=amqp_url(), concurrency=2
-    )
+    worker = FaultWorker(own.services, result_backend=stable.redis_url, concurrency=2, **options)
     own.stack.callback(worker.stop)
     worker.start()
     own.workers.append(worker)
@@ -170,6 +195,7 @@ def test_cluster_primary_killed_under_writes(
             fault=promotion,
             build_up=WRITES // 3,
             per_second=PER_SECOND,
+            converge_timeout=CONVERGE_BOUND_S,
             when="after the failover",
         )
         # The promoted replica holds each scope at PostgreSQL's revision (or not at all).
@@ -196,3 +222,84 @@ def test_cluster_primary_killed_under_writes(
         converge_s=round(done.converge_s, 2),
         converged_again_s=round(converge_s, 2),
     )
+
+
+@pytest.mark.faults
+def test_cluster_hash_gone_back_is_repaired(
+    stable: PostgresServer, redis_cluster: RedisClusterGroup
+) -> None:
+    """A scope's hash on the cluster restored from a DUMP taken before the last write: a new
+    process and every task of the running worker read the committed value within 10 s."""
+    database_url = stable.new_database()
+    with fleet(database_url, redis_cluster.url, stable.redis_url) as own:
+        worker = cluster_worker(own, stable)
+        cache = RedisCache(url=redis_cluster.url, prefix=own.namespace)
+        project = fresh_id()
+        name = cache.key(f"project:{project}")
+        worker.call("options.set_project_option", project, "k", "old")
+        answers = worker.read_everywhere("project_options", "get_value", project, "k")
+        assert set(answers.values()) == {"old"}
+        dumped = cache.client.dump(name)
+        assert dumped is not None, "the scope was not cached"
+        worker.call("options.set_project_option", project, "k", "new")
+        cache.client.restore(name, 0, dumped, replace=True)
+        restored = time.monotonic()
+        wait_for(
+            lambda: read_in_new_process(own.services, project, "k") == "new",
+            timeout=ROLLBACK_BOUND_S,
+            interval=0.05,
+            message="a new process to read the committed value",
+        )
+        new_process_s = time.monotonic() - restored
+        wait_for(
+            lambda: (
+                set(worker.read_everywhere("project_options", "get_value", project, "k").values())
+                == {"new"}
+            ),
+            timeout=ROLLBACK_BOUND_S - new_process_s,
+            interval=0,
+            message="every running process to read the committed value",
+        )
+        record(
+            "Redis Cluster: a scope hash restored from an older DUMP",
+            new_process_s=round(new_process_s, 2),
+            every_process_s=round(time.monotonic() - restored, 2),
+        )
+
+
+@pytest.mark.faults
+def test_cluster_swallowed_broadcast_is_noticed(
+    stable: PostgresServer, redis_cluster: RedisClusterGroup
+) -> None:
+    """A reload message lost on the way reaches no process, yet every process-mode cache
+    serves the new value within the heartbeat deadline: the leader builds the heartbeat's marks
+    from the announcement record on the cluster."""
+    database_url = stable.new_database()
+    with fleet(database_url, redis_cluster.url, stable.redis_url) as own:
+        worker = cluster_worker(
+            own,
+            stable,
+            extra_env={"OPTIONS_LOCAL_CACHE": "process"},
+            include="tests.probe_tasks,tests.broadcast_hooks",
+        )
+        project = fresh_id()
+
+        def everywhere() -> set[Any]:
+            answers = worker.read_everywhere("project_options", "get_value", project, "k")
+            return set(answers.values())
+
+        worker.call("options.set_project_option", project, "k", "old")
+        wait_for(lambda: everywhere() == {"old"}, timeout=30, message="every cache to hold old")
+        since = len(worker.log())
+        worker.call("options.set_project_option", project, "k", "swallowed:new")
+        written = time.monotonic()
+        wait_for(
+            lambda: everywhere() == {"swallowed:new"},
+            timeout=HEARTBEAT_DEADLINE_S,
+            interval=0,
+            message="every process cache to serve the value whose broadcast was lost",
+        )
+        noticed_s = time.monotonic() - written
+        assert not worker.events("broadcast.applied", since=since), "the broadcast was not lost"
+        assert worker.events("broadcast.missed", since=since)
+        record("Redis Cluster: a broadcast swallowed", every_process_s=round(noticed_s, 2))
