@@ -10,7 +10,7 @@ from redis.cluster import key_slot
 from redis.exceptions import RedisClusterException, SlotNotCoveredError
 
 from store.errors import InvalidOption
-from store.redis.cache import RedisCache, redis_client
+from store.redis.cache import RedisCache, redis_client, server_identity
 from store.redis.cluster import ClusterClient, cluster_client, cluster_nodes
 from store.settings import Settings
 from store.transient import redis_unavailable
@@ -90,6 +90,14 @@ def test_cluster_scripts_register_without_a_server() -> None:
     plain = redis.Redis()
     assert cache._delta.sha == plain.register_script(cache._delta.script).sha
     assert cache.client._client is None
+
+
+def test_no_publishing_through_a_cluster_client() -> None:
+    """A cluster client is never taken for the broker's server (no script publishes through
+    it), and telling so asks no server."""
+    client = redis_client(CLUSTER)
+    assert server_identity(client.connection_pool) is None
+    assert client._client is None
 
 
 @pytest.mark.parametrize(

@@ -146,6 +146,8 @@ class ClusterClient:
             client.close()
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # our own, not set yet (while being made): never the cluster's
+            raise AttributeError(name)
         return getattr(self.cluster, name)
 
 
