@@ -205,6 +205,8 @@ def test_cluster_primary_killed_under_writes(
             truth = snapshot(database_url, scope)
             assert cached is None or cached.revision == truth[0], (cached, truth)
         converge_s = wait_converged(own, database_url, projects)
+        # The leader saw a primary change (its run ids) and checked every scope again.
+        assert worker.events("reconcile.redis_restarted"), "no full check after the failover"
         fallbacks = worker.log().count('"cache.fallback"')
         failed_steps = worker.log().count('"cache.announce_failed"')
     assert not own.failed_reads, own.failed_reads
