@@ -24,7 +24,7 @@ from store.model.validation import (
     DEFAULT_MAX_WRITE_KEYS,
     MAX_ID,
 )
-from store.redis.cluster import cluster_nodes, is_cluster_url
+from store.redis.cluster import cluster_nodes, cluster_options, is_cluster_url
 from store.signing.keys import MIN_KEY_CHARS, Keyring, parse_keys
 
 # The names an override may take, each the keyword form of one environment variable.
@@ -89,7 +89,8 @@ def broker_scheme(broker_url: str) -> str:
 
 
 def check_cluster_broker(redis_url: str, broker_url: str) -> None:
-    """Refuse a broker on a Redis Cluster: the reload exchange is pub/sub through kombu's Redis
+    """Check a cluster cache URL (``InvalidOption`` naming ``OPTIONS_REDIS_URL``), and refuse a
+    broker on a Redis Cluster: the reload exchange is pub/sub through kombu's Redis
     transport, which speaks to one server, and a cluster's pub/sub reaches only the node a
     subscriber asked. With the cache on a cluster, the broker is RabbitMQ or a Redis outside
     it. Decided from the URLs (a ``redis://`` broker on one of the cache URL's nodes too)."""
@@ -103,6 +104,7 @@ def check_cluster_broker(redis_url: str, broker_url: str) -> None:
             )
     if not is_cluster_url(redis_url):
         return
+    cluster_options(redis_url)  # a bad cluster URL is refused here, before anything connects
     if not brokers:
         raise InvalidOption(
             "CELERY_BROKER_URL",

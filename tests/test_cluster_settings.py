@@ -4,6 +4,8 @@ and which cluster errors are transient."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import redis
 from redis.cluster import key_slot
@@ -55,9 +57,13 @@ def test_cluster_url_names_its_nodes_and_options() -> None:
 )
 def test_bad_cluster_url_is_refused_naming_the_setting(url: str, says: str) -> None:
     """A cluster URL with a database other than 0, a bad port, no node or a bad option is
-    refused with an error naming OPTIONS_REDIS_URL."""
+    refused with an error naming OPTIONS_REDIS_URL, by the settings and by the client."""
     with pytest.raises(InvalidOption, match=says) as raised:
         cluster_client(url)
+    assert raised.value.field == "OPTIONS_REDIS_URL"
+    environ = {"OPTIONS_REDIS_URL": url, "CELERY_BROKER_URL": "amqp://guest@rabbit//"}
+    with pytest.raises(InvalidOption, match=says) as raised:
+        Settings.from_environ(environ)
     assert raised.value.field == "OPTIONS_REDIS_URL"
 
 
@@ -141,3 +147,17 @@ def test_cluster_errors_in_a_failover_are_transient() -> None:
         assert redis_unavailable(exc)
     assert not redis_unavailable(RedisClusterException("No way to dispatch this command"))
     assert not redis_unavailable(redis.exceptions.ResponseError("CROSSSLOT Keys don't hash"))
+
+
+def test_a_forked_child_makes_its_own_cluster_client() -> None:
+    """A child forked from a process that holds a cluster client starts without it (the
+    parent's locks and sockets stay with the parent) and makes its own on first use."""
+    client = redis_client(CLUSTER)
+    made = object()
+    client._client = made  # as if the parent had used it
+    pid = os.fork()
+    if pid == 0:  # the child: report by exit code only
+        os._exit(0 if client._client is None else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert client._client is made

@@ -56,6 +56,34 @@ def cluster_nodes(url: str) -> list[tuple[str, int]]:
     return nodes
 
 
+def cluster_options(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+    """A cluster URL's startup nodes and the connection options it gives (user, password, TLS,
+    the query's), checked: the settings refuse a bad one before anything connects."""
+    parts = urlsplit(url)
+    nodes = cluster_nodes(url)
+    path = [segment for segment in parts.path.split("/") if segment]
+    if path and path != ["0"]:
+        raise InvalidOption(
+            "OPTIONS_REDIS_URL", f"a Redis Cluster has only database 0, got /{'/'.join(path)}"
+        )
+    options: dict[str, Any] = {}
+    for name, value in parse_qsl(parts.query):  # typed as redis-py types a redis:// URL's query
+        if name == "db":
+            raise InvalidOption("OPTIONS_REDIS_URL", "a Redis Cluster has only database 0")
+        parser: Any = URL_QUERY_ARGUMENT_PARSERS.get(name)
+        try:
+            options[name] = value if parser is None else parser(value)
+        except ValueError as exc:
+            raise InvalidOption("OPTIONS_REDIS_URL", f"{name}: {exc}") from None
+    if parts.username:
+        options["username"] = unquote(parts.username)
+    if parts.password:
+        options["password"] = unquote(parts.password)
+    if parts.scheme.startswith("rediss"):
+        options["ssl"] = True
+    return nodes, options
+
+
 def cluster_client(url: str, **options: Any) -> ClusterClient:
     """A client for the Redis Cluster behind
     ``redis+cluster://[user:password@]host:port[,host:port...][/0][?option=value...]``
@@ -64,31 +92,10 @@ def cluster_client(url: str, **options: Any) -> ClusterClient:
     the slot map, and asks again after a ``MOVED`` or a node that stops answering (a failover).
     A cluster has one database, 0.
     """
-    parts = urlsplit(url)
-    nodes = cluster_nodes(url)
-    path = [segment for segment in parts.path.split("/") if segment]
-    if path and path != ["0"]:
-        raise InvalidOption(
-            "OPTIONS_REDIS_URL", f"a Redis Cluster has only database 0, got /{'/'.join(path)}"
-        )
+    nodes, given = cluster_options(url)
     retry = Retry(ExponentialWithJitterBackoff(base=0.01, cap=1.0), RETRY_ATTEMPTS)
-    cluster_options: dict[str, Any] = {"retry": retry, **options}
-    for name, value in parse_qsl(parts.query):  # typed as redis-py types a redis:// URL's query
-        if name == "db":
-            raise InvalidOption("OPTIONS_REDIS_URL", "a Redis Cluster has only database 0")
-        parser: Any = URL_QUERY_ARGUMENT_PARSERS.get(name)
-        try:
-            cluster_options[name] = value if parser is None else parser(value)
-        except ValueError as exc:
-            raise InvalidOption("OPTIONS_REDIS_URL", f"{name}: {exc}") from None
-    if parts.username:
-        cluster_options["username"] = unquote(parts.username)
-    if parts.password:
-        cluster_options["password"] = unquote(parts.password)
-    if parts.scheme.startswith("rediss"):
-        cluster_options["ssl"] = True
     startup = [ClusterNode(host, port) for host, port in nodes]  # type: ignore[no-untyped-call]
-    return ClusterClient(startup, **cluster_options)
+    return ClusterClient(startup, **{"retry": retry, **options, **given})
 
 
 class ClusterClient:
