@@ -51,7 +51,7 @@ class RedisCache:
         self.ttl = ttl
         self.cluster = cluster.is_cluster_url(url)
         # A cluster's client is made on first use, in each process (store/redis/cluster.py).
-        self.client: Any = redis_client(
+        self.client: cluster.RedisClient = redis_client(
             url,
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
@@ -174,7 +174,7 @@ class RedisCache:
     def run_id(self) -> str:
         """The server's run id: a new one means Redis restarted (or another server answers);
         on a cluster, its primaries' (a failover changes one)."""
-        if self.cluster:
+        if isinstance(self.client, cluster.ClusterClient):
             return cluster.run_ids(self.client)
         info = self.client.info("server")
         return str(info.get("run_id", ""))
@@ -186,7 +186,7 @@ class RedisCache:
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 
 
-def redis_client(url: str, **options: Any) -> Any:
+def redis_client(url: str, **options: Any) -> cluster.RedisClient:
     """A client for a ``redis://``/``rediss://`` URL (redis-py's forms, TLS options in the
     query: ``ssl_ca_certs``, ``ssl_cert_reqs``, ``ssl_certfile``, ``ssl_keyfile``), for the
     master behind Redis Sentinel:
@@ -287,7 +287,7 @@ class AnnouncedRecord:
     and the last tick of the database's clock seen. A database that went back in time is
     found behind it (worker/duties/reconcile.py)."""
 
-    def __init__(self, client: redis.Redis, prefix: str, recent: Any) -> None:
+    def __init__(self, client: cluster.RedisClient, prefix: str, recent: Any) -> None:
         self.client = client
         self.announced_key = f"{prefix}:announced"
         self.announced_at_key = f"{prefix}:announced-at"

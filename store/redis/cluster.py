@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any
+from typing import Any, TypeAlias
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+import redis
 from redis._parsers import Encoder
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.cluster import ClusterNode, RedisCluster
@@ -177,3 +178,7 @@ def run_ids(client: ClusterClient) -> str:
     if "run_id" in found:  # one primary answered: redis-py hands its reply as it is
         return str(found["run_id"])
     return ",".join(sorted(str(info.get("run_id", "")) for info in found.values()))
+
+
+# What the cache and the reports talk to: one server (or Sentinel's master), or a cluster.
+RedisClient: TypeAlias = redis.Redis | ClusterClient
