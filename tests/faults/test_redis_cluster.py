@@ -144,8 +144,8 @@ def test_cluster_primary_killed_under_writes(
     stable: PostgresServer, redis_cluster: RedisClusterGroup
 ) -> None:
     """kill -9 of the primary that holds the written scopes, under a stream of 300 writes:
-    its replica takes over, every write commits once, and every process then reads and
-    reports what PostgreSQL holds."""
+    its replica takes over, every write commits once, every process then reads and reports
+    what PostgreSQL holds (within 10 s of the last commit), and `set --wait` counts them all."""
     database_url = stable.new_database()
     projects = [fresh_id(), fresh_id()]
     writes = project_writes("cluster", projects, count=WRITES, keys=KEYS)
@@ -207,6 +207,10 @@ def test_cluster_primary_killed_under_writes(
         converge_s = wait_converged(own, database_url, projects)
         # The leader saw a primary change (its run ids) and checked every scope again.
         assert worker.events("reconcile.redis_restarted"), "no full check after the failover"
+        # `set --wait` counts every process through reports on the cluster as it is now.
+        waited = cli(worker, "set", f"project:{projects[0]}", "after", "1", "--wait")
+        assert waited.returncode == 0, waited.stdout + waited.stderr
+        assert f"applied by {len(worker.pids())} live worker processes" in waited.stdout
         fallbacks = worker.log().count('"cache.fallback"')
         failed_steps = worker.log().count('"cache.announce_failed"')
     assert not own.failed_reads, own.failed_reads
