@@ -1,5 +1,6 @@
 """A Redis Cluster of the topology tests' own: three primaries, each with one replica, made with
-``redis-cli --cluster create`` from redis-server processes in cluster mode."""
+``redis-cli --cluster create`` from redis-server processes in cluster mode (over TLS only, if
+asked: clients, the cluster bus and replication)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import shutil
 import socket
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import redis
 
 from tests.conftest import wait_for
 from tests.faults.servers import unavailable
-from tests.faults.topology_servers import Server
+from tests.faults.topology_servers import Server, make_certificates
 
 # How long a primary may stay silent before the others call it failed and its replica takes
 # over: short, so that a failover takes a second or two, not Redis's default 15 s.
@@ -47,30 +49,53 @@ def system_redis_cli() -> str:
 class RedisClusterGroup:
     """Six redis-server nodes in cluster mode: three primaries with one replica each."""
 
-    def __init__(self, directory: Path, *, primaries: int = 3) -> None:
-        self.nodes = [
-            Server(
-                directory / f"node-{n}",
-                {
-                    "port": str(cluster_port()),
-                    "appendonly": "yes",
-                    "cluster-enabled": "yes",
-                    "cluster-config-file": "nodes.conf",
-                    "cluster-node-timeout": str(NODE_TIMEOUT_MS),
-                    # A replica takes over however long its link to the primary was down.
-                    "cluster-replica-validity-factor": "0",
-                },
-            )
-            for n in range(primaries * 2)
-        ]
+    def __init__(self, directory: Path, *, primaries: int = 3, tls: bool = False) -> None:
+        self.certificates = make_certificates(directory / "tls") if tls else None
+        self.nodes = []
+        for n in range(primaries * 2):
+            port = cluster_port()
+            config = {
+                "port": str(port),
+                "appendonly": "yes",
+                "cluster-enabled": "yes",
+                "cluster-config-file": "nodes.conf",
+                "cluster-node-timeout": str(NODE_TIMEOUT_MS),
+                # A replica takes over however long its link to the primary was down.
+                "cluster-replica-validity-factor": "0",
+            }
+            if self.certificates is not None:
+                config.update(
+                    {
+                        "port": "0",
+                        "tls-port": str(port),
+                        "tls-cert-file": str(self.certificates["cert"]),
+                        "tls-key-file": str(self.certificates["key"]),
+                        "tls-ca-cert-file": str(self.certificates["ca"]),
+                        "tls-auth-clients": "no",
+                        "tls-cluster": "yes",
+                        "tls-replication": "yes",
+                    }
+                )
+            node = Server(directory / f"node-{n}", config)
+            node.port = port
+            self.nodes.append(node)
+
+    def _client_options(self) -> dict[str, Any]:
+        if self.certificates is None:
+            return {}
+        return {"ssl": True, "ssl_ca_certs": str(self.certificates["ca"])}
 
     def start(self) -> RedisClusterGroup:
         for node in self.nodes:
-            node.start()
+            node.start(self._client_options())
         addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        tls = []
+        if self.certificates is not None:
+            tls = ["--tls", "--cacert", str(self.certificates["ca"])]
         done = subprocess.run(
             [
                 system_redis_cli(),
+                *tls,
                 "--cluster",
                 "create",
                 *addresses,
@@ -140,8 +165,12 @@ class RedisClusterGroup:
 
     @property
     def url(self) -> str:
-        """The cache URL: every node, any of which gives the client the slot map."""
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+        """The cache URL: every node, any of which gives the client the slot map (over TLS,
+        verified against this cluster's own CA)."""
+        nodes = ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+        if self.certificates is None:
+            return f"redis+cluster://{nodes}"
+        return f"rediss+cluster://{nodes}?ssl_ca_certs={self.certificates['ca']}"
 
     def close(self) -> None:
         for node in self.nodes:

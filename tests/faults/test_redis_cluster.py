@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from store.redis.cache import RedisCache
 from tests.conftest import ROOT, Services, amqp_url, fresh_id, read_in_new_process, wait_for
@@ -68,6 +69,14 @@ def fleet(database_url: str, cache_url: str, result_backend: str) -> Iterator[Fl
 def redis_cluster(scratch: Path) -> Iterator[RedisClusterGroup]:
     """Three primaries and three replicas of this test's own."""
     group = RedisClusterGroup(scratch / f"cluster-{uuid.uuid4().hex[:8]}").start()
+    yield group
+    group.close()
+
+
+@pytest.fixture
+def tls_cluster(scratch: Path) -> Iterator[RedisClusterGroup]:
+    """Three primaries and three replicas that speak TLS only, the cluster bus too."""
+    group = RedisClusterGroup(scratch / f"cluster-tls-{uuid.uuid4().hex[:8]}", tls=True).start()
     yield group
     group.close()
 
@@ -309,3 +318,23 @@ def test_cluster_swallowed_broadcast_is_noticed(
         assert not worker.events("broadcast.applied", since=since), "the broadcast was not lost"
         assert worker.events("broadcast.missed", since=since)
         record("Redis Cluster: a broadcast swallowed", every_process_s=round(noticed_s, 2))
+
+
+@pytest.mark.faults
+def test_cluster_over_tls(stable: PostgresServer, tls_cluster: RedisClusterGroup) -> None:
+    """With the cache on a rediss+cluster:// URL (TLS only, checked against the cluster's CA),
+    a prefork worker's writes are read in every child and `status` shows every process
+    converged; a plaintext client gets nothing from the cluster."""
+    database_url = stable.new_database()
+    with fleet(database_url, tls_cluster.url, stable.redis_url) as own:
+        worker = cluster_worker(own, stable)
+        projects = [fresh_id() for _ in range(4)]
+        for n, project in enumerate(projects):
+            worker.call("options.set_project_option", project, "k", n)
+            assert all(v == {"k": n} for v in read_all(worker, project).values())
+        report = wait_status_converged(own)
+        assert {p["pid"] for p in report["processes"]} == worker.pids()
+        node = tls_cluster.nodes[0]
+        plain = redis.Redis("127.0.0.1", node.port, socket_timeout=2, socket_connect_timeout=2)
+        with contextlib.closing(plain), pytest.raises(redis.RedisError):
+            plain.ping()
