@@ -7,7 +7,6 @@ fleet of 100,000 processes."""
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import socket
 import tempfile
@@ -17,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench.env import Services, Worker, forget_results, producer, wait_for
+from bench.env import Services, Worker, celery_services, forget_results, producer, wait_for
 from bench.figures import Figure, Series
 from bench.reads import KEY, PROJECT_ID, option_values, seed_scope
 from tests.faults.cluster_servers import RedisClusterGroup
@@ -136,24 +135,18 @@ def scale_cluster(run: Services, *, quick: bool) -> list[Figure]:
     cache = replace(run, redis_url=group.url)
     primaries = _Primaries(group)
     shapes: list[dict[str, Any]] = []
-    # Celery prefers these variables to a producer's own broker= argument.
-    saved = {name: os.environ.get(name) for name in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")}
-    os.environ.update(CELERY_BROKER_URL=run.broker_url, CELERY_RESULT_BACKEND=run.redis_url)
     try:
-        for workers, children in QUICK_SHAPES if quick else SHAPES:
-            label = f"cluster{workers * children}"
-            with cluster_fleet(run, cache, label=label, workers=workers, children=children) as (
-                started,
-                pids,
-                app,
-            ):
-                shapes.append(_measure(primaries, pids, started, app, run))
+        # The producers send to the run's broker and read results from the run's Redis.
+        with celery_services(run.broker_url, run.redis_url):
+            for workers, children in QUICK_SHAPES if quick else SHAPES:
+                label = f"cluster{workers * children}"
+                with cluster_fleet(run, cache, label=label, workers=workers, children=children) as (
+                    started,
+                    pids,
+                    app,
+                ):
+                    shapes.append(_measure(primaries, pids, started, app, run))
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
         group.close()
         shutil.rmtree(directory, ignore_errors=True)
     first, last = shapes[0], shapes[-1]

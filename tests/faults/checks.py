@@ -244,10 +244,10 @@ def wait_converged(
     return time.monotonic() - started
 
 
-def status(worker: FaultWorker) -> dict[str, Any]:
-    """`optionstore status --json`, run as an operator would, with the worker's environment."""
-    done = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "status", "--json"],
+def optionstore(worker: FaultWorker, *args: str) -> subprocess.CompletedProcess[str]:
+    """The `optionstore` command, run as an operator would, with the worker's environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
         env=worker.env,
         cwd=ROOT,
         capture_output=True,
@@ -255,6 +255,11 @@ def status(worker: FaultWorker) -> dict[str, Any]:
         timeout=90,
         check=False,
     )
+
+
+def status(worker: FaultWorker) -> dict[str, Any]:
+    """`optionstore status --json`, run as an operator would, with the worker's environment."""
+    done = optionstore(worker, "status", "--json")
     assert done.returncode == 0, done.stderr
     report: dict[str, Any] = json.loads(done.stdout)
     return report

@@ -7,9 +7,6 @@ with no write lost."""
 from __future__ import annotations
 
 import contextlib
-import json
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,12 +18,14 @@ import pytest
 import redis
 
 from store.redis.cache import RedisCache
-from tests.conftest import ROOT, Services, amqp_url, fresh_id, read_in_new_process, wait_for
+from tests.conftest import Services, amqp_url, fresh_id, read_in_new_process, wait_for
 from tests.faults.checks import (
     committed,
+    optionstore,
     read_all,
     record,
     snapshot,
+    status,
     wait_converged,
     wait_status_converged,
     writes_through_fault,
@@ -92,18 +91,6 @@ def cluster_worker(own: Fleet, stable: PostgresServer, **options: Any) -> FaultW
     return worker
 
 
-def cli(worker: FaultWorker, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
-        env=worker.env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=False,
-    )
-
-
 def primary_serving(group: RedisClusterGroup, cache: RedisCache, scope: str) -> Server:
     """The node that is the primary of ``scope``'s hash slot now."""
     port = int(cache.client.cluster.get_node_from_key(cache.key(scope)).port)
@@ -140,12 +127,11 @@ def test_cluster_cache_serves_a_prefork_fleet(
         assert cache.get(f"project:{projects[0]}") is not None
         report = wait_status_converged(own)
         assert {p["pid"] for p in report["processes"]} == worker.pids()
-        done = cli(worker, "set", f"project:{projects[0]}", "k", "100", "--wait")
+        done = optionstore(worker, "set", f"project:{projects[0]}", "k", "100", "--wait")
         assert done.returncode == 0, done.stdout + done.stderr
         assert f"applied by {len(worker.pids())} live worker processes" in done.stdout
         assert all(v == {"k": 100} for v in read_all(worker, projects[0]).values())
-        status = json.loads(cli(worker, "status", "--json").stdout)
-        assert status["converged"] is True, status
+        assert status(worker)["converged"] is True
 
 
 @pytest.mark.faults
@@ -217,7 +203,7 @@ def test_cluster_primary_killed_under_writes(
         # The leader saw a primary change (its run ids) and checked every scope again.
         assert worker.events("reconcile.redis_restarted"), "no full check after the failover"
         # `set --wait` counts every process through reports on the cluster as it is now.
-        waited = cli(worker, "set", f"project:{projects[0]}", "after", "1", "--wait")
+        waited = optionstore(worker, "set", f"project:{projects[0]}", "after", "1", "--wait")
         assert waited.returncode == 0, waited.stdout + waited.stderr
         assert f"applied by {len(worker.pids())} live worker processes" in waited.stdout
         fallbacks = worker.log().count('"cache.fallback"')
