@@ -29,6 +29,7 @@ _FIGURES: dict[str, tuple[str, str]] = {
     "installed": ("hosts", "installed"),
     "gunicorn": ("hosts", "gunicorn"),
     "scale": ("scale", "scale"),
+    "scale_cluster": ("cluster", "scale_cluster"),
     "visibility": ("fleet", "visibility"),
     "token_round_trip": ("tokens", "token_round_trip"),
     "writes": ("writes", "throughput"),
@@ -37,8 +38,9 @@ _FIGURES: dict[str, tuple[str, str]] = {
     "console": ("console", "console"),
 }
 _NAMES = tuple(_FIGURES)
-# Run only when named (`--only scale`): it starts 128 worker processes and takes minutes.
-_ON_REQUEST = ("scale",)
+# Run only when named (`--only scale`): it starts 128 worker processes and takes minutes
+# (`scale_cluster`: 64, and a Redis Cluster).
+_ON_REQUEST = ("scale", "scale_cluster")
 
 
 def _run(name: str, run: Services, quick: bool) -> list[Figure]:

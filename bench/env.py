@@ -167,6 +167,24 @@ def _cleanup_broker(run: Services) -> None:
                     channel = conn.channel()
 
 
+@contextlib.contextmanager
+def celery_services(broker_url: str, result_backend: str) -> Iterator[None]:
+    """Point this process's Celery at ``broker_url`` and ``result_backend`` while the block
+    runs: Celery prefers CELERY_BROKER_URL and CELERY_RESULT_BACKEND to a producer's own
+    ``broker=`` argument."""
+    names = ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update(CELERY_BROKER_URL=broker_url, CELERY_RESULT_BACKEND=result_backend)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def producer(run: Services, queue: str) -> Any:
     """A Celery app that sends tasks by name to ``queue`` and reads results from Redis."""
     from celery import Celery

@@ -6,7 +6,6 @@ to all of them against raw kombu fanout to as many processes."""
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import subprocess
 import tempfile
@@ -19,7 +18,7 @@ from typing import Any
 import psycopg
 import redis
 
-from bench.env import Services, Worker, producer, wait_for
+from bench.env import Services, Worker, celery_services, producer, wait_for
 from bench.figures import Figure, Series
 from bench.fleet import Fleet, _propagation_at
 from bench.reads import PROJECT_ID, option_values, seed_scope
@@ -152,35 +151,28 @@ def scale(run: Services, *, quick: bool) -> list[Figure]:
     own = replace(run, redis_url=server.url, broker_url=server.url, broker="redis")
     figures: list[Figure] = []
     idle: list[dict[str, Any]] = []
-    # Celery prefers these variables to a producer's own broker= argument: point them at the
-    # benchmark's Redis while it runs.
-    saved = {name: os.environ.get(name) for name in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")}
-    os.environ.update(CELERY_BROKER_URL=server.url, CELERY_RESULT_BACKEND=server.url)
     try:
-        for workers, children in QUICK_SHAPES if quick else SHAPES:
-            count = workers * children
-            figures += _propagation_at(
-                own,
-                count,
-                10 if quick else 60,
-                host=lambda w=workers, c=children: scale_fleet(
-                    own, server, label=f"scale{w * c}", workers=w, children=c, idle=idle
-                ),
-                name=f"propagation_scale_{count}",
-                title=f"propagation at scale: {workers} workers x {children} children",
-                who=(
-                    f"{workers} `celery worker --concurrency {children}` in one namespace "
-                    f"({count} prefork children, OPTIONS_LOCAL_CACHE=process) on a Redis of the "
-                    "benchmark's own"
-                ),
-            )
-            figures[-1].extra["idle"] = idle[-1]
+        # The producers send to the benchmark's Redis, and read their results there.
+        with celery_services(server.url, server.url):
+            for workers, children in QUICK_SHAPES if quick else SHAPES:
+                count = workers * children
+                figures += _propagation_at(
+                    own,
+                    count,
+                    10 if quick else 60,
+                    host=lambda w=workers, c=children: scale_fleet(
+                        own, server, label=f"scale{w * c}", workers=w, children=c, idle=idle
+                    ),
+                    name=f"propagation_scale_{count}",
+                    title=f"propagation at scale: {workers} workers x {children} children",
+                    who=(
+                        f"{workers} `celery worker --concurrency {children}` in one namespace "
+                        f"({count} prefork children, OPTIONS_LOCAL_CACHE=process) on a Redis of "
+                        "the benchmark's own"
+                    ),
+                )
+                figures[-1].extra["idle"] = idle[-1]
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
         server.stop()
     first, last = idle[0], idle[-1]
     for metric, unit in (

@@ -24,6 +24,7 @@ from store.model.validation import (
     DEFAULT_MAX_WRITE_KEYS,
     MAX_ID,
 )
+from store.redis.cluster import cluster_nodes, cluster_options, is_cluster_url
 from store.signing.keys import MIN_KEY_CHARS, Keyring, parse_keys
 
 # The names an override may take, each the keyword form of one environment variable.
@@ -85,6 +86,43 @@ DAY = 24 * 3600
 
 def broker_scheme(broker_url: str) -> str:
     return broker_url.split("://", 1)[0].lower()
+
+
+def check_cluster_broker(redis_url: str, broker_url: str) -> None:
+    """Check a cluster cache URL (``InvalidOption`` naming ``OPTIONS_REDIS_URL``), and refuse a
+    broker on a Redis Cluster: the reload exchange is pub/sub through kombu's Redis
+    transport, which speaks to one server, and a cluster's pub/sub reaches only the node a
+    subscriber asked. With the cache on a cluster, the broker is RabbitMQ or a Redis outside
+    it. Decided from the URLs (a ``redis://`` broker on one of the cache URL's nodes too)."""
+    brokers = [url.strip() for url in broker_url.split(";") if url.strip()]
+    for url in brokers:
+        if is_cluster_url(url):
+            raise InvalidOption(
+                "CELERY_BROKER_URL",
+                "a broker cannot live on a Redis Cluster (the reload exchange is pub/sub on "
+                "one server): use RabbitMQ (amqp://) or a Redis outside the cluster",
+            )
+    if not is_cluster_url(redis_url):
+        return
+    cluster_options(redis_url)  # a bad cluster URL is refused here, before anything connects
+    if not brokers:
+        raise InvalidOption(
+            "CELERY_BROKER_URL",
+            "OPTIONS_REDIS_URL names a Redis Cluster, which cannot carry the broker and its "
+            "reload exchange: set CELERY_BROKER_URL to RabbitMQ (amqp://) or a Redis outside "
+            "the cluster",
+        )
+    nodes = {(host.lower(), port) for host, port in cluster_nodes(redis_url)}
+    for url in brokers:
+        parts = urlsplit(url)
+        redis_broker = broker_scheme(url) in ("redis", "rediss") and parts.hostname
+        if redis_broker and (str(parts.hostname).lower(), parts.port or 6379) in nodes:
+            raise InvalidOption(
+                "CELERY_BROKER_URL",
+                f"{parts.hostname}:{parts.port or 6379} is a node of the Redis Cluster in "
+                "OPTIONS_REDIS_URL, which cannot carry the reload exchange: use RabbitMQ "
+                "(amqp://) or a Redis outside the cluster",
+            )
 
 
 def broker_transport_for(broker_url: str, *, kombu_version: str | None = None) -> str | None:
@@ -278,6 +316,7 @@ class Settings:
                 f"must be at least {shortest} s (1 h, and 10 x OPTIONS_VISIBILITY_TIMEOUT), "
                 f"got {write_retention}",
             )
+        check_cluster_broker(env.get("OPTIONS_REDIS_URL") or "", env.get("CELERY_BROKER_URL") or "")
         return cls(
             configured_database_url=env.get("OPTIONS_DATABASE_URL") or "",
             configured_redis_url=env.get("OPTIONS_REDIS_URL") or "",

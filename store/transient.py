@@ -47,7 +47,8 @@ _POOLER_MESSAGES = (
 
 # Redis error codes (the first word of an error reply) that mean "not now": full (OOM), a
 # replica or a failing disk refusing writes (READONLY, MISCONF, NOREPLICAS), loading its
-# dataset, busy with a script, or a cluster or master in transition. Scripts report the error
+# dataset, busy with a script, or a cluster or master in transition (a slot moving under a
+# failover or a resharding that redis-py's redirects did not settle). Scripts report the error
 # of the command that failed inside them after a prefix (": -OOM ..." in Redis 6, "OOM ...
 # script: ..." in Redis 7), so the code is looked for after a dash too.
 _REDIS_CODES = (
@@ -60,6 +61,8 @@ _REDIS_CODES = (
     "MASTERDOWN",
     "TRYAGAIN",
     "CLUSTERDOWN",
+    "MOVED",
+    "ASK",
 )
 _REDIS_CODE = re.compile(rf"(?:^|\s-)({'|'.join(_REDIS_CODES)})\b")
 _REDIS_UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -71,6 +74,9 @@ _REDIS_UNAVAILABLE: tuple[type[BaseException], ...] = (
     redis.exceptions.MasterDownError,
     redis.exceptions.TryAgainError,
     redis.exceptions.ClusterDownError,
+    redis.exceptions.AskError,  # and MovedError
+    # A slot no primary serves: its primary died and no replica has taken over yet.
+    redis.exceptions.SlotNotCoveredError,
 )
 
 
@@ -94,9 +100,14 @@ def postgres_unavailable(exc: BaseException) -> bool:
 
 def redis_unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` says Redis cannot serve us right now (down, full, read-only, loading,
-    busy): treated exactly like Redis down."""
+    busy, a cluster failing over): treated exactly like Redis down."""
     if isinstance(exc, _REDIS_UNAVAILABLE):
         return True
+    if isinstance(exc, redis.exceptions.RedisClusterException):
+        # redis-py's cluster client reports "no node reachable" as this, from the error of
+        # the last node it tried: that error says what it means.
+        cause = exc.__cause__ or exc.__context__
+        return cause is not None and cause is not exc and redis_unavailable(cause)
     if isinstance(exc, redis.exceptions.ResponseError):
         return _REDIS_CODE.search(str(exc).lstrip()) is not None
     return False

@@ -13,7 +13,7 @@ from redis.connection import URL_QUERY_ARGUMENT_PARSERS
 from redis.sentinel import Sentinel, SentinelManagedConnection, SentinelManagedSSLConnection
 
 from store.postgres.store import EncodedScope, Snapshot
-from store.redis import direct
+from store.redis import cluster, direct
 
 # Option keys cannot contain control characters, so these field names never collide with one.
 REVISION_FIELD = b"\x00rev"
@@ -36,7 +36,8 @@ class Applied(NamedTuple):
 
 
 class RedisCache:
-    """Scope snapshots in Redis hashes, written with revision checks done inside Redis."""
+    """Scope snapshots in Redis hashes, written with revision checks done inside Redis: on one
+    server (or the master behind Sentinel), or spread over a Redis Cluster by scope."""
 
     def __init__(
         self,
@@ -46,20 +47,25 @@ class RedisCache:
         ttl: int = 24 * 3600,
         socket_timeout: float = 2.0,
     ) -> None:
-        self.client: redis.Redis = redis_client(
+        self.prefix = prefix
+        self.ttl = ttl
+        self.cluster = cluster.is_cluster_url(url)
+        # A cluster's client is made on first use, in each process (store/redis/cluster.py).
+        self.client: cluster.RedisClient = redis_client(
             url,
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
             health_check_interval=30,
         )
-        self.prefix = prefix
-        self.ttl = ttl
         self._fill = self.client.register_script(_script("fill.lua"))
         self._delta = self.client.register_script(_script("delta.lua"))
         self._raise = self.client.register_script(_script("raise.lua"))
         self._recent = self.client.register_script(_script("recent.lua"))
+        self._announced = self.client.register_script(_script("announced.lua"))
 
     def key(self, scope: str) -> str:
+        if self.cluster:
+            return cluster.scope_key(self.prefix, scope)
         return f"{self.prefix}:scope:{scope}"
 
     def get(self, scope: str) -> Snapshot | None:
@@ -101,6 +107,17 @@ class RedisCache:
         """
         topics, message = announce or ((), "")
         sets = [(k, v) for k, v in changes.items() if v is not None]
+        record = self.record(database or "-")
+        recorded: Applied | None = None
+        if self.cluster:
+            # The record lives on another shard than the scope: its own script, first, as
+            # delta.lua does it on one server; then delta.lua records nothing.
+            recorded = Applied("", 0, "")
+            if database:
+                on = [record.announced_key, record.announced_at_key]
+                announced, by = self._announced(keys=on, args=[scope, revision, task_id])
+                recorded = Applied("", int(announced), _text(by))
+            database = None
         args: list[str | bytes | int] = [
             REVISION_FIELD,
             STALE_FIELD,
@@ -116,20 +133,28 @@ class RedisCache:
         for key, value in sets:
             args += (key, value)
         args += [k for k, v in changes.items() if v is None]
-        record = self.record(database or "-")
-        keys = (self.key(scope), record.announced_key, record.announced_at_key)
+        keys: tuple[str, ...] = (self.key(scope), record.announced_key, record.announced_at_key)
+        if recorded is not None:
+            keys = keys[:1]
         # By its digest, directly: redis-py's Script wrapper costs more Python per call than
         # the rest of the call. NOSCRIPT (a new or restarted server): loaded, then run.
         try:
-            outcome, announced, by = self.client.evalsha(self._delta.sha, 3, *keys, *args)
+            outcome, announced, by = self.client.evalsha(self._delta.sha, len(keys), *keys, *args)
         except redis.exceptions.NoScriptError:
             self.client.script_load(self._delta.script)
-            outcome, announced, by = self.client.evalsha(self._delta.sha, 3, *keys, *args)
+            outcome, announced, by = self.client.evalsha(self._delta.sha, len(keys), *keys, *args)
+        if recorded is not None:
+            return recorded._replace(outcome=_text(outcome))
         return Applied(_text(outcome), int(announced), _text(by))
 
     def record(self, database: str) -> AnnouncedRecord:
         """What was announced of ``database``'s commits (PostgresStore.database_id)."""
-        return AnnouncedRecord(self.client, f"{self.prefix}:db:{database}", self._recent)
+        prefix = (
+            cluster.record_prefix(self.prefix, database)
+            if self.cluster
+            else f"{self.prefix}:db:{database}"
+        )
+        return AnnouncedRecord(self.client, prefix, self._recent)
 
     def revisions(self, scopes: list[str]) -> dict[str, int | None]:
         """The revision each scope's hash holds (a floor's too), or None where there is none."""
@@ -147,7 +172,10 @@ class RedisCache:
         return bool(self._raise(keys=[self.key(scope)], args=args))
 
     def run_id(self) -> str:
-        """The server's run id: a new one means Redis restarted (or another server answers)."""
+        """The server's run id: a new one means Redis restarted (or another server answers);
+        on a cluster, its primaries' (a failover changes one)."""
+        if isinstance(self.client, cluster.ClusterClient):
+            return cluster.run_ids(self.client)
         info = self.client.info("server")
         return str(info.get("run_id", ""))
 
@@ -158,19 +186,22 @@ class RedisCache:
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 
 
-def redis_client(url: str, **options: Any) -> redis.Redis:
+def redis_client(url: str, **options: Any) -> cluster.RedisClient:
     """A client for a ``redis://``/``rediss://`` URL (redis-py's forms, TLS options in the
-    query: ``ssl_ca_certs``, ``ssl_cert_reqs``, ``ssl_certfile``, ``ssl_keyfile``), or for the
+    query: ``ssl_ca_certs``, ``ssl_cert_reqs``, ``ssl_certfile``, ``ssl_keyfile``), for the
     master behind Redis Sentinel:
     ``redis+sentinel://[user:password@]host:26379[,host2:26379...]/<master>[/<db>]``
     (``rediss+sentinel://`` for TLS to the master; ``sentinel_password`` in the query for
-    Sentinels that require one).
+    Sentinels that require one), or for a Redis Cluster (``redis+cluster://``, a
+    ``redis.cluster.RedisCluster``: store/redis/cluster.py).
 
     A Sentinel client asks the Sentinels for the master on every new connection, and drops a
     connection whose server turned replica (redis-py's ``SentinelManagedConnection``): after a
     failover it talks to the new master.
     """
     parts = urlsplit(url)
+    if parts.scheme in cluster.CLUSTER_SCHEMES:
+        return cluster.cluster_client(url, **options)
     if parts.scheme not in SENTINEL_SCHEMES:
         return redis.Redis.from_url(url, **options)
     hosts = parts.netloc.rsplit("@", 1)[-1]
@@ -256,7 +287,7 @@ class AnnouncedRecord:
     and the last tick of the database's clock seen. A database that went back in time is
     found behind it (worker/duties/reconcile.py)."""
 
-    def __init__(self, client: redis.Redis, prefix: str, recent: Any) -> None:
+    def __init__(self, client: cluster.RedisClient, prefix: str, recent: Any) -> None:
         self.client = client
         self.announced_key = f"{prefix}:announced"
         self.announced_at_key = f"{prefix}:announced-at"

@@ -2,7 +2,8 @@
 -- anything else leaves a floor at the new revision so the next reader reloads from PostgreSQL.
 -- Then publish ARGV[7] to the ARGV[8] topics that follow it (none: a broker elsewhere): the
 -- change's broadcast, when the broker is this server, leaves after the cache holds the change.
--- KEYS[2] holds, for each scope (field ARGV[5]; none if empty), the highest revision ever
+-- KEYS[2] holds, for each scope (field ARGV[5]; none if empty: on a Redis Cluster announced.lua
+-- records it on its own shard, and only KEYS[1] is given), the highest revision ever
 -- announced of it in one database and the task that committed it ("<revision> <task id>"), kept with no expiry; KEYS[3] when each
 -- scope was last announced a new revision. A commit at a revision another task committed
 -- before means PostgreSQL went back in time (OptionsStore.propagate, worker/duties/reconcile.py).

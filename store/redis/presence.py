@@ -15,6 +15,7 @@ import redis
 
 from store.model.writes import WriteResult
 from store.redis import direct
+from store.redis.cluster import RedisClient
 
 REVISION_PREFIX = "r:"
 _REPORT = resources.files("store.redis").joinpath("report.lua").read_text(encoding="utf-8")
@@ -71,7 +72,7 @@ def lagging(
 class Presence:
     """Process reports under ``<namespace>:proc:<hostname>:<pid>``, expiring unless refreshed."""
 
-    def __init__(self, client: redis.Redis, *, namespace: str, ttl: float = 15.0) -> None:
+    def __init__(self, client: RedisClient, *, namespace: str, ttl: float = 15.0) -> None:
         self.client = client
         self.namespace = namespace
         self.ttl = ttl

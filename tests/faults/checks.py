@@ -244,10 +244,10 @@ def wait_converged(
     return time.monotonic() - started
 
 
-def status(worker: FaultWorker) -> dict[str, Any]:
-    """`optionstore status --json`, run as an operator would, with the worker's environment."""
-    done = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "status", "--json"],
+def optionstore(worker: FaultWorker, *args: str) -> subprocess.CompletedProcess[str]:
+    """The `optionstore` command, run as an operator would, with the worker's environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
         env=worker.env,
         cwd=ROOT,
         capture_output=True,
@@ -255,6 +255,11 @@ def status(worker: FaultWorker) -> dict[str, Any]:
         timeout=90,
         check=False,
     )
+
+
+def status(worker: FaultWorker) -> dict[str, Any]:
+    """`optionstore status --json`, run as an operator would, with the worker's environment."""
+    done = optionstore(worker, "status", "--json")
     assert done.returncode == 0, done.stderr
     report: dict[str, Any] = json.loads(done.stdout)
     return report
@@ -300,12 +305,14 @@ def writes_through_fault(
     between_sends: Callable[[], None] | None = None,
     after_stream: Callable[[], None] | None = None,
     commit_timeout: float = 150.0,
+    converge_timeout: float = 90.0,
     when: str,
 ) -> ThroughFault:
     """Warm every process on ``projects``, stream ``writes`` to ``worker``, and once
     ``build_up`` are sent run ``fault`` (it returns the moment commits are timed from). Then:
     every write was sent, every write commits, no process reads a stale value, every process
-    converges and ``status`` says so. ``when`` names the moment in the stale-read failure.
+    converges (within ``converge_timeout`` of the last commit) and ``status`` says so. ``when``
+    names the moment in the stale-read failure.
     ``between_sends`` runs first, while no send is under way (see the Sentinel test)."""
     ids = [task_id for task_id, _, _ in writes]
     for project in projects:
@@ -327,7 +334,7 @@ def writes_through_fault(
     committed_s = time.monotonic() - since
     stale = stale_reads(worker, database_url, projects)
     assert not stale, f"stale reads {when}, every write committed: {stale}"
-    converge_s = wait_converged(own, database_url, projects) + committed_s
+    converge_s = wait_converged(own, database_url, projects, timeout=converge_timeout) + committed_s
     counts = history_counts(database_url, ids)
     wait_status_converged(own)
     return ThroughFault(ids, at_fault, committed_s, converge_s, counts, stream.refused)
