@@ -17,7 +17,9 @@ from typing import Any
 import pytest
 import redis
 
+from store.postgres.store import Snapshot
 from store.redis.cache import RedisCache
+from store.transient import redis_unavailable
 from tests.conftest import Services, amqp_url, fresh_id, read_in_new_process, wait_for
 from tests.faults.checks import (
     committed,
@@ -324,3 +326,37 @@ def test_cluster_over_tls(stable: PostgresServer, tls_cluster: RedisClusterGroup
         plain = redis.Redis("127.0.0.1", node.port, socket_timeout=2, socket_connect_timeout=2)
         with contextlib.closing(plain), pytest.raises(redis.RedisError):
             plain.ping()
+
+
+@pytest.mark.faults
+def test_cluster_scope_moves_while_the_record_shard_refuses_writes(
+    redis_cluster: RedisClusterGroup,
+) -> None:
+    """The shard of the announcement record full (OOM) while a scope's shard is healthy: a
+    write's cache step still moves the scope's hash (a reader never gets the old value from
+    it), and reports the failed record as transient, for the relay to record it later."""
+    cache = RedisCache(url=redis_cluster.url, prefix=f"ns-{uuid.uuid4().hex[:8]}")
+    record_key = cache.record("db-1").announced_key
+    record_port = int(cache.client.cluster.get_node_from_key(record_key).port)
+    scope = next(
+        name
+        for name in (f"project:{n}" for n in range(1, 1000))
+        if primary_serving(redis_cluster, cache, name).port != record_port
+    )
+    assert cache.fill(scope, Snapshot(1, {"k": '"old"'}))
+    record_node = next(node for node in redis_cluster.nodes if node.port == record_port)
+    with contextlib.closing(record_node.client()) as client:
+        client.config_set("maxmemory", 1)  # every write on that shard refused: OOM
+        try:
+            with pytest.raises(redis.RedisError) as refused:
+                cache.apply(scope, 2, {"k": '"new"'}, task_id="t2", database="db-1")
+            assert redis_unavailable(refused.value), refused.value
+            cached = cache.get(scope)
+            assert cached is not None
+            assert (cached.revision, cached.values) == (2, {"k": '"new"'})
+        finally:
+            client.config_set("maxmemory", 0)
+    # The relay's second try records the announcement; the hash is already there.
+    again = cache.apply(scope, 2, {"k": '"new"'}, task_id="t2", database="db-1")
+    assert (again.outcome, again.announced, again.by) == ("old", 0, "")
+    assert cache.record("db-1").page(cursor=0, count=10)[1] == {scope: 2}
