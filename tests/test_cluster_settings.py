@@ -132,11 +132,12 @@ def test_broker_outside_the_cluster_is_taken(broker: str) -> None:
 
 
 def test_cluster_errors_in_a_failover_are_transient() -> None:
-    """A slot no primary serves, MOVED/ASK left over, CLUSTERDOWN, TRYAGAIN and a cluster that no
-    node answers for are transient; a cluster error that is a mistake (no key) is not."""
+    """A slot no primary serves, redirections that did not settle (redis-py's cluster client
+    follows MOVED and ASK itself, and gives up on a slot map in flux with "TTL exhausted"),
+    CLUSTERDOWN, TRYAGAIN and a cluster that no node answers for are transient; a cluster error
+    that is a mistake (no key) is not."""
     assert redis_unavailable(SlotNotCoveredError('Slot "12" is not covered by the cluster.'))
-    assert redis_unavailable(redis.exceptions.MovedError("3999 127.0.0.1:6381"))
-    assert redis_unavailable(redis.exceptions.ResponseError("ASK 3999 127.0.0.1:6381"))
+    assert redis_unavailable(redis.exceptions.ClusterError("TTL exhausted."))
     assert redis_unavailable(redis.exceptions.ClusterDownError("The cluster is down"))
     assert redis_unavailable(redis.exceptions.TryAgainError("Multiple keys request"))
     try:
@@ -161,3 +162,14 @@ def test_a_forked_child_makes_its_own_cluster_client() -> None:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert client._client is made
+
+
+def test_a_redirection_reaching_us_is_permanent() -> None:
+    """MOVED or ASK reaches the caller only from a client that does not follow redirections: a
+    ``redis://`` URL naming one node of a cluster (redis-py's cluster client follows them). That
+    is a wrong URL, not a cluster in transition: not taken for Redis down, which would hide it
+    behind PostgreSQL reads and a relay that never finishes."""
+    assert not redis_unavailable(redis.exceptions.MovedError("3999 127.0.0.1:6381"))
+    assert not redis_unavailable(redis.exceptions.AskError("3999 127.0.0.1:6381"))
+    assert not redis_unavailable(redis.exceptions.ResponseError("MOVED 3999 127.0.0.1:6381"))
+    assert not redis_unavailable(redis.exceptions.ResponseError("ASK 3999 127.0.0.1:6381"))

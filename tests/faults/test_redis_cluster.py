@@ -360,3 +360,23 @@ def test_cluster_scope_moves_while_the_record_shard_refuses_writes(
     again = cache.apply(scope, 2, {"k": '"new"'}, task_id="t2", database="db-1")
     assert (again.outcome, again.announced, again.by) == ("old", 0, "")
     assert cache.record("db-1").page(cursor=0, count=10)[1] == {scope: 2}
+
+
+@pytest.mark.faults
+def test_plain_url_at_a_cluster_node_is_not_redis_down(redis_cluster: RedisClusterGroup) -> None:
+    """A redis:// URL naming one node of a cluster (the redis+cluster:// scheme forgotten):
+    the MOVED its node answers for a scope on another shard is not taken for Redis down, which
+    would hide the wrong URL behind PostgreSQL reads and a relay that never finishes."""
+    node = redis_cluster.primaries()[0]
+    plain = RedisCache(url=f"redis://127.0.0.1:{node.port}/0", prefix="ns")
+    assert not plain.cluster
+    moved: list[redis.RedisError] = []
+    for n in range(1, 1000):
+        try:
+            plain.get(f"project:{n}")
+        except redis.RedisError as exc:
+            moved.append(exc)
+            break
+    assert moved, "every scope was on the node the URL names"
+    assert isinstance(moved[0], redis.exceptions.MovedError), repr(moved[0])
+    assert not redis_unavailable(moved[0])
