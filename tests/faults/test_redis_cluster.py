@@ -17,7 +17,9 @@ from typing import Any
 import pytest
 import redis
 
-from store.postgres.store import Snapshot
+from store.model.scopes import project_scope
+from store.model.writes import Write
+from store.postgres.store import PostgresStore, Snapshot
 from store.redis.cache import RedisCache
 from store.transient import redis_unavailable
 from tests.conftest import Services, amqp_url, fresh_id, read_in_new_process, wait_for
@@ -37,6 +39,7 @@ from tests.faults.fleet import FaultWorker, Fleet, project_writes, wait_synced
 from tests.faults.servers import PostgresServer
 from tests.faults.test_sentinel_failover import replicated
 from tests.faults.topology_servers import Server
+from worker.duties.reconcile import Reconciler
 
 WRITES = 300
 PER_SECOND = 40.0
@@ -380,3 +383,40 @@ def test_plain_url_at_a_cluster_node_is_not_redis_down(redis_cluster: RedisClust
     assert moved, "every scope was on the node the URL names"
     assert isinstance(moved[0], redis.exceptions.MovedError), repr(moved[0])
     assert not redis_unavailable(moved[0])
+
+
+@pytest.mark.faults
+def test_cluster_hash_behind_is_repaired_while_the_record_shard_refuses_writes(
+    stable: PostgresServer, redis_cluster: RedisClusterGroup
+) -> None:
+    """The shard of the announcement record full (OOM), so the reconciler cannot move the
+    database's clock there: a scope's hash behind PostgreSQL on a healthy shard is repaired all
+    the same (guarantee 8 does not wait for another shard)."""
+    db = PostgresStore(conninfo=stable.new_database())
+    try:
+        cache = RedisCache(url=redis_cluster.url, prefix=f"ns-{uuid.uuid4().hex[:8]}")
+        record_key = cache.record(db.database_id()).announced_key
+        record_port = int(cache.client.cluster.get_node_from_key(record_key).port)
+        scope = next(
+            name
+            for name in (f"project:{n}" for n in range(1, 1000))
+            if primary_serving(redis_cluster, cache, name).port != record_port
+        )
+        written = project_scope(int(scope.split(":")[1]))
+        old, _ = db.apply(Write(written, {"k": '"old"'}, ()), task_id=uuid.uuid4().hex)
+        assert cache.fill(scope, Snapshot(old.revision, {"k": '"old"'}))
+        # Committed and announced, but the hash missed it (a cache step that failed).
+        new, _ = db.apply(Write(written, {"k": '"new"'}, ()), task_id=uuid.uuid4().hex)
+        db.mark_announced([old.task_id, new.task_id])
+        reconciler = Reconciler(postgres=db, cache=cache, settle=0.0)
+        record_node = next(node for node in redis_cluster.nodes if node.port == record_port)
+        with contextlib.closing(record_node.client()) as client:
+            client.config_set("maxmemory", 1)  # every write on that shard refused: OOM
+            try:
+                reconciler.run_once()
+                assert cache.revisions([scope]) == {scope: new.revision}
+            finally:
+                client.config_set("maxmemory", 0)
+        assert cache.get(scope) is None, "the hash is a floor: the next reader loads PostgreSQL"
+    finally:
+        db.close()
