@@ -331,6 +331,32 @@ def test_cluster_over_tls(stable: PostgresServer, tls_cluster: RedisClusterGroup
             plain.ping()
 
 
+def scope_off_the_record_shard(
+    group: RedisClusterGroup, cache: RedisCache, database: str
+) -> tuple[str, Server]:
+    """A project scope whose hash is on another shard than ``database``'s announcement
+    record, and the primary that holds the record."""
+    record_key = cache.record(database).announced_key
+    record_port = int(cache.client.cluster.get_node_from_key(record_key).port)
+    scope = next(
+        name
+        for name in (f"project:{n}" for n in range(1, 1000))
+        if primary_serving(group, cache, name).port != record_port
+    )
+    return scope, next(node for node in group.nodes if node.port == record_port)
+
+
+@contextlib.contextmanager
+def refusing_writes(node: Server) -> Iterator[None]:
+    """``node`` full (OOM: maxmemory below what it holds) for the block: every write refused."""
+    with contextlib.closing(node.client()) as client:
+        client.config_set("maxmemory", 1)
+        try:
+            yield
+        finally:
+            client.config_set("maxmemory", 0)
+
+
 @pytest.mark.faults
 def test_cluster_scope_moves_while_the_record_shard_refuses_writes(
     redis_cluster: RedisClusterGroup,
@@ -339,26 +365,15 @@ def test_cluster_scope_moves_while_the_record_shard_refuses_writes(
     write's cache step still moves the scope's hash (a reader never gets the old value from
     it), and reports the failed record as transient, for the relay to record it later."""
     cache = RedisCache(url=redis_cluster.url, prefix=f"ns-{uuid.uuid4().hex[:8]}")
-    record_key = cache.record("db-1").announced_key
-    record_port = int(cache.client.cluster.get_node_from_key(record_key).port)
-    scope = next(
-        name
-        for name in (f"project:{n}" for n in range(1, 1000))
-        if primary_serving(redis_cluster, cache, name).port != record_port
-    )
+    scope, record_node = scope_off_the_record_shard(redis_cluster, cache, "db-1")
     assert cache.fill(scope, Snapshot(1, {"k": '"old"'}))
-    record_node = next(node for node in redis_cluster.nodes if node.port == record_port)
-    with contextlib.closing(record_node.client()) as client:
-        client.config_set("maxmemory", 1)  # every write on that shard refused: OOM
-        try:
-            with pytest.raises(redis.RedisError) as refused:
-                cache.apply(scope, 2, {"k": '"new"'}, task_id="t2", database="db-1")
-            assert redis_unavailable(refused.value), refused.value
-            cached = cache.get(scope)
-            assert cached is not None
-            assert (cached.revision, cached.values) == (2, {"k": '"new"'})
-        finally:
-            client.config_set("maxmemory", 0)
+    with refusing_writes(record_node):
+        with pytest.raises(redis.RedisError) as refused:
+            cache.apply(scope, 2, {"k": '"new"'}, task_id="t2", database="db-1")
+        assert redis_unavailable(refused.value), refused.value
+        cached = cache.get(scope)
+        assert cached is not None
+        assert (cached.revision, cached.values) == (2, {"k": '"new"'})
     # The relay's second try records the announcement; the hash is already there.
     again = cache.apply(scope, 2, {"k": '"new"'}, task_id="t2", database="db-1")
     assert (again.outcome, again.announced, again.by) == ("old", 0, "")
@@ -395,13 +410,7 @@ def test_cluster_hash_behind_is_repaired_while_the_record_shard_refuses_writes(
     db = PostgresStore(conninfo=stable.new_database())
     try:
         cache = RedisCache(url=redis_cluster.url, prefix=f"ns-{uuid.uuid4().hex[:8]}")
-        record_key = cache.record(db.database_id()).announced_key
-        record_port = int(cache.client.cluster.get_node_from_key(record_key).port)
-        scope = next(
-            name
-            for name in (f"project:{n}" for n in range(1, 1000))
-            if primary_serving(redis_cluster, cache, name).port != record_port
-        )
+        scope, record_node = scope_off_the_record_shard(redis_cluster, cache, db.database_id())
         written = project_scope(int(scope.split(":")[1]))
         old, _ = db.apply(Write(written, {"k": '"old"'}, ()), task_id=uuid.uuid4().hex)
         assert cache.fill(scope, Snapshot(old.revision, {"k": '"old"'}))
@@ -409,14 +418,9 @@ def test_cluster_hash_behind_is_repaired_while_the_record_shard_refuses_writes(
         new, _ = db.apply(Write(written, {"k": '"new"'}, ()), task_id=uuid.uuid4().hex)
         db.mark_announced([old.task_id, new.task_id])
         reconciler = Reconciler(postgres=db, cache=cache, settle=0.0)
-        record_node = next(node for node in redis_cluster.nodes if node.port == record_port)
-        with contextlib.closing(record_node.client()) as client:
-            client.config_set("maxmemory", 1)  # every write on that shard refused: OOM
-            try:
-                reconciler.run_once()
-                assert cache.revisions([scope]) == {scope: new.revision}
-            finally:
-                client.config_set("maxmemory", 0)
+        with refusing_writes(record_node):
+            reconciler.run_once()
+            assert cache.revisions([scope]) == {scope: new.revision}
         assert cache.get(scope) is None, "the hash is a floor: the next reader loads PostgreSQL"
     finally:
         db.close()
