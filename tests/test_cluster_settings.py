@@ -51,6 +51,12 @@ def test_cluster_url_names_its_nodes_and_options() -> None:
         ("redis+cluster://h:7000/1", "only database 0"),
         ("redis+cluster://h:7000?db=2", "only database 0"),
         ("redis+cluster://h:port", "port is a number"),
+        ("redis+cluster://h:70000", "port is a number from 1 to 65535"),
+        ("redis+cluster://h:0", "port is a number from 1 to 65535"),
+        ("redis+cluster://a:7000,:7001", "names a host"),
+        ("redis+cluster://a:7000,,b:7001", "names a host"),
+        ("redis+cluster://[::1:7000", "names a host"),
+        ("redis+cluster://h:7000:7001", "names a host"),
         ("redis+cluster://", "at least one node"),
         ("redis+cluster://h:7000?socket_timeout=soon", "socket_timeout"),
     ],
@@ -68,8 +74,12 @@ def test_bad_cluster_url_is_refused_naming_the_setting(url: str, says: str) -> N
 
 
 def test_cluster_nodes_default_port() -> None:
-    """A node given without a port is on Redis's port."""
+    """A node given without a port is on Redis's port; an IPv6 address is given in brackets."""
     assert cluster_nodes("redis+cluster://a,b:7001") == [("a", 6379), ("b", 7001)]
+    assert cluster_nodes("redis+cluster://[::1]:7000,[fe80::1]") == [
+        ("::1", 7000),
+        ("fe80::1", 6379),
+    ]
 
 
 def test_scope_keys_are_tagged_on_a_cluster_only() -> None:
@@ -173,3 +183,13 @@ def test_a_redirection_reaching_us_is_permanent() -> None:
     assert not redis_unavailable(redis.exceptions.AskError("3999 127.0.0.1:6381"))
     assert not redis_unavailable(redis.exceptions.ResponseError("MOVED 3999 127.0.0.1:6381"))
     assert not redis_unavailable(redis.exceptions.ResponseError("ASK 3999 127.0.0.1:6381"))
+
+
+def test_a_bad_cluster_url_quotes_no_password() -> None:
+    """A refused cluster URL's error names the node at fault, never the credentials before it
+    (a raw "/" or ":" in a password included)."""
+    for url in ("redis+cluster://u:se/cr:et@h:port", "redis+cluster://u:secret@h:7000,:1"):
+        with pytest.raises(InvalidOption) as raised:
+            Settings.from_environ({"OPTIONS_REDIS_URL": url, "CELERY_BROKER_URL": "amqp://r//"})
+        said = str(raised.value)
+        assert not any(part in said for part in ("u:se", "cr:et", "secret")), said
