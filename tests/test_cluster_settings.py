@@ -193,3 +193,25 @@ def test_a_bad_cluster_url_quotes_no_password() -> None:
             Settings.from_environ({"OPTIONS_REDIS_URL": url, "CELERY_BROKER_URL": "amqp://r//"})
         said = str(raised.value)
         assert not any(part in said for part in ("u:se", "cr:et", "secret")), said
+
+
+def test_an_installed_app_is_judged_by_its_own_broker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """worker.install(app) puts the reload exchange on the app's own broker: with the cache on
+    a cluster, an app whose broker is RabbitMQ (set in code, CELERY_BROKER_URL unset) is taken,
+    and one whose broker (set in code, or given to install) is a node of the cluster is
+    refused naming CELERY_BROKER_URL."""
+    from celery import Celery
+
+    from worker.install import Installation
+
+    monkeypatch.setenv("OPTIONS_REDIS_URL", CLUSTER)
+    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
+    rabbit = Celery("mine", broker="amqp://guest@rabbit//", set_as_current=False)
+    assert Installation(rabbit).settings.redis_url == CLUSTER
+    on_a_node = Celery("mine", broker="redis://127.0.0.1:2/0", set_as_current=False)
+    with pytest.raises(InvalidOption) as raised:
+        _ = Installation(on_a_node).settings
+    assert raised.value.field == "CELERY_BROKER_URL"
+    told = Installation(rabbit, overrides={"broker_url": "redis://127.0.0.1:1/0"})
+    with pytest.raises(InvalidOption):
+        _ = told.settings
