@@ -59,6 +59,9 @@ def test_cluster_url_names_its_nodes_and_options() -> None:
         ("redis+cluster://h:7000:7001", "names a host"),
         ("redis+cluster://", "at least one node"),
         ("redis+cluster://h:7000?socket_timeout=soon", "socket_timeout"),
+        ("redis+cluster://h:7000?require_full_coverage=false", "not an option of a cluster URL"),
+        ("redis+cluster://h:7000?sockettimeout=3", "not an option of a cluster URL"),
+        ("rediss+cluster://h:7000?ssl_cert_reqs=nope", "ssl_cert_reqs: one of"),
     ],
 )
 def test_bad_cluster_url_is_refused_naming_the_setting(url: str, says: str) -> None:

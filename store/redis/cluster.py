@@ -32,6 +32,10 @@ DEFAULT_PORT = 6379
 # seconds while a primary fails over; a read falls back to PostgreSQL instead, and a write's
 # cache step is done again by the outbox relay).
 RETRY_ATTEMPTS = 3
+# The query options taken as text, beside those redis-py types (URL_QUERY_ARGUMENT_PARSERS).
+TEXT_OPTIONS = frozenset(
+    {"ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "client_name"}
+)
 
 
 def is_cluster_url(url: str) -> bool:
@@ -92,6 +96,18 @@ def cluster_options(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
         if name == "db":
             raise InvalidOption("OPTIONS_REDIS_URL", "a Redis Cluster has only database 0")
         parser: Any = URL_QUERY_ARGUMENT_PARSERS.get(name)
+        if parser is None and name not in TEXT_OPTIONS:
+            # redis-py's cluster client drops a keyword it does not know, and takes any text
+            # for one it does ("require_full_coverage=false" would be true): refused instead.
+            raise InvalidOption(
+                "OPTIONS_REDIS_URL",
+                f"{name!r} is not an option of a cluster URL (redis-py's connection options:"
+                f" {', '.join(sorted([*URL_QUERY_ARGUMENT_PARSERS, *TEXT_OPTIONS]))})",
+            )
+        if name == "ssl_cert_reqs" and value not in ("none", "optional", "required"):
+            raise InvalidOption(
+                "OPTIONS_REDIS_URL", "ssl_cert_reqs: one of none, optional, required"
+            )
         try:
             options[name] = value if parser is None else parser(value)
         except ValueError as exc:
