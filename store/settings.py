@@ -90,17 +90,17 @@ def broker_scheme(broker_url: str) -> str:
 
 def check_cluster_broker(redis_url: str, broker_url: str) -> None:
     """Check a cluster cache URL (``InvalidOption`` naming ``OPTIONS_REDIS_URL``), and refuse a
-    broker on a Redis Cluster: the reload exchange is pub/sub through kombu's Redis
-    transport, which speaks to one server, and a cluster's pub/sub reaches only the node a
-    subscriber asked. With the cache on a cluster, the broker is RabbitMQ or a Redis outside
-    it. Decided from the URLs (a ``redis://`` broker on one of the cache URL's nodes too)."""
+    broker on a Redis Cluster: kombu's Redis transport speaks to one server and uses each
+    queue's keys together, which a cluster spreads over its nodes' slots. With the cache on a
+    cluster, the broker is RabbitMQ or a Redis outside it. Decided from the URLs (a
+    ``redis://`` broker on one of the cache URL's nodes too)."""
     brokers = [url.strip() for url in broker_url.split(";") if url.strip()]
     for url in brokers:
         if is_cluster_url(url):
             raise InvalidOption(
                 "CELERY_BROKER_URL",
-                "a broker cannot live on a Redis Cluster (the reload exchange is pub/sub on "
-                "one server): use RabbitMQ (amqp://) or a Redis outside the cluster",
+                "a broker cannot live on a Redis Cluster (kombu's Redis transport speaks to one "
+                "server): use RabbitMQ (amqp://) or a Redis outside the cluster",
             )
     if not is_cluster_url(redis_url):
         return
@@ -277,8 +277,17 @@ class Settings:
     web_secret: str = field(default="", repr=False)
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Read the contract's variables; keyword ``overrides`` (e.g. ``database_url=``) win."""
+    def from_environ(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        reload_broker: str | None = None,
+        **overrides: Any,
+    ) -> Settings:
+        """Read the contract's variables; keyword ``overrides`` (e.g. ``database_url=``) win.
+        ``reload_broker``: the broker the reload exchange lives on when it is not
+        ``CELERY_BROKER_URL`` (an installed app's own, worker/install.py), checked in its place
+        against a cache on a Redis Cluster."""
         unknown = set(overrides) - set(OVERRIDES)
         if unknown:
             raise TypeError(f"unknown setting(s): {', '.join(sorted(unknown))}")
@@ -316,7 +325,8 @@ class Settings:
                 f"must be at least {shortest} s (1 h, and 10 x OPTIONS_VISIBILITY_TIMEOUT), "
                 f"got {write_retention}",
             )
-        check_cluster_broker(env.get("OPTIONS_REDIS_URL") or "", env.get("CELERY_BROKER_URL") or "")
+        broker = env.get("CELERY_BROKER_URL") if reload_broker is None else reload_broker
+        check_cluster_broker(env.get("OPTIONS_REDIS_URL") or "", broker or "")
         return cls(
             configured_database_url=env.get("OPTIONS_DATABASE_URL") or "",
             configured_redis_url=env.get("OPTIONS_REDIS_URL") or "",

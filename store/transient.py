@@ -47,10 +47,12 @@ _POOLER_MESSAGES = (
 
 # Redis error codes (the first word of an error reply) that mean "not now": full (OOM), a
 # replica or a failing disk refusing writes (READONLY, MISCONF, NOREPLICAS), loading its
-# dataset, busy with a script, or a cluster or master in transition (a slot moving under a
-# failover or a resharding that redis-py's redirects did not settle). Scripts report the error
-# of the command that failed inside them after a prefix (": -OOM ..." in Redis 6, "OOM ...
-# script: ..." in Redis 7), so the code is looked for after a dash too.
+# dataset, busy with a script, or a cluster or master in transition. Not MOVED or ASK: redis-py's
+# cluster client follows them (and gives up on a slot map in flux with a ClusterError, below),
+# so one reaches us only from a client that does not, a redis:// URL naming a cluster's node: a
+# wrong URL, for good. Scripts report the error of the command that failed inside them after a
+# prefix (": -OOM ..." in Redis 6, "OOM ... script: ..." in Redis 7), so the code is looked for
+# after a dash too.
 _REDIS_CODES = (
     "OOM",
     "READONLY",
@@ -61,8 +63,6 @@ _REDIS_CODES = (
     "MASTERDOWN",
     "TRYAGAIN",
     "CLUSTERDOWN",
-    "MOVED",
-    "ASK",
 )
 _REDIS_CODE = re.compile(rf"(?:^|\s-)({'|'.join(_REDIS_CODES)})\b")
 _REDIS_UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -74,7 +74,9 @@ _REDIS_UNAVAILABLE: tuple[type[BaseException], ...] = (
     redis.exceptions.MasterDownError,
     redis.exceptions.TryAgainError,
     redis.exceptions.ClusterDownError,
-    redis.exceptions.AskError,  # and MovedError
+    # Redirections that did not settle within redis-py's cluster client's 16 tries ("TTL
+    # exhausted"): a slot map in flux, under a failover or a resharding. CLUSTERDOWN too.
+    redis.exceptions.ClusterError,
     # A slot no primary serves: its primary died and no replica has taken over yet.
     redis.exceptions.SlotNotCoveredError,
 )

@@ -51,8 +51,17 @@ def test_cluster_url_names_its_nodes_and_options() -> None:
         ("redis+cluster://h:7000/1", "only database 0"),
         ("redis+cluster://h:7000?db=2", "only database 0"),
         ("redis+cluster://h:port", "port is a number"),
+        ("redis+cluster://h:70000", "port is a number from 1 to 65535"),
+        ("redis+cluster://h:0", "port is a number from 1 to 65535"),
+        ("redis+cluster://a:7000,:7001", "names a host"),
+        ("redis+cluster://a:7000,,b:7001", "names a host"),
+        ("redis+cluster://[::1:7000", "names a host"),
+        ("redis+cluster://h:7000:7001", "names a host"),
         ("redis+cluster://", "at least one node"),
         ("redis+cluster://h:7000?socket_timeout=soon", "socket_timeout"),
+        ("redis+cluster://h:7000?require_full_coverage=false", "not an option of a cluster URL"),
+        ("redis+cluster://h:7000?sockettimeout=3", "not an option of a cluster URL"),
+        ("rediss+cluster://h:7000?ssl_cert_reqs=nope", "ssl_cert_reqs: one of"),
     ],
 )
 def test_bad_cluster_url_is_refused_naming_the_setting(url: str, says: str) -> None:
@@ -68,8 +77,12 @@ def test_bad_cluster_url_is_refused_naming_the_setting(url: str, says: str) -> N
 
 
 def test_cluster_nodes_default_port() -> None:
-    """A node given without a port is on Redis's port."""
+    """A node given without a port is on Redis's port; an IPv6 address is given in brackets."""
     assert cluster_nodes("redis+cluster://a,b:7001") == [("a", 6379), ("b", 7001)]
+    assert cluster_nodes("redis+cluster://[::1]:7000,[fe80::1]") == [
+        ("::1", 7000),
+        ("fe80::1", 6379),
+    ]
 
 
 def test_scope_keys_are_tagged_on_a_cluster_only() -> None:
@@ -132,11 +145,12 @@ def test_broker_outside_the_cluster_is_taken(broker: str) -> None:
 
 
 def test_cluster_errors_in_a_failover_are_transient() -> None:
-    """A slot no primary serves, MOVED/ASK left over, CLUSTERDOWN, TRYAGAIN and a cluster that no
-    node answers for are transient; a cluster error that is a mistake (no key) is not."""
+    """A slot no primary serves, redirections that did not settle (redis-py's cluster client
+    follows MOVED and ASK itself, and gives up on a slot map in flux with "TTL exhausted"),
+    CLUSTERDOWN, TRYAGAIN and a cluster that no node answers for are transient; a cluster error
+    that is a mistake (no key) is not."""
     assert redis_unavailable(SlotNotCoveredError('Slot "12" is not covered by the cluster.'))
-    assert redis_unavailable(redis.exceptions.MovedError("3999 127.0.0.1:6381"))
-    assert redis_unavailable(redis.exceptions.ResponseError("ASK 3999 127.0.0.1:6381"))
+    assert redis_unavailable(redis.exceptions.ClusterError("TTL exhausted."))
     assert redis_unavailable(redis.exceptions.ClusterDownError("The cluster is down"))
     assert redis_unavailable(redis.exceptions.TryAgainError("Multiple keys request"))
     try:
@@ -161,3 +175,46 @@ def test_a_forked_child_makes_its_own_cluster_client() -> None:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert client._client is made
+
+
+def test_a_redirection_reaching_us_is_permanent() -> None:
+    """MOVED or ASK reaches the caller only from a client that does not follow redirections: a
+    ``redis://`` URL naming one node of a cluster (redis-py's cluster client follows them). That
+    is a wrong URL, not a cluster in transition: not taken for Redis down, which would hide it
+    behind PostgreSQL reads and a relay that never finishes."""
+    assert not redis_unavailable(redis.exceptions.MovedError("3999 127.0.0.1:6381"))
+    assert not redis_unavailable(redis.exceptions.AskError("3999 127.0.0.1:6381"))
+    assert not redis_unavailable(redis.exceptions.ResponseError("MOVED 3999 127.0.0.1:6381"))
+    assert not redis_unavailable(redis.exceptions.ResponseError("ASK 3999 127.0.0.1:6381"))
+
+
+def test_a_bad_cluster_url_quotes_no_password() -> None:
+    """A refused cluster URL's error names the node at fault, never the credentials before it
+    (a raw "/" or ":" in a password included)."""
+    for url in ("redis+cluster://u:se/cr:et@h:port", "redis+cluster://u:secret@h:7000,:1"):
+        with pytest.raises(InvalidOption) as raised:
+            Settings.from_environ({"OPTIONS_REDIS_URL": url, "CELERY_BROKER_URL": "amqp://r//"})
+        said = str(raised.value)
+        assert not any(part in said for part in ("u:se", "cr:et", "secret")), said
+
+
+def test_an_installed_app_is_judged_by_its_own_broker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """worker.install(app) puts the reload exchange on the app's own broker: with the cache on
+    a cluster, an app whose broker is RabbitMQ (set in code, CELERY_BROKER_URL unset) is taken,
+    and one whose broker (set in code, or given to install) is a node of the cluster is
+    refused naming CELERY_BROKER_URL."""
+    from celery import Celery
+
+    from worker.install import Installation
+
+    monkeypatch.setenv("OPTIONS_REDIS_URL", CLUSTER)
+    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
+    rabbit = Celery("mine", broker="amqp://guest@rabbit//", set_as_current=False)
+    assert Installation(rabbit).settings.redis_url == CLUSTER
+    on_a_node = Celery("mine", broker="redis://127.0.0.1:2/0", set_as_current=False)
+    with pytest.raises(InvalidOption) as raised:
+        _ = Installation(on_a_node).settings
+    assert raised.value.field == "CELERY_BROKER_URL"
+    told = Installation(rabbit, overrides={"broker_url": "redis://127.0.0.1:1/0"})
+    with pytest.raises(InvalidOption):
+        _ = told.settings

@@ -24,6 +24,8 @@ def walk(read: Callable[[Any], Page[Any]], start: Any) -> list[Any]:
     while True:
         page = read(after)
         assert page.rows, "a page before the last one is never empty"
+        repeated = [row for row in page.rows if row in rows]
+        assert not repeated, f"rows shown on an earlier page again: {repeated}"
         rows += page.rows
         if page.after is None:
             return rows

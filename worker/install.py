@@ -82,9 +82,12 @@ class Installation:
 
     @functools.cached_property
     def settings(self) -> Settings:
-        # The broker is the app's: its URL is not one of the store's settings.
+        # The broker is the app's: its URL is not one of the store's settings, but it is the
+        # one a cache on a Redis Cluster is checked against.
+        broker = self.overrides.get("broker_url") or self.app.conf.broker_write_url
         return Settings.from_environ(
-            **{k: v for k, v in self.overrides.items() if k != "broker_url"}
+            reload_broker=None if broker is None else str(broker),
+            **{k: v for k, v in self.overrides.items() if k != "broker_url"},
         )
 
     def connect_for_write(self) -> kombu.Connection:

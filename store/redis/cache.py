@@ -14,6 +14,7 @@ from redis.sentinel import Sentinel, SentinelManagedConnection, SentinelManagedS
 
 from store.postgres.store import EncodedScope, Snapshot
 from store.redis import cluster, direct
+from store.transient import redis_unavailable
 
 # Option keys cannot contain control characters, so these field names never collide with one.
 REVISION_FIELD = b"\x00rev"
@@ -109,14 +110,24 @@ class RedisCache:
         sets = [(k, v) for k, v in changes.items() if v is not None]
         record = self.record(database or "-")
         recorded: Applied | None = None
+        unrecorded: Exception | None = None
         if self.cluster:
             # The record lives on another shard than the scope: its own script, first, as
-            # delta.lua does it on one server; then delta.lua records nothing.
+            # delta.lua does it on one server; then delta.lua records nothing. A record's shard
+            # that cannot take it now (down, full, failing over) does not hold the scope back:
+            # the scope is moved all the same, and the error raised after (the relay records
+            # the announcement later, as for any cache step that failed).
             recorded = Applied("", 0, "")
             if database:
                 on = [record.announced_key, record.announced_at_key]
-                announced, by = self._announced(keys=on, args=[scope, revision, task_id])
-                recorded = Applied("", int(announced), _text(by))
+                try:
+                    announced, by = self._announced(keys=on, args=[scope, revision, task_id])
+                except Exception as exc:
+                    if not redis_unavailable(exc):
+                        raise
+                    unrecorded = exc
+                else:
+                    recorded = Applied("", int(announced), _text(by))
             database = None
         args: list[str | bytes | int] = [
             REVISION_FIELD,
@@ -143,6 +154,8 @@ class RedisCache:
         except redis.exceptions.NoScriptError:
             self.client.script_load(self._delta.script)
             outcome, announced, by = self.client.evalsha(self._delta.sha, len(keys), *keys, *args)
+        if unrecorded is not None:
+            raise unrecorded
         if recorded is not None:
             return recorded._replace(outcome=_text(outcome))
         return Applied(_text(outcome), int(announced), _text(by))

@@ -32,36 +32,60 @@ DEFAULT_PORT = 6379
 # seconds while a primary fails over; a read falls back to PostgreSQL instead, and a write's
 # cache step is done again by the outbox relay).
 RETRY_ATTEMPTS = 3
+# The query options taken as text, beside those redis-py types (URL_QUERY_ARGUMENT_PARSERS).
+TEXT_OPTIONS = frozenset(
+    {"ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "client_name"}
+)
 
 
 def is_cluster_url(url: str) -> bool:
     """Whether ``url`` names a Redis Cluster (``redis+cluster://`` or ``rediss+cluster://``)."""
-    return urlsplit(url).scheme in CLUSTER_SCHEMES
+    return url.partition("://")[0].strip().lower() in CLUSTER_SCHEMES
 
 
 def cluster_nodes(url: str) -> list[tuple[str, int]]:
-    """The startup nodes a cluster URL names, as (host, port)."""
-    parts = urlsplit(url)
-    hosts = parts.netloc.rsplit("@", 1)[-1]
-    nodes = []
-    for host in hosts.split(","):
-        name, _, port = host.rpartition(":")
-        if name and not port.isdigit():
-            raise InvalidOption("OPTIONS_REDIS_URL", f"a cluster node's port is a number: {host!r}")
-        nodes.append((name or host, int(port) if name else DEFAULT_PORT))
-    if not any(host for host, _ in nodes):
+    """The startup nodes a cluster URL names, as (host, port): each ``host[:port]``, an IPv6
+    address in brackets (``[::1]:7000``)."""
+    scheme, _, rest = url.partition("://")
+    # The credentials off first, whatever they hold: no part of a password is ever quoted.
+    hosts = rest.split("?", 1)[0].rsplit("@", 1)[-1].split("/", 1)[0]
+    if not hosts:
         raise InvalidOption(
             "OPTIONS_REDIS_URL",
-            f"a cluster URL names at least one node: {parts.scheme}://host:7000,host:7001",
+            f"a cluster URL names at least one node: {scheme}://host:7000,host:7001",
         )
-    return nodes
+    return [_node(host) for host in hosts.split(",")]
+
+
+def _node(text: str) -> tuple[str, int]:
+    host, port = text, ""
+    if text.startswith("["):  # [IPv6]:port
+        end = text.find("]")
+        host, rest = (text[1:end], text[end + 1 :]) if end > 0 else ("", "")
+        if rest and not rest.startswith(":"):
+            host = ""
+        port = rest[1:]
+    elif ":" in text:
+        host, _, port = text.rpartition(":")
+    if not host or (":" in host and not text.startswith("[")):
+        raise InvalidOption(
+            "OPTIONS_REDIS_URL", f"each cluster node names a host (host:port): {text!r}"
+        )
+    if not port:
+        return host, DEFAULT_PORT
+    if not (port.isascii() and port.isdecimal() and 1 <= int(port) <= 65535):
+        raise InvalidOption(
+            "OPTIONS_REDIS_URL",
+            f"a cluster node's port is a number from 1 to 65535: {text!r}",
+        )
+    return host, int(port)
 
 
 def cluster_options(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
     """A cluster URL's startup nodes and the connection options it gives (user, password, TLS,
     the query's), checked: the settings refuse a bad one before anything connects."""
+    nodes = cluster_nodes(url)  # first: urlsplit refuses a bad IPv6 node with a bare ValueError
     parts = urlsplit(url)
-    nodes = cluster_nodes(url)
     path = [segment for segment in parts.path.split("/") if segment]
     if path and path != ["0"]:
         raise InvalidOption(
@@ -72,6 +96,18 @@ def cluster_options(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
         if name == "db":
             raise InvalidOption("OPTIONS_REDIS_URL", "a Redis Cluster has only database 0")
         parser: Any = URL_QUERY_ARGUMENT_PARSERS.get(name)
+        if parser is None and name not in TEXT_OPTIONS:
+            # redis-py's cluster client drops a keyword it does not know, and takes any text
+            # for one it does ("require_full_coverage=false" would be true): refused instead.
+            raise InvalidOption(
+                "OPTIONS_REDIS_URL",
+                f"{name!r} is not an option of a cluster URL (redis-py's connection options:"
+                f" {', '.join(sorted([*URL_QUERY_ARGUMENT_PARSERS, *TEXT_OPTIONS]))})",
+            )
+        if name == "ssl_cert_reqs" and value not in ("none", "optional", "required"):
+            raise InvalidOption(
+                "OPTIONS_REDIS_URL", "ssl_cert_reqs: one of none, optional, required"
+            )
         try:
             options[name] = value if parser is None else parser(value)
         except ValueError as exc:

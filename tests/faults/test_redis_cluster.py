@@ -17,7 +17,11 @@ from typing import Any
 import pytest
 import redis
 
+from store.model.scopes import project_scope
+from store.model.writes import Write
+from store.postgres.store import PostgresStore, Snapshot
 from store.redis.cache import RedisCache
+from store.transient import redis_unavailable
 from tests.conftest import Services, amqp_url, fresh_id, read_in_new_process, wait_for
 from tests.faults.checks import (
     committed,
@@ -35,6 +39,7 @@ from tests.faults.fleet import FaultWorker, Fleet, project_writes, wait_synced
 from tests.faults.servers import PostgresServer
 from tests.faults.test_sentinel_failover import replicated
 from tests.faults.topology_servers import Server
+from worker.duties.reconcile import Reconciler
 
 WRITES = 300
 PER_SECOND = 40.0
@@ -324,3 +329,98 @@ def test_cluster_over_tls(stable: PostgresServer, tls_cluster: RedisClusterGroup
         plain = redis.Redis("127.0.0.1", node.port, socket_timeout=2, socket_connect_timeout=2)
         with contextlib.closing(plain), pytest.raises(redis.RedisError):
             plain.ping()
+
+
+def scope_off_the_record_shard(
+    group: RedisClusterGroup, cache: RedisCache, database: str
+) -> tuple[str, Server]:
+    """A project scope whose hash is on another shard than ``database``'s announcement
+    record, and the primary that holds the record."""
+    record_key = cache.record(database).announced_key
+    record_port = int(cache.client.cluster.get_node_from_key(record_key).port)
+    scope = next(
+        name
+        for name in (f"project:{n}" for n in range(1, 1000))
+        if primary_serving(group, cache, name).port != record_port
+    )
+    return scope, next(node for node in group.nodes if node.port == record_port)
+
+
+@contextlib.contextmanager
+def refusing_writes(node: Server) -> Iterator[None]:
+    """``node`` full (OOM: maxmemory below what it holds) for the block: every write refused."""
+    with contextlib.closing(node.client()) as client:
+        client.config_set("maxmemory", 1)
+        try:
+            yield
+        finally:
+            client.config_set("maxmemory", 0)
+
+
+@pytest.mark.faults
+def test_cluster_scope_moves_while_the_record_shard_refuses_writes(
+    redis_cluster: RedisClusterGroup,
+) -> None:
+    """The shard of the announcement record full (OOM) while a scope's shard is healthy: a
+    write's cache step still moves the scope's hash (a reader never gets the old value from
+    it), and reports the failed record as transient, for the relay to record it later."""
+    cache = RedisCache(url=redis_cluster.url, prefix=f"ns-{uuid.uuid4().hex[:8]}")
+    scope, record_node = scope_off_the_record_shard(redis_cluster, cache, "db-1")
+    assert cache.fill(scope, Snapshot(1, {"k": '"old"'}))
+    with refusing_writes(record_node):
+        with pytest.raises(redis.RedisError) as refused:
+            cache.apply(scope, 2, {"k": '"new"'}, task_id="t2", database="db-1")
+        assert redis_unavailable(refused.value), refused.value
+        cached = cache.get(scope)
+        assert cached is not None
+        assert (cached.revision, cached.values) == (2, {"k": '"new"'})
+    # The relay's second try records the announcement; the hash is already there.
+    again = cache.apply(scope, 2, {"k": '"new"'}, task_id="t2", database="db-1")
+    assert (again.outcome, again.announced, again.by) == ("old", 0, "")
+    assert cache.record("db-1").page(cursor=0, count=10)[1] == {scope: 2}
+
+
+@pytest.mark.faults
+def test_plain_url_at_a_cluster_node_is_not_redis_down(redis_cluster: RedisClusterGroup) -> None:
+    """A redis:// URL naming one node of a cluster (the redis+cluster:// scheme forgotten):
+    the MOVED its node answers for a scope on another shard is not taken for Redis down, which
+    would hide the wrong URL behind PostgreSQL reads and a relay that never finishes."""
+    node = redis_cluster.primaries()[0]
+    plain = RedisCache(url=f"redis://127.0.0.1:{node.port}/0", prefix="ns")
+    assert not plain.cluster
+    moved: list[redis.RedisError] = []
+    for n in range(1, 1000):
+        try:
+            plain.get(f"project:{n}")
+        except redis.RedisError as exc:
+            moved.append(exc)
+            break
+    assert moved, "every scope was on the node the URL names"
+    assert isinstance(moved[0], redis.exceptions.MovedError), repr(moved[0])
+    assert not redis_unavailable(moved[0])
+
+
+@pytest.mark.faults
+def test_cluster_hash_behind_is_repaired_while_the_record_shard_refuses_writes(
+    stable: PostgresServer, redis_cluster: RedisClusterGroup
+) -> None:
+    """The shard of the announcement record full (OOM), so the reconciler cannot move the
+    database's clock there: a scope's hash behind PostgreSQL on a healthy shard is repaired all
+    the same (guarantee 8 does not wait for another shard)."""
+    db = PostgresStore(conninfo=stable.new_database())
+    try:
+        cache = RedisCache(url=redis_cluster.url, prefix=f"ns-{uuid.uuid4().hex[:8]}")
+        scope, record_node = scope_off_the_record_shard(redis_cluster, cache, db.database_id())
+        written = project_scope(int(scope.split(":")[1]))
+        old, _ = db.apply(Write(written, {"k": '"old"'}, ()), task_id=uuid.uuid4().hex)
+        assert cache.fill(scope, Snapshot(old.revision, {"k": '"old"'}))
+        # Committed and announced, but the hash missed it (a cache step that failed).
+        new, _ = db.apply(Write(written, {"k": '"new"'}, ()), task_id=uuid.uuid4().hex)
+        db.mark_announced([old.task_id, new.task_id])
+        reconciler = Reconciler(postgres=db, cache=cache, settle=0.0)
+        with refusing_writes(record_node):
+            reconciler.run_once()
+            assert cache.revisions([scope]) == {scope: new.revision}
+        assert cache.get(scope) is None, "the hash is a floor: the next reader loads PostgreSQL"
+    finally:
+        db.close()

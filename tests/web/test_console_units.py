@@ -277,6 +277,21 @@ def test_an_upload_too_large_or_not_utf8_is_refused_with_a_clear_error(
     assert no_token.status_code == 403
 
 
+def test_an_upload_refused_quotes_only_its_bounded_name(client: TestClient) -> None:
+    """The browser's file name is untrusted: a refused upload's error quotes its last part,
+    at most 200 characters, never the whole path it was sent with."""
+    assert sign_in(client, "ana", "ana password") == 303
+    token = csrf_of(client)
+    sent = "C:\\Users\\ana\\private\\" + "n" * 3000 + ".json"
+    big = b"[" + b" " * (2 * 1024 * 1024) + b"]"
+    refused = client.post(
+        "/plan", data={"csrf": token}, files={"file": (sent, big, "application/json")}
+    )
+    assert refused.status_code == 413
+    assert "private" not in refused.text
+    assert "n" * 200 in refused.text and "n" * 201 not in refused.text
+
+
 def test_a_convergence_deadline_out_of_range_is_refused_naming_it(tmp_path: Path) -> None:
     """``create_app(convergence_deadline=...)`` (``web --converge-seconds``) takes more than 0
     and at most an hour; otherwise a ValueError names it."""

@@ -89,7 +89,13 @@ class Reconciler:
             self._run_id = run_id
             self._urgent = True
             self._cursor = ""
-        self._check_clock()
+        try:
+            self._check_clock()
+        except Exception as exc:
+            # The record's keys may live on another shard of a Redis Cluster than the scopes
+            # (one down, full or failing over): the scopes are checked all the same, and the
+            # clock is checked again next round.
+            log.warning("reconcile.clock_failed", error=f"{type(exc).__name__}: {exc}")
         recent, _ = self.postgres.recent_revisions(
             window=self.window, settle=self.settle, limit=self.window_limit
         )

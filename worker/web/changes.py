@@ -158,13 +158,14 @@ def plan_document(db: Any, text: str, *, max_value_bytes: int) -> list[Any]:
 def read_upload(filename: str, data: bytes) -> tuple[str, str]:
     """The name (its last part, at most 200 characters) and the text of an uploaded
     desired-state file; InvalidOption("file") when it is too large or not UTF-8."""
+    # The browser's name is untrusted: its last part, bounded, is all that is ever quoted.
+    name = filename.replace("\\", "/").rsplit("/", 1)[-1][:200] or "desired-state.json"
     if len(data) > MAX_DOCUMENT_BYTES:
         raise DocumentTooLarge(
             "file",
-            f"{filename or 'the upload'} is {len(data)} bytes; the console plans files of at most"
+            f"{name} is {len(data)} bytes; the console plans files of at most"
             f" {MAX_DOCUMENT_BYTES} bytes (optionstore plan FILE takes larger ones)",
         )
-    name = filename.replace("\\", "/").rsplit("/", 1)[-1][:200] or "desired-state.json"
     try:
         return name, data.decode("utf-8")
     except UnicodeDecodeError as exc:
