@@ -62,6 +62,8 @@ def state_at(
     query = (
         "SELECT DISTINCT ON (key) key, new_value::text FROM options_history"
         " WHERE scope = %s AND revision <= %s"
+        # A canary value and its end are not revisions of the scope (store/rollouts/).
+        " AND coalesce(origin, '') NOT IN ('canary', 'canary-end')"
     )
     params: list[Any] = [scope, revision]
     if key is not None:
