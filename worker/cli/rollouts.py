@@ -5,33 +5,21 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import re
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from store.errors import InvalidOption
-from store.model.scopes import TAGKEYS, Scope
-from store.model.writes import set_write
-from store.redis.presence import Presence
-from store.rollouts.model import WATCHING, Selector, Thresholds, judge
-from store.rollouts.records import Rollout, RolloutRecords
+from store.model.scopes import Scope
+from store.rollouts.model import WATCHING, Thresholds, judge
+from store.rollouts.records import Rollout
+from store.rollouts.start import check_request, records_of, start_rollout
 from worker.cli.actor import actor_of
 from worker.cli.console import configured, print_json, settings, table
 
 Command = Callable[..., argparse.ArgumentParser]
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
-def parse_duration(text: str, field: str = "watch") -> float:
-    """``120``, ``120s``, ``2m``, ``1h``, ``500ms`` -> seconds; InvalidOption naming ``field``."""
-    found = _DURATION.fullmatch(text.strip()) if isinstance(text, str) else None
-    if found is None:
-        raise InvalidOption(field, f"must be a duration such as 120s, 2m or 1h, got {text!r}")
-    return float(found.group(1)) * _UNITS[found.group(2)]
 
 
 def add_canary_arguments(cmd: argparse.ArgumentParser) -> None:
@@ -71,46 +59,77 @@ def canary_requested(args: argparse.Namespace) -> bool:
 _THRESHOLD_FLAGS = ("failure_ratio", "retry_ratio", "p95_ratio", "p95_min_ms", "min_tasks")
 
 
-def thresholds_of(args: argparse.Namespace) -> Thresholds:
-    return Thresholds.from_options({name: getattr(args, name) for name in _THRESHOLD_FLAGS})
-
-
-def records(backend: Any, namespace: str) -> RolloutRecords:
-    client = None if backend.redis is None else backend.redis.client
-    return RolloutRecords(backend.db, client, namespace=namespace)
+def thresholds_of(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in _THRESHOLD_FLAGS}
 
 
 def start(args: argparse.Namespace, scope: Scope, key: str, value: Any) -> Rollout:
     """Check everything, then record the rollout (the leader takes it from there)."""
-    if scope.kind == TAGKEYS:
-        raise InvalidOption("scope", "tag keys have no values to roll out")
-    selector = Selector.parse(args.canary)
-    watch = parse_duration(args.watch)
-    thresholds = thresholds_of(args)
-    backend = configured()
-    write = set_write(scope, key, value, max_value_bytes=backend.max_value_bytes)
-    backend.registry.check_write(write)
-    namespace = settings().namespace
-    found = records(backend, namespace)
-    live: list[str] = []
-    if selector.kind == "percent" and backend.redis is not None:
-        presence = Presence(backend.redis.client, namespace=namespace)
-        live = [p.name for p in presence.processes() if p.kind == "worker"]
-    rollout = found.start(
-        scope=scope.name,
-        key=write.keys[0],
-        value_text=write.sets[write.keys[0]],
-        selector=selector,
-        watch_seconds=watch,
-        thresholds=thresholds,
-        live=live,
+    return start_rollout(
+        configured(),
+        settings().namespace,
+        scope,
+        key,
+        value,
+        canary=args.canary,
+        watch=args.watch,
+        thresholds=thresholds_of(args),
         actor=actor_of(args),
         reason=args.reason,
     )
-    # At once; the leader copies the active rollouts each second anyway (Redis down: then).
-    with contextlib.suppress(Exception):
-        found.mirror()
-    return rollout
+
+
+def apply_as_rollouts(
+    args: argparse.Namespace, writes: list[tuple[str, list[Any]]], report: dict[str, Any]
+) -> int:
+    """``apply FILE --canary …``: each value the file changes becomes a rollout of its own, with
+    the same selector, window and thresholds. Every request is checked before any is recorded;
+    a removal cannot be rolled out (apply it without --canary)."""
+    backend, namespace = configured(), settings().namespace
+    requests = []
+    for scope, changes in writes:
+        for change in changes:
+            if change.new == change.old:
+                continue  # drift accepted: nothing to roll out
+            if change.new is None:
+                raise InvalidOption(
+                    "canary",
+                    f"cannot roll out the removal of {change.key!r} in {scope}: "
+                    "apply it without --canary",
+                )
+            requests.append((scope, change.key, json.loads(change.new)))
+    for scope, key, value in requests:
+        check_request(
+            backend,
+            scope,
+            key,
+            value,
+            canary=args.canary,
+            watch=args.watch,
+            thresholds=thresholds_of(args),
+        )
+    reason = f"apply {Path(args.file).name}" + (f": {args.reason}" if args.reason else "")
+    started = []
+    for scope, key, value in requests:
+        rollout = start_rollout(
+            backend,
+            namespace,
+            scope,
+            key,
+            value,
+            canary=args.canary,
+            watch=args.watch,
+            thresholds=thresholds_of(args),
+            actor=actor_of(args),
+            reason=reason,
+        )
+        started.append(rollout.id)
+        if not args.json:
+            print(f"started {describe(rollout)}")
+    report.update(applied=True, rollouts=started)
+    if args.json:
+        print_json(report)
+    return 0
 
 
 def describe(rollout: Rollout) -> str:
@@ -138,7 +157,7 @@ def add_commands(command: Command) -> None:
 
 def report(backend: Any, namespace: str, *, limit: int = 50) -> list[dict[str, Any]]:
     """Each rollout as a dict; a watching one with its figures so far."""
-    found = records(backend, namespace)
+    found = records_of(backend, namespace)
     shown = []
     for rollout in found.recent(limit=limit):
         entry = rollout.as_dict()
@@ -160,7 +179,7 @@ def _rollouts(args: argparse.Namespace, _: list[str]) -> int:
     if args.action in {"promote", "abort"}:
         if args.id is None:
             raise InvalidOption("id", f"`rollouts {args.action}` needs a rollout id")
-        found = records(backend, namespace)
+        found = records_of(backend, namespace)
         found.request(args.id, args.action, actor=actor_of(args))
         deadline = time.monotonic() + args.timeout
         rollout = found.get(args.id)
