@@ -293,6 +293,30 @@ def test_a_harmless_canary_is_promoted_to_every_process(three_children: Worker) 
 
 
 @pytestmark_machine
+def test_a_write_during_the_window_supersedes_the_rollout(three_children: Worker) -> None:
+    """A write of the key during the window ends the rollout as superseded at the leader's
+    next round, with no promotion: every child then reads that write, and history records the
+    canary value and its end, canary value -> that write."""
+    worker, project, key = three_children, fresh_id(), "feature"
+    worker.call("options.set_project_option", project, key, "old")
+    since = len(worker.log())
+    rollout_id = _start(worker, project, key, "canary", "--canary", "percent:34", "--watch", "120s")
+    _wait_serving(worker, rollout_id, worker.child_pids(), since)
+    worker.call("options.set_project_option", project, key, "newer")
+    wait_for(
+        lambda: _row(worker.services, rollout_id)["state"] != "watching",
+        timeout=30,
+        message="the leader to end the rollout",
+    )
+    row = _row(worker.services, rollout_id)
+    assert row["state"] == "superseded", row
+    _everyone_reads(worker, project, key, "newer")
+    ended = [e for e in _history(worker, project, key) if e["origin"] == "canary-end"]
+    assert [(e["old_value"], e["new_value"]) for e in ended] == [("canary", "newer")]
+    assert _history(worker, project, key)[-1]["origin"] == "canary-end"
+
+
+@pytestmark_machine
 def test_a_bad_canary_request_is_refused_naming_its_field(three_children: Worker) -> None:
     """A malformed selector, a missing --watch, or a second rollout of the same key exits 2
     naming the field, and records nothing."""

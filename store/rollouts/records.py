@@ -16,8 +16,8 @@ import redis
 from store.errors import InvalidOption
 from store.postgres.store import PostgresStore
 from store.rollouts.model import (
-    ABORTED,
     MAX_SAMPLES,
+    PROMOTED,
     STATES,
     WATCHING,
     Health,
@@ -256,8 +256,9 @@ class RolloutRecords:
         self, rollout: Rollout, state: str, *, decision: str, figures: dict[str, Any]
     ) -> bool:
         """End a watching rollout as ``state``. Unless promoted (its write is the history
-        entry) the end is recorded in history with the value every process goes back to, in
-        the same transaction. False if it had already ended (another leader finished it)."""
+        entry) the end is recorded in history, canary value -> the stored value every process
+        goes back to, in the same transaction. False if it had already ended (another leader
+        finished it)."""
         if state not in STATES or state == WATCHING:
             raise ValueError(f"not an end state: {state!r}")
         with self.postgres.connection() as conn, conn.transaction():
@@ -268,11 +269,17 @@ class RolloutRecords:
             ).fetchone()
             if row is None:
                 return False
-            if state in {ABORTED, "reverted"}:
-                revision = conn.execute(
-                    "SELECT coalesce(max(revision), 0) FROM options_scope WHERE scope = %s",
-                    (rollout.scope,),
+            if state != PROMOTED:
+                # What every process goes back to: the stored value (the old one, or on a
+                # rollout superseded by another write, that write's), read under the scope's
+                # row lock so that no write slips in between.
+                current = conn.execute(
+                    "SELECT s.revision, v.value::text FROM options_scope s"
+                    " LEFT JOIN options_value v ON v.scope = s.scope AND v.key = %s"
+                    " WHERE s.scope = %s FOR SHARE OF s",
+                    (rollout.key, rollout.scope),
                 ).fetchone()
+                revision, stored = (int(current[0]), current[1]) if current else (0, None)
                 conn.execute(
                     "INSERT INTO options_history (scope, key, old_value, new_value, revision,"
                     " task_id, actor, reason, origin) VALUES (%s, %s, %s::json, %s::json, %s,"
@@ -281,8 +288,8 @@ class RolloutRecords:
                         rollout.scope,
                         rollout.key,
                         rollout.new_value,
-                        rollout.old_value,
-                        int(revision[0]) if revision else 0,
+                        stored,
+                        revision,
                         f"rollout:{rollout.id}:{state}",
                         rollout.requested_by or rollout.actor,
                         decision,
@@ -291,13 +298,24 @@ class RolloutRecords:
                 )
         return True
 
-    def current_value(self, scope: str, key: str) -> str | None:
+    def current(self, scope: str, key: str) -> tuple[int, str | None]:
+        """The scope's revision and the key's stored value (canonical JSON; None: unset)."""
         with self.postgres.connection() as conn:
             row = conn.execute(
-                "SELECT value::text FROM options_value WHERE scope = %s AND key = %s",
+                "SELECT s.revision, v.value::text FROM (SELECT %s::text AS scope) q"
+                " LEFT JOIN options_scope s ON s.scope = q.scope"
+                " LEFT JOIN options_value v ON v.scope = q.scope AND v.key = %s",
                 (scope, key),
             ).fetchone()
-        return None if row is None else str(row[0])
+        return (int(row[0] or 0), row[1]) if row else (0, None)
+
+    def written(self, task_id: str) -> bool:
+        """Whether a write with this task id committed (a promotion made before a takeover)."""
+        with self.postgres.connection() as conn:
+            row = conn.execute(
+                "SELECT 1 FROM options_write WHERE task_id = %s", (task_id,)
+            ).fetchone()
+        return row is not None
 
     # -- Redis ----------------------------------------------------------------------------------
 

@@ -73,9 +73,13 @@ class RolloutJudge:
         verdict, state = self._verdict(rollout)
         if verdict.decision is None:
             return False
-        current = self.records.current_value(rollout.scope, rollout.key)
         promoting = verdict.decision == PROMOTE
-        if current != rollout.old_value and not (promoting and current == rollout.new_value):
+        task_id = promotion_task_id(rollout.id)
+        if promoting and self.records.written(task_id):
+            # Committed by a leader that died before it could end the rollout.
+            return self._end(rollout, state, verdict.reason, verdict.figures)
+        revision, current = self.records.current(rollout.scope, rollout.key)
+        if current != rollout.old_value:
             reason = f"superseded: {rollout.key} was written during the rollout"
             return self._end(rollout, SUPERSEDED, reason, verdict.figures)
         if promoting:
@@ -85,8 +89,11 @@ class RolloutJudge:
                 audit=Audit(
                     rollout.requested_by or rollout.actor, verdict.reason, PROMOTION_ORIGIN
                 ),
+                # Only over the state just checked: a write that lands in between makes this
+                # one fail (RevisionConflict), and the next round finds the rollout superseded.
+                expected_revision=revision,
             )
-            self.commit(write, task_id=promotion_task_id(rollout.id))
+            self.commit(write, task_id=task_id)
         return self._end(rollout, state, verdict.reason, verdict.figures)
 
     def _verdict(self, rollout: Rollout) -> tuple[Verdict, str]:
