@@ -71,17 +71,18 @@ class RolloutJudge:
 
     def _judge(self, rollout: Rollout) -> bool:
         verdict, state = self._verdict(rollout)
-        if verdict.decision is None:
-            return False
-        promoting = verdict.decision == PROMOTE
         task_id = promotion_task_id(rollout.id)
-        if promoting and self.records.written(task_id):
-            # Committed by a leader that died before it could end the rollout.
-            return self._end(rollout, state, verdict.reason, verdict.figures)
+        if self.records.written(task_id):
+            # Promoted by a leader that died before it could end the rollout.
+            reason = "promoted (committed by the leader before a takeover)"
+            return self._end(rollout, PROMOTED, reason, verdict.figures)
         revision, current = self.records.current(rollout.scope, rollout.key)
         if current != rollout.old_value:
             reason = f"superseded: {rollout.key} was written during the rollout"
             return self._end(rollout, SUPERSEDED, reason, verdict.figures)
+        if verdict.decision is None:
+            return False
+        promoting = verdict.decision == PROMOTE
         if promoting:
             write = Write(
                 Scope.parse(rollout.scope),
