@@ -8,10 +8,11 @@ import socket
 import statistics
 import time
 import uuid
+from collections import defaultdict
 
 from bench.env import Services, iso_to_epoch, wait_for
 from bench.figures import Figure, Series
-from bench.fleet import REP_TIMEOUT, Fleet, _commit_times, fleet, settle
+from bench.fleet import REP_TIMEOUT, Fleet, fleet, settle
 from bench.reads import KEY, PROJECT_ID
 from store.rollouts.model import Selector, Thresholds
 from store.rollouts.records import RolloutRecords
@@ -20,26 +21,50 @@ from worker.duties.rollouts import promotion_task_id
 SCOPE = f"project:{PROJECT_ID}"
 
 
+def _written(running: Fleet, task_id: str) -> tuple[int, float] | None:
+    """The revision and commit time of ``task_id``'s write, once committed (a promotion is
+    committed by the leader's main process, outside any task: its log event names no task)."""
+    with running.backend.db.connection() as conn:
+        row = conn.execute(
+            "SELECT revision, extract(epoch FROM committed_at) FROM options_write"
+            " WHERE task_id = %s",
+            (task_id,),
+        ).fetchone()
+    return None if row is None else (int(row[0]), float(row[1]))
+
+
 def _reached(running: Fleet, task_id: str) -> float:
     """Milliseconds from the commit of ``task_id`` to the last child applying it."""
-
-    def revision() -> int | None:
-        running.collect()
-        return running.writes.get(task_id)
-
-    rev = wait_for(revision, timeout=REP_TIMEOUT, what=task_id, interval=0.005)
+    rev, committed = wait_for(
+        lambda: _written(running, task_id), timeout=REP_TIMEOUT, what=task_id, interval=0.005
+    )
     seen = max(iso_to_epoch(e["timestamp"]) for e in running.all_applied(SCOPE, rev))
-    committed = _commit_times(running.backend, [task_id])[task_id]
     return (seen - committed) * 1000
 
 
-def _following(running: Fleet, rollout_id: int, since: int) -> bool:
-    pids = {
-        e["pid"]
-        for e in running.worker.events("rollout.serving")[since:]
-        if rollout_id in e.get("rollouts", [])
-    }
-    return set(running.pids) <= pids
+class _Following:
+    """Which children follow each rollout (their `rollout.serving` events). The worker's log is
+    read once (events since the last read), so this reader also hands the fleet its events."""
+
+    def __init__(self, running: Fleet) -> None:
+        self.running = running
+        self.pids: dict[int, set[int]] = defaultdict(set)
+
+    def collect(self) -> None:
+        running = self.running
+        for event in running.worker.events():
+            name = event.get("event")
+            if name == "rollout.serving":
+                for rollout_id in event.get("rollouts", []):
+                    self.pids[rollout_id].add(event["pid"])
+            elif name == "broadcast.applied":
+                running.applied[(event["scope"], event["revision"])].append(event)
+            elif name == "option.write" and event.get("task_id"):
+                running.writes[event["task_id"]] = event["revision"]
+
+    def everyone(self, rollout_id: int) -> bool:
+        self.collect()
+        return set(self.running.pids) <= self.pids[rollout_id]
 
 
 def promotion(run: Services, *, quick: bool) -> Figure:
@@ -51,9 +76,9 @@ def promotion(run: Services, *, quick: bool) -> Figure:
             running.backend.db, running.backend.redis.client, namespace=running.worker.namespace
         )
         live = [f"{socket.gethostname()}:{pid}" for pid in running.pids]
+        following = _Following(running)
 
         def promote() -> float:
-            since = len(running.worker.events("rollout.serving"))
             rollout = records.start(
                 scope=SCOPE,
                 key=KEY,
@@ -66,7 +91,7 @@ def promotion(run: Services, *, quick: bool) -> Figure:
             )
             records.mirror()
             wait_for(
-                lambda: _following(running, rollout.id, since),
+                lambda: following.everyone(rollout.id),
                 timeout=REP_TIMEOUT,
                 what="every child to follow the rollout",
                 interval=0.01,
@@ -75,8 +100,9 @@ def promotion(run: Services, *, quick: bool) -> Figure:
             asked = time.time()
             records.request(rollout.id, "promote", actor="bench")
             reached = _reached(running, promotion_task_id(rollout.id))
-            committed = _commit_times(running.backend, [promotion_task_id(rollout.id)])
-            decided.append((committed[promotion_task_id(rollout.id)] - asked) * 1000)
+            written = _written(running, promotion_task_id(rollout.id))
+            assert written is not None
+            decided.append((written[1] - asked) * 1000)
             wait_for(
                 lambda: not records.active(), timeout=REP_TIMEOUT, what="the end", interval=0.01
             )
