@@ -19,8 +19,9 @@ from store.errors import InvalidOption
 from store.local import LocalCache, ScopeState
 from store.model.scopes import Scope
 from store.model.writes import set_write
-from store.rollouts.model import Health, Selector, Thresholds, judge
-from store.rollouts.overlay import Entry, Overlay
+from store.rollouts.model import MAX_SAMPLES, Health, Selector, Thresholds, judge
+from store.rollouts.overlay import Entry, Overlay, parse_mirror
+from store.rollouts.records import MAX_HEALTH_BYTES, MAX_MIRROR_BYTES, parse_health
 from tests.conftest import Services, Worker, fresh_id, wait_for
 from tests.test_broadcast import isolated, reports
 from tests.test_cli import ok, optionstore
@@ -108,6 +109,31 @@ def test_a_scope_under_rollout_leaves_the_hit_index_and_notes_its_reads() -> Non
     local.drop_scopes(["project:1"])
     local.scopes["project:1"] = ScopeState(3, {"k": "old"})
     assert local.scopes["project:1"].values["k"] == "old"
+
+
+def test_reports_and_the_copy_of_rollouts_are_bounded_and_checked() -> None:
+    """A process's health report and the leader's copy of the rollouts come from Redis, which
+    any process writes: oversized or malformed ones are ignored, never trusted."""
+    good = {"tasks": 3, "failures": 1, "retries": 0, "runtimes": [0.01, 0.02], "canary": True}
+    parsed = parse_health(json.dumps(good))
+    assert parsed is not None and parsed[0] is True and parsed[1].failures == 1
+    for bad in (
+        {**good, "tasks": -1},
+        {**good, "failures": True},
+        {**good, "runtimes": [float("nan")]},
+        {**good, "runtimes": [0.1] * (MAX_SAMPLES + 1)},
+        {**good, "retries": 2**60},
+        [1, 2],
+    ):
+        assert parse_health(json.dumps(bad)) is None, bad
+    assert parse_health("x" * (MAX_HEALTH_BYTES + 1)) is None
+    assert parse_health("{not json") is None
+    entry = {"id": 1, "scope": "global", "key": "k", "value": 1, "selector": "host:*"}
+    assert parse_mirror(json.dumps({"rollouts": [{**entry, "members": []}]})) != []
+    assert parse_mirror(json.dumps({"rollouts": [{**entry, "members": [3]}]})) == []
+    assert parse_mirror(json.dumps({"rollouts": [{**entry, "id": "1", "members": []}]})) == []
+    assert parse_mirror(b" " * (MAX_MIRROR_BYTES + 1)) == []
+    assert parse_mirror(None) == []
 
 
 # -- real workers ---------------------------------------------------------------------------
