@@ -499,6 +499,7 @@ def test_the_helper_starts_a_rollout_and_refuses_bad_input_naming_the_field(
         ({"canary": "host:*", "watch": "soon"}, "watch"),
         ({"canary": "host:*", "watch": 5, "failure_ratio": -1}, "failure_ratio"),
         ({"canary": "host:*", "watch": 5, "bogus": 1}, "thresholds"),
+        ({"canary": "host:*", "watch": 5, "reason": "two\nlines"}, "reason"),
     ):
         with pytest.raises(InvalidOption) as raised:
             tasks.start_rollout(scope, "k", 1, **kwargs)

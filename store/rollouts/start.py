@@ -9,7 +9,7 @@ from typing import Any
 
 from store.errors import InvalidOption
 from store.model.scopes import TAGKEYS, Scope
-from store.model.writes import set_write
+from store.model.writes import audit, set_write
 from store.redis.presence import Presence
 from store.rollouts.model import PERCENT, Selector, Thresholds
 from store.rollouts.records import Rollout, RolloutRecords
@@ -78,6 +78,7 @@ def start_rollout(
     parsed, name, text, selector, seconds, checked = check_request(
         backend, scope, key, value, canary=canary, watch=watch, thresholds=thresholds
     )
+    asked = audit(actor, reason)  # the rules of a write's actor and reason
     found = records_of(backend, namespace)
     live: list[str] = []
     if selector.kind == PERCENT and backend.redis is not None:
@@ -91,8 +92,8 @@ def start_rollout(
         watch_seconds=seconds,
         thresholds=checked,
         live=live,
-        actor=actor,
-        reason=reason,
+        actor=asked.actor,
+        reason=asked.reason,
     )
     # At once; the leader copies the active rollouts each second anyway (Redis down: then).
     with contextlib.suppress(Exception):
