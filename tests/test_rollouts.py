@@ -9,16 +9,19 @@ import json
 import os
 import re
 import signal
+import socket
 from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
+import redis
 
 from store.errors import InvalidOption
 from store.local import LocalCache, ScopeState
 from store.model.scopes import Scope
 from store.model.writes import set_write
+from store.redis.presence import Presence
 from store.rollouts.model import MAX_SAMPLES, Health, Selector, Thresholds, judge
 from store.rollouts.overlay import Entry, Overlay, parse_mirror
 from store.rollouts.records import MAX_HEALTH_BYTES, MAX_MIRROR_BYTES, parse_health
@@ -381,6 +384,41 @@ def test_a_bad_canary_request_is_refused_naming_its_field(three_children: Worker
         ok(optionstore(worker.services, "rollouts", "abort", str(first), "--json", env=worker.env))
     )
     assert aborted["state"] == "aborted"
+
+
+@pytestmark_machine
+def test_a_child_started_mid_window_learns_the_rollout(three_children: Worker) -> None:
+    """With every child of the worker's queue a canary, a child killed mid-window is replaced
+    by one that learns the active rollout from the store and serves the canary value; after an
+    abort every child reads the old value. (Last of this worker's tests: it changes a child.)"""
+    worker, project, key = three_children, fresh_id(), "feature"
+    worker.call("options.set_project_option", project, key, "old")
+    since = len(worker.log())
+    rollout_id = _start(
+        worker, project, key, "canary", "--canary", f"queue:{worker.queue}", "--watch", "120s"
+    )
+    before = worker.child_pids()
+    _wait_serving(worker, rollout_id, before, since)
+    doomed = min(before)
+    os.kill(doomed, signal.SIGKILL)
+
+    def replaced_pool() -> set[int] | None:
+        pids = worker.child_pids()
+        return pids if len(pids) == 3 and doomed not in pids else None
+
+    replaced: set[int] = wait_for(
+        replaced_pool, timeout=60, message="the pool to replace the killed child"
+    )
+    # The killed child's report lingers until it expires: not a live process any more.
+    Presence(
+        redis.Redis.from_url(worker.services.redis_url), namespace=worker.services.namespace
+    ).remove(socket.gethostname(), doomed)
+    newcomer = (replaced - before).pop()
+    _wait_serving(worker, rollout_id, {newcomer}, since)
+    assert _row(worker.services, rollout_id)["state"] == "watching"
+    _everyone_reads(worker, project, key, "canary")
+    ok(optionstore(worker.services, "rollouts", "abort", str(rollout_id), env=worker.env))
+    _everyone_reads(worker, project, key, "old")
 
 
 @pytest.fixture
