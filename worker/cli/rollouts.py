@@ -49,7 +49,7 @@ def canary_requested(args: argparse.Namespace) -> bool:
     extras = [name for name in ("watch", *_THRESHOLD_FLAGS) if getattr(args, name) is not None]
     if args.canary is None:
         if extras:
-            raise InvalidOption(extras[0].replace("_", "-"), "only goes with --canary")
+            raise InvalidOption(extras[0], "only goes with --canary")
         return False
     if args.watch is None:
         raise InvalidOption("watch", "--canary needs --watch DURATION")
