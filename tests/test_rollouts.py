@@ -23,7 +23,7 @@ from store.model.scopes import Scope
 from store.model.writes import set_write
 from store.redis.presence import Presence
 from store.rollouts.model import MAX_SAMPLES, Health, Selector, Thresholds, judge
-from store.rollouts.overlay import Entry, Overlay, parse_mirror
+from store.rollouts.overlay import FAILSAFE_AFTER, Entry, Overlay, parse_mirror
 from store.rollouts.records import MAX_HEALTH_BYTES, MAX_MIRROR_BYTES, parse_health
 from tests.conftest import Services, Worker, fresh_id, wait_for
 from tests.test_broadcast import isolated, reports
@@ -110,6 +110,33 @@ def test_a_scope_under_rollout_leaves_the_hit_index_and_notes_its_reads() -> Non
     assert overlay._counts[5].tasks == 1
     overlay.active = {"project:1": {"k": Entry(5, False, "new")}}
     local.drop_scopes(["project:1"])
+    local.scopes["project:1"] = ScopeState(3, {"k": "old"})
+    assert local.scopes["project:1"].values["k"] == "old"
+
+
+class _DownRedis:
+    """A Redis client whose every command fails as a lost connection does (a unit-test fake:
+    the real outage is the documented fallback, not a test of a server)."""
+
+    def get(self, key: str) -> bytes:
+        raise redis.ConnectionError("connection refused")
+
+
+def test_a_process_that_cannot_confirm_its_rollouts_serves_the_stored_value() -> None:
+    """Redis unreachable: a canary process keeps its canary value for up to FAILSAFE_AFTER
+    seconds after its last confirmation, then drops it and serves the stored value."""
+    overlay = Overlay()
+    local = LocalCache("process", wrap=overlay.wrap)
+    overlay.active = {"project:1": {"k": Entry(5, True, "new")}}
+    local.scopes["project:1"] = ScopeState(3, {"k": "old"})
+    down: Any = _DownRedis()
+    overlay.refresh(down, "ns", local)
+    assert local.scopes["project:1"].values["k"] == "new"  # confirmed moments ago
+    overlay._confirmed_at -= FAILSAFE_AFTER + 1
+    overlay._next_refresh = 0.0
+    overlay.refresh(down, "ns", local)
+    assert overlay.active == {}
+    assert "project:1" not in local.scopes
     local.scopes["project:1"] = ScopeState(3, {"k": "old"})
     assert local.scopes["project:1"].values["k"] == "old"
 
