@@ -1,7 +1,8 @@
-"""Canary rollouts: the rules (selectors, thresholds, the judgement) on their own, then real
-prefork workers on the machine's services, where one child of three serves a canary value,
-the leader reverts a change that breaks the tasks that read it and promotes a harmless one,
-and a rollout whose leader is killed mid-window still ends on a value history shows."""
+"""Canary rollouts on real prefork workers on the machine's services: one child of three serves
+a canary value, the leader reverts a change that breaks the tasks that read it and promotes a
+harmless one, a write supersedes a rollout, a child started mid-window learns it, and a rollout
+whose leader is killed mid-window still ends on a value history shows. The rules alone are in
+test_rollout_rules.py, the requests in test_rollout_requests.py."""
 
 from __future__ import annotations
 
@@ -17,158 +18,15 @@ import psycopg
 import pytest
 import redis
 
-from store.errors import InvalidOption
-from store.local import LocalCache, ScopeState
-from store.model.scopes import Scope
-from store.model.writes import set_write
 from store.redis.presence import Presence
-from store.rollouts.model import MAX_SAMPLES, Health, Selector, Thresholds, judge
-from store.rollouts.overlay import FAILSAFE_AFTER, Entry, Overlay, parse_mirror
-from store.rollouts.records import MAX_HEALTH_BYTES, MAX_MIRROR_BYTES, parse_health
 from tests.conftest import Services, Worker, fresh_id, wait_for
 from tests.test_broadcast import isolated, reports
 from tests.test_cli import ok, optionstore
 from tests.test_fleet_duties import FleetWorker, _leader_pid
 
-# -- the rules, without services ----------------------------------------------------------
-
-
-def test_a_selector_is_parsed_and_a_bad_one_names_the_canary_field() -> None:
-    """Selectors are queue:NAME, host:GLOB or percent:N (or N%); anything else is refused
-    with an error naming ``canary``."""
-    assert Selector.parse("queue:billing") == Selector("queue", "billing")
-    assert Selector.parse("25%") == Selector("percent", "25")
-    for bad in ("", "pid:3", "percent:0", "percent:101", "percent:x", "host:", 7):
-        with pytest.raises(InvalidOption) as raised:
-            Selector.parse(bad)
-        assert raised.value.field == "canary"
-
-
-def test_each_process_decides_from_its_own_identity() -> None:
-    """A queue selector matches a process that consumes it, a host glob its host name, a
-    percentage the processes chosen at the start: the same ones for the same live set."""
-    queue, host = Selector.parse("queue:fast"), Selector.parse("host:web-*")
-    assert queue.matches(host="a", identity="a:1", queues=["fast"], members=[])
-    assert not queue.matches(host="a", identity="a:1", queues=["slow"], members=[])
-    assert host.matches(host="web-3", identity="web-3:9", queues=[], members=[])
-    assert not host.matches(host="db-1", identity="db-1:9", queues=[], members=[])
-    share = Selector.parse("percent:34")
-    live = [f"h:{pid}" for pid in range(100, 103)]
-    chosen = share.choose("7", live)
-    assert len(chosen) == 1
-    assert chosen == share.choose("7", list(reversed(live)))
-    assert share.matches(host="h", identity=chosen[0], queues=[], members=chosen)
-    assert share.choose("7", []) == []
-
-
-def test_thresholds_have_defaults_and_bad_overrides_name_their_field() -> None:
-    """Unset thresholds take the defaults; a negative, non-finite or non-number override is
-    refused naming the threshold."""
-    assert Thresholds.from_options({"min_tasks": None}) == Thresholds()
-    assert Thresholds.from_options({"failure_ratio": 3}).failure_ratio == 3
-    for name, value in (("failure_ratio", -1), ("min_tasks", 0.5), ("p95_ratio", float("nan"))):
-        with pytest.raises(InvalidOption) as raised:
-            Thresholds.from_options({name: value})
-        assert raised.value.field == name
-
-
-def test_the_judgement_reverts_on_a_breach_and_promotes_a_healthy_canary() -> None:
-    """A canary failing 4.2 times as often as the baseline is reverted with that figure in its
-    reason; a healthy one is promoted at the window's end; one with too few tasks is
-    reverted then, as not judged."""
-    thresholds = Thresholds(min_tasks=10)
-    canary = Health(tasks=100, failures=21, processes=1)
-    baseline = Health(tasks=200, failures=10, processes=2)
-    verdict = judge(thresholds, canary, baseline, elapsed=30, window=120)
-    assert verdict.decision == "revert"
-    assert verdict.reason == "auto-revert: failure ratio 4.2x the baseline over 30 s"
-    healthy = Health(tasks=100, failures=5, processes=1)
-    assert judge(thresholds, healthy, baseline, elapsed=30, window=120).decision is None
-    ended = judge(thresholds, healthy, baseline, elapsed=121, window=120)
-    assert ended.decision == "promote"
-    assert ended.reason.startswith("auto-promote: failure ratio 1.0x")
-    idle = judge(thresholds, Health(), baseline, elapsed=121, window=120)
-    assert idle.decision == "revert"
-    assert idle.reason == "auto-revert: 0 canary tasks over 120 s, 10 needed to judge"
-
-
-def test_a_scope_under_rollout_leaves_the_hit_index_and_notes_its_reads() -> None:
-    """A canary process serves the canary value of a watched key (by name, through the
-    Python path), a baseline process the old one; both note the rollout for the running
-    task; a scope without a rollout stays in the id index of the C hit."""
-    overlay = Overlay()
-    local = LocalCache("process", wrap=overlay.wrap)
-    overlay.active = {"project:1": {"k": Entry(5, True, "new")}}
-    local.scopes["project:1"] = ScopeState(3, {"k": "old", "other": 1})
-    local.scopes["project:2"] = ScopeState(3, {"k": "plain"})
-    assert 1 not in local.scopes.project_reads
-    assert local.scopes.project_reads[2] == {"k": "plain"}
-    overlay.task_started()
-    assert local.scopes["project:1"].values.get("k") == "new"
-    assert local.scopes["project:1"].values.get("other") == 1
-    overlay.task_ended()
-    assert overlay._counts[5].tasks == 1
-    overlay.active = {"project:1": {"k": Entry(5, False, "new")}}
-    local.drop_scopes(["project:1"])
-    local.scopes["project:1"] = ScopeState(3, {"k": "old"})
-    assert local.scopes["project:1"].values["k"] == "old"
-
-
-class _DownRedis:
-    """A Redis client whose every command fails as a lost connection does (a unit-test fake:
-    the real outage is the documented fallback, not a test of a server)."""
-
-    def get(self, key: str) -> bytes:
-        raise redis.ConnectionError("connection refused")
-
-
-def test_a_process_that_cannot_confirm_its_rollouts_serves_the_stored_value() -> None:
-    """Redis unreachable: a canary process keeps its canary value for up to FAILSAFE_AFTER
-    seconds after its last confirmation, then drops it and serves the stored value."""
-    overlay = Overlay()
-    local = LocalCache("process", wrap=overlay.wrap)
-    overlay.active = {"project:1": {"k": Entry(5, True, "new")}}
-    local.scopes["project:1"] = ScopeState(3, {"k": "old"})
-    down: Any = _DownRedis()
-    overlay.refresh(down, "ns", local)
-    assert local.scopes["project:1"].values["k"] == "new"  # confirmed moments ago
-    overlay._confirmed_at -= FAILSAFE_AFTER + 1
-    overlay._next_refresh = 0.0
-    overlay.refresh(down, "ns", local)
-    assert overlay.active == {}
-    assert "project:1" not in local.scopes
-    local.scopes["project:1"] = ScopeState(3, {"k": "old"})
-    assert local.scopes["project:1"].values["k"] == "old"
-
-
-def test_reports_and_the_copy_of_rollouts_are_bounded_and_checked() -> None:
-    """A process's health report and the leader's copy of the rollouts come from Redis, which
-    any process writes: oversized or malformed ones are ignored, never trusted."""
-    good = {"tasks": 3, "failures": 1, "retries": 0, "runtimes": [0.01, 0.02], "canary": True}
-    parsed = parse_health(json.dumps(good))
-    assert parsed is not None and parsed[0] is True and parsed[1].failures == 1
-    for bad in (
-        {**good, "tasks": -1},
-        {**good, "failures": True},
-        {**good, "runtimes": [float("nan")]},
-        {**good, "runtimes": [0.1] * (MAX_SAMPLES + 1)},
-        {**good, "retries": 2**60},
-        [1, 2],
-    ):
-        assert parse_health(json.dumps(bad)) is None, bad
-    assert parse_health("x" * (MAX_HEALTH_BYTES + 1)) is None
-    assert parse_health("{not json") is None
-    entry = {"id": 1, "scope": "global", "key": "k", "value": 1, "selector": "host:*"}
-    assert parse_mirror(json.dumps({"rollouts": [{**entry, "members": []}]})) != []
-    assert parse_mirror(json.dumps({"rollouts": [{**entry, "members": [3]}]})) == []
-    assert parse_mirror(json.dumps({"rollouts": [{**entry, "id": "1", "members": []}]})) == []
-    assert parse_mirror(b" " * (MAX_MIRROR_BYTES + 1)) == []
-    assert parse_mirror(None) == []
-
-
-# -- real workers ---------------------------------------------------------------------------
-
-pytestmark_machine = pytest.mark.parametrize("services", ["machine"], indirect=True)
+# One target is enough here (the machine's services, as in CI): these tests exercise the
+# worker's processes and the leader, not the servers.
+pytestmark = pytest.mark.parametrize("services", ["machine"], indirect=True)
 
 
 @pytest.fixture(scope="module")
@@ -270,7 +128,6 @@ def _everyone_reads(worker: Worker, project: int, key: str, value: Any) -> None:
     )
 
 
-@pytestmark_machine
 def test_a_canary_that_breaks_its_tasks_is_reverted(three_children: Worker) -> None:
     """Canary to one child of three: only it reads the new value; the probe tasks fail there,
     the leader reverts on the failure ratio, every child reads the old value, and history
@@ -316,7 +173,6 @@ def test_a_canary_that_breaks_its_tasks_is_reverted(three_children: Worker) -> N
     ]
 
 
-@pytestmark_machine
 def test_a_harmless_canary_is_promoted_to_every_process(three_children: Worker) -> None:
     """With a value the probe tasks accept, only the canary child reads it during the window;
     at its end the leader promotes it through the write path and every child reads it."""
@@ -348,7 +204,6 @@ def test_a_harmless_canary_is_promoted_to_every_process(three_children: Worker) 
     ]
 
 
-@pytestmark_machine
 def test_a_write_during_the_window_supersedes_the_rollout(three_children: Worker) -> None:
     """A write of the key during the window ends the rollout as superseded at the leader's
     next round, with no promotion: every child then reads that write, and history records the
@@ -372,7 +227,6 @@ def test_a_write_during_the_window_supersedes_the_rollout(three_children: Worker
     assert _history(worker, project, key)[-1]["origin"] == "canary-end"
 
 
-@pytestmark_machine
 def test_a_bad_canary_request_is_refused_naming_its_field(three_children: Worker) -> None:
     """A malformed selector, a missing --watch, or a second rollout of the same key exits 2
     naming the field, and records nothing."""
@@ -413,7 +267,6 @@ def test_a_bad_canary_request_is_refused_naming_its_field(three_children: Worker
     assert aborted["state"] == "aborted"
 
 
-@pytestmark_machine
 def test_a_child_started_mid_window_learns_the_rollout(three_children: Worker) -> None:
     """With every child of the worker's queue a canary, a child killed mid-window is replaced
     by one that learns the active rollout from the store and serves the canary value; after an
@@ -450,13 +303,11 @@ def test_a_child_started_mid_window_learns_the_rollout(three_children: Worker) -
 
 @pytest.fixture
 def machine(services: Services) -> Iterator[Services]:
-    if services.name != "machine":
-        pytest.skip("fleet tests run on the machine target (two cores: not twice)")
+    """A database and namespace of this test's own: the leader killed is one of its workers."""
     with isolated(services) as found:
         yield found
 
 
-@pytestmark_machine
 def test_a_rollout_whose_leader_is_killed_mid_window_still_ends(machine: Services) -> None:
     """Two prefork workers; the lease holder is killed (its whole process group) during the
     window: the other takes over, ends the rollout, and every surviving process reads the
@@ -501,83 +352,3 @@ def test_a_rollout_whose_leader_is_killed_mid_window_still_ends(machine: Service
     finally:
         for each in workers:
             each.stop()
-
-
-# -- apply --canary and the helper (no worker: what is recorded) --------------------------------
-
-
-def _rollouts_of(services: Services, scope: str) -> list[tuple[str, str, str | None]]:
-    with psycopg.connect(services.database_url, autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT key, state, reason FROM options_rollout WHERE scope = %s ORDER BY key",
-            (scope,),
-        ).fetchall()
-    return [(str(k), str(s), r) for k, s, r in rows]
-
-
-def test_apply_with_a_canary_starts_a_rollout_per_value(
-    services: Services, backend: Any, tmp_path: Any
-) -> None:
-    """`apply FILE --canary … --yes` records one rollout per value the file changes, each with
-    the file named in its reason; a file that removes a key is refused naming ``canary``, and
-    records nothing."""
-    project = fresh_id()
-    scope = f"project:{project}"
-    removing = tmp_path / "removing.json"
-    removing.write_text(
-        json.dumps({"optionstore": 1, "scopes": {scope: {"values": {"a": 1}, "unset": ["gone"]}}})
-    )
-    backend.commit(set_write(Scope.parse(scope), "gone", 1), task_id=f"seed-{project}")
-    refused = optionstore(
-        services, "apply", str(removing), "--canary", "host:*", "--watch", "60s", "--yes"
-    )
-    assert refused.returncode == 2 and "invalid input: canary:" in refused.stderr, refused
-    assert _rollouts_of(services, scope) == []
-
-    desired = tmp_path / "desired.json"
-    desired.write_text(
-        json.dumps({"optionstore": 1, "scopes": {scope: {"values": {"a": 1, "b": "x"}}}})
-    )
-    out = ok(
-        optionstore(
-            services, "apply", str(desired), "--canary", "host:*", "--watch", "60s", "--yes"
-        )
-    )
-    assert out.count("started rollout") == 2, out
-    assert _rollouts_of(services, scope) == [
-        ("a", "watching", "apply desired.json"),
-        ("b", "watching", "apply desired.json"),
-    ]
-
-
-def test_the_helper_starts_a_rollout_and_refuses_bad_input_naming_the_field(
-    services: Services, backend: Any
-) -> None:
-    """``tasks.start_rollout`` records a rollout with its thresholds and its canary entry in
-    history; bad input raises InvalidOption naming the field and records nothing."""
-    import tasks
-
-    project = fresh_id()
-    scope = f"project:{project}"
-    for kwargs, field in (
-        ({"canary": "nope", "watch": 5}, "canary"),
-        ({"canary": "host:*", "watch": "soon"}, "watch"),
-        ({"canary": "host:*", "watch": 5, "failure_ratio": -1}, "failure_ratio"),
-        ({"canary": "host:*", "watch": 5, "bogus": 1}, "thresholds"),
-        ({"canary": "host:*", "watch": 5, "reason": "two\nlines"}, "reason"),
-    ):
-        with pytest.raises(InvalidOption) as raised:
-            tasks.start_rollout(scope, "k", 1, **kwargs)
-        assert raised.value.field == field
-    assert _rollouts_of(services, scope) == []
-    started = tasks.start_rollout(
-        scope, "k", {"on": True}, canary="host:*", watch="2m", min_tasks=3, reason="try it"
-    )
-    assert started["state"] == "watching"
-    assert started["watch_seconds"] == 120
-    assert started["thresholds"]["min_tasks"] == 3
-    assert started["new_value"] == {"on": True} and started["old_set"] is False
-    entries = backend.db.history(scope, "k")
-    assert [(e.origin, e.new_value, e.reason) for e in entries] == [
-        ("canary", {"on": True}, "canary to host:*: try it")
-    ]
