@@ -151,6 +151,16 @@ def test_a_canary_that_breaks_its_tasks_is_reverted(three_children: Worker) -> N
         assert len(answers) < 8, answers  # below --min-tasks: the leader cannot revert yet
     assert {value for pid, value in answers if pid == canary} == {"bad"}
     assert {value for pid, value in answers if pid != canary} == {"old"}
+    # Watching (too few canary tasks to judge yet): in `status`, with live figures.
+    status = json.loads(ok(optionstore(worker.services, "status", "--json", env=worker.env)))
+    assert rollout_id in [r["id"] for r in status["rollouts"]]
+
+    def live_figures() -> bool:
+        listing = json.loads(ok(optionstore(worker.services, "rollouts", "--json", env=worker.env)))
+        figures = next(r for r in listing if r["id"] == rollout_id)["figures"]
+        return figures["canary"]["failures"] > 0 and figures["baseline"]["tasks"] > 0
+
+    wait_for(live_figures, timeout=30, message="the canary's failures in `rollouts`")
 
     def reverted() -> bool:
         _check_round(worker, project, key, "bad", n=3)
@@ -163,6 +173,11 @@ def test_a_canary_that_breaks_its_tasks_is_reverted(three_children: Worker) -> N
     assert row["figures"]["canary"]["failures"] >= 8
     assert row["figures"]["baseline"]["failures"] == 0
     _everyone_reads(worker, project, key, "old")
+    listing = json.loads(ok(optionstore(worker.services, "rollouts", "--json", env=worker.env)))
+    shown = next(r for r in listing if r["id"] == rollout_id)
+    assert (shown["state"], shown["decision"]) == ("reverted", row["decision"])
+    plain = ok(optionstore(worker.services, "rollouts", env=worker.env))
+    assert re.search(rf"^{rollout_id}\s+reverted\s", plain, re.MULTILINE), plain
 
     entries = _history(worker, project, key)
     started = [e for e in entries if e["origin"] == "canary"]
