@@ -4,11 +4,11 @@ Redis current, compare each canary's health with the baseline's, promote or reve
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from store.errors import describe
-from store.events import log
+from store.events import Throttled, log
 from store.model.scopes import Scope
 from store.model.writes import Audit, Write, WriteResult
 from store.rollouts.model import (
@@ -49,24 +49,31 @@ class RolloutJudge:
 
     records: RolloutRecords
     commit: Callable[..., WriteResult]
+    # A round a second: an outage must not log a line a second.
+    _throttled: Throttled = field(default_factory=Throttled, init=False)
 
     def run_once(self) -> int:
         """One round; returns how many rollouts ended."""
         try:
             active = self.records.active()
         except Exception as exc:  # PostgreSQL down: the copy in Redis expires if this lasts
-            log.warning("rollout.judge_failed", error=describe(exc))
+            self._throttled.warning("rollout.judge_failed", error=describe(exc))
             return 0
         ended = 0
         for rollout in active:
             try:
                 ended += self._judge(rollout)
             except Exception as exc:  # the next round tries again
-                log.warning("rollout.judge_failed", rollout=rollout.id, error=describe(exc))
+                self._throttled.warning(
+                    "rollout.judge_failed",
+                    key=f"rollout:{rollout.id}",
+                    rollout=rollout.id,
+                    error=describe(exc),
+                )
         try:
             self.records.mirror(self.records.active() if ended else active)
         except Exception as exc:  # Redis down: processes fall back to the base values
-            log.warning("rollout.mirror_failed", error=describe(exc))
+            self._throttled.warning("rollout.mirror_failed", error=describe(exc))
         return ended
 
     def _judge(self, rollout: Rollout) -> bool:
