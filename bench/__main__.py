@@ -32,6 +32,7 @@ _FIGURES: dict[str, tuple[str, str]] = {
     "scale_cluster": ("cluster", "scale_cluster"),
     "visibility": ("fleet", "visibility"),
     "token_round_trip": ("tokens", "token_round_trip"),
+    "rollout_promotion": ("rollouts", "promotion"),
     "writes": ("writes", "throughput"),
     "broadcast_size": ("footprint", "broadcast_size"),
     "memory": ("footprint", "memory"),

@@ -6,7 +6,7 @@ import itertools
 import os
 import threading
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from store.model.validation import decode_value
@@ -65,17 +65,26 @@ class ScopeMap(dict[str, ScopeState]):
     in step; reads are plain dict reads.
     """
 
-    __slots__ = ("defaults", "group_reads", "groups", "project_reads", "projects")
+    __slots__ = ("defaults", "group_reads", "groups", "project_reads", "projects", "wrap")
 
-    def __init__(self, defaults: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        defaults: Mapping[str, Mapping[str, Any]] | None = None,
+        wrap: Wrap | None = None,
+    ) -> None:
         super().__init__()
         self.defaults = defaults if defaults is not None else {}
+        # How a state is served in this process (store/rollouts/overlay.py: canary values);
+        # applied to every state put in the map, which is where loads and broadcasts meet.
+        self.wrap = wrap
         self.projects: dict[int, dict[str, Any]] = {}
         self.project_reads: dict[int, dict[str, Any]] = {}
         self.groups: dict[int, dict[str, Any]] = {}
         self.group_reads: dict[int, dict[str, Any]] = {}
 
     def __setitem__(self, name: str, state: ScopeState) -> None:
+        if self.wrap is not None:
+            state = self.wrap(name, state)
         super().__setitem__(name, state)
         self._index(name, state)
 
@@ -103,13 +112,19 @@ class ScopeMap(dict[str, ScopeState]):
         ident = _id_of(name, _GROUP_PREFIX if kind == "group" else _PROJECT_PREFIX)
         if ident is None:
             return
-        if state is None:
+        if state is None or type(state.values) is not dict:
+            # Gone, or watched by a rollout (a dict subclass that notes its reads): reads of
+            # it take the readers' Python path, by name.
             reads.pop(ident, None)
             values.pop(ident, None)
             return
         declared = self.defaults.get(kind)
         values[ident] = state.values
         reads[ident] = {**declared, **state.values} if declared else state.values
+
+
+# A state as this process serves it (LocalCache's ``wrap``).
+Wrap = Callable[[str, ScopeState], ScopeState]
 
 
 class _Holder:
@@ -144,8 +159,13 @@ class _Registry:
 
 
 class _ThreadHolder(threading.local):
-    def __init__(self, registry: _Registry, defaults: Mapping[str, Mapping[str, Any]]) -> None:
-        self.scopes = ScopeMap(defaults)
+    def __init__(
+        self,
+        registry: _Registry,
+        defaults: Mapping[str, Mapping[str, Any]],
+        wrap: Wrap | None,
+    ) -> None:
+        self.scopes = ScopeMap(defaults, wrap)
         # Remembered so code outside this thread (a broadcast) can reach every thread's cache.
         registry.add(threading.current_thread(), self.scopes)
 
@@ -160,14 +180,21 @@ class LocalCache:
     """
 
     def __init__(
-        self, mode: str = TASK, *, defaults: Mapping[str, Mapping[str, Any]] | None = None
+        self,
+        mode: str = TASK,
+        *,
+        defaults: Mapping[str, Mapping[str, Any]] | None = None,
+        wrap: Wrap | None = None,
     ) -> None:
         # The declared defaults per scope kind (Registry.defaults), for ScopeMap's reads.
         defaults = defaults if defaults is not None else {}
+        # ``wrap``: how a state is served here (the canary values of rollouts), applied to
+        # every state a map takes in.
+        self.wrap = wrap
         self._registry = _Registry()
         self._shared = _Holder()
-        self._shared.scopes = ScopeMap(defaults)
-        self._threads = _ThreadHolder(self._registry, defaults)
+        self._shared.scopes = ScopeMap(defaults, wrap)
+        self._threads = _ThreadHolder(self._registry, defaults, wrap)
         self.mode = TASK
         self.holder: _Holder | _ThreadHolder = self._shared
         # The newest revision announced per scope: a load that comes back older than this
@@ -244,6 +271,17 @@ class LocalCache:
     def drop(self, scope: str) -> None:
         for scopes in self.all_maps():
             scopes.pop(scope, None)
+
+    def drop_scopes(self, names: Iterable[str]) -> None:
+        """How these scopes are served changed (a rollout began or ended here): drop them, and
+        keep no load that began before (it may carry the old way)."""
+        names = list(names)
+        if not names:
+            return
+        self.generation = next(self._generations)  # before the drop, as in clear()
+        for scopes in self.all_maps():
+            for name in names:
+                scopes.pop(name, None)
 
     def apply_change(
         self, scope: str, revision: int, sets: dict[str, Any], unsets: tuple[str, ...]

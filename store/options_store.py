@@ -26,6 +26,7 @@ from store.model.validation import DEFAULT_MAX_VALUE_BYTES, decode_value
 from store.model.writes import Write, WriteResult
 from store.postgres.store import EncodedScope, PostgresStore
 from store.redis.cache import Applied, RedisCache
+from store.rollouts.overlay import Overlay
 from store.transient import postgres_unavailable, redis_unavailable
 
 T = TypeVar("T")
@@ -70,7 +71,10 @@ class OptionsStore:
         self.metrics = Metrics()
         # Declared options: the policy reads (defaults) and write tasks (checks) consult.
         self.registry = Registry(resolve=self._lifecycle.load_registry)
-        self.local = LocalCache(TASK, defaults=self.registry.defaults)
+        # The canary values of the active rollouts this process serves, and what its tasks
+        # that read them did (store/rollouts/overlay.py); followed by the reload consumer.
+        self.overlay = Overlay()
+        self.local = LocalCache(TASK, defaults=self.registry.defaults, wrap=self.overlay.wrap)
         # A local state's reads include the declared defaults of its day: a new declaration
         # takes effect at the next load.
         self.registry.on_change(self.local.clear)
@@ -150,6 +154,7 @@ class OptionsStore:
             if state.revision < floors.get(scope, 0):
                 # Redis answered before a change we already heard about reached it.
                 state = self.load(scope, use_redis=False)
+            state = self.overlay.wrap(scope, state)
             self._keep(scopes, scope, state, generation)
         return state
 
@@ -168,8 +173,9 @@ class OptionsStore:
         behind = [name for name, state in loaded.items() if state.revision < floors.get(name, 0)]
         if behind:
             loaded.update(self.load_many(behind, use_redis=False))
-        for name, state in loaded.items():
-            found[name] = state
+        wrap = self.overlay.wrap
+        for name, loaded_state in loaded.items():
+            found[name] = state = wrap(name, loaded_state)
             self._keep(scopes, name, state, generation)
         return found
 

@@ -31,6 +31,7 @@ from store.model.writes import (
     set_write,
     unset_write,
 )
+from store.rollouts.start import start_rollout as _start_rollout
 from tasks.base import WriteTask
 
 
@@ -142,6 +143,43 @@ add_tag_key = _helper("options.add_tag_key")
 remove_tag_key = _helper("options.remove_tag_key")
 set_many = _helper("options.set_many")
 
+
+def start_rollout(
+    scope: str,
+    key: str,
+    value: Any,
+    *,
+    canary: str,
+    watch: float | str,
+    actor: str | None = None,
+    reason: str | None = None,
+    **thresholds: float,
+) -> dict[str, Any]:
+    """Start a canary rollout of ``key`` = ``value`` in ``scope``: served first to the processes
+    ``canary`` selects (``queue:NAME``, ``host:GLOB``, ``percent:N``), watched for ``watch``
+    (seconds, or ``"120s"``, ``"2m"``), then promoted or reverted by the leader. Thresholds by
+    keyword (``failure_ratio``, ``retry_ratio``, ``p95_ratio``, ``p95_min_ms``, ``min_tasks``).
+
+    Not a task: it records the rollout in this process's store (the same as
+    ``optionstore set … --canary``). Bad input raises InvalidOption naming the field, and
+    nothing is recorded. Returns the rollout as ``optionstore rollouts --json`` shows it.
+    """
+    store.runtime.ensure_configured()
+    rollout = _start_rollout(
+        store.backend,
+        store.runtime.namespace,
+        scope,
+        key,
+        value,
+        canary=canary,
+        watch=watch,
+        thresholds=dict(thresholds),
+        actor=actor,
+        reason=reason,
+    )
+    return rollout.as_dict()
+
+
 __all__ = [
     "WRITE_TASKS",
     "add_tag_key",
@@ -152,6 +190,7 @@ __all__ = [
     "set_option",
     "set_project_option",
     "set_user_option",
+    "start_rollout",
     "unset_group_meta",
     "unset_option",
     "unset_project_option",

@@ -146,3 +146,14 @@ def snapshot_twice(project_id: int, key: str, marker: str, changed: Any) -> dict
         "second": store.snapshot().project_options.get_value(project_id, key),
         "same_view": store.snapshot() is view,
     }
+
+
+@app.task(name="probe.check")
+def check(project_id: int, key: str, bad: Any, hold: float = 0.0) -> dict[str, Any]:
+    """Read a project option and fail if it is ``bad`` (a change that breaks the tasks that
+    read it); the error names this process."""
+    value = store.project_options.get_value(project_id, key)
+    time.sleep(hold)
+    if value == bad:
+        raise RuntimeError(f"pid {os.getpid()} read the bad value {value!r}")
+    return {"pid": os.getpid(), "result": value}

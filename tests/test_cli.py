@@ -197,7 +197,7 @@ def test_concurrent_migrations_all_succeed_once(services: Services, fresh_databa
         (tables,) = conn.execute(
             "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'options\\_%'"
         ).fetchone()  # type: ignore[misc]
-    assert tables == 6  # schema, scope, value, history, write, clock
+    assert tables == 7  # schema, scope, value, history, write, clock, rollout
 
 
 def test_status_json_reports_services_schema_and_processes(

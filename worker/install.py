@@ -9,7 +9,14 @@ from typing import Any
 
 import kombu
 import structlog
-from celery.signals import task_postrun, task_prerun, worker_process_init, worker_process_shutdown
+from celery.signals import (
+    task_failure,
+    task_postrun,
+    task_prerun,
+    task_retry,
+    worker_process_init,
+    worker_process_shutdown,
+)
 
 import store
 import tasks
@@ -69,6 +76,8 @@ class Installation:
         self.app.steps["worker"].update(STEPS)
         task_prerun.connect(self._task_started, weak=False)
         task_postrun.connect(self._task_ended, weak=False)
+        task_failure.connect(self._task_failed, weak=False)
+        task_retry.connect(self._task_retried, weak=False)
         worker_process_init.connect(self._process_started, weak=False)
         worker_process_shutdown.connect(self._process_ending, weak=False)
         if self.provide:
@@ -132,7 +141,13 @@ class Installation:
                 gc.freeze()
             if self.metrics:
                 store.backend.metrics.enable()
+            self.note_queues()
             store.runtime.start_consumer()
+
+    def note_queues(self) -> None:
+        """Tell the rollouts which queues this process's worker consumes (``queue:`` canaries)."""
+        queues = self.app.amqp.queues
+        store.backend.overlay.queues = tuple(sorted(queues.consume_from or queues))
 
     def _process_ending(self, **_: Any) -> None:
         # Not guaranteed (children may leave with os._exit): a report left behind expires.
@@ -147,10 +162,20 @@ class Installation:
             store.runtime.check_heard()
             store.snapshots.begin_task()
             written.begin_task()
+            store.backend.overlay.task_started()
+
+    def _task_failed(self, sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is self.app:
+            store.backend.overlay.task_failed()
+
+    def _task_retried(self, sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is self.app:
+            store.backend.overlay.task_retried()
 
     def _task_ended(self, task: Any = None, **_: Any) -> None:
         # Sent from a finally in Celery's tracer: after success, failure, retry and eager runs.
         if getattr(task, "app", None) is self.app:
+            store.backend.overlay.task_ended()
             store.backend.local.end_task()
             store.snapshots.end_task()
             # After the chain's next step and the links were published with it.

@@ -17,6 +17,7 @@ from store.broadcast.publisher import Publisher
 from store.errors import describe
 from store.events import log
 from store.redis.eviction import check_broker_policy
+from store.rollouts.records import RolloutRecords
 from store.settings import ACCEPT
 from store.signing.keys import Keyring
 from worker.duties.heartbeat import Heartbeat
@@ -24,6 +25,7 @@ from worker.duties.lease import FOLLOWER, LeaderLease
 from worker.duties.reconcile import Reconciler
 from worker.duties.relay import OutboxRelay
 from worker.duties.retention import Retention
+from worker.duties.rollouts import RolloutJudge
 from worker.logging import configure_logging
 from worker.metrics import MetricsEndpoint, prepare_directory
 
@@ -58,6 +60,7 @@ class StoreStep(bootsteps.StartStopStep):  # type: ignore[misc]
         installation.running = True
         store.runtime.pool = installation.pool
         installation.configure_store(kind=store.WORKER)
+        installation.note_queues()
         installation.guard_tasks()
         local = store.backend.local
         local.set_mode(local.mode, one_task_at_a_time=installation.pool in ONE_TASK_AT_A_TIME)
@@ -105,7 +108,8 @@ class ReloadConsumerStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
 class LeaderDutiesStep(bootsteps.StartStopStep):  # type: ignore[misc]
     """While this main process holds the namespace's leader lease (worker/duties/lease.py): the
-    heartbeat, the outbox relay, the reconciler and retention, each second."""
+    heartbeat, the outbox relay, the reconciler, retention and the rollouts' judge, each
+    second."""
 
     requires = (StoreStep,)
 
@@ -139,6 +143,14 @@ class LeaderDutiesStep(bootsteps.StartStopStep):  # type: ignore[misc]
             write_age=settings.write_retention,
             history_age=settings.history_retention,
         )
+        judge = RolloutJudge(
+            records=RolloutRecords(
+                backend.db,
+                None if backend.redis is None else backend.redis.client,
+                namespace=settings.namespace,
+            ),
+            commit=backend.commit,
+        )
         lease = self._lease = LeaderLease(
             None if backend.redis is None else backend.redis.client,
             namespace=settings.namespace,
@@ -157,7 +169,7 @@ class LeaderDutiesStep(bootsteps.StartStopStep):  # type: ignore[misc]
             ),
             Every(
                 installation.interval,
-                [relay.relay, reconciler.run_once, retention.run_once],
+                [relay.relay, reconciler.run_once, retention.run_once, judge.run_once],
                 when=lambda: lease.leading,
                 name="optionstore-main",
             ),

@@ -130,6 +130,7 @@ class ReloadConsumer(threading.Thread):
                 self.subscribed.clear()
                 log.warning("broadcast.lost", error=f"{type(exc).__name__}: {exc}", pid=self.pid)
                 self._report(force=True)
+                self._follow_rollouts()
                 self.stopping.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
 
@@ -183,6 +184,7 @@ class ReloadConsumer(threading.Thread):
             if silent > self.deadline:
                 raise Silence(f"nothing heard for {silent:.1f}s")
             self._report()
+            self._follow_rollouts()
 
     def _consume_pubsub(self, conn: kombu.Connection, channel: Any, topics: list[str]) -> None:
         """On a Redis broker: read the exchange's pub/sub topic straight from the channel's
@@ -395,6 +397,12 @@ class ReloadConsumer(threading.Thread):
             self._forgotten = forgotten + self._forgotten
             log.warning("presence.report_failed", error=f"{type(exc).__name__}: {exc}")
         self._last_report = now
+
+    def _follow_rollouts(self) -> None:
+        """The active rollouts, at most once a second (store/rollouts/overlay.py)."""
+        cache = self.backend.redis
+        if cache is not None:
+            self.backend.overlay.refresh(cache.client, self.namespace, self.backend.local)
 
     def _introduction(self) -> dict[str, Any]:
         return {"hostname": self.hostname, "pid": self.pid, "kind": self.kind, "pool": self.pool}

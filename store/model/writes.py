@@ -27,7 +27,7 @@ TAG_KEY_PRESENT = "true"
 MAX_ACTOR_LENGTH = 128
 MAX_REASON_LENGTH = 1000
 # Writes made by `optionstore apply` and `revert`; plan finds the last apply by this mark.
-ORIGINS = ("apply", "revert")
+ORIGINS = ("apply", "revert", "rollout")
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,13 +55,15 @@ def revision_of(db: PostgresStore, scope: str) -> int:
 def state_at(
     db: PostgresStore, scope: str, revision: int, key: str | None = None
 ) -> dict[str, str]:
-    """The scope's values (or one key's) as of ``revision``, rebuilt from history."""
+    """The scope's values (or one key's) as of ``revision``, rebuilt from history (a canary
+    rollout's own entries, origins ``canary`` and ``canary-end``, are not revisions)."""
     current = revision_of(db, scope)
     if not 0 <= revision <= current:
         raise InvalidOption("revision", f"{scope} has revisions 0 to {current}, not {revision}")
     query = (
         "SELECT DISTINCT ON (key) key, new_value::text FROM options_history"
         " WHERE scope = %s AND revision <= %s"
+        " AND coalesce(origin, '') NOT IN ('canary', 'canary-end')"
     )
     params: list[Any] = [scope, revision]
     if key is not None:
@@ -74,12 +76,14 @@ def state_at(
 
 
 def last_changes(db: PostgresStore, scope: str, keys: list[str]) -> dict[str, HistoryEntry]:
-    """The latest history row of each of ``keys`` in ``scope`` that has one."""
+    """The latest history row of each of ``keys`` in ``scope`` that has one (the change that
+    made the stored value: a canary rollout's own entries are not)."""
     with db.connection() as conn:
         rows = conn.execute(
             "SELECT DISTINCT ON (key) scope, key, old_value, new_value, revision, changed_at,"
             " task_id, actor, reason, origin, old_value IS NOT NULL, new_value IS NOT NULL"
             " FROM options_history WHERE scope = %s AND key = ANY(%s)"
+            " AND coalesce(origin, '') NOT IN ('canary', 'canary-end')"
             " ORDER BY key, revision DESC, id DESC",
             (scope, keys),
         ).fetchall()

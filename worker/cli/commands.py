@@ -19,6 +19,10 @@ from worker.cli.console import print_json as _print_json
 from worker.cli.console import settings as _settings
 from worker.cli.console import show, table
 from worker.cli.operate import add_commands as add_operator_commands
+from worker.cli.rollouts import add_canary_arguments, canary_requested
+from worker.cli.rollouts import add_commands as add_rollout_commands
+from worker.cli.rollouts import describe as describe_rollout
+from worker.cli.rollouts import start as start_rollout
 from worker.cli.status import status_report
 from worker.cli.waits import wait_for_writes
 from worker.cli.web import add_commands as add_console_commands
@@ -83,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
         )
         cmd.add_argument("--timeout", type=float, default=30.0, help="seconds --wait waits (30)")
         add_audit_arguments(cmd)
+        if name == "set":
+            add_canary_arguments(cmd)
     history = command(
         "history", _history, "print the change history of a scope or key", json_flag=True
     )
@@ -101,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     embedded.add_argument("action", choices=["start", "stop", "status", "env"])
     add_operator_commands(command)
+    add_rollout_commands(command)
     add_console_commands(command)
     return parser
 
@@ -172,7 +179,14 @@ def _enqueue(args: argparse.Namespace, value: Any, *, unset: bool) -> int:
 
 
 def _set(args: argparse.Namespace, _: list[str]) -> int:
-    return _enqueue(args, parse_value(args.value), unset=False)
+    value = parse_value(args.value)
+    if canary_requested(args):
+        if args.wait:
+            raise InvalidOption("wait", "a canary rollout ends when the leader decides")
+        rollout = start_rollout(args, Scope.parse(args.scope), validate_key(args.key), value)
+        print(f"started {describe_rollout(rollout)}; see `optionstore rollouts`")
+        return 0
+    return _enqueue(args, value, unset=False)
 
 
 def _unset(args: argparse.Namespace, _: list[str]) -> int:
@@ -231,6 +245,9 @@ def _status(args: argparse.Namespace, _: list[str]) -> int:
     for key, value in report.items():
         if key == "signing":
             print(f"{key:20} {_signing_line(value)}")
+        elif key == "rollouts":
+            shown = [f"#{r['id']} {r['scope']} {r['key']} ({r['selector']})" for r in value]
+            print(f"{key:20} {', '.join(shown) or 'none watching'}")
         elif key != "processes":
             print(f"{key:20} {value}")
     print(f"\n{'process':28} {'kind':6} {'pool':8} {'mode':8} {'synced':7} {'heard':>8}  converged")

@@ -28,6 +28,7 @@ from worker.cli.console import (
     table,
 )
 from worker.cli.desired import ScopePlan, dump_desired, load_desired, plan_all
+from worker.cli.rollouts import add_canary_arguments, apply_as_rollouts, canary_requested
 from worker.cli.waits import wait_for_writes
 
 Command = Callable[..., argparse.ArgumentParser]
@@ -58,6 +59,7 @@ def add_commands(command: Command) -> None:
         "apply", _apply, "write a desired-state file: one set_many per scope", json_flag=True
     )
     apply.add_argument("file")
+    add_canary_arguments(apply)
     for cmd in (revert, apply):
         cmd.add_argument("--yes", action="store_true", help="write (without it: only show)")
         cmd.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (60)")
@@ -316,8 +318,12 @@ def _apply(args: argparse.Namespace, _: list[str]) -> int:
     _print_plans(plans, args)
     writes = apply_writes(plans)
     report: dict[str, Any] = {"file": args.file, "scopes": _plan_json(plans), "applied": False}
-    if _only_shown(args, report, bool(writes), "add --yes to write it (one set_many per scope)"):
+    canary = canary_requested(args)
+    hint = "a rollout per value" if canary else "one set_many per scope"
+    if _only_shown(args, report, bool(writes), f"add --yes to write it ({hint})"):
         return 0
+    if canary:
+        return apply_as_rollouts(args, writes, report)
     reason = f"apply {Path(args.file).name}" + (f": {args.reason}" if args.reason else "")
     sending = Progress(len(writes), "enqueued")
     task_ids = []

@@ -32,6 +32,8 @@ def status_report(settings: Any, backend: Any, *, broker: bool = True) -> dict[s
             # Bounded counts (up to COUNT_CAP, on indexes): cheap on a database of any size.
             report["scopes"] = backend.db.count_scopes()
             report["unannounced_writes"] = backend.db.count_unannounced()
+        if report["schema_version"] >= ROLLOUTS_SCHEMA:
+            report["rollouts"] = watching_rollouts(conn)
     try:
         report["redis"] = "up" if backend.redis and backend.redis.ping() else "down"
         report["redis_eviction"] = eviction_policy(backend.redis.client) if backend.redis else None
@@ -50,6 +52,29 @@ def status_report(settings: Any, backend: Any, *, broker: bool = True) -> dict[s
         p["converged"] for p in report["processes"]
     )
     return report
+
+
+# The migration that added options_rollout.
+ROLLOUTS_SCHEMA = 12
+
+
+def watching_rollouts(conn: Any) -> list[dict[str, Any]]:
+    """The rollouts watching now (``optionstore rollouts`` shows their figures)."""
+    rows = conn.execute(
+        "SELECT id, scope, key, selector, extract(epoch FROM now() - started_at), watch_seconds"
+        " FROM options_rollout WHERE state = 'watching' ORDER BY id"
+    ).fetchall()
+    return [
+        {
+            "id": row[0],
+            "scope": row[1],
+            "key": row[2],
+            "selector": row[3],
+            "elapsed_s": round(float(row[4]), 1),
+            "watch_seconds": row[5],
+        }
+        for row in rows
+    ]
 
 
 def leader(backend: Any, namespace: str) -> str | None:

@@ -1,0 +1,1 @@
+"""Canary rollouts: the model and judgement, their records, what each process serves."""

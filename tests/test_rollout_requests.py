@@ -1,0 +1,93 @@
+"""Canary rollouts requested through `apply --canary` and the `tasks.start_rollout` helper:
+what is recorded, and what is refused (no worker: the leader's part is in test_rollouts.py)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import psycopg
+import pytest
+
+from store.errors import InvalidOption
+from store.model.scopes import Scope
+from store.model.writes import set_write
+from tests.conftest import Services, fresh_id
+from tests.test_cli import ok, optionstore
+
+
+def _rollouts_of(services: Services, scope: str) -> list[tuple[str, str, str | None]]:
+    with psycopg.connect(services.database_url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT key, state, reason FROM options_rollout WHERE scope = %s ORDER BY key",
+            (scope,),
+        ).fetchall()
+    return [(str(k), str(s), r) for k, s, r in rows]
+
+
+def test_apply_with_a_canary_starts_a_rollout_per_value(
+    services: Services, backend: Any, tmp_path: Any
+) -> None:
+    """`apply FILE --canary … --yes` records one rollout per value the file changes, each with
+    the file named in its reason; a file that removes a key is refused naming ``canary``, and
+    records nothing."""
+    project = fresh_id()
+    scope = f"project:{project}"
+    removing = tmp_path / "removing.json"
+    removing.write_text(
+        json.dumps({"optionstore": 1, "scopes": {scope: {"values": {"a": 1}, "unset": ["gone"]}}})
+    )
+    backend.commit(set_write(Scope.parse(scope), "gone", 1), task_id=f"seed-{project}")
+    refused = optionstore(
+        services, "apply", str(removing), "--canary", "host:*", "--watch", "60s", "--yes"
+    )
+    assert refused.returncode == 2 and "invalid input: canary:" in refused.stderr, refused
+    assert _rollouts_of(services, scope) == []
+
+    desired = tmp_path / "desired.json"
+    desired.write_text(
+        json.dumps({"optionstore": 1, "scopes": {scope: {"values": {"a": 1, "b": "x"}}}})
+    )
+    out = ok(
+        optionstore(
+            services, "apply", str(desired), "--canary", "host:*", "--watch", "60s", "--yes"
+        )
+    )
+    assert out.count("started rollout") == 2, out
+    assert _rollouts_of(services, scope) == [
+        ("a", "watching", "apply desired.json"),
+        ("b", "watching", "apply desired.json"),
+    ]
+
+
+def test_the_helper_starts_a_rollout_and_refuses_bad_input_naming_the_field(
+    services: Services, backend: Any
+) -> None:
+    """``tasks.start_rollout`` records a rollout with its thresholds and its canary entry in
+    history; bad input raises InvalidOption naming the field and records nothing."""
+    import tasks
+
+    project = fresh_id()
+    scope = f"project:{project}"
+    for kwargs, field in (
+        ({"canary": "nope", "watch": 5}, "canary"),
+        ({"canary": "host:*", "watch": "soon"}, "watch"),
+        ({"canary": "host:*", "watch": 5, "failure_ratio": -1}, "failure_ratio"),
+        ({"canary": "host:*", "watch": 5, "bogus": 1}, "thresholds"),
+        ({"canary": "host:*", "watch": 5, "reason": "two\nlines"}, "reason"),
+    ):
+        with pytest.raises(InvalidOption) as raised:
+            tasks.start_rollout(scope, "k", 1, **kwargs)
+        assert raised.value.field == field
+    assert _rollouts_of(services, scope) == []
+    started = tasks.start_rollout(
+        scope, "k", {"on": True}, canary="host:*", watch="2m", min_tasks=3, reason="try it"
+    )
+    assert started["state"] == "watching"
+    assert started["watch_seconds"] == 120
+    assert started["thresholds"]["min_tasks"] == 3
+    assert started["new_value"] == {"on": True} and started["old_set"] is False
+    entries = backend.db.history(scope, "k")
+    assert [(e.origin, e.new_value, e.reason) for e in entries] == [
+        ("canary", {"on": True}, "canary to host:*: try it")
+    ]

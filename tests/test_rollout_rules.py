@@ -1,0 +1,149 @@
+"""Canary rollouts' rules without services: selectors, thresholds, the judgement, what a
+process serves and counts, and the bounds on what it reads from Redis (store/rollouts/)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import redis
+
+from store.errors import InvalidOption
+from store.local import LocalCache, ScopeState
+from store.rollouts.model import MAX_SAMPLES, Health, Selector, Thresholds, judge
+from store.rollouts.overlay import FAILSAFE_AFTER, Entry, Overlay, parse_mirror
+from store.rollouts.records import MAX_HEALTH_BYTES, MAX_MIRROR_BYTES, parse_health
+
+
+def test_a_selector_is_parsed_and_a_bad_one_names_the_canary_field() -> None:
+    """Selectors are queue:NAME, host:GLOB or percent:N (or N%); anything else is refused
+    with an error naming ``canary``."""
+    assert Selector.parse("queue:billing") == Selector("queue", "billing")
+    assert Selector.parse("25%") == Selector("percent", "25")
+    for bad in ("", "pid:3", "percent:0", "percent:101", "percent:x", "host:", 7):
+        with pytest.raises(InvalidOption) as raised:
+            Selector.parse(bad)
+        assert raised.value.field == "canary"
+
+
+def test_each_process_decides_from_its_own_identity() -> None:
+    """A queue selector matches a process that consumes it, a host glob its host name, a
+    percentage the processes chosen at the start: the same ones for the same live set."""
+    queue, host = Selector.parse("queue:fast"), Selector.parse("host:web-*")
+    assert queue.matches(host="a", identity="a:1", queues=["fast"], members=[])
+    assert not queue.matches(host="a", identity="a:1", queues=["slow"], members=[])
+    assert host.matches(host="web-3", identity="web-3:9", queues=[], members=[])
+    assert not host.matches(host="db-1", identity="db-1:9", queues=[], members=[])
+    share = Selector.parse("percent:34")
+    live = [f"h:{pid}" for pid in range(100, 103)]
+    chosen = share.choose("7", live)
+    assert len(chosen) == 1
+    assert chosen == share.choose("7", list(reversed(live)))
+    assert share.matches(host="h", identity=chosen[0], queues=[], members=chosen)
+    assert share.choose("7", []) == []
+
+
+def test_thresholds_have_defaults_and_bad_overrides_name_their_field() -> None:
+    """Unset thresholds take the defaults; a negative, non-finite or non-number override is
+    refused naming the threshold."""
+    assert Thresholds.from_options({"min_tasks": None}) == Thresholds()
+    assert Thresholds.from_options({"failure_ratio": 3}).failure_ratio == 3
+    for name, value in (("failure_ratio", -1), ("min_tasks", 0.5), ("p95_ratio", float("nan"))):
+        with pytest.raises(InvalidOption) as raised:
+            Thresholds.from_options({name: value})
+        assert raised.value.field == name
+
+
+def test_the_judgement_reverts_on_a_breach_and_promotes_a_healthy_canary() -> None:
+    """A canary failing 4.2 times as often as the baseline is reverted with that figure in its
+    reason; a healthy one is promoted at the window's end; one with too few tasks is
+    reverted then, as not judged."""
+    thresholds = Thresholds(min_tasks=10)
+    canary = Health(tasks=100, failures=21, processes=1)
+    baseline = Health(tasks=200, failures=10, processes=2)
+    verdict = judge(thresholds, canary, baseline, elapsed=30, window=120)
+    assert verdict.decision == "revert"
+    assert verdict.reason == "auto-revert: failure ratio 4.2x the baseline over 30 s"
+    healthy = Health(tasks=100, failures=5, processes=1)
+    assert judge(thresholds, healthy, baseline, elapsed=30, window=120).decision is None
+    ended = judge(thresholds, healthy, baseline, elapsed=121, window=120)
+    assert ended.decision == "promote"
+    assert ended.reason.startswith("auto-promote: failure ratio 1.0x")
+    idle = judge(thresholds, Health(), baseline, elapsed=121, window=120)
+    assert idle.decision == "revert"
+    assert idle.reason == "auto-revert: 0 canary tasks over 120 s, 10 needed to judge"
+
+
+def test_a_scope_under_rollout_leaves_the_hit_index_and_notes_its_reads() -> None:
+    """A canary process serves the canary value of a watched key (by name, through the
+    Python path), a baseline process the old one; both note the rollout for the running
+    task; a scope without a rollout stays in the id index of the C hit."""
+    overlay = Overlay()
+    local = LocalCache("process", wrap=overlay.wrap)
+    overlay.active = {"project:1": {"k": Entry(5, True, "new")}}
+    local.scopes["project:1"] = ScopeState(3, {"k": "old", "other": 1})
+    local.scopes["project:2"] = ScopeState(3, {"k": "plain"})
+    assert 1 not in local.scopes.project_reads
+    assert local.scopes.project_reads[2] == {"k": "plain"}
+    overlay.task_started()
+    assert local.scopes["project:1"].values.get("k") == "new"
+    assert local.scopes["project:1"].values.get("other") == 1
+    overlay.task_ended()
+    assert overlay._counts[5].tasks == 1
+    overlay.active = {"project:1": {"k": Entry(5, False, "new")}}
+    local.drop_scopes(["project:1"])
+    local.scopes["project:1"] = ScopeState(3, {"k": "old"})
+    assert local.scopes["project:1"].values["k"] == "old"
+
+
+class _DownRedis:
+    """A Redis client whose every command fails as a lost connection does (a unit-test fake:
+    the real outage is the documented fallback, not a test of a server)."""
+
+    def get(self, key: str) -> bytes:
+        raise redis.ConnectionError("connection refused")
+
+
+def test_a_process_that_cannot_confirm_its_rollouts_serves_the_stored_value() -> None:
+    """Redis unreachable: a canary process keeps its canary value for up to FAILSAFE_AFTER
+    seconds after its last confirmation, then drops it and serves the stored value."""
+    overlay = Overlay()
+    local = LocalCache("process", wrap=overlay.wrap)
+    overlay.active = {"project:1": {"k": Entry(5, True, "new")}}
+    local.scopes["project:1"] = ScopeState(3, {"k": "old"})
+    down: Any = _DownRedis()
+    overlay.refresh(down, "ns", local)
+    assert local.scopes["project:1"].values["k"] == "new"  # confirmed moments ago
+    overlay._confirmed_at -= FAILSAFE_AFTER + 1
+    overlay._next_refresh = 0.0
+    overlay.refresh(down, "ns", local)
+    assert overlay.active == {}
+    assert "project:1" not in local.scopes
+    local.scopes["project:1"] = ScopeState(3, {"k": "old"})
+    assert local.scopes["project:1"].values["k"] == "old"
+
+
+def test_reports_and_the_copy_of_rollouts_are_bounded_and_checked() -> None:
+    """A process's health report and the leader's copy of the rollouts come from Redis, which
+    any process writes: oversized or malformed ones are ignored, never trusted."""
+    good = {"tasks": 3, "failures": 1, "retries": 0, "runtimes": [0.01, 0.02], "canary": True}
+    parsed = parse_health(json.dumps(good))
+    assert parsed is not None and parsed[0] is True and parsed[1].failures == 1
+    for bad in (
+        {**good, "tasks": -1},
+        {**good, "failures": True},
+        {**good, "runtimes": [float("nan")]},
+        {**good, "runtimes": [0.1] * (MAX_SAMPLES + 1)},
+        {**good, "retries": 2**60},
+        [1, 2],
+    ):
+        assert parse_health(json.dumps(bad)) is None, bad
+    assert parse_health("x" * (MAX_HEALTH_BYTES + 1)) is None
+    assert parse_health("{not json") is None
+    entry = {"id": 1, "scope": "global", "key": "k", "value": 1, "selector": "host:*"}
+    assert parse_mirror(json.dumps({"rollouts": [{**entry, "members": []}]})) != []
+    assert parse_mirror(json.dumps({"rollouts": [{**entry, "members": [3]}]})) == []
+    assert parse_mirror(json.dumps({"rollouts": [{**entry, "id": "1", "members": []}]})) == []
+    assert parse_mirror(b" " * (MAX_MIRROR_BYTES + 1)) == []
+    assert parse_mirror(None) == []
