@@ -13,11 +13,10 @@ import time
 from collections.abc import Iterable
 from typing import Any, NamedTuple, Protocol
 
-import redis
-
 from store.events import log
 from store.fork import after_fork_in_child
 from store.local import ScopeState
+from store.redis.cluster import RedisClient
 from store.rollouts.model import MAX_SAMPLES, Selector
 from store.rollouts.records import HEALTH_TTL, MAX_MIRROR_BYTES, health_key, mirror_key
 
@@ -146,7 +145,7 @@ class Overlay:
 
     # -- following the leader's copy ---------------------------------------------------------
 
-    def refresh(self, client: redis.Redis, namespace: str, local: _Drops) -> None:
+    def refresh(self, client: RedisClient, namespace: str, local: _Drops) -> None:
         """At most once a second: read the active rollouts, serve what changed, report health."""
         now = time.monotonic()
         if now < self._next_refresh:
@@ -230,7 +229,7 @@ class Overlay:
                 counts.runtimes.append(took)
                 self._dirty.add(rollout_id)
 
-    def _report(self, client: redis.Redis, namespace: str) -> None:
+    def _report(self, client: RedisClient, namespace: str) -> None:
         with self._lock:
             dirty, self._dirty = self._dirty, set()
             reports = {

@@ -11,10 +11,10 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
-import redis
 
 from store.errors import InvalidOption
 from store.postgres.store import PostgresStore
+from store.redis.cluster import RedisClient
 from store.rollouts.model import (
     MAX_SAMPLES,
     PROMOTED,
@@ -119,7 +119,7 @@ class RolloutRecords:
     """The rollouts of one database and namespace: start, read, request, finish, mirror."""
 
     def __init__(
-        self, postgres: PostgresStore, client: redis.Redis | None, *, namespace: str
+        self, postgres: PostgresStore, client: RedisClient | None, *, namespace: str
     ) -> None:
         self.postgres = postgres
         self.client = client
