@@ -7,6 +7,7 @@ the child's pid with the answer.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import threading
 import time
@@ -146,3 +147,15 @@ def snapshot_twice(project_id: int, key: str, marker: str, changed: Any) -> dict
         "second": store.snapshot().project_options.get_value(project_id, key),
         "same_view": store.snapshot() is view,
     }
+
+
+@app.task(name="probe.cut_relay")
+def cut_relay() -> int:
+    """Close this child's end of its parent's relay socket, as a broken channel would (the
+    fault of tests/test_host_relay.py); returns the child's pid."""
+    consumer = store.runtime._consumer  # a fault hook reaches in on purpose
+    sock = getattr(consumer, "_sock", None)
+    if sock is None:
+        raise RuntimeError("probe.cut_relay: this process follows no relay")
+    sock.shutdown(socket.SHUT_RDWR)
+    return os.getpid()
