@@ -105,6 +105,9 @@ class StoreProcess:
         self._relay: HostRelay | None = None
         self._relay_path: str | None = None
         self._relay_pid = 0
+        # Other Redis connection pools of this process a relayed child gives back when idle
+        # (the worker's result backend's: worker/install.py).
+        self._idle_pools: list[Any] = []
         self._lock = threading.RLock()
         after_fork_in_child(self._after_fork)
 
@@ -292,6 +295,11 @@ class StoreProcess:
                 )
             return self._relay
 
+    def give_back_when_idle(self, pool: Any) -> None:
+        """Have this process's relayed consumer disconnect ``pool``'s idle connections (a
+        redis-py pool) as it does its cache's, once nothing has read for a while."""
+        self._idle_pools.append(pool)
+
     def _presence(self) -> Presence | None:
         cache = self.store.redis
         return None if cache is None else Presence(cache.client, namespace=self.namespace)
@@ -322,6 +330,7 @@ class StoreProcess:
                 consumer = RelayedConsumer(
                     relay_path=self._relay_path,
                     relay_pid=self._relay_pid,
+                    idle_pools=self._idle_pools,
                     presence=self._presence(),
                     **common,
                 )

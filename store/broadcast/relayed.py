@@ -45,8 +45,12 @@ class RelayedConsumer(ReloadConsumer):
     its own, as every process without a relay does, for the rest of its life.
     """
 
-    def __init__(self, *, relay_path: str, relay_pid: int, **kwargs: Any) -> None:
+    def __init__(
+        self, *, relay_path: str, relay_pid: int, idle_pools: list[Any] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
+        # Other redis-py pools of this process to give back when idle (a result backend's).
+        self.idle_pools = idle_pools if idle_pools is not None else []
         self.relay_path = relay_path
         self.relay_pid = relay_pid
         self.relayed = True
@@ -168,9 +172,11 @@ class RelayedConsumer(ReloadConsumer):
 
     def _close_idle_redis(self) -> None:
         """Disconnect the pooled Redis connections no read has used for a while (redis-py
-        connects them again on the next use): an idle child holds none."""
+        connects them again on the next use; one in use is left alone): an idle child holds
+        none."""
         cache = self.backend.redis
-        if cache is None:
+        pools = [*([] if cache is None else [cache.client.connection_pool]), *self.idle_pools]
+        if not pools:
             return
         reads = self.backend.stats.get("redis_reads", 0)
         seen, since = self._redis_used
@@ -178,5 +184,7 @@ class RelayedConsumer(ReloadConsumer):
         if reads != seen:
             self._redis_used = (reads, now)
         elif since and now - since > IDLE_REDIS_SECONDS:
-            cache.client.connection_pool.disconnect(inuse_connections=False)
+            for pool in pools:
+                with contextlib.suppress(Exception):
+                    pool.disconnect(inuse_connections=False)
             self._redis_used = (reads, 0.0)  # closed: nothing to do until the next read
