@@ -293,6 +293,7 @@ class StoreProcess:
                 self._relay = HostRelay(
                     presence=self._presence(), hostname=socket.gethostname(), pool=self.pool
                 )
+                self._relay.start()
             return self._relay
 
     def give_back_when_idle(self, pool: Any) -> None:

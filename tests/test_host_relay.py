@@ -9,10 +9,14 @@ import functools
 import json
 import os
 import signal
+import socket
 
 import psutil
+import pytest
 import redis
 
+from store.broadcast.frames import HELLO, MESSAGE, BadFrame, FrameReader, frame
+from store.redis.presence import Presence
 from tests.conftest import Services, fresh_id, wait_for
 from tests.test_broadcast import (
     cli,
@@ -38,6 +42,56 @@ def report_keys(services: Services) -> dict[str, dict[bytes, bytes]]:
 
 def relay_lost(worker: object, since: int = 0) -> set[int]:
     return {event["pid"] for event in worker.events("broadcast.relay_lost", since=since)}  # type: ignore[attr-defined]
+
+
+def test_frames_arrive_whole_in_order_and_a_frame_over_the_bound_ends_the_stream() -> None:
+    """The relay's frames come out whole and in order however the stream splits them, and a
+    frame longer than the reader's bound, or of an unknown kind, is refused."""
+    left, right = socket.socketpair()
+    with left, right:
+        reader = FrameReader(max_bytes=100)
+        data = frame(HELLO, b'{"pid": 7}') + frame(MESSAGE, b"x" * 100) + frame(MESSAGE, b"y")
+        got: list[tuple[bytes, bytes]] = []
+        for i in range(0, len(data), 7):  # split mid-header and mid-payload
+            left.sendall(data[i : i + 7])
+            got += reader.feed(right)
+        assert got == [(HELLO, b'{"pid": 7}'), (MESSAGE, b"x" * 100), (MESSAGE, b"y")]
+        left.sendall(frame(MESSAGE, b"z" * 101))
+        with pytest.raises(BadFrame, match="more than 100"):
+            reader.feed(right)
+        left.sendall(b"?" + b"\0\0\0\0")
+        with pytest.raises(BadFrame, match="unknown kind"):
+            FrameReader(max_bytes=100).feed(right)
+        left.close()
+        with pytest.raises(EOFError):
+            FrameReader(max_bytes=100).feed(right)
+
+
+def test_a_host_report_lists_each_child_and_drops_one_taken_out(services: Services) -> None:
+    """One host's report reads back as one process report per child, each with its own
+    revisions; a child taken out of it (it reports for itself now) is no longer listed."""
+    presence = Presence(redis_client(services.redis_url), namespace=services.namespace)
+    main = fresh_id() % 2**22
+    fields = {"kind": "worker", "pool": "prefork", "mode": "task", "synced": True}
+    try:
+        created = presence.report_host(
+            hostname="host-a",
+            pid=main,
+            children={11: {**fields, "messages": 3}, 12: {**fields, "synced": False}},
+            revisions={11: {"project:1": 5, "user:7/project:42": 2}, 12: {"project:1": 4}},
+        )
+        assert created
+        again = presence.report_host(hostname="host-a", pid=main, children={}, revisions={})
+        assert not again
+        found = {r.pid: r for r in presence.processes() if r.hostname == "host-a"}
+        assert set(found) == {11, 12}
+        assert found[11].revisions == {"project:1": 5, "user:7/project:42": 2}
+        assert found[11].messages == 3 and found[11].synced
+        assert found[12].revisions == {"project:1": 4} and not found[12].synced
+        presence.remove_child("host-a", main, 12)
+        assert {r.pid for r in presence.processes() if r.hostname == "host-a"} == {11}
+    finally:
+        presence.remove("host-a", main)
 
 
 def test_one_report_per_host_lists_every_child_in_status_and_wait(services: Services) -> None:

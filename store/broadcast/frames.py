@@ -4,7 +4,8 @@ the relay's Unix socket (store/broadcast/relay.py, store/broadcast/relayed.py).
 A frame is one kind byte, a 4-byte big-endian length and that many bytes. Main → child:
 ``MESSAGE`` (a reload message as the codec encodes it), ``SYNCED`` (every later message reaches
 you), ``DEAF`` (the main process lost the exchange: cache nothing), ``ALIVE`` (nothing else to
-say). Child → main: ``HELLO`` (answer SYNCED or DEAF after everything queued before it) and
+say), ``CLOSING`` (the worker is stopping: cache nothing from now on, and do not fall back).
+Child → main: ``HELLO`` (answer SYNCED or DEAF after everything queued before it) and
 ``REPORT`` (what the child has applied, JSON).
 """
 
@@ -17,9 +18,10 @@ MESSAGE = b"m"
 SYNCED = b"s"
 DEAF = b"d"
 ALIVE = b"k"
+CLOSING = b"c"
 HELLO = b"h"
 REPORT = b"r"
-KINDS = frozenset({MESSAGE, SYNCED, DEAF, ALIVE, HELLO, REPORT})
+KINDS = frozenset({MESSAGE, SYNCED, DEAF, ALIVE, CLOSING, HELLO, REPORT})
 
 _HEADER = struct.Struct(">cI")
 

@@ -31,6 +31,7 @@ import orjson
 from store.broadcast.codec import ReloadMessage, encode
 from store.broadcast.frames import (
     ALIVE,
+    CLOSING,
     DEAF,
     HELLO,
     MESSAGE,
@@ -67,6 +68,8 @@ class _Child:
     pid: int = 0
     fields: dict[str, Any] = field(default_factory=dict)
     revisions: dict[str, int] = field(default_factory=dict)
+    # Whether the relay's selector waits for this socket to take more (something is queued).
+    watching_writes: bool = False
 
 
 class HostRelay:
@@ -74,8 +77,10 @@ class HostRelay:
 
     Made in the main process before the pool forks; ``start`` runs its thread (accepting
     children, reading their hellos and reports, flushing what their sockets could not take at
-    once, writing the host report). A forked child closes every socket of it at once
-    (``_after_fork``): a sibling's stream held open in a child would hide its parent's death.
+    once, keeping them alive, writing the host report) at once, so that a child forked while
+    the worker is still starting hears from its parent within the deadline. A forked child
+    closes every socket of it (``_after_fork``): a sibling's stream held open in a child would
+    hide its parent's death.
     """
 
     def __init__(self, *, presence: Presence | None, hostname: str, pool: str) -> None:
@@ -98,6 +103,7 @@ class HostRelay:
         self._subscribed = False
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._selector: selectors.BaseSelector | None = None
         # The host report: what changed since the last one.
         self._dirty: set[int] = set()
         self._unreported: dict[int, dict[str, int]] = {}
@@ -133,8 +139,11 @@ class HostRelay:
             self._thread.start()
 
     def stop(self) -> None:
-        """Close the socket and every child's stream (each falls back or stops), and take the
-        host report away."""
+        """Tell every child the relay is closing (each stops caching, and does not subscribe
+        for itself: the worker is stopping), close the socket and every child's stream, and
+        take the host report away."""
+        with self._lock:
+            self._send_locked(frame(CLOSING))
         self._stopping.set()
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
@@ -161,6 +170,10 @@ class HostRelay:
         for sock in [self._listener, self._wake_r, self._wake_w, *self._children]:
             with contextlib.suppress(OSError):
                 sock.close()
+        if self._selector is not None:
+            with contextlib.suppress(OSError):
+                self._selector.close()
+            self._selector = None
         self._children = {}
         self._lock = threading.Lock()
 
@@ -217,7 +230,7 @@ class HostRelay:
     # -- the relay's thread ---------------------------------------------------------------
 
     def _run(self) -> None:
-        selector = selectors.DefaultSelector()
+        selector = self._selector = selectors.DefaultSelector()
         selector.register(self._listener, selectors.EVENT_READ)
         selector.register(self._wake_r, selectors.EVENT_READ)
         try:
@@ -248,8 +261,10 @@ class HostRelay:
     def _watch(self, selector: selectors.BaseSelector) -> None:
         with self._lock:
             for sock, child in self._children.items():
-                events = selectors.EVENT_READ | (selectors.EVENT_WRITE if child.queued else 0)
-                selector.modify(sock, events)
+                if bool(child.queued) != child.watching_writes:
+                    child.watching_writes = bool(child.queued)
+                    events = selectors.EVENT_WRITE if child.watching_writes else 0
+                    selector.modify(sock, selectors.EVENT_READ | events)
 
     def _timeout(self) -> float:
         if self._dirty or self._unreported:
@@ -346,6 +361,8 @@ class HostRelay:
         if not (due or now - self._reported_at >= REFRESH_EVERY):
             return
         children = {c.pid: c for c in list(self._children.values()) if c.pid and c.fields}
+        if not children and not changed:
+            return  # nothing to say (and no connection opened before the pool forks)
         dirty = {pid: children[pid].fields for pid in self._dirty if pid in children}
         unreported = {pid: r for pid, r in self._unreported.items() if pid in children}
         deleted, self._deleted = self._deleted, []

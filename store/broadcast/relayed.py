@@ -15,6 +15,7 @@ import orjson
 from store.broadcast.codec import MalformedMessage, decode
 from store.broadcast.consumer import ReloadConsumer
 from store.broadcast.frames import (
+    CLOSING,
     DEAF,
     HELLO,
     MESSAGE,
@@ -32,6 +33,10 @@ IDLE_REDIS_SECONDS = 2.0
 
 class RelayLost(Exception):
     """The parent's relay closed, failed, or said nothing for longer than the deadline."""
+
+
+class RelayClosed(Exception):
+    """The parent closed its relay on purpose: its worker is stopping."""
 
 
 class RelayedConsumer(ReloadConsumer):
@@ -61,6 +66,15 @@ class RelayedConsumer(ReloadConsumer):
         self.backend.local.desync()
         try:
             self._follow_relay()
+        except RelayClosed:
+            # The worker is stopping: the tasks still running read through Redis, uncached,
+            # until this child exits; no subscription of its own for so short a life.
+            self.backend.local.desync()
+            self.subscribed.clear()
+            log.info("broadcast.relay_closed", pid=self.pid, parent=self.relay_pid)
+            # Alive until stopped: a read must not start another consumer in its place.
+            self.stopping.wait()
+            return
         except Exception as exc:
             if self.stopping.is_set():
                 return
@@ -137,6 +151,8 @@ class RelayedConsumer(ReloadConsumer):
             self._report(force=True)
         elif kind == DEAF and self.subscribed.is_set():
             self._deafened("the parent lost the exchange")
+        elif kind == CLOSING:
+            raise RelayClosed("the worker is stopping")
         # ALIVE: heard, nothing else.
 
     def _send(self, data: bytes) -> None:
@@ -183,8 +199,10 @@ class RelayedConsumer(ReloadConsumer):
         now = time.monotonic()
         if reads != seen:
             self._redis_used = (reads, now)
-        elif since and now - since > IDLE_REDIS_SECONDS:
+        elif now - since > IDLE_REDIS_SECONDS:
+            # Every IDLE_REDIS_SECONDS while no read comes: what else used a pool meanwhile (a
+            # result stored, a write) is given back too.
             for pool in pools:
                 with contextlib.suppress(Exception):
                     pool.disconnect(inuse_connections=False)
-            self._redis_used = (reads, 0.0)  # closed: nothing to do until the next read
+            self._redis_used = (reads, now)
