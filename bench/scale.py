@@ -144,6 +144,14 @@ def scale_fleet(
         )  # type: ignore[arg-type]
         running.warm(PROJECT_ID, "mail:subject_prefix")
         idle.append(_idle(run, server, namespace, pids, mains))
+        # Children that lost their parent's relay and subscribed for themselves (none, when
+        # the relay holds): their connections and reports are in the figures above.
+        idle[-1]["relay_lost"] = sum(
+            1
+            for worker in started
+            for event in worker.log.read()
+            if event.get("event") == "broadcast.relay_lost"
+        )
         yield running
     finally:
         for worker in started:

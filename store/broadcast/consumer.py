@@ -303,6 +303,9 @@ class ReloadConsumer(threading.Thread):
             self.backend.apply_message(reload)  # its marks, if any
             return
         outcome = self.backend.apply_message(reload)
+        if self.relay is not None:
+            # The host's subscription: its children count, log and report what they apply.
+            return
         self._remember(reload.scope, reload.revision)
         lag = time.time() - reload.committed_at
         self.backend.metrics.broadcast(outcome, lag)
