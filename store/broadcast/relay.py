@@ -267,10 +267,12 @@ class HostRelay:
                     selector.modify(sock, selectors.EVENT_READ | events)
 
     def _timeout(self) -> float:
-        if self._dirty or self._unreported:
+        # Until the next report falls due: soon after a change, else the next refresh.
+        if self._unreported or self._deleted:
             due = max(self._changed_at + REPORT_DELAY, self._change_reported_at + REPORT_GAP)
-            return min(0.25, max(0.0, due - time.monotonic()))
-        return 0.25
+        else:
+            due = self._reported_at + REFRESH_EVERY
+        return min(0.25, max(0.0, due - time.monotonic()))
 
     def _accept(self, selector: selectors.BaseSelector) -> None:
         try:
@@ -362,7 +364,8 @@ class HostRelay:
             return
         children = {c.pid: c for c in list(self._children.values()) if c.pid and c.fields}
         if not children and not changed:
-            return  # nothing to say (and no connection opened before the pool forks)
+            self._reported_at = now  # nothing to say (and no connection opened before a fork)
+            return
         dirty = {pid: children[pid].fields for pid in self._dirty if pid in children}
         unreported = {pid: r for pid, r in self._unreported.items() if pid in children}
         deleted, self._deleted = self._deleted, []
