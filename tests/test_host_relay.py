@@ -243,3 +243,32 @@ def _running(pid: int) -> bool:
 def _kill(pid: int) -> None:
     with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
+
+
+def test_the_relay_setting_is_read_as_a_flag_and_names_itself_when_bad() -> None:
+    """OPTIONS_HOST_RELAY is on unless set to 0; anything but a flag is refused, by name."""
+    from store.errors import InvalidOption
+    from store.settings import Settings
+
+    assert Settings.from_environ({}).host_relay is True
+    assert Settings.from_environ({"OPTIONS_HOST_RELAY": "0"}).host_relay is False
+    assert Settings.from_environ({}, host_relay="1").host_relay is True
+    with pytest.raises(InvalidOption, match="OPTIONS_HOST_RELAY"):
+        Settings.from_environ({"OPTIONS_HOST_RELAY": "sometimes"})
+
+
+def test_with_the_relay_off_every_child_subscribes_and_reports_for_itself(
+    services: Services,
+) -> None:
+    """OPTIONS_HOST_RELAY=0: each prefork child holds its own subscription and report, as
+    before the relay, and applies every write."""
+    with isolated(services) as own, contextlib.ExitStack() as stack:
+        worker = start(own, pool="prefork", concurrency=2, extra_env={"OPTIONS_HOST_RELAY": "0"})
+        stack.callback(worker.stop)
+        children = processes_of(worker)
+        keys = report_keys(own)
+        host = os.uname().nodename
+        assert set(keys) == {f"{own.namespace}:proc:{host}:{pid}" for pid in children}
+        assert all(b"relay" not in fields for fields in keys.values())
+        result = worker.call("options.set_project_option", fresh_id(), "k", "v")
+        wait_applied(own, children, result["scope"], result["revision"])
