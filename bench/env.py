@@ -72,6 +72,9 @@ class Services:
             OPTIONS_SIGNING_KEY=SIGNING_KEY,
             PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
         )
+        # The relay's escape hatch, for figures of one subscription per child.
+        if os.environ.get("OPTIONS_HOST_RELAY"):
+            env["OPTIONS_HOST_RELAY"] = os.environ["OPTIONS_HOST_RELAY"]
         env.update(extra)
         return env
 

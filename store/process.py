@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +17,8 @@ import kombu
 from store.broadcast.codec import DEFAULT_MAX_MESSAGE_BYTES
 from store.broadcast.consumer import ReloadConsumer
 from store.broadcast.publisher import Publisher, publish_transport_options
+from store.broadcast.relay import HostRelay
+from store.broadcast.relayed import RelayedConsumer
 from store.events import log, set_output
 from store.fork import after_fork_in_child
 from store.local import PROCESS, TASK
@@ -97,6 +100,14 @@ class StoreProcess:
         self._max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
         self._keyring: Keyring | None = _UNRESOLVED
         self._consumer: ReloadConsumer | None = None
+        # In a prefork worker's main process: the relay its children follow. In a child of
+        # one: where that relay listens, and its owner's pid.
+        self._relay: HostRelay | None = None
+        self._relay_path: str | None = None
+        self._relay_pid = 0
+        # Other Redis connection pools of this process a relayed child gives back when idle
+        # (the worker's result backend's: worker/install.py).
+        self._idle_pools: list[Any] = []
         self._lock = threading.RLock()
         after_fork_in_child(self._after_fork)
 
@@ -271,26 +282,61 @@ class StoreProcess:
         if consumer is not None:
             consumer.check_heard()
 
+    def open_relay(self) -> HostRelay | None:
+        """In a prefork worker's main process, before the pool forks: the socket its children
+        will follow the reload exchange through (``start_consumer`` then subscribes for all of
+        them). None if this process follows no broadcasts."""
+        with self._lock:
+            if self._follow is None:
+                return None
+            if self._relay is None:
+                self._relay = HostRelay(
+                    presence=self._presence(), hostname=socket.gethostname(), pool=self.pool
+                )
+                self._relay.start()
+            return self._relay
+
+    def give_back_when_idle(self, pool: Any) -> None:
+        """Have this process's relayed consumer disconnect ``pool``'s idle connections (a
+        redis-py pool) as it does its cache's, once nothing has read for a while."""
+        self._idle_pools.append(pool)
+
+    def _presence(self) -> Presence | None:
+        cache = self.store.redis
+        return None if cache is None else Presence(cache.client, namespace=self.namespace)
+
     def start_consumer(self) -> ReloadConsumer | None:
-        """This process's reload consumer, started once (None if it follows no broadcasts)."""
+        """This process's reload consumer, started once (None if it follows no broadcasts):
+        in a relay's owner, the one subscription of its host, which reports nothing itself;
+        in a child of one, a consumer of that relay."""
         with self._lock:
             if self._follow is None:
                 return None
             if self._consumer is not None and self._consumer.is_alive():
                 return self._consumer
-            cache = self.store.redis
-            consumer = ReloadConsumer(
-                backend=self.store,
-                connect=self._follow,
-                namespace=self.namespace,
-                presence=None
-                if cache is None
-                else Presence(cache.client, namespace=self.namespace),
-                kind=self.kind,
-                pool=self.pool,
-                keyring=self.keyring(),
-                max_message_bytes=self._max_message_bytes,
-            )
+            common: dict[str, Any] = {
+                "backend": self.store,
+                "connect": self._follow,
+                "namespace": self.namespace,
+                "kind": self.kind,
+                "pool": self.pool,
+                "keyring": self.keyring(),
+                "max_message_bytes": self._max_message_bytes,
+            }
+            consumer: ReloadConsumer
+            if self._relay is not None:
+                consumer = ReloadConsumer(presence=None, relay=self._relay, **common)
+                self._relay.start()
+            elif self._relay_path is not None:
+                consumer = RelayedConsumer(
+                    relay_path=self._relay_path,
+                    relay_pid=self._relay_pid,
+                    idle_pools=self._idle_pools,
+                    presence=self._presence(),
+                    **common,
+                )
+            else:
+                consumer = ReloadConsumer(presence=self._presence(), **common)
             # Unsynced before the thread runs: a read in between must not cache.
             self.store.local.desync()
             consumer.start()
@@ -303,6 +349,9 @@ class StoreProcess:
         announces them once more)."""
         with self._lock:
             self._stop_consumer()
+            relay, self._relay = self._relay, None
+        if relay is not None:
+            relay.stop()
         if self.store.postgres is not None:
             self.store.postgres.marks.close()
 
@@ -319,5 +368,9 @@ class StoreProcess:
         # The consumer thread did not come along, and the parent may have held the lock.
         self._lock = threading.RLock()
         self._consumer = None
+        if self._relay is not None:
+            # Its sockets are closed by its own hook; the child follows it by its path.
+            self._relay_path, self._relay_pid = self._relay.path, self._relay.pid
+            self._relay = None
         if self._follow is not None:
             self.store.local.desync()

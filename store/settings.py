@@ -50,6 +50,7 @@ OVERRIDES = {
     "broker_master_name": "OPTIONS_BROKER_MASTER_NAME",
     "task_queue_type": "OPTIONS_TASK_QUEUE_TYPE",
     "catch_up_wait": "OPTIONS_CATCH_UP_WAIT",
+    "host_relay": "OPTIONS_HOST_RELAY",
     "write_retention": "OPTIONS_WRITE_RETENTION",
     "history_retention": "OPTIONS_HISTORY_RETENTION",
     "registry": "OPTIONS_REGISTRY",
@@ -270,6 +271,10 @@ class Settings:
     # Seconds a task with an options_after token waits for a broadcast before it loads the
     # scope from the store instead.
     catch_up_wait: float = 0.1
+    # A prefork worker's main process holds the one subscription to the reload exchange and
+    # relays it to its children, which report through it (store/broadcast/relay.py); False:
+    # every child subscribes and reports for itself.
+    host_relay: bool = True
     # The operators' console (worker/web): its users file (empty: ``web-users.json`` in the
     # state folder) and the secret its session cookies are signed with (empty: one made on
     # first use and kept in the state folder, readable by this user only).
@@ -359,6 +364,7 @@ class Settings:
             registry_path=env.get("OPTIONS_REGISTRY") or "",
             registry_strict=_flag(env, "OPTIONS_REGISTRY_STRICT"),
             catch_up_wait=_seconds(env, "OPTIONS_CATCH_UP_WAIT", 0.1, most=10.0),
+            host_relay=_flag(env, "OPTIONS_HOST_RELAY") is not False,
             signing_keys=_signing_keys(env),
             unsigned_writes=unsigned_writes,
             web_users_file=env.get("OPTIONS_WEB_USERS_FILE") or "",

@@ -7,6 +7,7 @@ the child's pid with the answer.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import threading
 import time
@@ -157,3 +158,15 @@ def check(project_id: int, key: str, bad: Any, hold: float = 0.0) -> dict[str, A
     if value == bad:
         raise RuntimeError(f"pid {os.getpid()} read the bad value {value!r}")
     return {"pid": os.getpid(), "result": value}
+
+
+@app.task(name="probe.cut_relay")
+def cut_relay() -> int:
+    """Close this child's end of its parent's relay socket, as a broken channel would (the
+    fault of tests/test_host_relay.py); returns the child's pid."""
+    consumer = store.runtime._consumer  # a fault hook reaches in on purpose
+    sock = getattr(consumer, "_sock", None)
+    if sock is None:
+        raise RuntimeError("probe.cut_relay: this process follows no relay")
+    sock.shutdown(socket.SHUT_RDWR)
+    return os.getpid()

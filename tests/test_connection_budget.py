@@ -8,21 +8,25 @@ from urllib.parse import urlsplit
 
 import psutil
 import pytest
+import redis
 
+from store.redis.presence import Presence
 from tests.conftest import Services, Worker, wait_for
 
 # Idle, before any write: (Redis, PostgreSQL) connections per process, at most.
 BUDGET = {
     # the task consumer (2: a blocking take, and its acknowledgements), the control channel
-    # (2), the store's Redis client (up to 2: the lease and reports, the reconciler); the
-    # leader also publishes (2: kombu's channel check and the publishes, shared by heartbeat and
-    # relay) and reads PostgreSQL from its two duty threads (2, given back after a minute idle)
-    "leader": (9, 2),
-    "follower": (6, 0),
-    # the reload consumer (2: its subscription, and the channel of its hellos), the store's
-    # Redis client (1, 2 once a task and the consumer use it together); no PostgreSQL until a
-    # read misses Redis or a task writes
-    "child": (4, 0),
+    # (2), the store's Redis client (up to 2: the lease and the host's report, the
+    # reconciler), the host's one subscription to the reload exchange, relayed to the children
+    # (2: its subscription, and the channel of its hellos); the leader also publishes (2:
+    # kombu's channel check and the publishes, shared by heartbeat and relay) and reads
+    # PostgreSQL from its two duty threads (2, given back after a minute idle)
+    "leader": (11, 2),
+    "follower": (8, 0),
+    # none: it follows the exchange and reports through its parent's relay (a Unix socket),
+    # and gives back the Redis connections of its cache reads and of Celery's Redis result
+    # backend once idle. No PostgreSQL until a read misses Redis or a task writes
+    "child": (0, 0),
 }
 
 
@@ -32,12 +36,20 @@ def _ports(services: Services) -> tuple[int, int]:
     return redis_port, database.port or 5432
 
 
-def _count(pid: int, port: int) -> int:
-    return sum(
-        1
+def _open_ports(pid: int, port: int) -> set[int]:
+    return {
+        c.laddr.port
         for c in psutil.Process(pid).net_connections(kind="tcp")
         if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
-    )
+    }
+
+
+def _count(pid: int, port: int, *, besides: int | None = None) -> int:
+    """Connections of ``pid`` to ``port``; with ``besides``, less those it shares with that
+    process (a child forked after its parent connected holds the parent's sockets too: the
+    server counts each once, as the parent's)."""
+    ours = _open_ports(pid, port)
+    return len(ours - _open_ports(besides, port)) if besides is not None else len(ours)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +76,8 @@ def test_idle_connections_stay_within_budget_and_do_not_grow_with_workers(
     services: Services, two_workers: list[Worker]
 ) -> None:
     """With two workers idle, each main process and each child holds at most its budget of
-    Redis and PostgreSQL connections, the same whichever worker it belongs to."""
+    Redis and PostgreSQL connections, the same whichever worker it belongs to: a child closes
+    the Redis connections its reads opened once it is idle."""
     redis_port, postgres_port = _ports(services)
     mains = [w.process.pid for w in two_workers if w.process is not None]
 
@@ -74,18 +87,45 @@ def test_idle_connections_stay_within_budget_and_do_not_grow_with_workers(
             found["main"].append((_count(main, redis_port), _count(main, postgres_port)))
             for child in psutil.Process(main).children():
                 found["child"].append(
-                    (_count(child.pid, redis_port), _count(child.pid, postgres_port))
+                    (
+                        _count(child.pid, redis_port, besides=main),
+                        _count(child.pid, postgres_port, besides=main),
+                    )
                 )
         return found
 
-    def settled() -> dict[str, list[tuple[int, int]]] | None:
-        # Connections open lazily: wait until every child has its consumer's (its pub/sub
-        # subscription) and its report client's.
-        found = counts()
-        ready = len(found["child"]) == 4 and all(r >= 2 for r, _ in found["child"])
-        return found if ready else None
+    presence = Presence(redis.Redis.from_url(services.redis_url), namespace=services.namespace)
 
-    found = wait_for(settled, timeout=30, interval=0.5, message="children to connect")
+    def subscribed() -> set[int] | None:
+        children = {c.pid for main in mains for c in psutil.Process(main).children()}
+        synced = {r.pid for r in presence.processes() if r.synced}
+        return children if len(children) == 4 and children <= synced else None
+
+    wait_for(subscribed, timeout=30, interval=0.5, message="every child to subscribe")
+    # A read in every child (from Redis: this process filled the scope there first), then
+    # idle: each must give back the connection its read opened.
+    import store
+
+    store.configure(
+        database_url=services.database_url,
+        redis_url=services.redis_url,
+        namespace=services.namespace,
+    )
+    store.options.get_value("budget")
+    for worker in two_workers:
+        worker.read_everywhere("options", "get_value", "budget")
+
+    def idle_within_child_budget() -> dict[str, list[tuple[int, int]]] | None:
+        found = counts()
+        within = all(r <= BUDGET["child"][0] for r, _ in found["child"])
+        return found if within and len(found["child"]) == 4 else None
+
+    found = wait_for(
+        idle_within_child_budget,
+        timeout=20,
+        interval=0.5,
+        message="every idle child to hold at most its budget of Redis connections",
+    )
     print(f"\nidle connections (Redis, PostgreSQL): {found}")
     for redis_count, postgres_count in found["child"]:
         assert redis_count <= BUDGET["child"][0] and postgres_count <= BUDGET["child"][1], found

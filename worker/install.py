@@ -142,12 +142,26 @@ class Installation:
             if self.metrics:
                 store.backend.metrics.enable()
             self.note_queues()
+            pool = self._result_backend_pool()
+            if pool is not None:
+                store.runtime.give_back_when_idle(pool)
             store.runtime.start_consumer()
 
     def note_queues(self) -> None:
         """Tell the rollouts which queues this process's worker consumes (``queue:`` canaries)."""
         queues = self.app.amqp.queues
         store.backend.overlay.queues = tuple(sorted(queues.consume_from or queues))
+
+    def _result_backend_pool(self) -> Any:
+        """The connection pool of this thread's result backend, if it is Celery's Redis one:
+        a prefork child stores its results in this thread, and gives its connection back when
+        idle (store/broadcast/relayed.py) instead of holding one for good."""
+        from celery.backends.redis import RedisBackend
+
+        backend = self.app.backend  # per thread in Celery: this child's task thread's
+        if not isinstance(backend, RedisBackend):
+            return None
+        return backend.client.connection_pool
 
     def _process_ending(self, **_: Any) -> None:
         # Not guaranteed (children may leave with os._exit): a report left behind expires.

@@ -61,6 +61,9 @@ class StoreStep(bootsteps.StartStopStep):  # type: ignore[misc]
         store.runtime.pool = installation.pool
         installation.configure_store(kind=store.WORKER)
         installation.note_queues()
+        if installation.pool == "prefork" and settings.host_relay:
+            # Before the pool forks: every child, first or replacement, finds its path.
+            store.runtime.open_relay()
         installation.guard_tasks()
         local = store.backend.local
         local.set_mode(local.mode, one_task_at_a_time=installation.pool in ONE_TASK_AT_A_TIME)
@@ -90,14 +93,17 @@ def report_signing(keyring: Keyring | None, *, unsigned_writes: str) -> None:
 
 
 class ReloadConsumerStep(bootsteps.StartStopStep):  # type: ignore[misc]
-    """The reload consumer of a main process that runs tasks itself (solo, threads, gevent);
-    a prefork child starts its own on ``worker_process_init``."""
+    """The reload consumer of a main process that runs tasks itself (solo, threads, gevent),
+    or that relays the exchange to its prefork children (``OPTIONS_HOST_RELAY``); a prefork
+    child starts its own on ``worker_process_init`` (a consumer of that relay)."""
 
     requires = (StoreStep,)
 
     def start(self, parent: Any) -> None:
         installation = _installation(parent)
         if installation.pool == "prefork":
+            if installation.settings.host_relay:
+                store.runtime.start_consumer()  # the host's one subscription
             return
         # threads, gevent and eventlet pools never send worker_process_init; solo does, and
         # starting twice is a no-op.

@@ -31,6 +31,7 @@ from store.broadcast.codec import (
     signature_headers,
 )
 from store.broadcast.exchange import reload_exchange, reload_queue
+from store.broadcast.relay import HostRelay
 from store.events import Throttled, log
 from store.options_store import OptionsStore
 from store.redis.presence import Presence
@@ -81,8 +82,12 @@ class ReloadConsumer(threading.Thread):
         report_interval: float = 0.02,
         keyring: Keyring | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        relay: HostRelay | None = None,
     ) -> None:
         super().__init__(name="optionstore-reload", daemon=True)
+        # A prefork worker's main process hands every message it hears to its children
+        # (store/broadcast/relay.py), in the order it hears them.
+        self.relay = relay
         self.backend = backend
         # A new broker connection each time: the app's own (its transport options and TLS).
         self.connect = connect
@@ -128,6 +133,8 @@ class ReloadConsumer(threading.Thread):
             except Exception as exc:  # any failure: deafen, then reconnect with backoff
                 self.backend.local.desync()
                 self.subscribed.clear()
+                if self.relay is not None:
+                    self.relay.deaf()
                 log.warning("broadcast.lost", error=f"{type(exc).__name__}: {exc}", pid=self.pid)
                 self._report(force=True)
                 self._follow_rollouts()
@@ -148,6 +155,8 @@ class ReloadConsumer(threading.Thread):
         self.backend.local.desync()
         # Heard again only once a new hello comes back, after whatever is queued before it.
         self.subscribed.clear()
+        if self.relay is not None:
+            self.relay.deaf()
         log.warning("broadcast.deafened", why=why, pid=self.pid)
 
     def _consume(self) -> None:
@@ -280,6 +289,8 @@ class ReloadConsumer(threading.Thread):
 
     def _on_reload(self, reload: ReloadMessage) -> None:
         self._messages += 1
+        if self.relay is not None and self.subscribed.is_set():
+            self.relay.forward(reload)  # first: the children's apply is what a change waits on
         if reload.kind == HEARTBEAT:
             if reload.origin == f"hello:{self._hello}" and not self.subscribed.is_set():
                 # Our own hello came back: every later change reaches us. What was read
@@ -287,11 +298,16 @@ class ReloadConsumer(threading.Thread):
                 self.backend.local.resync()
                 self._synced_at = time.time()
                 self.subscribed.set()
+                if self.relay is not None:
+                    self.relay.synced()
                 log.info("broadcast.subscribed", pid=self.pid, kind=self.kind, pool=self.pool)
                 self._report(force=True)
             self.backend.apply_message(reload)  # its marks, if any
             return
         outcome = self.backend.apply_message(reload)
+        if self.relay is not None:
+            # The host's subscription: its children count, log and report what they apply.
+            return
         self._remember(reload.scope, reload.revision)
         lag = time.time() - reload.committed_at
         self.backend.metrics.broadcast(outcome, lag)
@@ -365,33 +381,7 @@ class ReloadConsumer(threading.Thread):
             self._last_change_report = now
         forgotten, self._forgotten = self._forgotten, []
         try:
-            introduction = {} if self._introduced else self._introduction()
-            recreated = self.presence.report(
-                hostname=self.hostname,
-                pid=self.pid,
-                fields={
-                    **introduction,
-                    "mode": self.backend.local.mode,
-                    "synced": self.subscribed.is_set(),
-                    "synced_at": self._synced_at,
-                    "heard_at": self._heard_at,
-                    "messages": self._messages,
-                    # Reads this process sent past its local cache: one that keeps going to
-                    # PostgreSQL shows here (optionstore status --json).
-                    **self.backend.stats,
-                },
-                revisions=revisions,
-                forgotten=forgotten,
-            )
-            if recreated and (len(self._revisions) > len(revisions) or not introduction):
-                # Redis lost the hash (a restart, a failover): send what it held again.
-                self.presence.report(
-                    hostname=self.hostname,
-                    pid=self.pid,
-                    fields=self._introduction(),
-                    revisions=dict(self._revisions),
-                )
-            self._introduced = True
+            self._send_report(revisions, forgotten)
         except Exception as exc:  # a report is best effort; the next one carries these too
             self._unreported = {**revisions, **self._unreported}
             self._forgotten = forgotten + self._forgotten
@@ -402,7 +392,42 @@ class ReloadConsumer(threading.Thread):
         """The active rollouts, at most once a second (store/rollouts/overlay.py)."""
         cache = self.backend.redis
         if cache is not None:
-            self.backend.overlay.refresh(cache.client, self.namespace, self.backend.local)
+            mirror = self.backend.overlay.refresh(cache.client, self.namespace, self.backend.local)
+            if mirror is not None and self.relay is not None:
+                self.relay.rollouts(mirror)  # the children follow them through the relay
+
+    def _fields(self) -> dict[str, Any]:
+        return {
+            "mode": self.backend.local.mode,
+            "synced": self.subscribed.is_set(),
+            "synced_at": self._synced_at,
+            "heard_at": self._heard_at,
+            "messages": self._messages,
+            # Reads this process sent past its local cache: one that keeps going to
+            # PostgreSQL shows here (optionstore status --json).
+            **self.backend.stats,
+        }
+
+    def _send_report(self, revisions: dict[str, int], forgotten: list[str]) -> None:
+        """Write this process's report to Redis (its own hash)."""
+        assert self.presence is not None
+        introduction = {} if self._introduced else self._introduction()
+        recreated = self.presence.report(
+            hostname=self.hostname,
+            pid=self.pid,
+            fields={**introduction, **self._fields()},
+            revisions=revisions,
+            forgotten=forgotten,
+        )
+        if recreated and (len(self._revisions) > len(revisions) or not introduction):
+            # Redis lost the hash (a restart, a failover): send what it held again.
+            self.presence.report(
+                hostname=self.hostname,
+                pid=self.pid,
+                fields=self._introduction(),
+                revisions=dict(self._revisions),
+            )
+        self._introduced = True
 
     def _introduction(self) -> dict[str, Any]:
         return {"hostname": self.hostname, "pid": self.pid, "kind": self.kind, "pool": self.pool}

@@ -18,6 +18,12 @@ from store.redis import direct
 from store.redis.cluster import RedisClient
 
 REVISION_PREFIX = "r:"
+# A host's report (store/broadcast/relay.py): one hash per worker main process that relays to
+# its children, with each child's fields under "p:<pid>" and its revisions under
+# "c:<pid>:<scope>"; ``processes`` lists every child of it as a process of its own.
+RELAY_FIELD = "relay"
+CHILD_PREFIX = "p:"
+CHILD_REVISION_PREFIX = "c:"
 _REPORT = resources.files("store.redis").joinpath("report.lua").read_text(encoding="utf-8")
 _REPORT_SHA = hashlib.sha1(_REPORT.encode(), usedforsecurity=False).hexdigest()
 
@@ -103,6 +109,37 @@ class Presence:
         added = self._run_report(key, args)
         return bool(added) and added >= len(fields) + 1 + len(revisions)
 
+    def report_host(
+        self,
+        *,
+        hostname: str,
+        pid: int,
+        children: dict[int, dict[str, Any]],
+        revisions: dict[int, dict[str, int]],
+        deleted: Iterable[str] = (),
+    ) -> bool:
+        """Write a host's report (the children's fields and revisions since the last one, and
+        the fields of those that left or forgot a scope deleted); True if the hash was
+        (re)created and so lacks what earlier reports carried."""
+        key = self.key(hostname, pid)
+        stale = list(deleted)
+        args: list[Any] = [int(self.ttl * 1000), len(stale), *stale]
+        args += (RELAY_FIELD, b"true", "hostname", orjson.dumps(hostname), "pid", pid)
+        args += ("reported_at", orjson.dumps(time.time()))
+        sent = 4
+        for child, fields in children.items():
+            args += (f"{CHILD_PREFIX}{child}", orjson.dumps(fields))
+            sent += 1
+        for child, scopes in revisions.items():
+            for scope, revision in scopes.items():
+                args += (f"{CHILD_REVISION_PREFIX}{child}:{scope}", revision)
+                sent += 1
+        return self._run_report(key, args) >= sent
+
+    def remove_child(self, hostname: str, pid: int, child: int) -> None:
+        """Take a child out of its host's report (it reports for itself from now on)."""
+        self.client.hdel(self.key(hostname, pid), f"{CHILD_PREFIX}{child}")
+
     def _run_report(self, key: str, args: list[Any]) -> int:
         # By its digest, on a pooled connection (store/redis/direct.py): a report follows every
         # change in every process of a fleet. NOSCRIPT (a new or restarted server): loaded,
@@ -121,11 +158,43 @@ class Presence:
         pipe = self.client.pipeline(transaction=False)
         for key in keys:
             pipe.hgetall(key)
-        reports = []
+        reports: list[ProcessReport] = []
         for raw in pipe.execute():
-            if raw:  # expired between the scan and the read
+            if not raw:  # expired between the scan and the read
+                continue
+            if RELAY_FIELD.encode() in raw:
+                reports += _parse_host(raw)
+            else:
                 reports.append(_parse(raw))
         return reports
+
+
+def _parse_host(raw: dict[bytes, bytes]) -> list[ProcessReport]:
+    """Every child a host's report lists, each as the process report it would have written."""
+    host: dict[str, Any] = {}
+    children: dict[str, dict[str, Any]] = {}
+    revisions: dict[str, dict[str, int]] = {}
+    for name_bytes, value in raw.items():
+        name = name_bytes.decode()
+        if name.startswith(CHILD_PREFIX):
+            children[name[len(CHILD_PREFIX) :]] = json.loads(value)
+        elif name.startswith(CHILD_REVISION_PREFIX):
+            child, _, scope = name[len(CHILD_REVISION_PREFIX) :].partition(":")
+            revisions.setdefault(child, {})[scope] = int(value)
+        else:
+            host[name] = json.loads(value)
+    return [
+        _report(
+            {
+                **fields,
+                "hostname": host.get("hostname", "?"),
+                "pid": child,
+                "reported_at": host.get("reported_at", 0.0),
+            },
+            revisions.get(child, {}),
+        )
+        for child, fields in sorted(children.items())
+    ]
 
 
 def _parse(raw: dict[bytes, bytes]) -> ProcessReport:
@@ -137,6 +206,10 @@ def _parse(raw: dict[bytes, bytes]) -> ProcessReport:
             revisions[name[len(REVISION_PREFIX) :]] = int(value)
         else:
             fields[name] = json.loads(value)
+    return _report(fields, revisions)
+
+
+def _report(fields: dict[str, Any], revisions: dict[str, int]) -> ProcessReport:
     return ProcessReport(
         hostname=str(fields.get("hostname", "?")),
         pid=int(fields.get("pid", 0)),

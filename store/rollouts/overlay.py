@@ -145,22 +145,35 @@ class Overlay:
 
     # -- following the leader's copy ---------------------------------------------------------
 
-    def refresh(self, client: RedisClient, namespace: str, local: _Drops) -> None:
-        """At most once a second: read the active rollouts, serve what changed, report health."""
+    def refresh(self, client: RedisClient, namespace: str, local: _Drops) -> bytes | None:
+        """At most once a second: read the active rollouts, serve what changed, report health.
+        Returns the leader's copy as read (empty when there is none), None when it read none
+        now (not due, or Redis refused): what a host's relay passes on to its children."""
         now = time.monotonic()
         if now < self._next_refresh:
-            return
+            return None
         self._next_refresh = now + REFRESH_INTERVAL
         try:
             raw = client.get(mirror_key(namespace))
         except Exception as exc:  # Redis down: keep serving, up to FAILSAFE_AFTER
-            if self.active and now - self._confirmed_at > FAILSAFE_AFTER:
-                log.warning("rollout.failsafe", error=f"{type(exc).__name__}: {exc}")
-                self._serve({}, local)
-            return
-        self._confirmed_at = now
-        self._serve(self._select(parse_mirror(raw)), local)
-        self._report(client, namespace)
+            self.failsafe(local, why=f"{type(exc).__name__}: {exc}")
+            return None
+        mirror = raw.encode() if isinstance(raw, str) else bytes(raw or b"")
+        self.follow(mirror, local)
+        self.report(client, namespace)
+        return mirror
+
+    def follow(self, raw: bytes | None, local: _Drops) -> None:
+        """Serve the leader's copy ``raw``, read just now (by this process, or by its host's
+        relay); None or empty: no rollout."""
+        self._confirmed_at = time.monotonic()
+        self._serve(self._select(parse_mirror(raw or None)), local)
+
+    def failsafe(self, local: _Drops, *, why: str) -> None:
+        """Serve no canary value once the rollouts were last confirmed FAILSAFE_AFTER ago."""
+        if self.active and time.monotonic() - self._confirmed_at > FAILSAFE_AFTER:
+            log.warning("rollout.failsafe", error=why)
+            self._serve({}, local)
 
     def _select(self, rollouts: list[dict[str, Any]]) -> dict[str, dict[str, Entry]]:
         host, pid = socket.gethostname(), os.getpid()
@@ -229,7 +242,8 @@ class Overlay:
                 counts.runtimes.append(took)
                 self._dirty.add(rollout_id)
 
-    def _report(self, client: RedisClient, namespace: str) -> None:
+    def report(self, client: RedisClient, namespace: str) -> None:
+        """Write the health of the tasks counted since the last report (none: nothing sent)."""
         with self._lock:
             dirty, self._dirty = self._dirty, set()
             reports = {

@@ -1,0 +1,274 @@
+"""Per-host fan-in on real prefork workers: the main process relays the reload exchange to its
+children and reports for all of them; a child that loses the relay (its channel closed, its
+parent killed -9) falls back to its own subscription and keeps converging."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import signal
+import socket
+
+import psutil
+import pytest
+import redis
+
+from store.broadcast.frames import HELLO, MESSAGE, BadFrame, FrameReader, frame
+from store.redis.presence import Presence
+from tests.conftest import Services, fresh_id, wait_for
+from tests.test_broadcast import (
+    cli,
+    isolated,
+    processes_of,
+    redis_client,
+    reports,
+    start,
+    wait_applied,
+    wait_synced,
+)
+
+CONCURRENCY = 3
+
+
+def report_keys(services: Services) -> dict[str, dict[bytes, bytes]]:
+    client: redis.Redis = redis_client(services.redis_url)
+    return {
+        key.decode(): client.hgetall(key)
+        for key in client.scan_iter(match=f"{services.namespace}:proc:*", count=500)
+    }
+
+
+def relay_lost(worker: object, since: int = 0) -> set[int]:
+    return {event["pid"] for event in worker.events("broadcast.relay_lost", since=since)}  # type: ignore[attr-defined]
+
+
+def test_frames_arrive_whole_in_order_and_a_frame_over_the_bound_ends_the_stream() -> None:
+    """The relay's frames come out whole and in order however the stream splits them, and a
+    frame longer than the reader's bound, or of an unknown kind, is refused."""
+    left, right = socket.socketpair()
+    with left, right:
+        reader = FrameReader(max_bytes=100)
+        data = frame(HELLO, b'{"pid": 7}') + frame(MESSAGE, b"x" * 100) + frame(MESSAGE, b"y")
+        got: list[tuple[bytes, bytes]] = []
+        for i in range(0, len(data), 7):  # split mid-header and mid-payload
+            left.sendall(data[i : i + 7])
+            got += reader.feed(right)
+        assert got == [(HELLO, b'{"pid": 7}'), (MESSAGE, b"x" * 100), (MESSAGE, b"y")]
+        left.sendall(frame(MESSAGE, b"z" * 101))
+        with pytest.raises(BadFrame, match="more than 100"):
+            reader.feed(right)
+        left.sendall(b"?" + b"\0\0\0\0")
+        with pytest.raises(BadFrame, match="unknown kind"):
+            FrameReader(max_bytes=100).feed(right)
+        left.close()
+        with pytest.raises(EOFError):
+            FrameReader(max_bytes=100).feed(right)
+
+
+def test_a_host_report_lists_each_child_and_drops_one_taken_out(services: Services) -> None:
+    """One host's report reads back as one process report per child, each with its own
+    revisions; a child taken out of it (it reports for itself now) is no longer listed."""
+    presence = Presence(redis_client(services.redis_url), namespace=services.namespace)
+    main = fresh_id() % 2**22
+    fields = {"kind": "worker", "pool": "prefork", "mode": "task", "synced": True}
+    try:
+        created = presence.report_host(
+            hostname="host-a",
+            pid=main,
+            children={11: {**fields, "messages": 3}, 12: {**fields, "synced": False}},
+            revisions={11: {"project:1": 5, "user:7/project:42": 2}, 12: {"project:1": 4}},
+        )
+        assert created
+        again = presence.report_host(hostname="host-a", pid=main, children={}, revisions={})
+        assert not again
+        found = {r.pid: r for r in presence.processes() if r.hostname == "host-a"}
+        assert set(found) == {11, 12}
+        assert found[11].revisions == {"project:1": 5, "user:7/project:42": 2}
+        assert found[11].messages == 3 and found[11].synced
+        assert found[12].revisions == {"project:1": 4} and not found[12].synced
+        presence.remove_child("host-a", main, 12)
+        assert {r.pid for r in presence.processes() if r.hostname == "host-a"} == {11}
+    finally:
+        presence.remove("host-a", main)
+
+
+def test_one_report_per_host_lists_every_child_in_status_and_wait(services: Services) -> None:
+    """A prefork worker's children report through its main process, in one Redis hash, and
+    `status` still lists each child with its position while `set --wait` counts each one."""
+    with isolated(services) as own, contextlib.ExitStack() as stack:
+        worker = start(own, pool="prefork", concurrency=CONCURRENCY)
+        stack.callback(worker.stop)
+        assert worker.process is not None
+        children = processes_of(worker)
+        project = fresh_id()
+        result = worker.call("options.set_project_option", project, "k", "v1")
+        wait_applied(own, children, result["scope"], result["revision"])
+
+        keys = report_keys(own)
+        assert list(keys) == [f"{own.namespace}:proc:{os.uname().nodename}:{worker.process.pid}"]
+        (host,) = keys.values()
+        assert host[b"relay"] == b"true"
+        assert {f"p:{pid}".encode() for pid in children} <= set(host)
+
+        done = cli(worker, "status", "--json")
+        assert done.returncode == 0, done.stderr
+        listed = {p["pid"]: p for p in json.loads(done.stdout)["processes"]}
+        assert set(listed) == children
+        for process in listed.values():
+            assert process["synced"] is True, process
+            assert process["scopes_applied"] >= 1, process
+
+        done = cli(worker, "set", f"project:{project}", "k", '"v2"', "--wait")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"applied by {CONCURRENCY} live worker processes" in done.stdout, done.stdout
+
+
+def test_a_child_whose_relay_closes_falls_back_and_keeps_converging(services: Services) -> None:
+    """A child whose channel to its parent is closed says so once, subscribes for itself and
+    reports for itself; it and its siblings apply every later write, and `status` lists each
+    child once."""
+    with isolated(services) as own, contextlib.ExitStack() as stack:
+        worker = start(own, pool="prefork", concurrency=CONCURRENCY)
+        stack.callback(worker.stop)
+        children = processes_of(worker)
+        since = len(worker.log())
+        cut = worker.call("probe.cut_relay")
+        assert cut in children
+
+        wait_for(
+            lambda: cut in relay_lost(worker, since),
+            timeout=15,
+            message="broadcast.relay_lost from the cut child",
+        )
+        assert relay_lost(worker, since) == {cut}
+        wait_synced(own, children)
+        own_key = f"{own.namespace}:proc:{os.uname().nodename}:{cut}"
+        wait_for(
+            lambda: own_key in report_keys(own),
+            timeout=15,
+            message="the cut child's own report",
+        )
+
+        project = fresh_id()
+        for n in range(3):
+            result = worker.call("options.set_project_option", project, "k", n)
+            wait_applied(own, children, result["scope"], result["revision"])
+        values = worker.read_everywhere("project_options", "get_value", project, "k")
+        assert set(values.values()) == {2}
+        listed = [r.pid for r in reports(own).values()]
+        assert sorted(listed) == sorted(children)
+        done = cli(worker, "set", f"project:{project}", "k", "3", "--wait")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"applied by {CONCURRENCY} live worker processes" in done.stdout, done.stdout
+
+
+def test_children_of_a_main_process_killed_9_serve_nothing(services: Services) -> None:
+    """kill -9 of a prefork worker's main process: every child is gone soon after (Celery's
+    prefork children die with their parent) or has noticed the closed relay and falls back;
+    none keeps serving from a cache no relay feeds."""
+    with isolated(services) as own, contextlib.ExitStack() as stack:
+        worker = start(own, pool="prefork", concurrency=CONCURRENCY)
+        stack.callback(worker.stop)
+        assert worker.process is not None
+        children = processes_of(worker)
+        for child in children:
+            stack.callback(functools.partial(_kill, child))
+        since = len(worker.log())
+        os.kill(worker.process.pid, signal.SIGKILL)
+
+        def settled() -> bool:
+            lost = relay_lost(worker, since)
+            return all(not _running(pid) or pid in lost for pid in children)
+
+        wait_for(settled, timeout=15, message="every child gone, or fallen back")
+
+
+def test_a_child_whose_parent_stops_answering_falls_back_within_the_deadline(
+    services: Services,
+) -> None:
+    """A prefork worker's main process stopped (SIGSTOP: alive, but relaying nothing) while its
+    child runs a task that keeps reading: the child notices the silence past the heartbeat
+    deadline, falls back to its own subscription, and the running task sees a write committed
+    meanwhile."""
+    with isolated(services) as own, contextlib.ExitStack() as stack:
+        reader = start(own, pool="prefork", concurrency=1)
+        stack.callback(reader.stop)
+        writer = start(
+            own,
+            pool="solo",
+            concurrency=1,
+            extra_env={"OPTIONS_TASK_QUEUE": f"{own.namespace}.writer"},
+        )
+        stack.callback(writer.stop)
+        assert reader.process is not None
+        main = psutil.Process(reader.process.pid)
+        (child,) = processes_of(reader)
+        project, key = fresh_id(), "k"
+        writer.call("options.set_project_option", project, key, "old")
+        marker = f"{own.namespace}:marker:{project}"
+        polling = reader.send(
+            "probe.poll", "project_options", "get_value", [project, key], "new", marker, 40.0
+        )
+        wait_for(
+            lambda: redis_client(own.redis_url).get(marker),
+            timeout=30,
+            message="the polling task's first read",
+        )
+        since = len(reader.log())
+        main.suspend()
+        stack.callback(main.resume)
+        wait_for(
+            lambda: child in relay_lost(reader, since),
+            timeout=20,
+            message="broadcast.relay_lost from the child of the stopped worker",
+        )
+        writer.call("options.set_project_option", project, key, "new")
+        answer = polling.get(timeout=60)
+        assert answer["pid"] == child
+        # Task mode: the task keeps its first read unless a broadcast moves it on, and only
+        # its own subscription can bring one now.
+        assert answer["first"] == "old"
+        assert answer["last"] == "new", answer
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_the_relay_setting_is_read_as_a_flag_and_names_itself_when_bad() -> None:
+    """OPTIONS_HOST_RELAY is on unless set to 0; anything but a flag is refused, by name."""
+    from store.errors import InvalidOption
+    from store.settings import Settings
+
+    assert Settings.from_environ({}).host_relay is True
+    assert Settings.from_environ({"OPTIONS_HOST_RELAY": "0"}).host_relay is False
+    assert Settings.from_environ({}, host_relay="1").host_relay is True
+    with pytest.raises(InvalidOption, match="OPTIONS_HOST_RELAY"):
+        Settings.from_environ({"OPTIONS_HOST_RELAY": "sometimes"})
+
+
+def test_with_the_relay_off_every_child_subscribes_and_reports_for_itself(
+    services: Services,
+) -> None:
+    """OPTIONS_HOST_RELAY=0: each prefork child holds its own subscription and report, as
+    before the relay, and applies every write."""
+    with isolated(services) as own, contextlib.ExitStack() as stack:
+        worker = start(own, pool="prefork", concurrency=2, extra_env={"OPTIONS_HOST_RELAY": "0"})
+        stack.callback(worker.stop)
+        children = processes_of(worker)
+        keys = report_keys(own)
+        host = os.uname().nodename
+        assert set(keys) == {f"{own.namespace}:proc:{host}:{pid}" for pid in children}
+        assert all(b"relay" not in fields for fields in keys.values())
+        result = worker.call("options.set_project_option", fresh_id(), "k", "v")
+        wait_applied(own, children, result["scope"], result["revision"])
