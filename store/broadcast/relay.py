@@ -109,6 +109,8 @@ class HostRelay:
         self._dirty: set[int] = set()
         self._unreported: dict[int, dict[str, int]] = {}
         self._deleted: list[str] = []
+        # Children heard from but not in a host report yet: a change (status, --wait count them).
+        self._joined: set[int] = set()
         self._changed_at = 0.0
         self._reported_at = 0.0
         self._change_reported_at = 0.0
@@ -274,7 +276,7 @@ class HostRelay:
 
     def _timeout(self) -> float:
         # Until the next report falls due: soon after a change, else the next refresh.
-        if self._unreported or self._deleted:
+        if self._unreported or self._deleted or self._joined:
             due = max(self._changed_at + REPORT_DELAY, self._change_reported_at + REPORT_GAP)
         else:
             due = self._reported_at + REFRESH_EVERY
@@ -321,6 +323,8 @@ class HostRelay:
             return
         if not child.pid:
             return
+        if not child.fields:  # its first report
+            self._joined.add(child.pid)
         child.fields = fields
         child.revisions.update(revisions)
         for scope in forgotten:
@@ -342,6 +346,7 @@ class HostRelay:
         if child.pid:
             log.info("broadcast.relay_child_left", child=child.pid, why=str(why))
             self._dirty.discard(child.pid)
+            self._joined.discard(child.pid)
             self._unreported.pop(child.pid, None)
             self._deleted.append(f"{CHILD_PREFIX}{child.pid}")
             self._deleted += [
@@ -362,7 +367,7 @@ class HostRelay:
         if self.presence is None:
             return
         now = time.monotonic()
-        changed = bool(self._unreported or self._deleted)
+        changed = bool(self._unreported or self._deleted or self._joined)
         due = changed and now >= max(
             self._changed_at + REPORT_DELAY, self._change_reported_at + REPORT_GAP
         )
@@ -375,6 +380,7 @@ class HostRelay:
         dirty = {pid: children[pid].fields for pid in self._dirty if pid in children}
         unreported = {pid: r for pid, r in self._unreported.items() if pid in children}
         deleted, self._deleted = self._deleted, []
+        joined, self._joined = self._joined, set()
         self._dirty, self._unreported = set(), {}
         try:
             recreated = self.presence.report_host(
@@ -395,6 +401,7 @@ class HostRelay:
                 )
         except Exception as exc:  # best effort: the next one carries these too
             self._dirty |= set(dirty)
+            self._joined |= joined & set(children)
             for pid, revisions in unreported.items():
                 self._unreported.setdefault(pid, {}).update(revisions)
             self._deleted = deleted + self._deleted
