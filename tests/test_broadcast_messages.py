@@ -416,7 +416,11 @@ def target(request: pytest.FixtureRequest, services: Services) -> Iterator[Targe
             pool="prefork",
             concurrency=3,
             broker_url=broker,
-            extra_env={"OPTIONS_LOCAL_CACHE": "process"},
+            extra_env={
+                "OPTIONS_LOCAL_CACHE": "process",
+                # Each child decodes every message itself (tests/test_host_relay.py: the relay).
+                "OPTIONS_HOST_RELAY": "0",
+            },
         )
         stack.callback(worker.stop)
         quiet = quiet_store(own)

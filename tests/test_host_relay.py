@@ -10,14 +10,18 @@ import json
 import os
 import signal
 import socket
+import time
 
+import kombu
 import psutil
 import pytest
 import redis
 
+from store.broadcast.codec import SIGNATURE_HEADER, ReloadMessage, encode
+from store.broadcast.exchange import reload_exchange
 from store.broadcast.frames import HELLO, MESSAGE, BadFrame, FrameReader, frame
 from store.redis.presence import Presence
-from tests.conftest import Services, fresh_id, wait_for
+from tests.conftest import Services, fresh_id, run_keyring, wait_for
 from tests.test_broadcast import (
     cli,
     isolated,
@@ -272,3 +276,69 @@ def test_with_the_relay_off_every_child_subscribes_and_reports_for_itself(
         assert all(b"relay" not in fields for fields in keys.values())
         result = worker.call("options.set_project_option", fresh_id(), "k", "v")
         wait_applied(own, children, result["scope"], result["revision"])
+
+
+def test_the_main_process_alone_drops_forged_and_malformed_messages(services: Services) -> None:
+    """With the relay, the main process checks every message before a child hears it: a
+    forged change (unsigned) and a malformed body (signed) are dropped and logged once each,
+    by the main process alone; every child keeps the committed value in its cache, and the
+    real write at the forged revision then reaches every child."""
+    with isolated(services) as own, contextlib.ExitStack() as stack:
+        worker = start(
+            own,
+            pool="prefork",
+            concurrency=CONCURRENCY,
+            extra_env={"OPTIONS_LOCAL_CACHE": "process"},
+        )
+        stack.callback(worker.stop)
+        children = processes_of(worker)
+        project = fresh_id()
+        scope = f"project:{project}"
+        first = worker.call("options.set_project_option", project, "k", "v1")
+        wait_applied(own, children, scope, first["revision"])
+        assert set(
+            worker.read_everywhere("project_options", "get_value", project, "k").values()
+        ) == {"v1"}
+        since = len(worker.log())
+        forged = ReloadMessage(
+            "change", scope, first["revision"] + 1, {"k": "forged"}, (), time.time(), time.time()
+        )
+        malformed = b'{"v": 1, "kind": "change", "scope": 7}'
+        exchange = reload_exchange(own.namespace)
+        connection = stack.enter_context(kombu.Connection(own.broker_url))
+        producer = kombu.Producer(connection.default_channel)
+        for body, headers in (
+            (encode(forged).encode(), {}),
+            (malformed, {SIGNATURE_HEADER: run_keyring().sign(malformed)}),
+        ):
+            producer.publish(
+                body,
+                exchange=exchange,
+                routing_key="",
+                content_type="application/json",
+                content_encoding="utf-8",
+                headers=headers,
+                declare=[exchange],
+            )
+        wait_for(
+            lambda: (
+                worker.events("broadcast.unverified", since=since)
+                and worker.events("broadcast.malformed", since=since)
+            ),
+            timeout=15,
+            message="the main process to drop both messages",
+        )
+        assert set(
+            worker.read_everywhere("project_options", "get_value", project, "k").values()
+        ) == {"v1"}
+
+        real = worker.call("options.set_project_option", project, "k", "v2")
+        assert real["revision"] == first["revision"] + 1
+        wait_applied(own, children, scope, real["revision"])
+        assert set(
+            worker.read_everywhere("project_options", "get_value", project, "k").values()
+        ) == {"v2"}
+        # The stream is ordered: a child that had heard either message logged it before it
+        # applied the real write. One process checked each.
+        assert len(worker.events("broadcast.unverified", since=since)) == 1
+        assert len(worker.events("broadcast.malformed", since=since)) == 1

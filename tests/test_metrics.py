@@ -61,7 +61,7 @@ def test_endpoint_serves_every_childs_broadcasts_lag_and_misses(
         done = children <= lag_pids and applied >= 3 * len(children) and misses >= 1
         return samples if done else None
 
-    samples = wait_for(complete, timeout=30, interval=0.2, message="the metrics to show the work")
+    samples = wait_for(complete, timeout=60, interval=0.2, message="the metrics to show the work")
     assert "optionstore_relay_backlog" in samples
     assert samples["optionstore_broadcast_lag_seconds_count"] >= 3 * len(children)
 

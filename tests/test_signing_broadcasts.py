@@ -96,7 +96,12 @@ def fleet(request: pytest.FixtureRequest, services: Services) -> Iterator[Fleet]
             pool="prefork",
             concurrency=CHILDREN,
             broker_url=broker,
-            extra_env={"OPTIONS_LOCAL_CACHE": "process", "OPTIONS_METRICS_PORT": str(port)},
+            extra_env={
+                "OPTIONS_LOCAL_CACHE": "process",
+                "OPTIONS_METRICS_PORT": str(port),
+                # Each child checks every message itself (tests/test_host_relay.py: the relay).
+                "OPTIONS_HOST_RELAY": "0",
+            },
         )
         stack.callback(worker.stop)
         connection = stack.enter_context(kombu.Connection(broker))
