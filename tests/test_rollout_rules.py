@@ -55,6 +55,18 @@ def test_thresholds_have_defaults_and_bad_overrides_name_their_field() -> None:
         assert raised.value.field == name
 
 
+def test_a_zero_rate_floor_is_refused_and_never_divides_by_zero() -> None:
+    """``min_rate`` is what a ratio divides by when the baseline has no failures: 0 is refused
+    naming it, and a judgement over a floor of 0 (a record written before) still decides."""
+    with pytest.raises(InvalidOption) as raised:
+        Thresholds.from_options({"min_rate": 0})
+    assert raised.value.field == "min_rate"
+    canary = Health(tasks=50, failures=5, processes=1)
+    baseline = Health(tasks=50, processes=1)
+    verdict = judge(Thresholds(min_rate=0.0), canary, baseline, elapsed=1, window=10)
+    assert verdict.decision == "revert"
+
+
 def test_the_judgement_reverts_on_a_breach_and_promotes_a_healthy_canary() -> None:
     """A canary failing 4.2 times as often as the baseline is reverted with that figure in its
     reason; a healthy one is promoted at the window's end; one with too few tasks is
