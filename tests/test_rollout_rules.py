@@ -109,6 +109,37 @@ def test_a_scope_under_rollout_leaves_the_hit_index_and_notes_its_reads() -> Non
     assert local.scopes["project:1"].values["k"] == "old"
 
 
+def test_a_canary_value_is_never_carried_into_a_later_state() -> None:
+    """A state once served with a rollout's canary value, wrapped again after that rollout
+    ended (a load that raced the change) or moved on by a broadcast, serves the stored value:
+    the canary value is never taken for a stored one."""
+    overlay = Overlay()
+    local = LocalCache("process", wrap=overlay.wrap)
+    overlay.active = {"project:1": {"a": Entry(1, True, "canary")}}
+    served = overlay.wrap("project:1", ScopeState(3, {"a": "stored", "b": "stored"}))
+    assert served.values["a"] == "canary"
+    overlay._serve({"project:1": {"b": Entry(2, False, "other")}}, local)  # 1 ended, 2 began
+    assert overlay.wrap("project:1", served).values["a"] == "stored"
+    overlay._serve({}, local)  # no rollout left
+    assert overlay.wrap("project:1", served).values["a"] == "stored"
+    overlay._serve({"project:1": {"a": Entry(1, True, "canary")}}, local)
+    local.scopes["project:1"] = ScopeState(3, {"a": "stored", "b": "stored"})
+    assert local.apply_change("project:1", 4, {"b": "written"}, ()) == "applied"
+    assert local.scopes["project:1"].values["a"] == "canary"
+    overlay._serve({}, local)
+    moved = local.scopes.get("project:1")
+    assert moved is None or moved.values["a"] == "stored"
+    overlay.active = {"project:1": {"a": Entry(1, True, "canary")}}
+    local.scopes["project:1"] = ScopeState(3, {"a": "stored"})
+    local.apply_change("project:1", 4, {"b": "written"}, ())
+    overlay.active = {}
+    overlay.epoch += 1
+    assert overlay.wrap("project:1", local.scopes["project:1"]).values == {
+        "a": "stored",
+        "b": "written",
+    }
+
+
 class _DownRedis:
     """A Redis client whose every command fails as a lost connection does (a unit-test fake:
     the real outage is the documented fallback, not a test of a server)."""

@@ -45,12 +45,17 @@ class Watched(dict[str, Any]):
     rollout for the running task. Its states are kept out of the id index of the local cache
     (store/local.py), so their reads take the Python path; other scopes' hits are unchanged."""
 
-    __slots__ = ("epoch", "rollouts")
+    __slots__ = ("base", "epoch", "rollouts")
 
-    def __init__(self, values: dict[str, Any], rollouts: dict[str, int], epoch: int) -> None:
+    def __init__(
+        self, values: dict[str, Any], rollouts: dict[str, int], epoch: int, base: dict[str, Any]
+    ) -> None:
         super().__init__(values)
         self.rollouts = rollouts
         self.epoch = epoch
+        # The stored values it was made from: what a later wrap starts from again, so that a
+        # canary value of a rollout since ended is never carried over.
+        self.base = base
 
     def get(self, key: str, default: Any = None) -> Any:
         rollout = self.rollouts.get(key)
@@ -127,18 +132,19 @@ class Overlay:
         """``state`` as this process serves it: with its canary values, and watched, when a
         rollout covers one of its keys; else ``state`` itself."""
         keys = self.active.get(name)
-        if keys is None:
-            return state
         values = state.values
+        base = values.base if type(values) is Watched else values
+        if keys is None:
+            return state if base is values else ScopeState(state.revision, base)
         epoch = self.epoch
         if type(values) is Watched and values.epoch == epoch:
             return state
-        served = dict(values)
+        served = dict(base)
         for key, entry in keys.items():
             if entry.canary:
                 served[key] = entry.value
         watched = {key: entry.rollout_id for key, entry in keys.items()}
-        return ScopeState(state.revision, Watched(served, watched, epoch))
+        return ScopeState(state.revision, Watched(served, watched, epoch, base))
 
     def canary_ids(self) -> set[int]:
         return {e.rollout_id for keys in self.active.values() for e in keys.values() if e.canary}
