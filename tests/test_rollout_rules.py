@@ -179,6 +179,9 @@ def test_reports_and_the_copy_of_rollouts_are_bounded_and_checked() -> None:
         {**good, "runtimes": [float("nan")]},
         {**good, "runtimes": [0.1] * (MAX_SAMPLES + 1)},
         {**good, "retries": 2**60},
+        {**good, "failures": 4},
+        {**good, "retries": 4},
+        {**good, "runtimes": [0.01] * 4},
         [1, 2],
     ):
         assert parse_health(json.dumps(bad)) is None, bad

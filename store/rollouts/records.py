@@ -368,11 +368,13 @@ def parse_health(raw: bytes | str) -> tuple[bool, Health] | None:  # noqa: PLR09
     counts = [data.get(name) for name in ("tasks", "failures", "retries")]
     if not all(type(c) is int and 0 <= c <= MAX_COUNT for c in counts):
         return None
+    tasks, failures, retries = (int(c) for c in counts)  # type: ignore[arg-type]  # checked
+    if failures > tasks or retries > tasks:
+        return None  # a task run fails or retries at most once
     runtimes = data.get("runtimes")
-    if not isinstance(runtimes, list) or len(runtimes) > MAX_SAMPLES:
+    if not isinstance(runtimes, list) or len(runtimes) > min(MAX_SAMPLES, tasks):
         return None
     if not all(type(r) in {int, float} and math.isfinite(r) and 0 <= r <= 1e7 for r in runtimes):
         return None
-    tasks, failures, retries = (int(c) for c in counts)  # type: ignore[arg-type]  # checked
     health = Health(tasks, failures, retries, [float(r) for r in runtimes], 1)
     return bool(data.get("canary")), health
