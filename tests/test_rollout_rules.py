@@ -167,6 +167,34 @@ def test_a_process_that_cannot_confirm_its_rollouts_serves_the_stored_value() ->
     assert local.scopes["project:1"].values["k"] == "old"
 
 
+class _Mirror:
+    """A Redis client holding the leader's copy of the rollouts (a unit-test fake)."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body = json.dumps(body)
+
+    def get(self, key: str) -> str:
+        return self.body
+
+
+def test_a_canary_value_is_not_served_unconfirmed_even_when_no_refresh_runs() -> None:
+    """The consumer that refreshes the rollouts may be stuck (reconnecting to a broker that
+    does not answer): a load made FAILSAFE_AFTER seconds after the last confirmation serves
+    the stored value all the same, and the canary value comes back at the next confirmation."""
+    overlay = Overlay()
+    local = LocalCache("process", wrap=overlay.wrap)
+    overlay.active = {"project:1": {"k": Entry(5, True, "new")}}
+    overlay._confirmed_at -= FAILSAFE_AFTER + 1  # no refresh since
+    local.scopes["project:1"] = ScopeState(3, {"k": "old"})
+    assert local.scopes["project:1"].values["k"] == "old"
+    entry = {"id": 5, "scope": "project:1", "key": "k", "value": "new", "selector": "host:*"}
+    client: Any = _Mirror({"rollouts": [{**entry, "members": []}]})
+    overlay.refresh(client, "ns", local)
+    assert "project:1" not in local.scopes
+    local.scopes["project:1"] = ScopeState(3, {"k": "old"})
+    assert local.scopes["project:1"].values["k"] == "new"
+
+
 def test_reports_and_the_copy_of_rollouts_are_bounded_and_checked() -> None:
     """A process's health report and the leader's copy of the rollouts come from Redis, which
     any process writes: oversized or malformed ones are ignored, never trusted."""

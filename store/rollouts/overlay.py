@@ -130,11 +130,13 @@ class Overlay:
 
     def wrap(self, name: str, state: ScopeState) -> ScopeState:
         """``state`` as this process serves it: with its canary values, and watched, when a
-        rollout covers one of its keys; else ``state`` itself."""
+        rollout covers one of its keys; else ``state`` itself. Its stored values while the
+        rollouts are unconfirmed for FAILSAFE_AFTER seconds, whether or not ``refresh`` ran
+        meanwhile (the consumer may be stuck reconnecting to the broker)."""
         keys = self.active.get(name)
         values = state.values
         base = values.base if type(values) is Watched else values
-        if keys is None:
+        if keys is None or time.monotonic() - self._confirmed_at > FAILSAFE_AFTER:
             return state if base is values else ScopeState(state.revision, base)
         epoch = self.epoch
         if type(values) is Watched and values.epoch == epoch:
@@ -164,6 +166,9 @@ class Overlay:
                 log.warning("rollout.failsafe", error=f"{type(exc).__name__}: {exc}")
                 self._serve({}, local)
             return
+        if self.active and now - self._confirmed_at > FAILSAFE_AFTER:
+            # Reads in the lapse were served the stored values (``wrap``): start afresh.
+            self._serve({}, local)
         self._confirmed_at = now
         self._serve(self._select(parse_mirror(raw)), local)
         self._report(client, namespace)
