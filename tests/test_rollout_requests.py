@@ -12,6 +12,10 @@ import pytest
 from store.errors import InvalidOption
 from store.model.scopes import Scope
 from store.model.writes import set_write
+from store.rollouts.model import ABORTED
+from store.rollouts.overlay import parse_mirror
+from store.rollouts.records import RolloutRecords, mirror_key
+from store.rollouts.start import records_of, start_rollout
 from tests.conftest import Services, fresh_id
 from tests.test_cli import ok, optionstore
 
@@ -91,3 +95,38 @@ def test_the_helper_starts_a_rollout_and_refuses_bad_input_naming_the_field(
     assert [(e.origin, e.new_value, e.reason) for e in entries] == [
         ("canary", {"on": True}, "canary to host:*: try it")
     ]
+
+
+def test_a_start_never_brings_back_a_rollout_that_ended_meanwhile(
+    services: Services, backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the leader writes the copy of the active rollouts that processes follow: a start
+    that read the active rollouts just before the leader ended one (and copied them without
+    it) must not write back a copy that has it, or processes would serve its canary value
+    again after history recorded its end."""
+    assert backend.redis is not None
+    namespace = f"ns{fresh_id()}"
+    scope = f"project:{fresh_id()}"
+    records = records_of(backend, namespace)
+    first = start_rollout(backend, namespace, scope, "a", 1, canary="host:*", watch=60)
+    records.mirror()  # the leader's round: the copy has the first rollout
+    real_active = RolloutRecords.active
+    ended: list[bool] = []
+
+    def leader_round() -> None:  # the leader ends the first rollout, then copies the rest
+        if not ended:
+            ended.append(records.finish(first, ABORTED, decision="aborted by test", figures={}))
+            records.mirror()
+
+    def leader_ends_it_meanwhile(self: RolloutRecords) -> list[Any]:
+        found = real_active(self)
+        leader_round()
+        return found
+
+    monkeypatch.setattr(RolloutRecords, "active", leader_ends_it_meanwhile)
+    start_rollout(backend, namespace, scope, "b", 2, canary="host:*", watch=60)
+    monkeypatch.setattr(RolloutRecords, "active", real_active)
+    leader_round()  # if the start did not read the active rollouts at all
+    assert ended == [True]
+    copied = parse_mirror(backend.redis.client.get(mirror_key(namespace)))
+    assert first.id not in [r["id"] for r in copied], copied

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
 from typing import Any
 
@@ -84,7 +83,10 @@ def start_rollout(
     if selector.kind == PERCENT and backend.redis is not None:
         presence = Presence(backend.redis.client, namespace=namespace)
         live = [p.name for p in presence.processes() if p.kind == "worker"]
-    rollout = found.start(
+    # Processes follow it once the leader copies the active rollouts to Redis (within a
+    # second): only the leader writes that copy, so that no copy read before a rollout ended
+    # is written after the leader removed it.
+    return found.start(
         scope=parsed.name,
         key=name,
         value_text=text,
@@ -95,7 +97,3 @@ def start_rollout(
         actor=asked.actor,
         reason=asked.reason,
     )
-    # At once; the leader copies the active rollouts each second anyway (Redis down: then).
-    with contextlib.suppress(Exception):
-        found.mirror()
-    return rollout
