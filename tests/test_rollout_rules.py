@@ -11,6 +11,7 @@ import redis
 
 from store.errors import InvalidOption
 from store.local import LocalCache, ScopeState
+from store.options_store import OptionsStore
 from store.rollouts.model import MAX_SAMPLES, Health, Selector, Thresholds, judge
 from store.rollouts.overlay import FAILSAFE_AFTER, Entry, Overlay, parse_mirror
 from store.rollouts.records import MAX_HEALTH_BYTES, MAX_MIRROR_BYTES, parse_health
@@ -138,6 +139,21 @@ def test_a_canary_value_is_never_carried_into_a_later_state() -> None:
         "a": "stored",
         "b": "written",
     }
+
+
+def test_a_stale_load_of_a_watched_scope_is_not_kept() -> None:
+    """A load that a newer revision overtook between its check and its insert is dropped
+    again, even when the map wraps it into another object (a rollout changed meanwhile)."""
+    overlay = Overlay()
+    local = LocalCache("process", wrap=overlay.wrap)
+    overlay.active = {"project:1": {"k": Entry(5, True, "new")}}
+    loaded = overlay.wrap("project:1", ScopeState(3, {"k": "old"}))  # the load, epoch 1
+    overlay._serve({"project:1": {"k": Entry(5, False, "new")}}, local)  # epoch 2
+    generation = local.generation  # as if the load began here: the insert wraps it again
+    local.floors["project:1"] = 4  # revision 4 was announced before the insert
+    holder: Any = type("Holder", (), {"local": local})()
+    OptionsStore._keep(holder, local.scopes, "project:1", loaded, generation)
+    assert "project:1" not in local.scopes
 
 
 class _DownRedis:
