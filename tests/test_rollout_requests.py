@@ -130,3 +130,17 @@ def test_a_start_never_brings_back_a_rollout_that_ended_meanwhile(
     assert ended == [True]
     copied = parse_mirror(backend.redis.client.get(mirror_key(namespace)))
     assert first.id not in [r["id"] for r in copied], copied
+
+
+def test_rollouts_refuses_an_id_or_limit_out_of_range_naming_it(services: Services) -> None:
+    """`rollouts promote|abort ID` and `rollouts --limit N` with a number PostgreSQL cannot
+    take (past a bigint, or a negative limit) are refused naming the field, exit 2."""
+    for args, field in (
+        (("rollouts", "promote", str(2**63)), "id"),
+        (("rollouts", "abort", "-1"), "id"),
+        (("rollouts", "--limit", "-1"), "limit"),
+        (("rollouts", "--limit", str(2**63)), "limit"),
+    ):
+        refused = optionstore(services, *args)
+        assert refused.returncode == 2, (args, refused)
+        assert f"invalid input: {field}:" in refused.stderr, (args, refused.stderr)

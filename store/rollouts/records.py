@@ -39,6 +39,8 @@ MAX_MIRROR_BYTES = 8 * 1024 * 1024
 MAX_HEALTH_FIELDS = 10_000
 MAX_HEALTH_BYTES = 16 * 1024
 MAX_COUNT = 2**53
+# The most rollouts `rollouts` lists at once.
+MAX_LIST = 10_000
 
 _COLUMNS = (
     "id, scope, key, old_value::text, new_value::text, base_revision, selector, members,"
@@ -226,6 +228,10 @@ class RolloutRecords:
         return [_rollout(row) for row in rows]
 
     def recent(self, *, limit: int = 50) -> list[Rollout]:
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST:
+            raise InvalidOption(
+                "limit", f"must be a whole number from 1 to {MAX_LIST}, got {limit}"
+            )
         with self.postgres.connection() as conn:
             rows = conn.execute(
                 f"SELECT {_COLUMNS} FROM options_rollout"  # noqa: S608  # constant
