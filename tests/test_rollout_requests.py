@@ -144,3 +144,25 @@ def test_rollouts_refuses_an_id_or_limit_out_of_range_naming_it(services: Servic
         refused = optionstore(services, *args)
         assert refused.returncode == 2, (args, refused)
         assert f"invalid input: {field}:" in refused.stderr, (args, refused.stderr)
+
+
+def test_apply_with_a_canary_starts_all_its_rollouts_or_none(
+    services: Services, backend: Any, tmp_path: Any
+) -> None:
+    """`apply FILE --canary … --yes` whose file changes a key already under a rollout is
+    refused naming ``key``, and starts no rollout for the file's other values either."""
+    import tasks
+
+    project = fresh_id()
+    scope = f"project:{project}"
+    tasks.start_rollout(scope, "b", 1, canary="host:*", watch="60s")
+    desired = tmp_path / "desired.json"
+    desired.write_text(
+        json.dumps({"optionstore": 1, "scopes": {scope: {"values": {"a": 1, "b": 2}}}})
+    )
+    refused = optionstore(
+        services, "apply", str(desired), "--canary", "host:*", "--watch", "60s", "--yes"
+    )
+    assert refused.returncode == 2 and "invalid input: key:" in refused.stderr, refused
+    assert _rollouts_of(services, scope) == [("b", "watching", None)]
+    assert [e.key for e in backend.db.history(scope, "a")] == []
