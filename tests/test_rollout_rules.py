@@ -12,8 +12,16 @@ import redis
 from store.errors import InvalidOption
 from store.local import LocalCache, ScopeState
 from store.options_store import OptionsStore
+from store.rollouts import overlay as overlay_module
 from store.rollouts.model import MAX_SAMPLES, Health, Selector, Thresholds, judge
-from store.rollouts.overlay import FAILSAFE_AFTER, Entry, Overlay, parse_mirror
+from store.rollouts.overlay import (
+    FAILSAFE_AFTER,
+    IDLE_REFRESH_INTERVAL,
+    REFRESH_INTERVAL,
+    Entry,
+    Overlay,
+    parse_mirror,
+)
 from store.rollouts.records import MAX_HEALTH_BYTES, MAX_MIRROR_BYTES, parse_health
 
 
@@ -209,6 +217,42 @@ def test_a_canary_value_is_not_served_unconfirmed_even_when_no_refresh_runs() ->
     assert "project:1" not in local.scopes
     local.scopes["project:1"] = ScopeState(3, {"k": "old"})
     assert local.scopes["project:1"].values["k"] == "new"
+
+
+class _CountedMirror(_Mirror):
+    def __init__(self, body: dict[str, Any]) -> None:
+        super().__init__(body)
+        self.reads = 0
+
+    def get(self, key: str) -> str:
+        self.reads += 1
+        return self.body
+
+
+def test_a_process_without_rollouts_reads_the_copy_less_often(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With no rollout to serve, a process reads the leader's copy every
+    IDLE_REFRESH_INTERVAL seconds, not every second; once it serves one, every second again
+    (how soon it drops a canary value after its rollout ended). Time is a fake clock here."""
+    clock = [1000.0]
+    monkeypatch.setattr(overlay_module.time, "monotonic", lambda: clock[0])
+    overlay = Overlay()
+    local = LocalCache("process", wrap=overlay.wrap)
+    idle = _CountedMirror({"rollouts": []})
+
+    def reads_at(client: Any, *moments: float) -> int:
+        for moment in moments:
+            clock[0] = moment
+            overlay.refresh(client, "ns", local)
+        return int(client.reads)
+
+    assert reads_at(idle, 1000.0, 1001.5, 1003.0, 1004.5) == 1
+    assert reads_at(idle, 1000.0 + IDLE_REFRESH_INTERVAL) == 2
+    entry = {"id": 5, "scope": "project:1", "key": "k", "value": "new", "selector": "host:*"}
+    busy = _CountedMirror({"rollouts": [{**entry, "members": []}]})
+    start = 1000.0 + 2 * IDLE_REFRESH_INTERVAL
+    assert reads_at(busy, start, start + 0.5, start + REFRESH_INTERVAL) == 2
 
 
 def test_reports_and_the_copy_of_rollouts_are_bounded_and_checked() -> None:

@@ -20,8 +20,12 @@ from store.redis.cluster import RedisClient
 from store.rollouts.model import MAX_SAMPLES, Selector
 from store.rollouts.records import HEALTH_TTL, MAX_MIRROR_BYTES, health_key, mirror_key
 
-# How often a process reads the active rollouts (and reports its health figures).
+# How often a process reads the active rollouts (and reports its health figures) while it
+# serves some: how soon it drops a canary value after its rollout ended.
 REFRESH_INTERVAL = 1.0
+# ... and while it serves none: only the start of a rollout waits on this (the process serves
+# the stored value meanwhile), so a fleet without rollouts reads the copy less often.
+IDLE_REFRESH_INTERVAL = 5.0
 # A process that could not read the active rollouts for this long stops serving canary
 # values: it cannot know whether they were reverted meanwhile.
 FAILSAFE_AFTER = 5.0
@@ -154,7 +158,8 @@ class Overlay:
     # -- following the leader's copy ---------------------------------------------------------
 
     def refresh(self, client: RedisClient, namespace: str, local: _Drops) -> None:
-        """At most once a second: read the active rollouts, serve what changed, report health."""
+        """At most once a second (every IDLE_REFRESH_INTERVAL seconds while this process serves
+        no rollout): read the active rollouts, serve what changed, report health."""
         now = time.monotonic()
         if now < self._next_refresh:
             return
@@ -171,6 +176,8 @@ class Overlay:
             self._serve({}, local)
         self._confirmed_at = now
         self._serve(self._select(parse_mirror(raw)), local)
+        if not self.active:
+            self._next_refresh = now + IDLE_REFRESH_INTERVAL
         self._report(client, namespace)
 
     def _select(self, rollouts: list[dict[str, Any]]) -> dict[str, dict[str, Entry]]:
