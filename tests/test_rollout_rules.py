@@ -275,6 +275,10 @@ def test_reports_and_the_copy_of_rollouts_are_bounded_and_checked() -> None:
         assert parse_health(json.dumps(bad)) is None, bad
     assert parse_health("x" * (MAX_HEALTH_BYTES + 1)) is None
     assert parse_health("{not json") is None
+    # Nested too deep to decode: ignored, not an error that stops the leader's judgement of
+    # the rollout (or, for the copy, the reload consumer's thread).
+    assert parse_health("[" * (MAX_HEALTH_BYTES // 2)) is None
+    assert parse_mirror("[" * 200_000) == []
     entry = {"id": 1, "scope": "global", "key": "k", "value": 1, "selector": "host:*"}
     assert parse_mirror(json.dumps({"rollouts": [{**entry, "members": []}]})) != []
     assert parse_mirror(json.dumps({"rollouts": [{**entry, "members": [3]}]})) == []

@@ -399,10 +399,16 @@ class ReloadConsumer(threading.Thread):
         self._last_report = now
 
     def _follow_rollouts(self) -> None:
-        """The active rollouts, at most once a second (store/rollouts/overlay.py)."""
+        """The active rollouts, at most once a second (store/rollouts/overlay.py). Whatever
+        goes wrong there never stops this thread: it is also what keeps the process hearing
+        broadcasts (a canary value is dropped once unconfirmed for 5 s anyway)."""
         cache = self.backend.redis
-        if cache is not None:
+        if cache is None:
+            return
+        try:
             self.backend.overlay.refresh(cache.client, self.namespace, self.backend.local)
+        except Exception as exc:
+            self._throttled.warning("rollout.follow_failed", error=f"{type(exc).__name__}: {exc}")
 
     def _introduction(self) -> dict[str, Any]:
         return {"hostname": self.hostname, "pid": self.pid, "kind": self.kind, "pool": self.pool}

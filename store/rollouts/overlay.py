@@ -284,7 +284,7 @@ def parse_mirror(raw: bytes | str | None) -> list[dict[str, Any]]:
         return []
     try:
         data = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep to decode
         return []
     rollouts = data.get("rollouts") if isinstance(data, dict) else None
     if not isinstance(rollouts, list) or len(rollouts) > MAX_ROLLOUTS:

@@ -421,7 +421,7 @@ def parse_health(raw: bytes | str) -> tuple[bool, Health] | None:  # noqa: PLR09
         return None
     try:
         data = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep to decode
         return None
     if not isinstance(data, dict):
         return None
