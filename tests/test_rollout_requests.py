@@ -18,6 +18,7 @@ from store.rollouts.records import RolloutRecords, mirror_key
 from store.rollouts.start import records_of, start_rollout
 from tests.conftest import Services, fresh_id
 from tests.test_cli import ok, optionstore
+from worker.duties.rollouts import RolloutJudge
 
 
 def _rollouts_of(services: Services, scope: str) -> list[tuple[str, str, str | None]]:
@@ -166,3 +167,25 @@ def test_apply_with_a_canary_starts_all_its_rollouts_or_none(
     assert refused.returncode == 2 and "invalid input: key:" in refused.stderr, refused
     assert _rollouts_of(services, scope) == [("b", "watching", None)]
     assert [e.key for e in backend.db.history(scope, "a")] == []
+
+
+def test_the_leader_ends_a_rollout_while_it_cannot_read_the_health_reports(
+    services: Services, backend: Any
+) -> None:
+    """Redis unreachable for the leader (a client of a port nothing listens on): an operator's
+    abort still ends the rollout, recorded in history, on the figures it has (none)."""
+    import redis
+
+    namespace = f"ns{fresh_id()}"
+    scope = f"project:{fresh_id()}"
+    started = start_rollout(backend, namespace, scope, "k", 1, canary="host:*", watch=60)
+    unreachable = redis.Redis(port=1, socket_connect_timeout=0.5)
+    records = RolloutRecords(backend.db, unreachable, namespace=namespace)
+    records.request(started.id, "abort", actor="ops")
+    judge = RolloutJudge(records=records, commit=backend.commit)
+    assert judge.run_once() == 1
+    ended = records.get(started.id)
+    assert ended is not None and ended.state == ABORTED, ended
+    assert ended.figures is not None and ended.figures["canary"]["tasks"] == 0
+    origins = [e.origin for e in backend.db.history(scope, "k")]
+    assert origins == ["canary", "canary-end"]
