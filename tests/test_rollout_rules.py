@@ -23,6 +23,7 @@ from store.rollouts.overlay import (
     parse_mirror,
 )
 from store.rollouts.records import MAX_HEALTH_BYTES, MAX_MIRROR_BYTES, parse_health
+from store.rollouts.start import parse_duration
 
 
 def test_a_selector_is_parsed_and_a_bad_one_names_the_canary_field() -> None:
@@ -51,6 +52,16 @@ def test_each_process_decides_from_its_own_identity() -> None:
     assert chosen == share.choose("7", list(reversed(live)))
     assert share.matches(host="h", identity=chosen[0], queues=[], members=chosen)
     assert share.choose("7", []) == []
+
+
+def test_a_bad_window_names_the_watch_field() -> None:
+    """A window that is not a duration, or a number too large to be one, is refused naming
+    ``watch``."""
+    assert parse_duration("2m") == 120
+    for bad in ("soon", "-5s", True, 10**400):
+        with pytest.raises(InvalidOption) as raised:
+            parse_duration(bad)
+        assert raised.value.field == "watch"
 
 
 def test_thresholds_have_defaults_and_bad_overrides_name_their_field() -> None:

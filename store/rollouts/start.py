@@ -22,7 +22,10 @@ def parse_duration(value: object, field: str = "watch") -> float:
     """Seconds from ``120``, ``"120s"``, ``"2m"``, ``"1h"``, ``"500ms"``; InvalidOption naming
     ``field`` otherwise."""
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int past any float: far past the longest window
+            raise InvalidOption(field, "must be at most 7 days, got a far larger number") from None
     found = _DURATION.fullmatch(value.strip()) if isinstance(value, str) else None
     if found is None:
         raise InvalidOption(field, f"must be a duration such as 120s, 2m or 1h, got {value!r}")
