@@ -189,3 +189,20 @@ def test_the_leader_ends_a_rollout_while_it_cannot_read_the_health_reports(
     assert ended.figures is not None and ended.figures["canary"]["tasks"] == 0
     origins = [e.origin for e in backend.db.history(scope, "k")]
     assert origins == ["canary", "canary-end"]
+
+
+def test_an_operator_request_with_a_bad_actor_is_refused_naming_it(
+    services: Services, backend: Any
+) -> None:
+    """`rollouts promote|abort --actor` goes into history with the rollout's end: an actor a
+    write would refuse (several lines, too long) is refused naming ``actor``, nothing asked."""
+    namespace = f"ns{fresh_id()}"
+    scope = f"project:{fresh_id()}"
+    started = start_rollout(backend, namespace, scope, "k", 1, canary="host:*", watch=60)
+    records = records_of(backend, namespace)
+    for actor in ("two\nlines", "x" * 1000):
+        with pytest.raises(InvalidOption) as raised:
+            records.request(started.id, "abort", actor=actor)
+        assert raised.value.field == "actor"
+    found = records.get(started.id)
+    assert found is not None and found.requested is None

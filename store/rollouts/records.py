@@ -13,6 +13,7 @@ from typing import Any
 import psycopg
 
 from store.errors import InvalidOption
+from store.model.writes import audit
 from store.postgres.store import PostgresStore
 from store.redis.cluster import RedisClient
 from store.rollouts.model import (
@@ -304,6 +305,7 @@ class RolloutRecords:
         """Ask the leader to promote or abort a watching rollout at its next round."""
         if action not in {"promote", "abort"}:
             raise InvalidOption("action", f"must be promote or abort, got {action!r}")
+        actor = audit(actor).actor  # the rules of a write's actor: it goes into history
         with self.postgres.connection() as conn:
             row = conn.execute(
                 "UPDATE options_rollout SET requested = %s, requested_by = %s"
