@@ -206,3 +206,19 @@ def test_an_operator_request_with_a_bad_actor_is_refused_naming_it(
         assert raised.value.field == "actor"
     found = records.get(started.id)
     assert found is not None and found.requested is None
+
+
+def test_rollouts_lists_a_watching_rollout_while_redis_is_down(
+    services: Services, backend: Any
+) -> None:
+    """`rollouts` with the cache's Redis unreachable (a port nothing listens on) still lists
+    what PostgreSQL holds; a watching rollout's live figures are shown as unavailable."""
+    import tasks
+
+    scope = f"project:{fresh_id()}"
+    started = tasks.start_rollout(scope, "k", 1, canary="host:*", watch="60s")
+    env = {**services.env(), "OPTIONS_REDIS_URL": "redis://127.0.0.1:1/0"}
+    listing = json.loads(ok(optionstore(services, "rollouts", "--json", env=env)))
+    shown = next(r for r in listing if r["id"] == started["id"])
+    assert shown["state"] == "watching" and shown["figures"] is None
+    assert "health" in shown["figures_unavailable"]

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from store.errors import InvalidOption
+from store.errors import describe as describe_error
 from store.model.scopes import Scope
 from store.rollouts.model import WATCHING, Thresholds, judge
 from store.rollouts.records import Rollout
@@ -144,7 +145,8 @@ def add_commands(command: Command) -> None:
 
 
 def report(backend: Any, namespace: str, *, limit: int = 50) -> list[dict[str, Any]]:
-    """Each rollout as a dict; a watching one with its figures so far."""
+    """Each rollout as a dict; a watching one with its figures so far (none, and
+    ``figures_unavailable`` saying why, while the health reports cannot be read)."""
     found = records_of(backend, namespace)
     shown = []
     for rollout in found.recent(limit=limit):
@@ -154,7 +156,12 @@ def report(backend: Any, namespace: str, *, limit: int = 50) -> list[dict[str, A
                 thresholds = Thresholds.from_options(rollout.thresholds)
             except ValueError:
                 thresholds = Thresholds()
-            canary, baseline = found.health(rollout.id)
+            try:
+                canary, baseline = found.health(rollout.id)
+            except Exception as exc:  # Redis down: what PostgreSQL holds is still shown
+                entry["figures_unavailable"] = f"health reports unreadable: {describe_error(exc)}"
+                shown.append(entry)
+                continue
             entry["figures"] = judge(
                 thresholds, canary, baseline, elapsed=rollout.elapsed, window=float("inf")
             ).figures
