@@ -179,7 +179,10 @@ def test_the_leader_ends_a_rollout_while_it_cannot_read_the_health_reports(
     namespace = f"ns{fresh_id()}"
     scope = f"project:{fresh_id()}"
     started = start_rollout(backend, namespace, scope, "k", 1, canary="host:*", watch=60)
-    unreachable = redis.Redis(port=1, socket_connect_timeout=0.5)
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    unreachable = redis.Redis(port=1, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
     records = RolloutRecords(backend.db, unreachable, namespace=namespace)
     records.request(started.id, "abort", actor="ops")
     judge = RolloutJudge(records=records, commit=backend.commit)
