@@ -127,6 +127,13 @@ class ScopeMap(dict[str, ScopeState]):
 Wrap = Callable[[str, ScopeState], ScopeState]
 
 
+def stored_values(values: dict[str, Any]) -> dict[str, Any]:
+    """A state's stored values: a state served with canary values (``wrap``; a dict subclass,
+    store/rollouts/overlay.py) keeps those it was made from as ``base``; a change builds on
+    them, so a canary value never becomes part of a stored state."""
+    return values if type(values) is dict else getattr(values, "base", values)
+
+
 class _Holder:
     scopes: ScopeMap
 
@@ -305,7 +312,7 @@ class LocalCache:
                 # A new state object, swapped in whole: a reader never sees half a set_many.
                 successor = successors.get(id(state))
                 if successor is None:
-                    values = dict(state.values)
+                    values = dict(stored_values(state.values))
                     values.update(sets)
                     for key in unsets:
                         values.pop(key, None)

@@ -191,11 +191,14 @@ class OptionsStore:
         scopes[name] = state
         # The broadcast consumer sets the floor before it scans the caches, and clear() moves
         # the generation on before it empties them: checking again after the insert closes the
-        # gap between our check and our insert.
-        if (
-            local.floors.get(name, 0) > state.revision or local.generation != generation
-        ) and scopes.get(name) is state:
-            del scopes[name]
+        # gap between our check and our insert. What the map holds may be another object than
+        # ``state`` (the map wraps what it takes in: rollouts' canary values), so it is told
+        # by its revision: not newer, it is this load (or as old) and goes; dropping is only
+        # ever a miss.
+        if local.floors.get(name, 0) > state.revision or local.generation != generation:
+            kept = scopes.get(name)
+            if kept is not None and kept.revision <= state.revision:
+                scopes.pop(name, None)
 
     def load(self, scope: str, *, use_redis: bool = True) -> ScopeState:
         return self.load_many([scope], use_redis=use_redis)[scope]

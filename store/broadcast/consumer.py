@@ -389,12 +389,18 @@ class ReloadConsumer(threading.Thread):
         self._last_report = now
 
     def _follow_rollouts(self) -> None:
-        """The active rollouts, at most once a second (store/rollouts/overlay.py)."""
+        """The active rollouts, at most once a second (store/rollouts/overlay.py). Whatever
+        goes wrong there never stops this thread: it is also what keeps the process hearing
+        broadcasts (a canary value is dropped once unconfirmed for 5 s anyway)."""
         cache = self.backend.redis
-        if cache is not None:
+        if cache is None:
+            return
+        try:
             mirror = self.backend.overlay.refresh(cache.client, self.namespace, self.backend.local)
             if mirror is not None and self.relay is not None:
                 self.relay.rollouts(mirror)  # the children follow them through the relay
+        except Exception as exc:
+            self._throttled.warning("rollout.follow_failed", error=f"{type(exc).__name__}: {exc}")
 
     def _fields(self) -> dict[str, Any]:
         return {

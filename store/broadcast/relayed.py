@@ -157,10 +157,15 @@ class RelayedConsumer(ReloadConsumer):
             self._deafened("the parent lost the exchange")
         elif kind == ROLLOUTS:
             overlay = self.backend.overlay
-            overlay.follow(payload, self.backend.local)
             cache = self.backend.redis
-            if cache is not None:
-                overlay.report(cache.client, self.namespace)  # only while a rollout counts
+            try:
+                overlay.follow(payload, self.backend.local)
+                if cache is not None:
+                    overlay.report(cache.client, self.namespace)  # only while a rollout counts
+            except Exception as exc:  # never the relay's loss (the failsafe covers a lapse)
+                self._throttled.warning(
+                    "rollout.follow_failed", error=f"{type(exc).__name__}: {exc}"
+                )
         elif kind == CLOSING:
             raise RelayClosed("the worker is stopping")
         # ALIVE: heard, nothing else.

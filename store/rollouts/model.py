@@ -129,7 +129,8 @@ class Thresholds:
                     raise InvalidOption(name, f"must be a whole number of at least 1, got {value}")
                 checked[name] = int(value)
                 continue
-            if name.endswith("_ratio") and value <= 0:
+            if (name.endswith("_ratio") or name == "min_rate") and value <= 0:
+                # min_rate is the floor a ratio divides by: zero would divide by zero.
                 raise InvalidOption(name, f"must be above 0, got {value}")
             checked[name] = value
         return cls(**checked)
@@ -182,7 +183,8 @@ class Verdict:
 
 
 def _ratio(canary: float, baseline: float, floor: float) -> float:
-    return canary / max(baseline, floor) if canary > 0 else 0.0
+    # The floor is above 0 when checked (Thresholds.from_options); never divide by zero.
+    return canary / max(baseline, floor, 1e-9) if canary > 0 else 0.0
 
 
 def judge(

@@ -20,8 +20,12 @@ from store.redis.cluster import RedisClient
 from store.rollouts.model import MAX_SAMPLES, Selector
 from store.rollouts.records import HEALTH_TTL, MAX_MIRROR_BYTES, health_key, mirror_key
 
-# How often a process reads the active rollouts (and reports its health figures).
+# How often a process reads the active rollouts (and reports its health figures) while it
+# serves some: how soon it drops a canary value after its rollout ended.
 REFRESH_INTERVAL = 1.0
+# ... and while it serves none: only the start of a rollout waits on this (the process serves
+# the stored value meanwhile), so a fleet without rollouts reads the copy less often.
+IDLE_REFRESH_INTERVAL = 5.0
 # A process that could not read the active rollouts for this long stops serving canary
 # values: it cannot know whether they were reverted meanwhile.
 FAILSAFE_AFTER = 5.0
@@ -45,12 +49,17 @@ class Watched(dict[str, Any]):
     rollout for the running task. Its states are kept out of the id index of the local cache
     (store/local.py), so their reads take the Python path; other scopes' hits are unchanged."""
 
-    __slots__ = ("epoch", "rollouts")
+    __slots__ = ("base", "epoch", "rollouts")
 
-    def __init__(self, values: dict[str, Any], rollouts: dict[str, int], epoch: int) -> None:
+    def __init__(
+        self, values: dict[str, Any], rollouts: dict[str, int], epoch: int, base: dict[str, Any]
+    ) -> None:
         super().__init__(values)
         self.rollouts = rollouts
         self.epoch = epoch
+        # The stored values it was made from: what a later wrap starts from again, so that a
+        # canary value of a rollout since ended is never carried over.
+        self.base = base
 
     def get(self, key: str, default: Any = None) -> Any:
         rollout = self.rollouts.get(key)
@@ -125,20 +134,23 @@ class Overlay:
 
     def wrap(self, name: str, state: ScopeState) -> ScopeState:
         """``state`` as this process serves it: with its canary values, and watched, when a
-        rollout covers one of its keys; else ``state`` itself."""
+        rollout covers one of its keys; else ``state`` itself. Its stored values while the
+        rollouts are unconfirmed for FAILSAFE_AFTER seconds, whether or not ``refresh`` ran
+        meanwhile (the consumer may be stuck reconnecting to the broker)."""
         keys = self.active.get(name)
-        if keys is None:
-            return state
         values = state.values
+        base = values.base if type(values) is Watched else values
+        if keys is None or time.monotonic() - self._confirmed_at > FAILSAFE_AFTER:
+            return state if base is values else ScopeState(state.revision, base)
         epoch = self.epoch
         if type(values) is Watched and values.epoch == epoch:
             return state
-        served = dict(values)
+        served = dict(base)
         for key, entry in keys.items():
             if entry.canary:
                 served[key] = entry.value
         watched = {key: entry.rollout_id for key, entry in keys.items()}
-        return ScopeState(state.revision, Watched(served, watched, epoch))
+        return ScopeState(state.revision, Watched(served, watched, epoch, base))
 
     def canary_ids(self) -> set[int]:
         return {e.rollout_id for keys in self.active.values() for e in keys.values() if e.canary}
@@ -146,9 +158,10 @@ class Overlay:
     # -- following the leader's copy ---------------------------------------------------------
 
     def refresh(self, client: RedisClient, namespace: str, local: _Drops) -> bytes | None:
-        """At most once a second: read the active rollouts, serve what changed, report health.
-        Returns the leader's copy as read (empty when there is none), None when it read none
-        now (not due, or Redis refused): what a host's relay passes on to its children."""
+        """At most once a second (every IDLE_REFRESH_INTERVAL seconds while this process serves
+        no rollout): read the active rollouts, serve what changed, report health. Returns the
+        leader's copy as read (empty when there is none), None when it read none now (not due,
+        or Redis refused): what a host's relay passes on to its children."""
         now = time.monotonic()
         if now < self._next_refresh:
             return None
@@ -160,13 +173,19 @@ class Overlay:
             return None
         mirror = raw.encode() if isinstance(raw, str) else bytes(raw or b"")
         self.follow(mirror, local)
+        if not self.active:
+            self._next_refresh = now + IDLE_REFRESH_INTERVAL
         self.report(client, namespace)
         return mirror
 
     def follow(self, raw: bytes | None, local: _Drops) -> None:
         """Serve the leader's copy ``raw``, read just now (by this process, or by its host's
         relay); None or empty: no rollout."""
-        self._confirmed_at = time.monotonic()
+        now = time.monotonic()
+        if self.active and now - self._confirmed_at > FAILSAFE_AFTER:
+            # Reads in the lapse were served the stored values (``wrap``): start afresh.
+            self._serve({}, local)
+        self._confirmed_at = now
         self._serve(self._select(parse_mirror(raw or None)), local)
 
     def failsafe(self, local: _Drops, *, why: str) -> None:
@@ -280,7 +299,7 @@ def parse_mirror(raw: bytes | str | None) -> list[dict[str, Any]]:
         return []
     try:
         data = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep to decode
         return []
     rollouts = data.get("rollouts") if isinstance(data, dict) else None
     if not isinstance(rollouts, list) or len(rollouts) > MAX_ROLLOUTS:

@@ -13,6 +13,7 @@ from typing import Any
 import psycopg
 
 from store.errors import InvalidOption
+from store.model.writes import audit
 from store.postgres.store import PostgresStore
 from store.redis.cluster import RedisClient
 from store.rollouts.model import (
@@ -39,6 +40,8 @@ MAX_MIRROR_BYTES = 8 * 1024 * 1024
 MAX_HEALTH_FIELDS = 10_000
 MAX_HEALTH_BYTES = 16 * 1024
 MAX_COUNT = 2**53
+# The most rollouts `rollouts` lists at once.
+MAX_LIST = 10_000
 
 _COLUMNS = (
     "id, scope, key, old_value::text, new_value::text, base_revision, selector, members,"
@@ -107,6 +110,16 @@ def _rollout(row: tuple[Any, ...]) -> Rollout:
     return Rollout(*values)
 
 
+def _current(conn: psycopg.Connection[Any], scope: str, key: str) -> tuple[int, str | None]:
+    row = conn.execute(
+        "SELECT s.revision, v.value::text FROM (SELECT %s::text AS scope) q"
+        " LEFT JOIN options_scope s ON s.scope = q.scope"
+        " LEFT JOIN options_value v ON v.scope = q.scope AND v.key = %s",
+        (scope, key),
+    ).fetchone()
+    return (int(row[0] or 0), row[1]) if row else (0, None)
+
+
 def mirror_key(namespace: str) -> str:
     return f"{namespace}:rollouts"
 
@@ -142,6 +155,30 @@ class RolloutRecords:
     ) -> Rollout:
         """Record a rollout and its canary value in history, in one transaction; refused (and
         nothing written) while another rollout watches the same key."""
+        return self.start_many(
+            [(scope, key, value_text)],
+            selector=selector,
+            watch_seconds=watch_seconds,
+            thresholds=thresholds,
+            live=live,
+            actor=actor,
+            reason=reason,
+        )[0]
+
+    def start_many(
+        self,
+        changes: list[tuple[str, str, str]],
+        *,
+        selector: Selector,
+        watch_seconds: float,
+        thresholds: Thresholds,
+        live: Iterable[str] = (),
+        actor: str | None = None,
+        reason: str | None = None,
+    ) -> list[Rollout]:
+        """Record a rollout of each (scope, key, canonical JSON value) with the same selector,
+        window and thresholds, and their canary values in history, all in one transaction:
+        all of them, or (one key under another rollout) none."""
         if not (isinstance(watch_seconds, int | float) and math.isfinite(watch_seconds)) or not (
             0 < watch_seconds <= 7 * 24 * 3600
         ):
@@ -149,65 +186,91 @@ class RolloutRecords:
                 "watch", f"must be above 0 s and at most 7 days, not {watch_seconds}"
             )
         live = sorted(set(live))
+        ids = []
         with self.postgres.connection() as conn, conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"rollout:{scope}",))
-            row = conn.execute(
-                "SELECT s.revision, v.value::text FROM (SELECT %s::text AS scope) q"
-                " LEFT JOIN options_scope s ON s.scope = q.scope"
-                " LEFT JOIN options_value v ON v.scope = q.scope AND v.key = %s",
-                (scope, key),
-            ).fetchone()
-            revision, old_text = (int(row[0] or 0), row[1]) if row else (0, None)
-            try:
-                with conn.transaction():
-                    inserted = conn.execute(
-                        "INSERT INTO options_rollout (scope, key, old_value, new_value,"
-                        " base_revision, selector, watch_seconds, thresholds, actor, reason,"
-                        " ends_at) VALUES (%s, %s, %s::json, %s::json, %s, %s, %s, %s::jsonb,"
-                        " %s, %s, now() + make_interval(secs => %s)) RETURNING id",
-                        (
-                            scope,
-                            key,
-                            old_text,
-                            value_text,
-                            revision,
-                            selector.text,
-                            watch_seconds,
-                            json.dumps(thresholds.as_dict()),
-                            actor,
-                            reason,
-                            watch_seconds,
-                        ),
-                    ).fetchone()
-            except psycopg.errors.UniqueViolation:
-                raise InvalidOption(
-                    "key", f"{key!r} of {scope} is already under a rollout (see `rollouts`)"
-                ) from None
-            assert inserted is not None
-            rollout_id = int(inserted[0])
-            members = selector.choose(str(rollout_id), live)
-            conn.execute(
-                "UPDATE options_rollout SET members = %s WHERE id = %s", (members, rollout_id)
-            )
-            conn.execute(
-                "INSERT INTO options_history (scope, key, old_value, new_value, revision,"
-                " task_id, actor, reason, origin) VALUES (%s, %s, %s::json, %s::json, %s, %s,"
-                " %s, %s, %s)",
-                (
-                    scope,
-                    key,
-                    old_text,
-                    value_text,
-                    revision,
-                    f"rollout:{rollout_id}:canary",
-                    actor,
-                    f"canary to {selector.text}" + (f": {reason}" if reason else ""),
-                    CANARY_ORIGIN,
-                ),
-            )
-        found = self.get(rollout_id)
-        assert found is not None
-        return found
+            # Scopes locked in one order: two requests over the same scopes never deadlock.
+            for scope in sorted({scope for scope, _, _ in changes}):
+                conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"rollout:{scope}",))
+            for scope, key, value_text in changes:
+                ids.append(
+                    self._insert(
+                        conn,
+                        scope,
+                        key,
+                        value_text,
+                        selector=selector,
+                        watch_seconds=watch_seconds,
+                        thresholds=thresholds,
+                        live=live,
+                        actor=actor,
+                        reason=reason,
+                    )
+                )
+        found = [self.get(rollout_id) for rollout_id in ids]
+        assert all(found)
+        return found  # type: ignore[return-value]  # all found, checked above
+
+    def _insert(
+        self,
+        conn: psycopg.Connection[Any],
+        scope: str,
+        key: str,
+        value_text: str,
+        *,
+        selector: Selector,
+        watch_seconds: float,
+        thresholds: Thresholds,
+        live: list[str],
+        actor: str | None,
+        reason: str | None,
+    ) -> int:
+        revision, old_text = _current(conn, scope, key)
+        try:
+            with conn.transaction():
+                inserted = conn.execute(
+                    "INSERT INTO options_rollout (scope, key, old_value, new_value,"
+                    " base_revision, selector, watch_seconds, thresholds, actor, reason,"
+                    " ends_at) VALUES (%s, %s, %s::json, %s::json, %s, %s, %s, %s::jsonb,"
+                    " %s, %s, now() + make_interval(secs => %s)) RETURNING id",
+                    (
+                        scope,
+                        key,
+                        old_text,
+                        value_text,
+                        revision,
+                        selector.text,
+                        watch_seconds,
+                        json.dumps(thresholds.as_dict()),
+                        actor,
+                        reason,
+                        watch_seconds,
+                    ),
+                ).fetchone()
+        except psycopg.errors.UniqueViolation:
+            raise InvalidOption(
+                "key", f"{key!r} of {scope} is already under a rollout (see `rollouts`)"
+            ) from None
+        assert inserted is not None
+        rollout_id = int(inserted[0])
+        members = selector.choose(str(rollout_id), live)
+        conn.execute("UPDATE options_rollout SET members = %s WHERE id = %s", (members, rollout_id))
+        conn.execute(
+            "INSERT INTO options_history (scope, key, old_value, new_value, revision,"
+            " task_id, actor, reason, origin) VALUES (%s, %s, %s::json, %s::json, %s, %s,"
+            " %s, %s, %s)",
+            (
+                scope,
+                key,
+                old_text,
+                value_text,
+                revision,
+                f"rollout:{rollout_id}:canary",
+                actor,
+                f"canary to {selector.text}" + (f": {reason}" if reason else ""),
+                CANARY_ORIGIN,
+            ),
+        )
+        return rollout_id
 
     def get(self, rollout_id: int) -> Rollout | None:
         with self.postgres.connection() as conn:
@@ -226,6 +289,10 @@ class RolloutRecords:
         return [_rollout(row) for row in rows]
 
     def recent(self, *, limit: int = 50) -> list[Rollout]:
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST:
+            raise InvalidOption(
+                "limit", f"must be a whole number from 1 to {MAX_LIST}, got {limit}"
+            )
         with self.postgres.connection() as conn:
             rows = conn.execute(
                 f"SELECT {_COLUMNS} FROM options_rollout"  # noqa: S608  # constant
@@ -238,6 +305,7 @@ class RolloutRecords:
         """Ask the leader to promote or abort a watching rollout at its next round."""
         if action not in {"promote", "abort"}:
             raise InvalidOption("action", f"must be promote or abort, got {action!r}")
+        actor = audit(actor).actor  # the rules of a write's actor: it goes into history
         with self.postgres.connection() as conn:
             row = conn.execute(
                 "UPDATE options_rollout SET requested = %s, requested_by = %s"
@@ -301,13 +369,7 @@ class RolloutRecords:
     def current(self, scope: str, key: str) -> tuple[int, str | None]:
         """The scope's revision and the key's stored value (canonical JSON; None: unset)."""
         with self.postgres.connection() as conn:
-            row = conn.execute(
-                "SELECT s.revision, v.value::text FROM (SELECT %s::text AS scope) q"
-                " LEFT JOIN options_scope s ON s.scope = q.scope"
-                " LEFT JOIN options_value v ON v.scope = q.scope AND v.key = %s",
-                (scope, key),
-            ).fetchone()
-        return (int(row[0] or 0), row[1]) if row else (0, None)
+            return _current(conn, scope, key)
 
     def written(self, task_id: str) -> bool:
         """Whether a write with this task id committed (a promotion made before a takeover)."""
@@ -361,18 +423,20 @@ def parse_health(raw: bytes | str) -> tuple[bool, Health] | None:  # noqa: PLR09
         return None
     try:
         data = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep to decode
         return None
     if not isinstance(data, dict):
         return None
     counts = [data.get(name) for name in ("tasks", "failures", "retries")]
     if not all(type(c) is int and 0 <= c <= MAX_COUNT for c in counts):
         return None
+    tasks, failures, retries = (int(c) for c in counts)  # type: ignore[arg-type]  # checked
+    if failures > tasks or retries > tasks:
+        return None  # a task run fails or retries at most once
     runtimes = data.get("runtimes")
-    if not isinstance(runtimes, list) or len(runtimes) > MAX_SAMPLES:
+    if not isinstance(runtimes, list) or len(runtimes) > min(MAX_SAMPLES, tasks):
         return None
     if not all(type(r) in {int, float} and math.isfinite(r) and 0 <= r <= 1e7 for r in runtimes):
         return None
-    tasks, failures, retries = (int(c) for c in counts)  # type: ignore[arg-type]  # checked
     health = Health(tasks, failures, retries, [float(r) for r in runtimes], 1)
     return bool(data.get("canary")), health

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from store.errors import InvalidOption
@@ -22,7 +22,10 @@ def parse_duration(value: object, field: str = "watch") -> float:
     """Seconds from ``120``, ``"120s"``, ``"2m"``, ``"1h"``, ``"500ms"``; InvalidOption naming
     ``field`` otherwise."""
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int past any float: far past the longest window
+            raise InvalidOption(field, "must be at most 7 days, got a far larger number") from None
     found = _DURATION.fullmatch(value.strip()) if isinstance(value, str) else None
     if found is None:
         raise InvalidOption(field, f"must be a duration such as 120s, 2m or 1h, got {value!r}")
@@ -75,19 +78,50 @@ def start_rollout(
     """Check a rollout of ``key`` = ``value`` in ``scope`` to the processes ``canary`` selects,
     watched for ``watch`` (seconds, or a duration such as ``"120s"``), and record it; the leader
     takes it from there. Bad input raises InvalidOption naming the field, and writes nothing."""
-    parsed, name, text, selector, seconds, checked = check_request(
-        backend, scope, key, value, canary=canary, watch=watch, thresholds=thresholds
-    )
+    return start_rollouts(
+        backend,
+        namespace,
+        [(scope, key, value)],
+        canary=canary,
+        watch=watch,
+        thresholds=thresholds,
+        actor=actor,
+        reason=reason,
+    )[0]
+
+
+def start_rollouts(
+    backend: Any,
+    namespace: str,
+    requests: Sequence[tuple[str | Scope, object, object]],
+    *,
+    canary: object,
+    watch: object,
+    thresholds: dict[str, Any] | None = None,
+    actor: str | None = None,
+    reason: str | None = None,
+) -> list[Rollout]:
+    """``start_rollout`` for each (scope, key, value), with the same selector, window and
+    thresholds: every request is checked, then all are recorded in one transaction, or none
+    (bad input, or a key already under a rollout, raises InvalidOption naming the field)."""
+    checked_requests = [
+        check_request(backend, scope, key, value, canary=canary, watch=watch, thresholds=thresholds)
+        for scope, key, value in requests
+    ]
+    if not checked_requests:
+        return []
     asked = audit(actor, reason)  # the rules of a write's actor and reason
     found = records_of(backend, namespace)
+    _, _, _, selector, seconds, checked = checked_requests[0]
     live: list[str] = []
     if selector.kind == PERCENT and backend.redis is not None:
         presence = Presence(backend.redis.client, namespace=namespace)
         live = [p.name for p in presence.processes() if p.kind == "worker"]
-    rollout = found.start(
-        scope=parsed.name,
-        key=name,
-        value_text=text,
+    # Processes follow them once the leader copies the active rollouts to Redis (within a
+    # second): only the leader writes that copy, so that no copy read before a rollout ended
+    # is written after the leader removed it.
+    return found.start_many(
+        [(parsed.name, name, text) for parsed, name, text, _, _, _ in checked_requests],
         selector=selector,
         watch_seconds=seconds,
         thresholds=checked,
@@ -95,7 +129,3 @@ def start_rollout(
         actor=asked.actor,
         reason=asked.reason,
     )
-    # At once; the leader copies the active rollouts each second anyway (Redis down: then).
-    with contextlib.suppress(Exception):
-        found.mirror()
-    return rollout

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from store.errors import InvalidOption
+from store.errors import describe as describe_error
 from store.model.scopes import Scope
 from store.rollouts.model import WATCHING, Thresholds, judge
 from store.rollouts.records import Rollout
-from store.rollouts.start import check_request, records_of, start_rollout
+from store.rollouts.start import records_of, start_rollout, start_rollouts
 from worker.cli.actor import actor_of
 from worker.cli.console import configured, print_json, settings, table
 
@@ -98,33 +99,21 @@ def apply_as_rollouts(
                     "apply it without --canary",
                 )
             requests.append((scope, change.key, json.loads(change.new)))
-    for scope, key, value in requests:
-        check_request(
-            backend,
-            scope,
-            key,
-            value,
-            canary=args.canary,
-            watch=args.watch,
-            thresholds=thresholds_of(args),
-        )
     reason = f"apply {Path(args.file).name}" + (f": {args.reason}" if args.reason else "")
-    started = []
-    for scope, key, value in requests:
-        rollout = start_rollout(
-            backend,
-            namespace,
-            scope,
-            key,
-            value,
-            canary=args.canary,
-            watch=args.watch,
-            thresholds=thresholds_of(args),
-            actor=actor_of(args),
-            reason=reason,
-        )
-        started.append(rollout.id)
-        if not args.json:
+    # All of the file's rollouts, or (bad input, a key already under a rollout) none.
+    rollouts = start_rollouts(
+        backend,
+        namespace,
+        requests,
+        canary=args.canary,
+        watch=args.watch,
+        thresholds=thresholds_of(args),
+        actor=actor_of(args),
+        reason=reason,
+    )
+    started = [rollout.id for rollout in rollouts]
+    if not args.json:
+        for rollout in rollouts:
             print(f"started {describe(rollout)}")
     report.update(applied=True, rollouts=started)
     if args.json:
@@ -156,7 +145,8 @@ def add_commands(command: Command) -> None:
 
 
 def report(backend: Any, namespace: str, *, limit: int = 50) -> list[dict[str, Any]]:
-    """Each rollout as a dict; a watching one with its figures so far."""
+    """Each rollout as a dict; a watching one with its figures so far (none, and
+    ``figures_unavailable`` saying why, while the health reports cannot be read)."""
     found = records_of(backend, namespace)
     shown = []
     for rollout in found.recent(limit=limit):
@@ -166,7 +156,12 @@ def report(backend: Any, namespace: str, *, limit: int = 50) -> list[dict[str, A
                 thresholds = Thresholds.from_options(rollout.thresholds)
             except ValueError:
                 thresholds = Thresholds()
-            canary, baseline = found.health(rollout.id)
+            try:
+                canary, baseline = found.health(rollout.id)
+            except Exception as exc:  # Redis down: what PostgreSQL holds is still shown
+                entry["figures_unavailable"] = f"health reports unreadable: {describe_error(exc)}"
+                shown.append(entry)
+                continue
             entry["figures"] = judge(
                 thresholds, canary, baseline, elapsed=rollout.elapsed, window=float("inf")
             ).figures

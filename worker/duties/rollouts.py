@@ -17,6 +17,7 @@ from store.rollouts.model import (
     PROMOTED,
     REVERTED,
     SUPERSEDED,
+    Health,
     Thresholds,
     Verdict,
     judge,
@@ -109,7 +110,16 @@ class RolloutJudge:
             thresholds = Thresholds.from_options(rollout.thresholds)
         except ValueError:
             thresholds = Thresholds()
-        canary, baseline = self.records.health(rollout.id)
+        try:
+            canary, baseline = self.records.health(rollout.id)
+        except Exception as exc:  # Redis down: judged on what there is (nothing), not stuck
+            self._throttled.warning(
+                "rollout.health_unread",
+                key=f"health:{rollout.id}",
+                rollout=rollout.id,
+                error=describe(exc),
+            )
+            canary, baseline = Health(), Health()
         figures: dict[str, Any]
         if rollout.requested is not None:
             figures = judge(
