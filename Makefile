@@ -5,6 +5,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# Test files run side by side in this many processes (pytest-xdist; a file's tests stay in one,
+# with its module fixtures): most of a test's time is waiting on real servers and workers.
+# PYTEST_WORKERS=0 runs them in this one process.
+PYTEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
 .PHONY: help venv lock run test lint docs bench clean-state
@@ -31,8 +35,8 @@ lock: ## resolve the newest releases pyproject.toml allows into constraints.txt 
 run: venv ## migrate, then run a worker on the embedded default (or the configured services)
 	$(BIN)/optionstore migrate && exec $(BIN)/optionstore worker --pool prefork --concurrency 2
 
-test: venv ## run the test suite (extra arguments: PYTEST_ARGS='-k embedded -x')
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+test: venv ## run the test suite (extra arguments: PYTEST_ARGS='-k embedded -x'; PYTEST_WORKERS=0: one process)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: venv ## ruff lint, ruff format check, mypy --strict, no merge conflict markers
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
