@@ -15,7 +15,8 @@ import psutil
 import pytest
 import redis
 
-from store.broadcast.frames import HELLO, MESSAGE, BadFrame, FrameReader, frame
+from store.broadcast.frames import HELLO, MESSAGE, REPORT, BadFrame, FrameReader, frame
+from store.broadcast.relay import HostRelay
 from store.redis.presence import Presence
 from tests.conftest import Services, fresh_id, wait_for
 from tests.test_broadcast import (
@@ -92,6 +93,45 @@ def test_a_host_report_lists_each_child_and_drops_one_taken_out(services: Servic
         assert {r.pid for r in presence.processes() if r.hostname == "host-a"} == {11}
     finally:
         presence.remove("host-a", main)
+
+
+def child_frames(pid: int, scope: str) -> bytes:
+    """A child's hello naming ``pid``, then its report of one applied revision of ``scope``."""
+    report = {"fields": {"kind": "worker", "pool": "prefork"}, "revisions": {scope: 1}}
+    return frame(HELLO, json.dumps({"pid": pid}).encode()) + frame(
+        REPORT, json.dumps({**report, "forgotten": []}).encode()
+    )
+
+
+def test_a_child_cannot_report_as_another_process(services: Services) -> None:
+    """The relay takes a child's pid from the kernel, not from its hello: a connection that
+    claims another pid is closed and writes nothing, while one that tells the truth is listed
+    in the host's report under its own pid."""
+    presence = Presence(redis_client(services.redis_url), namespace=services.namespace)
+    hostname = f"host-{fresh_id()}"
+    relay = HostRelay(presence=presence, hostname=hostname, pool="prefork")
+    relay.start()
+    forged = os.getpid() + 1  # a sibling's pid, say
+    key = presence.key(hostname, relay.pid)
+    client = redis_client(services.redis_url)
+    try:
+        with socket.socket(socket.AF_UNIX) as liar, socket.socket(socket.AF_UNIX) as honest:
+            liar.settimeout(10)
+            liar.connect(relay.path)
+            liar.sendall(child_frames(forged, "project:1"))
+            # Read by the relay once it answers the hello or closes the stream.
+            closed = liar.recv(64) == b""
+
+            honest.connect(relay.path)
+            honest.sendall(child_frames(os.getpid(), "project:2"))
+            wait_for(lambda: client.hexists(key, f"p:{os.getpid()}"), message="honest report")
+            fields = set(client.hgetall(key))
+            assert f"p:{forged}".encode() not in fields
+            assert f"c:{forged}:project:1".encode() not in fields
+            assert f"c:{os.getpid()}:project:2".encode() in fields
+            assert closed, "a hello naming another pid was answered"
+    finally:
+        relay.stop()
 
 
 def test_one_report_per_host_lists_every_child_in_status_and_wait(services: Services) -> None:
