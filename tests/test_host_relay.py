@@ -134,6 +134,32 @@ def test_a_child_cannot_report_as_another_process(services: Services) -> None:
         relay.stop()
 
 
+def test_a_relay_without_redis_keeps_no_report_and_sleeps_between_events() -> None:
+    """Without Redis (no presence) the relay keeps nothing of its children's reports: the
+    revisions they send do not pile up, and its thread waits for the next event instead of
+    finding a report always due."""
+    relay = HostRelay(presence=None, hostname=f"host-{fresh_id()}", pool="prefork")
+    relay.start()
+    try:
+        with socket.socket(socket.AF_UNIX) as child:
+            child.settimeout(10)
+            child.connect(relay.path)
+            hello = frame(HELLO, json.dumps({"pid": os.getpid()}).encode())
+            child.sendall(child_frames(os.getpid(), "project:1") + hello)
+            answers = b""
+            while len(answers) < 2 * len(frame(HELLO)):  # both hellos answered: report read
+                got = child.recv(64)
+                assert got, "the relay closed an honest child's stream"
+                answers += got
+            wait_for(
+                lambda: relay._timeout() > 0 and not relay._unreported,
+                timeout=5,
+                message="the relay's thread left with time to sleep",
+            )
+    finally:
+        relay.stop()
+
+
 def test_one_report_per_host_lists_every_child_in_status_and_wait(services: Services) -> None:
     """A prefork worker's children report through its main process, in one Redis hash, and
     `status` still lists each child with its position while `set --wait` counts each one."""

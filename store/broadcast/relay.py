@@ -373,6 +373,13 @@ class HostRelay:
 
     def _report(self) -> None:
         if self.presence is None:
+            # No Redis to report to: nothing is kept for a report that never comes (it would
+            # grow), and the next refresh is a second away (a report always due would leave
+            # the thread no time to sleep).
+            self._dirty.clear()
+            self._unreported.clear()
+            self._deleted.clear()
+            self._reported_at = time.monotonic()
             return
         now = time.monotonic()
         changed = bool(self._unreported or self._deleted)
