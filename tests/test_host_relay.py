@@ -15,6 +15,7 @@ import psutil
 import pytest
 import redis
 
+from store.broadcast.consumer import REPORTED_SCOPES
 from store.broadcast.frames import HELLO, MESSAGE, REPORT, BadFrame, FrameReader, frame
 from store.broadcast.relay import HostRelay
 from store.redis.presence import Presence
@@ -130,6 +131,54 @@ def test_a_child_cannot_report_as_another_process(services: Services) -> None:
             assert f"c:{forged}:project:1".encode() not in fields
             assert f"c:{os.getpid()}:project:2".encode() in fields
             assert closed, "a hello naming another pid was answered"
+    finally:
+        relay.stop()
+
+
+def ended(sock: socket.socket) -> bool:
+    """Whether the other end closed ``sock`` (what it sent before is read and dropped)."""
+    sock.setblocking(False)
+    try:
+        while sock.recv(4096):
+            pass
+    except BlockingIOError:
+        return False
+    return True
+
+
+def test_a_child_claiming_more_scopes_than_a_process_keeps_is_cut_off(services: Services) -> None:
+    """A child's report of more revisions than a process keeps (REPORTED_SCOPES) is refused:
+    its stream is closed and none of it reaches the host's report, which keeps listing the
+    honest ones."""
+    presence = Presence(redis_client(services.redis_url), namespace=services.namespace)
+    hostname = f"host-{fresh_id()}"
+    relay = HostRelay(presence=presence, hostname=hostname, pool="prefork")
+    relay.start()
+    key = presence.key(hostname, relay.pid)
+    client = redis_client(services.redis_url)
+    try:
+        with socket.socket(socket.AF_UNIX) as greedy, socket.socket(socket.AF_UNIX) as honest:
+            greedy.settimeout(10)
+            greedy.connect(relay.path)
+            scopes = {f"project:{n}": 1 for n in range(REPORTED_SCOPES + 1)}
+            body = {"fields": {"kind": "worker"}, "revisions": scopes, "forgotten": []}
+            greedy.sendall(
+                frame(HELLO, json.dumps({"pid": os.getpid()}).encode())
+                + frame(REPORT, json.dumps(body).encode())
+            )
+            wait_for(
+                lambda: ended(greedy),
+                timeout=10,
+                message="the stream of a child reporting too many scopes to end",
+            )
+
+            honest.connect(relay.path)
+            honest.sendall(child_frames(os.getpid(), "user:1"))
+            wait_for(
+                lambda: client.hexists(key, f"c:{os.getpid()}:user:1"), message="honest report"
+            )
+            fields = client.hkeys(key)
+            assert not [f for f in fields if f.startswith(f"c:{os.getpid()}:project:".encode())]
     finally:
         relay.stop()
 

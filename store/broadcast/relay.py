@@ -49,6 +49,9 @@ from store.events import log
 from store.fork import after_fork_in_child
 from store.redis.presence import CHILD_PREFIX, CHILD_REVISION_PREFIX, Presence
 
+# Revisions a process reports; older ones fall off its report (and a child reporting through
+# the relay that claims more is cut off: what it sends is untrusted).
+REPORTED_SCOPES = 5000
 # What a child may send in one frame: a report of up to REPORTED_SCOPES revisions.
 MAX_CHILD_FRAME = 1 << 20
 # Bytes queued for a child that does not read (stopped, stuck): past this it is cut off, and
@@ -333,6 +336,13 @@ class HostRelay:
             log.warning("broadcast.relay_bad_report", child=child.pid, error=str(exc))
             return
         if not child.pid:
+            return
+        kept = (set(child.revisions) | set(revisions)) - set(forgotten)
+        if len(kept) > REPORTED_SCOPES:
+            # More than a process keeps: written nowhere; the child reports for itself.
+            log.warning("broadcast.relay_bad_report", child=child.pid, scopes=len(kept))
+            with contextlib.suppress(OSError):
+                child.sock.shutdown(socket.SHUT_RDWR)
             return
         child.fields = fields
         child.revisions.update(revisions)
