@@ -18,8 +18,10 @@ import pytest
 import redis
 
 from store.broadcast.codec import SIGNATURE_HEADER, ReloadMessage, encode
+from store.broadcast.consumer import REPORTED_SCOPES
 from store.broadcast.exchange import reload_exchange
-from store.broadcast.frames import HELLO, MESSAGE, BadFrame, FrameReader, frame
+from store.broadcast.frames import HELLO, MESSAGE, REPORT, BadFrame, FrameReader, frame
+from store.broadcast.relay import HostRelay
 from store.redis.presence import Presence
 from tests.conftest import Services, fresh_id, run_keyring, wait_for
 from tests.test_broadcast import (
@@ -96,6 +98,119 @@ def test_a_host_report_lists_each_child_and_drops_one_taken_out(services: Servic
         assert {r.pid for r in presence.processes() if r.hostname == "host-a"} == {11}
     finally:
         presence.remove("host-a", main)
+
+
+def child_frames(pid: int, scope: str) -> bytes:
+    """A child's hello naming ``pid``, then its report of one applied revision of ``scope``."""
+    report = {"fields": {"kind": "worker", "pool": "prefork"}, "revisions": {scope: 1}}
+    return frame(HELLO, json.dumps({"pid": pid}).encode()) + frame(
+        REPORT, json.dumps({**report, "forgotten": []}).encode()
+    )
+
+
+def test_a_child_cannot_report_as_another_process(services: Services) -> None:
+    """The relay takes a child's pid from the kernel, not from its hello: a connection that
+    claims another pid is closed and writes nothing, while one that tells the truth is listed
+    in the host's report under its own pid."""
+    presence = Presence(redis_client(services.redis_url), namespace=services.namespace)
+    hostname = f"host-{fresh_id()}"
+    relay = HostRelay(presence=presence, hostname=hostname, pool="prefork")
+    relay.start()
+    forged = os.getpid() + 1  # a sibling's pid, say
+    key = presence.key(hostname, relay.pid)
+    client = redis_client(services.redis_url)
+    try:
+        with socket.socket(socket.AF_UNIX) as liar, socket.socket(socket.AF_UNIX) as honest:
+            liar.settimeout(10)
+            liar.connect(relay.path)
+            liar.sendall(child_frames(forged, "project:1"))
+            # Read by the relay once it answers the hello or closes the stream.
+            closed = liar.recv(64) == b""
+
+            honest.connect(relay.path)
+            honest.sendall(child_frames(os.getpid(), "project:2"))
+            wait_for(lambda: client.hexists(key, f"p:{os.getpid()}"), message="honest report")
+            fields = set(client.hgetall(key))
+            assert f"p:{forged}".encode() not in fields
+            assert f"c:{forged}:project:1".encode() not in fields
+            assert f"c:{os.getpid()}:project:2".encode() in fields
+            assert closed, "a hello naming another pid was answered"
+    finally:
+        relay.stop()
+
+
+def ended(sock: socket.socket) -> bool:
+    """Whether the other end closed ``sock`` (what it sent before is read and dropped)."""
+    sock.setblocking(False)
+    try:
+        while sock.recv(4096):
+            pass
+    except BlockingIOError:
+        return False
+    return True
+
+
+def test_a_child_claiming_more_scopes_than_a_process_keeps_is_cut_off(services: Services) -> None:
+    """A child's report of more revisions than a process keeps (REPORTED_SCOPES) is refused:
+    its stream is closed and none of it reaches the host's report, which keeps listing the
+    honest ones."""
+    presence = Presence(redis_client(services.redis_url), namespace=services.namespace)
+    hostname = f"host-{fresh_id()}"
+    relay = HostRelay(presence=presence, hostname=hostname, pool="prefork")
+    relay.start()
+    key = presence.key(hostname, relay.pid)
+    client = redis_client(services.redis_url)
+    try:
+        with socket.socket(socket.AF_UNIX) as greedy, socket.socket(socket.AF_UNIX) as honest:
+            greedy.settimeout(10)
+            greedy.connect(relay.path)
+            scopes = {f"project:{n}": 1 for n in range(REPORTED_SCOPES + 1)}
+            body = {"fields": {"kind": "worker"}, "revisions": scopes, "forgotten": []}
+            greedy.sendall(
+                frame(HELLO, json.dumps({"pid": os.getpid()}).encode())
+                + frame(REPORT, json.dumps(body).encode())
+            )
+            wait_for(
+                lambda: ended(greedy),
+                timeout=10,
+                message="the stream of a child reporting too many scopes to end",
+            )
+
+            honest.connect(relay.path)
+            honest.sendall(child_frames(os.getpid(), "user:1"))
+            wait_for(
+                lambda: client.hexists(key, f"c:{os.getpid()}:user:1"), message="honest report"
+            )
+            fields = client.hkeys(key)
+            assert not [f for f in fields if f.startswith(f"c:{os.getpid()}:project:".encode())]
+    finally:
+        relay.stop()
+
+
+def test_a_relay_without_redis_keeps_no_report_and_sleeps_between_events() -> None:
+    """Without Redis (no presence) the relay keeps nothing of its children's reports: the
+    revisions they send do not pile up, and its thread waits for the next event instead of
+    finding a report always due."""
+    relay = HostRelay(presence=None, hostname=f"host-{fresh_id()}", pool="prefork")
+    relay.start()
+    try:
+        with socket.socket(socket.AF_UNIX) as child:
+            child.settimeout(10)
+            child.connect(relay.path)
+            hello = frame(HELLO, json.dumps({"pid": os.getpid()}).encode())
+            child.sendall(child_frames(os.getpid(), "project:1") + hello)
+            answers = b""
+            while len(answers) < 2 * len(frame(HELLO)):  # both hellos answered: report read
+                got = child.recv(64)
+                assert got, "the relay closed an honest child's stream"
+                answers += got
+            wait_for(
+                lambda: relay._timeout() > 0 and not relay._unreported,
+                timeout=5,
+                message="the relay's thread left with time to sleep",
+            )
+    finally:
+        relay.stop()
 
 
 def test_one_report_per_host_lists_every_child_in_status_and_wait(services: Services) -> None:

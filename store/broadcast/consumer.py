@@ -31,14 +31,13 @@ from store.broadcast.codec import (
     signature_headers,
 )
 from store.broadcast.exchange import reload_exchange, reload_queue
-from store.broadcast.relay import HostRelay
+from store.broadcast.relay import REPORTED_SCOPES, HostRelay
 from store.events import Throttled, log
 from store.options_store import OptionsStore
 from store.redis.presence import Presence
 from store.signing.keys import Keyring
 from store.transport.redis import publish_topics, subscriber
 
-REPORTED_SCOPES = 5000  # revisions a process reports; older ones fall off its report
 # Seconds between two reports that carry revisions: under a stream of changes a process
 # reports a few times a second, not once per change (a report is a Redis write).
 REPORT_GAP = 0.25

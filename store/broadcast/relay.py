@@ -10,7 +10,9 @@ Trust boundary: the socket lives in a directory only this user can enter, made b
 process before it forks (``bind`` then ``chmod`` 0700 of the directory): only processes of
 the same user reach it, and those could already read the worker's memory. The main process
 checks every message's bounds and signature before it forwards it; a child checks the bounds
-and fields again (``decode``), not the signature.
+and fields again (``decode``), not the signature. A child's pid is the one the kernel names for
+its connection (``SO_PEERCRED``): a hello that claims another is refused, so no child writes a
+sibling's report.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import selectors
 import shutil
 import socket
+import struct
 import tempfile
 import threading
 import time
@@ -46,6 +49,9 @@ from store.events import log
 from store.fork import after_fork_in_child
 from store.redis.presence import CHILD_PREFIX, CHILD_REVISION_PREFIX, Presence
 
+# Revisions a process reports; older ones fall off its report (and a child reporting through
+# the relay that claims more is cut off: what it sends is untrusted).
+REPORTED_SCOPES = 5000
 # What a child may send in one frame: a report of up to REPORTED_SCOPES revisions.
 MAX_CHILD_FRAME = 1 << 20
 # Bytes queued for a child that does not read (stopped, stuck): past this it is cut off, and
@@ -63,6 +69,9 @@ REFRESH_EVERY = 1.0
 @dataclass
 class _Child:
     sock: socket.socket
+    # The pid the kernel names as the one that connected (0 where it names none): the only
+    # pid a child's hello may claim, so that no child writes another's report.
+    peer: int = 0
     reader: FrameReader = field(default_factory=lambda: FrameReader(MAX_CHILD_FRAME))
     queued: bytearray = field(default_factory=bytearray)
     sent_at: float = field(default_factory=time.monotonic)
@@ -289,7 +298,7 @@ class HostRelay:
             return
         sock.setblocking(False)
         with self._lock:
-            self._children[sock] = _Child(sock)
+            self._children[sock] = _Child(sock, peer=_peer_pid(sock))
         selector.register(sock, selectors.EVENT_READ)
 
     def _read(self, selector: selectors.BaseSelector, child: _Child) -> None:
@@ -300,17 +309,24 @@ class HostRelay:
             return
         for kind, payload in frames:
             if kind == HELLO:
-                self._hello(child, payload)
+                if not self._hello(child, payload):
+                    self._drop(selector, child, BadFrame("a hello naming another process"))
+                    return
             elif kind == REPORT:
                 self._child_report(child, payload)
 
-    def _hello(self, child: _Child, payload: bytes) -> None:
+    def _hello(self, child: _Child, payload: bytes) -> bool:
+        """Answer a child's hello; False if it claims a pid other than the one that connected."""
         pid = _pid(payload)
+        if child.peer and pid != child.peer:
+            log.warning("broadcast.relay_bad_hello", claimed=pid, peer=child.peer)
+            return False
         # Answered in the stream: everything forwarded after this reaches the child.
         with self._lock:
             if pid and not child.pid:
                 child.pid = pid
             self._queue(child, frame(SYNCED if self._subscribed else DEAF))
+        return True
 
     def _child_report(self, child: _Child, payload: bytes) -> None:
         try:
@@ -322,6 +338,13 @@ class HostRelay:
             log.warning("broadcast.relay_bad_report", child=child.pid, error=str(exc))
             return
         if not child.pid:
+            return
+        kept = (set(child.revisions) | set(revisions)) - set(forgotten)
+        if len(kept) > REPORTED_SCOPES:
+            # More than a process keeps: written nowhere; the child reports for itself.
+            log.warning("broadcast.relay_bad_report", child=child.pid, scopes=len(kept))
+            with contextlib.suppress(OSError):
+                child.sock.shutdown(socket.SHUT_RDWR)
             return
         if not child.fields:  # its first report
             self._joined.add(child.pid)
@@ -365,6 +388,14 @@ class HostRelay:
 
     def _report(self) -> None:
         if self.presence is None:
+            # No Redis to report to: nothing is kept for a report that never comes (it would
+            # grow), and the next refresh is a second away (a report always due would leave
+            # the thread no time to sleep).
+            self._dirty.clear()
+            self._joined.clear()
+            self._unreported.clear()
+            self._deleted.clear()
+            self._reported_at = time.monotonic()
             return
         now = time.monotonic()
         changed = bool(self._unreported or self._deleted or self._joined)
@@ -409,6 +440,22 @@ class HostRelay:
         self._reported_at = now
         if changed:
             self._change_reported_at = now
+
+
+_PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def _peer_pid(sock: socket.socket) -> int:
+    """The pid of the process that connected ``sock`` as the kernel saw it (Linux), else 0."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return 0
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, option, _PEER_CREDENTIALS.size)
+    except OSError:
+        return 0
+    pid: int = _PEER_CREDENTIALS.unpack(raw)[0]
+    return max(pid, 0)
 
 
 def _pid(payload: bytes) -> int:
