@@ -457,3 +457,45 @@ def test_the_main_process_alone_drops_forged_and_malformed_messages(services: Se
         # applied the real write. One process checked each.
         assert len(worker.events("broadcast.unverified", since=since)) == 1
         assert len(worker.events("broadcast.malformed", since=since)) == 1
+
+
+def test_children_of_a_main_process_whose_consumer_is_stuck_stop_caching_within_the_deadline(
+    services: Services,
+) -> None:
+    """The main process alive (its relay thread keeps each child's stream going) but its
+    consumer stuck before it forwards a change (tests/stuck_relay.py): within the heartbeat
+    deadline every child stops caching and reads the committed value, instead of serving its
+    cached one for as long as the consumer is stuck."""
+    with isolated(services) as own, contextlib.ExitStack() as stack:
+        worker = start(
+            own,
+            pool="prefork",
+            concurrency=CONCURRENCY,
+            include="tests.probe_tasks,tests.stuck_relay",
+            extra_env={"OPTIONS_LOCAL_CACHE": "process"},
+        )
+        stack.callback(worker.stop)
+        children = processes_of(worker)
+        project = fresh_id()
+        first = worker.call("options.set_project_option", project, "k", "v1")
+        wait_applied(own, children, first["scope"], first["revision"])
+        assert read_all(worker, project) == {"v1"}
+        since = len(worker.log())
+
+        worker.call("options.set_project_option", project, "k", "stuck:v2")
+        # STUCK (15 s) is three deadlines: a child still caching reads v1 past this wait.
+        wait_for(
+            lambda: read_all(worker, project) == {"stuck:v2"},
+            timeout=10,
+            interval=0.2,
+            message="every child to read the committed value",
+        )
+        # Before a task (the exchange silent too long), or in the consumer's own loop.
+        assert worker.events("broadcast.deafened", since=since)
+        assert relay_lost(worker, since) == set()  # the parent lives: nobody fell back
+
+
+def read_all(worker: object, project: int) -> set[object]:
+    """What every child of ``worker`` reads of the project's option ``k``."""
+    answers = worker.read_everywhere("project_options", "get_value", project, "k")  # type: ignore[attr-defined]
+    return set(answers.values())

@@ -45,9 +45,10 @@ class RelayedConsumer(ReloadConsumer):
     """The reload consumer of a prefork child whose parent relays the exchange.
 
     Synced once the parent answers its hello with SYNCED (after everything the parent queued
-    before it); DEAF from the parent, or its own pause past the deadline, stops caching until
-    the next SYNCED. End of stream, a bad frame or silence past the deadline (the parent sends
-    something every second while it lives) means the relay is lost: it logs
+    before it); DEAF from the parent, its own pause past the deadline, or no message of the
+    exchange through the relay for the deadline (the parent alive, its consumer stuck) stops
+    caching until the next SYNCED. End of stream, a bad frame or silence past the deadline
+    (the parent sends something every second while it lives) means the relay is lost: it logs
     ``broadcast.relay_lost``, takes itself out of the host's report and runs a subscription of
     its own, as every process without a relay does, for the rest of its life.
     """
@@ -62,6 +63,9 @@ class RelayedConsumer(ReloadConsumer):
         self.relay_pid = relay_pid
         self.relayed = True
         self._sock: socket.socket | None = None
+        # The parent's last frame of any kind (its relay thread speaks each second while it
+        # lives); ``_last_heard`` is the exchange's last message through it.
+        self._parent_heard = time.monotonic()
         self._redis_used: tuple[int, float] = (-1, 0.0)
 
     def run(self) -> None:
@@ -113,7 +117,7 @@ class RelayedConsumer(ReloadConsumer):
         selector = selectors.DefaultSelector()
         selector.register(sock, selectors.EVENT_READ)
         hello_at = 0.0
-        self._last_heard = time.monotonic()
+        self._last_heard = self._parent_heard = time.monotonic()
         try:
             while not self.stopping.is_set():
                 if not self.subscribed.is_set() and time.monotonic() - hello_at > 0.5:
@@ -122,9 +126,17 @@ class RelayedConsumer(ReloadConsumer):
                 if selector.select(timeout=self._drain_timeout()):
                     for kind, payload in reader.feed(sock):
                         self._on_frame(kind, payload)
-                silent = time.monotonic() - self._last_heard
+                now = time.monotonic()
+                silent = now - self._parent_heard
                 if silent > self.deadline:
                     raise RelayLost(f"nothing from the parent for {silent:.1f}s")
+                quiet = now - self._last_heard
+                if self.subscribed.is_set() and quiet > self.deadline:
+                    # The parent lives, but no message of the exchange (a heartbeat comes each
+                    # second) came through it: its consumer is stuck, or lost the exchange
+                    # without noticing yet. Cache nothing until it answers a hello again.
+                    self._deafened(f"nothing from the exchange through the relay for {quiet:.1f}s")
+                    self._last_heard = now  # deafened once for this silence, not again as a pause
                 self._report()
                 # Rollouts come from the parent each second; none confirmed for a while: none.
                 self.backend.overlay.failsafe(self.backend.local, why="no rollouts from the relay")
@@ -133,6 +145,7 @@ class RelayedConsumer(ReloadConsumer):
             selector.close()
 
     def _on_frame(self, kind: bytes, payload: bytes) -> None:
+        self._parent_heard = time.monotonic()
         if kind == MESSAGE:
             try:
                 # The parent checked the signature; the bounds and every field again here.
@@ -144,7 +157,10 @@ class RelayedConsumer(ReloadConsumer):
             if self.subscribed.is_set():
                 self._on_reload(reload)
             return
-        self._heard()
+        if kind == SYNCED:
+            # The exchange is live end to end as of now (a message, not the relay's own ALIVE).
+            self._last_heard = time.monotonic()
+            self._heard_at = time.time()
         if kind == SYNCED and not self.subscribed.is_set():
             # Everything the parent hears from now on reaches this child; what was read
             # before may be stale, so start from nothing.
@@ -168,7 +184,7 @@ class RelayedConsumer(ReloadConsumer):
                 )
         elif kind == CLOSING:
             raise RelayClosed("the worker is stopping")
-        # ALIVE: heard, nothing else.
+        # ALIVE: the parent lives; not a message of the exchange.
 
     def _send(self, data: bytes) -> None:
         assert self._sock is not None
