@@ -333,7 +333,7 @@ def _locked(state_dir: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-_ProcessState = Literal["ours", "zombie", "gone", "other"]
+_ProcessState = Literal["ours", "exiting", "zombie", "gone", "other"]
 
 
 def _process_state(pid: int, binary: Path) -> _ProcessState:
@@ -354,7 +354,7 @@ def _process_state(pid: int, binary: Path) -> _ProcessState:
         exe = os.readlink(f"/proc/{pid}/exe")
     except PermissionError:  # another user's process: ours run as this user (or root)
         return "other"
-    except FileNotFoundError:  # no such process, or a zombie: its exe link is gone
+    except FileNotFoundError:  # no such process, a zombie, or one exiting: no exe link
         return _zombie_or_gone(pid)
     return "ours" if Path(exe.removesuffix(" (deleted)")) == binary.resolve() else "other"
 
@@ -364,17 +364,22 @@ def _zombie_or_gone(pid: int) -> _ProcessState:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except FileNotFoundError:
         return "gone"
-    # The state follows the parenthesised command name, which may itself hold spaces.
-    return "zombie" if stat.rpartition(")")[2].split()[:1] == ["Z"] else "other"
+    # The state follows the parenthesised command name, which may itself hold spaces. Not a
+    # zombie yet, with its exe link gone: between releasing its memory and becoming one.
+    return "zombie" if stat.rpartition(")")[2].split()[:1] == ["Z"] else "exiting"
 
 
 def _stop(pid: int | None, binary: Path, sig: signal.Signals) -> None:
     if pid is None or _process_state(pid, binary) != "ours":
         return
+
+    def ended() -> bool:  # a zombie serves nothing: it waits for its parent (or init) only
+        return _process_state(pid, binary) not in ("ours", "exiting")
+
     for signum, timeout in ((sig, _STOP_TIMEOUT), (signal.SIGKILL, 5.0)):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
-        if _wait_until(lambda: _process_state(pid, binary) != "ours", time.monotonic() + timeout):
+        if _wait_until(ended, time.monotonic() + timeout):
             return
     raise EmbeddedError(f"pid {pid} ({binary.name}) survives SIGKILL")
 
