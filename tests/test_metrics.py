@@ -10,11 +10,15 @@ import pytest
 
 from store.metrics import Metrics
 from tests.conftest import Services, Worker, fresh_id, wait_for, worker_serving_metrics
+from tests.test_broadcast import wait_synced
 
 
 @pytest.fixture(scope="module")
 def measured(services: Services) -> Iterator[tuple[Worker, int]]:
     with worker_serving_metrics(services, "metrics") as serving:
+        # Every child follows the broadcasts before the test writes: one still waiting for its
+        # subscription (or its relay's answer) would never count the writes' broadcasts.
+        wait_synced(services, serving[0].child_pids())
         yield serving
 
 
