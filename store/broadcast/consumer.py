@@ -369,23 +369,32 @@ class ReloadConsumer(threading.Thread):
     def _report(self, *, force: bool = False) -> None:
         if self.presence is None:
             return
-        now = time.monotonic()
-        # Reported a little after the first unreported change, not at once: the report is a
-        # Redis write, and the processes still applying the same message share the CPU.
-        due = self._unreported and now >= self._report_due_at()
-        if not (force or due or now - self._last_report >= self._spread):
+        due = self._due_report(force=force)
+        if due is None:
             return
-        revisions, self._unreported = self._unreported, {}
-        if revisions:
-            self._last_change_report = now
-        forgotten, self._forgotten = self._forgotten, []
+        revisions, forgotten = due
         try:
             self._send_report(revisions, forgotten)
         except Exception as exc:  # a report is best effort; the next one carries these too
             self._unreported = {**revisions, **self._unreported}
             self._forgotten = forgotten + self._forgotten
             log.warning("presence.report_failed", error=f"{type(exc).__name__}: {exc}")
+
+    def _due_report(self, *, force: bool) -> tuple[dict[str, int], list[str]] | None:
+        """What the report due now carries (revisions, forgotten scopes), taken off the
+        unreported ones and counted as sent; None if no report is due."""
+        now = time.monotonic()
+        # Reported a little after the first unreported change, not at once: the report is a
+        # Redis write, and the processes still applying the same message share the CPU.
+        due = self._unreported and now >= self._report_due_at()
+        if not (force or due or now - self._last_report >= self._spread):
+            return None
+        revisions, self._unreported = self._unreported, {}
+        if revisions:
+            self._last_change_report = now
+        forgotten, self._forgotten = self._forgotten, []
         self._last_report = now
+        return revisions, forgotten
 
     def _follow_rollouts(self) -> None:
         """The active rollouts, at most once a second (store/rollouts/overlay.py). Whatever

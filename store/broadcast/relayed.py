@@ -200,14 +200,10 @@ class RelayedConsumer(ReloadConsumer):
         if not self.relayed:
             super()._report(force=force)
             return
-        now = time.monotonic()
-        due = self._unreported and now >= self._report_due_at()
-        if not (force or due or now - self._last_report >= self._spread):
+        due = self._due_report(force=force)
+        if due is None:
             return
-        revisions, self._unreported = self._unreported, {}
-        if revisions:
-            self._last_change_report = now
-        forgotten, self._forgotten = self._forgotten, []
+        revisions, forgotten = due
         body = {
             "fields": {"kind": self.kind, "pool": self.pool, **self._fields()},
             "revisions": revisions,
@@ -215,7 +211,6 @@ class RelayedConsumer(ReloadConsumer):
         }
         # A failure here is the relay's loss: the loop sees it and falls back.
         self._send(frame(REPORT, orjson.dumps(body)))
-        self._last_report = now
 
     def _close_idle_redis(self) -> None:
         """Disconnect the pooled Redis connections no read has used for a while (redis-py
