@@ -133,6 +133,13 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
         self._next_census = 0.0
         self._shared_client: Any = None
         super().__init__(*args, **kwargs)
+        # kombu's __init__ checks the server with a PING on the pool its BRPOP and pub/sub
+        # draw from, and leaves that connection idle there. A channel that only publishes
+        # (Celery's events, the reload publisher) goes through conn_or_acquire's client, on
+        # the other pool, and would hold the idle one for its whole life: one Redis
+        # connection per such channel per process. Closed now; the first BRPOP or
+        # subscription connects again.
+        self.async_pool.disconnect(inuse_connections=False)
 
     # -- names -----------------------------------------------------------------------------
 
