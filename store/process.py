@@ -296,6 +296,15 @@ class StoreProcess:
                 self._relay.start()
             return self._relay
 
+    def runs_no_tasks(self) -> None:
+        """This process forks the pool and runs no task itself (a prefork worker's main
+        process): its threads take turns on one Redis connection. A child forked afterwards,
+        which runs tasks, shares a pool again."""
+        with self._lock:
+            cache = self.store.redis
+            if cache is not None:
+                cache.take_turns()
+
     def give_back_when_idle(self, pool: Any) -> None:
         """Have this process's relayed consumer disconnect ``pool``'s idle connections (a
         redis-py pool) as it does its cache's, once nothing has read for a while."""
@@ -368,6 +377,8 @@ class StoreProcess:
         # The consumer thread did not come along, and the parent may have held the lock.
         self._lock = threading.RLock()
         self._consumer = None
+        if self.store.redis is not None:
+            self.store.redis.share_connections()
         if self._relay is not None:
             # Its sockets are closed by its own hook; the child follows it by its path.
             self._relay_path, self._relay_pid = self._relay.path, self._relay.pid

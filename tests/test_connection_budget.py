@@ -15,14 +15,15 @@ from tests.conftest import Services, Worker, wait_for
 
 # Idle, before any write: (Redis, PostgreSQL) connections per process, at most.
 BUDGET = {
-    # the task consumer (2: a blocking take, and its acknowledgements), the control channel
-    # (2), the store's Redis client (up to 2: the lease and the host's report, the
-    # reconciler), the host's one subscription to the reload exchange, relayed to the children
-    # (2: its subscription, and the channel of its hellos); the leader also publishes (2:
-    # kombu's channel check and the publishes, shared by heartbeat and relay) and reads
-    # PostgreSQL from its two duty threads (2, given back after a minute idle)
-    "leader": (11, 2),
-    "follower": (8, 0),
+    # Celery's: the task consumer (2: a blocking take, and its acknowledgements), the control
+    # channel's subscription (1), its event publisher (1: worker heartbeats). The store's: its
+    # Redis client (1: the lease, the host's report, the reconciler and the judge take turns
+    # on it), the host's one subscription to the reload exchange, relayed to the children (2:
+    # its subscription, and its channel's client, which kombu refreshes the exchange's binding
+    # with). The leader also publishes heartbeats (1) and reads PostgreSQL from its two duty
+    # threads (2, given back after a minute idle)
+    "leader": (8, 2),
+    "follower": (7, 0),
     # none: it follows the exchange and reports through its parent's relay (a Unix socket),
     # and gives back the Redis connections of its cache reads and of Celery's Redis result
     # backend once idle. No PostgreSQL until a read misses Redis or a task writes

@@ -109,3 +109,71 @@ def test_a_report_of_thousands_of_revisions_is_written_whole(cache: RedisCache) 
     # Redis lost the hash: the next report says so.
     cache.client.delete(presence.key("h", 7))
     assert presence.report(hostname="h", pid=7, fields=fields, revisions=moved)
+
+
+def _connections_used(cache: RedisCache, *, threads: int = 8, rounds: int = 200) -> set[int]:
+    """The server's ids of the connections ``threads`` threads' commands went out on, each
+    thread starting at the same moment."""
+    import threading
+
+    seen: set[int] = set()
+    start = threading.Barrier(threads)
+
+    def run() -> None:
+        start.wait()
+        for _ in range(rounds):
+            seen.add(cache.client.client_id())
+            direct.hgetall(cache.client, cache.key("project:turns"))
+
+    workers = [threading.Thread(target=run) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return seen
+
+
+def test_threads_that_take_turns_share_one_connection(cache: RedisCache) -> None:
+    """A prefork worker's main process (store.runtime.runs_no_tasks): however its threads'
+    commands line up, Redis sees one connection from it; without turns, several."""
+    assert len(_connections_used(cache)) > 1
+    cache.take_turns()
+    assert len(_connections_used(cache)) == 1
+    cache.share_connections()
+    assert len(_connections_used(cache)) > 1
+
+
+def test_a_child_forked_from_a_process_that_takes_turns_shares_again(
+    services: Services,
+) -> None:
+    """The children run tasks: their threads must not wait on one connection."""
+    import os
+
+    from store.process import StoreProcess
+
+    runtime = StoreProcess()
+    runtime.configure(
+        database_url=services.database_url,
+        redis_url=services.redis_url,
+        namespace=f"{services.namespace}turns",
+    )
+    cache = runtime.store.redis
+    assert cache is not None
+    runtime.runs_no_tasks()
+    assert isinstance(cache.client.connection_pool, redis.BlockingConnectionPool)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            blocking = isinstance(cache.client.connection_pool, redis.BlockingConnectionPool)
+            used = len(_connections_used(cache))
+            os.write(write, f"{int(blocking)} {used}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as answer:
+        blocking, used = (int(part) for part in answer.read().split())
+    os.waitpid(child, 0)
+    assert (blocking, used > 1) == (0, True)
+    assert len(_connections_used(cache)) == 1  # the parent still takes turns
+    runtime.stop()

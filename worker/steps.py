@@ -61,6 +61,8 @@ class StoreStep(bootsteps.StartStopStep):  # type: ignore[misc]
         store.runtime.pool = installation.pool
         installation.configure_store(kind=store.WORKER)
         installation.note_queues()
+        if installation.pool == "prefork":
+            store.runtime.runs_no_tasks()
         if installation.pool == "prefork" and settings.host_relay:
             # Before the pool forks: every child, first or replacement, finds its path.
             store.runtime.open_relay()

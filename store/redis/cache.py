@@ -50,7 +50,10 @@ class RedisCache:
     ) -> None:
         self.prefix = prefix
         self.ttl = ttl
+        self.socket_timeout = socket_timeout
         self.cluster = cluster.is_cluster_url(url)
+        # The client's own pool while its commands take turns on one connection (take_turns).
+        self._shared_pool: Any = None
         # A cluster's client is made on first use, in each process (store/redis/cluster.py).
         self.client: cluster.RedisClient = redis_client(
             url,
@@ -63,6 +66,29 @@ class RedisCache:
         self._raise = self.client.register_script(_script("raise.lua"))
         self._recent = self.client.register_script(_script("recent.lua"))
         self._announced = self.client.register_script(_script("announced.lua"))
+
+    def take_turns(self) -> None:
+        """From now on, this process's threads take turns on one Redis connection, each waiting
+        at most the socket timeout for it: for a process that runs no task (a prefork
+        worker's main process), whose lease, duties and host report need no more than one,
+        however their seconds line up. A client whose pool finds its server itself (Sentinel,
+        a cluster) keeps its pool."""
+        pool: Any = self.client.connection_pool
+        if self._shared_pool is not None or server_identity(pool) is None:
+            return
+        self._shared_pool = pool
+        self.client.connection_pool = redis.BlockingConnectionPool(  # type: ignore[no-untyped-call]
+            connection_class=pool.connection_class,
+            max_connections=1,
+            timeout=self.socket_timeout,
+            **pool.connection_kwargs,
+        )
+        pool.disconnect(inuse_connections=False)
+
+    def share_connections(self) -> None:
+        """Undo ``take_turns`` (in a child forked from such a process, which runs tasks)."""
+        if self._shared_pool is not None:
+            self.client.connection_pool, self._shared_pool = self._shared_pool, None
 
     def key(self, scope: str) -> str:
         if self.cluster:
