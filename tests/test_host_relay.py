@@ -5,12 +5,14 @@ parent killed -9) falls back to its own subscription and keeps converging."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
 import signal
 import socket
 import time
+from pathlib import Path
 
 import kombu
 import psutil
@@ -20,10 +22,11 @@ import redis
 from store.broadcast.codec import SIGNATURE_HEADER, ReloadMessage, encode
 from store.broadcast.consumer import REPORTED_SCOPES
 from store.broadcast.exchange import reload_exchange
-from store.broadcast.frames import HELLO, MESSAGE, REPORT, BadFrame, FrameReader, frame
-from store.broadcast.relay import HostRelay
+from store.broadcast.frames import ALIVE, HELLO, MESSAGE, REPORT, BadFrame, FrameReader, frame
+from store.broadcast.relay import ALIVE_EVERY, HostRelay
 from store.redis.presence import Presence
 from tests.conftest import Services, fresh_id, run_keyring, wait_for
+from tests.faults.servers import RedisServer
 from tests.test_broadcast import (
     cli,
     isolated,
@@ -205,10 +208,86 @@ def test_a_relay_without_redis_keeps_no_report_and_sleeps_between_events() -> No
                 assert got, "the relay closed an honest child's stream"
                 answers += got
             wait_for(
-                lambda: relay._timeout() > 0 and not relay._unreported,
+                lambda: relay._report_timeout() > 0 and not relay._unreported,
                 timeout=5,
-                message="the relay's thread left with time to sleep",
+                message="the reporter left with time to sleep",
             )
+    finally:
+        relay.stop()
+
+
+def test_a_redis_that_hangs_holds_back_no_frame_to_the_children(tmp_path: Path) -> None:
+    """The host report waits on Redis on a thread of its own: with the report's Redis stopped
+    (SIGSTOP: it accepts and never answers), a child still hears from its parent at least every
+    ALIVE_EVERY (not the silence after which it gives up on it), and a child that connects
+    meanwhile has its hello answered."""
+    server = RedisServer(tmp_path / "redis", appendonly=False).start()
+    presence = Presence(redis.Redis.from_url(server.url), namespace=f"hang{fresh_id()}")
+    relay = HostRelay(presence=presence, hostname=f"host-{fresh_id()}", pool="prefork")
+    relay.start()
+    assert server.process is not None
+    try:
+        with socket.socket(socket.AF_UNIX) as child, socket.socket(socket.AF_UNIX) as late:
+            child.settimeout(2 * ALIVE_EVERY)
+            child.connect(relay.path)
+            reader = FrameReader(max_bytes=1 << 20)
+            child.sendall(frame(HELLO, json.dumps({"pid": os.getpid()}).encode()))
+            assert reader.feed(child)  # the hello answered
+            os.kill(server.process.pid, signal.SIGSTOP)
+            # A report falls due at once: from now on it waits on Redis for good.
+            child.sendall(child_frames(os.getpid(), "project:1"))
+            wait_for(
+                lambda: not relay._unreported and not relay._joined,
+                timeout=10,
+                message="the child's report to be taken for the host report",
+            )
+            heard = [kind for kind, _ in reader.feed(child)]  # the second hello's answer
+            started = time.monotonic()
+            while time.monotonic() - started < 3 * ALIVE_EVERY:
+                heard += [kind for kind, _ in reader.feed(child)]  # raises on 2 s of silence
+            assert heard.count(ALIVE) >= 2, heard
+
+            late.settimeout(2 * ALIVE_EVERY)
+            late.connect(relay.path)
+            late.sendall(frame(HELLO, json.dumps({"pid": os.getpid()}).encode()))
+            assert FrameReader(max_bytes=1 << 20).feed(late)
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+        relay.stop()
+        server.close()
+
+
+def test_a_stream_that_fails_a_send_is_ended_not_left_with_a_gap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A send that fails for another reason than a full buffer (ENOBUFS, say) loses that
+    frame: the child's stream is ended, so that it falls back, rather than left open to hear
+    the next message as if none were missing."""
+    relay = HostRelay(presence=None, hostname=f"host-{fresh_id()}", pool="prefork")
+    relay.start()
+    try:
+        with socket.socket(socket.AF_UNIX) as child:
+            child.settimeout(10)
+            child.connect(relay.path)
+            child.sendall(frame(HELLO, json.dumps({"pid": os.getpid()}).encode()))
+            reader = FrameReader(max_bytes=1 << 20)
+            assert reader.feed(child)  # the hello answered
+            (held,) = list(relay._children.values())
+
+            class Failing:
+                def __init__(self, sock: socket.socket) -> None:
+                    self.sock = sock
+
+                def send(self, data: bytes) -> int:
+                    raise OSError(errno.ENOBUFS, "No buffer space available")
+
+                def __getattr__(self, name: str) -> object:
+                    return getattr(self.sock, name)
+
+            monkeypatch.setattr(held, "sock", Failing(held.sock))
+            relay.forward(ReloadMessage.heartbeat(origin="lost"))
+            monkeypatch.undo()
+            wait_for(lambda: ended(child), timeout=10, message="the child's stream to end")
     finally:
         relay.stop()
 

@@ -45,6 +45,7 @@ from store.broadcast.frames import (
     FrameReader,
     frame,
 )
+from store.errors import describe
 from store.events import log
 from store.fork import after_fork_in_child
 from store.redis.presence import CHILD_PREFIX, CHILD_REVISION_PREFIX, Presence
@@ -114,7 +115,12 @@ class HostRelay:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._selector: selectors.BaseSelector | None = None
-        # The host report: what changed since the last one.
+        # The host report, written by a thread of its own: a Redis that hangs never holds
+        # back what the children hear. What changed since the last one, under _report_lock
+        # (the relay's thread records, the reporter takes).
+        self._reporter: threading.Thread | None = None
+        self._report_lock = threading.Lock()
+        self._report_wake = threading.Event()
         self._dirty: set[int] = set()
         self._unreported: dict[int, dict[str, int]] = {}
         self._deleted: list[str] = []
@@ -154,6 +160,10 @@ class HostRelay:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="optionstore-relay", daemon=True)
             self._thread.start()
+            self._reporter = threading.Thread(
+                target=self._report_loop, name="optionstore-host-report", daemon=True
+            )
+            self._reporter.start()
 
     def stop(self) -> None:
         """Tell every child the relay is closing (each stops caching, and does not subscribe
@@ -162,10 +172,12 @@ class HostRelay:
         with self._lock:
             self._send_locked(frame(CLOSING))
         self._stopping.set()
+        self._report_wake.set()
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        for thread in (self._thread, self._reporter):
+            if thread is not None:
+                thread.join(timeout=5)
         with self._lock:
             for child in list(self._children.values()):
                 with contextlib.suppress(OSError):
@@ -183,7 +195,7 @@ class HostRelay:
         # In a forked child: none of these is its own. Closed without a lock (the parent's
         # may have been held at the fork) and without removing the directory (the parent's).
         self._stopping.set()
-        self._thread = None
+        self._thread = self._reporter = None
         for sock in [self._listener, self._wake_r, self._wake_w, *self._children]:
             with contextlib.suppress(OSError):
                 sock.close()
@@ -193,6 +205,7 @@ class HostRelay:
             self._selector = None
         self._children = {}
         self._lock = threading.Lock()
+        self._report_lock = threading.Lock()
 
     # -- sending --------------------------------------------------------------------------
 
@@ -217,19 +230,28 @@ class HostRelay:
                 sent = child.sock.send(data)
             except BlockingIOError:
                 sent = 0
-            except OSError:
-                return False  # gone: the relay's thread reads its end and drops it
+            except OSError as exc:
+                # Gone, or a stream that lost this frame: either way, it must not hear the
+                # next one as if nothing were missing.
+                self._cut_off(child, exc)
+                return False
             if sent == len(data):
                 return False
             data = data[sent:]
         child.queued += data
         if len(child.queued) > MAX_QUEUED:
-            log.warning("broadcast.relay_child_cut_off", child=child.pid, queued=len(child.queued))
-            with contextlib.suppress(OSError):
-                child.sock.shutdown(socket.SHUT_RDWR)
-            child.queued.clear()
+            self._cut_off(child, BufferError(f"{len(child.queued)} bytes queued"))
             return False
         return True
+
+    def _cut_off(self, child: _Child, why: BaseException) -> None:
+        """End ``child``'s stream (it stops caching, and follows the exchange itself): what
+        it was sent can no longer reach it whole and in order. The relay's thread then reads
+        its end closed and drops it."""
+        log.warning("broadcast.relay_child_cut_off", child=child.pid, why=describe(why))
+        with contextlib.suppress(OSError):
+            child.sock.shutdown(socket.SHUT_RDWR)
+        child.queued.clear()
 
     def _flush(self, child: _Child) -> None:
         with self._lock:
@@ -239,8 +261,8 @@ class HostRelay:
                 sent = child.sock.send(child.queued)
             except BlockingIOError:
                 return
-            except OSError:
-                child.queued.clear()
+            except OSError as exc:
+                self._cut_off(child, exc)
                 return
             del child.queued[:sent]
 
@@ -269,7 +291,6 @@ class HostRelay:
                         if events & selectors.EVENT_READ:
                             self._read(selector, child)
                 self._keep_alive()
-                self._report()
         except Exception as exc:  # the children notice the silence and fall back
             log.error("broadcast.relay_failed", error=f"{type(exc).__name__}: {exc}")
         finally:
@@ -284,12 +305,10 @@ class HostRelay:
                     selector.modify(sock, selectors.EVENT_READ | events)
 
     def _timeout(self) -> float:
-        # Until the next report falls due: soon after a change, else the next refresh.
-        if self._unreported or self._deleted or self._joined:
-            due = max(self._changed_at + REPORT_DELAY, self._change_reported_at + REPORT_GAP)
-        else:
-            due = self._reported_at + REFRESH_EVERY
-        return min(0.25, max(0.0, due - time.monotonic()))
+        # Until the next child is due an ALIVE frame, at most.
+        with self._lock:
+            sent = min((c.sent_at for c in self._children.values()), default=time.monotonic())
+        return min(0.25, max(0.0, sent + ALIVE_EVERY - time.monotonic()))
 
     def _accept(self, selector: selectors.BaseSelector) -> None:
         try:
@@ -346,18 +365,20 @@ class HostRelay:
             with contextlib.suppress(OSError):
                 child.sock.shutdown(socket.SHUT_RDWR)
             return
-        if not child.fields:  # its first report
-            self._joined.add(child.pid)
-        child.fields = fields
-        child.revisions.update(revisions)
-        for scope in forgotten:
-            child.revisions.pop(scope, None)
-            self._deleted.append(f"{CHILD_REVISION_PREFIX}{child.pid}:{scope}")
-        if not self._dirty and not self._unreported:
-            self._changed_at = time.monotonic()
-        self._dirty.add(child.pid)
-        if revisions:
-            self._unreported.setdefault(child.pid, {}).update(revisions)
+        with self._report_lock:
+            if not child.fields:  # its first report
+                self._joined.add(child.pid)
+            child.fields = fields
+            child.revisions.update(revisions)
+            for scope in forgotten:
+                child.revisions.pop(scope, None)
+                self._deleted.append(f"{CHILD_REVISION_PREFIX}{child.pid}:{scope}")
+            if not self._dirty and not self._unreported:
+                self._changed_at = time.monotonic()
+            self._dirty.add(child.pid)
+            if revisions:
+                self._unreported.setdefault(child.pid, {}).update(revisions)
+        self._report_wake.set()
 
     def _drop(self, selector: selectors.BaseSelector, child: _Child, why: BaseException) -> None:
         with contextlib.suppress(Exception):
@@ -368,14 +389,16 @@ class HostRelay:
             child.sock.close()
         if child.pid:
             log.info("broadcast.relay_child_left", child=child.pid, why=str(why))
-            self._dirty.discard(child.pid)
-            self._joined.discard(child.pid)
-            self._unreported.pop(child.pid, None)
-            self._deleted.append(f"{CHILD_PREFIX}{child.pid}")
-            self._deleted += [
-                f"{CHILD_REVISION_PREFIX}{child.pid}:{scope}" for scope in child.revisions
-            ]
-            self._changed_at = time.monotonic()
+            with self._report_lock:
+                self._dirty.discard(child.pid)
+                self._joined.discard(child.pid)
+                self._unreported.pop(child.pid, None)
+                self._deleted.append(f"{CHILD_PREFIX}{child.pid}")
+                self._deleted += [
+                    f"{CHILD_REVISION_PREFIX}{child.pid}:{scope}" for scope in child.revisions
+                ]
+                self._changed_at = time.monotonic()
+            self._report_wake.set()
 
     def _keep_alive(self) -> None:
         now = time.monotonic()
@@ -384,35 +407,62 @@ class HostRelay:
             for child in quiet:
                 self._queue(child, frame(ALIVE))
 
-    # -- the host report ------------------------------------------------------------------
+    # -- the host report (its own thread) ---------------------------------------------------
+
+    def _report_loop(self) -> None:
+        while not self._stopping.is_set():
+            self._report_wake.wait(self._report_timeout())
+            self._report_wake.clear()
+            if self._stopping.is_set():
+                return
+            try:
+                self._report()
+            except Exception as exc:  # never the end of the reports: the next one is a second away
+                log.warning("presence.report_failed", error=describe(exc))
+
+    def _report_timeout(self) -> float:
+        # Until the next report falls due: soon after a change, else the next refresh.
+        with self._report_lock:
+            if self._unreported or self._deleted or self._joined:
+                due = max(self._changed_at + REPORT_DELAY, self._change_reported_at + REPORT_GAP)
+            else:
+                due = self._reported_at + REFRESH_EVERY
+        return min(REFRESH_EVERY, max(0.0, due - time.monotonic()))
 
     def _report(self) -> None:
-        if self.presence is None:
-            # No Redis to report to: nothing is kept for a report that never comes (it would
-            # grow), and the next refresh is a second away (a report always due would leave
-            # the thread no time to sleep).
-            self._dirty.clear()
-            self._joined.clear()
-            self._unreported.clear()
-            self._deleted.clear()
-            self._reported_at = time.monotonic()
-            return
         now = time.monotonic()
-        changed = bool(self._unreported or self._deleted or self._joined)
-        due = changed and now >= max(
-            self._changed_at + REPORT_DELAY, self._change_reported_at + REPORT_GAP
-        )
-        if not (due or now - self._reported_at >= REFRESH_EVERY):
-            return
-        children = {c.pid: c for c in list(self._children.values()) if c.pid and c.fields}
-        if not children and not changed:
-            self._reported_at = now  # nothing to say (and no connection opened before a fork)
-            return
-        dirty = {pid: children[pid].fields for pid in self._dirty if pid in children}
-        unreported = {pid: r for pid, r in self._unreported.items() if pid in children}
-        deleted, self._deleted = self._deleted, []
-        joined, self._joined = self._joined, set()
-        self._dirty, self._unreported = set(), {}
+        with self._report_lock:
+            if self.presence is None:
+                # No Redis to report to: nothing is kept for a report that never comes (it
+                # would grow).
+                self._dirty.clear()
+                self._joined.clear()
+                self._unreported.clear()
+                self._deleted.clear()
+                self._reported_at = now
+                return
+            changed = bool(self._unreported or self._deleted or self._joined)
+            due = changed and now >= max(
+                self._changed_at + REPORT_DELAY, self._change_reported_at + REPORT_GAP
+            )
+            if not (due or now - self._reported_at >= REFRESH_EVERY):
+                return
+            with self._lock:
+                children = {c.pid: c for c in self._children.values() if c.pid and c.fields}
+            if not children and not changed:
+                self._reported_at = now  # nothing to say (and no connection opened before a fork)
+                return
+            fields = {pid: dict(c.fields) for pid, c in children.items()}
+            revisions = {pid: dict(c.revisions) for pid, c in children.items()}
+            dirty = {pid: fields[pid] for pid in self._dirty if pid in children}
+            unreported = {pid: r for pid, r in self._unreported.items() if pid in children}
+            deleted, self._deleted = self._deleted, []
+            joined, self._joined = self._joined, set()
+            self._dirty, self._unreported = set(), {}
+            self._reported_at = now
+            if changed:
+                self._change_reported_at = now
+        # Outside the lock: the relay's thread records what children send meanwhile.
         try:
             recreated = self.presence.report_host(
                 hostname=self.hostname,
@@ -425,21 +475,16 @@ class HostRelay:
                 # Redis lost the hash (a restart, a failover), or this is the first report:
                 # send every child's whole state.
                 self.presence.report_host(
-                    hostname=self.hostname,
-                    pid=self.pid,
-                    children={pid: c.fields for pid, c in children.items()},
-                    revisions={pid: dict(c.revisions) for pid, c in children.items()},
+                    hostname=self.hostname, pid=self.pid, children=fields, revisions=revisions
                 )
         except Exception as exc:  # best effort: the next one carries these too
-            self._dirty |= set(dirty)
-            self._joined |= joined & set(children)
-            for pid, revisions in unreported.items():
-                self._unreported.setdefault(pid, {}).update(revisions)
-            self._deleted = deleted + self._deleted
+            with self._report_lock:
+                self._dirty |= set(dirty)
+                self._joined |= joined & set(children)
+                for pid, pending in unreported.items():
+                    self._unreported.setdefault(pid, {}).update(pending)
+                self._deleted = deleted + self._deleted
             log.warning("presence.report_failed", error=f"{type(exc).__name__}: {exc}")
-        self._reported_at = now
-        if changed:
-            self._change_reported_at = now
 
 
 _PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
