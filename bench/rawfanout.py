@@ -107,8 +107,10 @@ class RawFanout:
         for line in self.log.read():
             self.received[line["seq"]].append(line["t"])
 
-    def wait_subscribed(self, timeout: float = 120.0) -> None:
-        """Ping until every consumer has received one: only then is each one subscribed."""
+    def wait_subscribed(self, timeout: float | None = None) -> None:
+        """Ping until every consumer has received one: only then is each one subscribed. By
+        default a second per consumer, at least two minutes (their imports share two cores)."""
+        timeout = max(120.0, float(self.count)) if timeout is None else timeout
 
         def ready() -> bool:
             self._ping -= 1

@@ -1,7 +1,8 @@
-"""Fleet scale on this machine: W workers x 16 prefork children (16, 32, 64 and 128 children) on
-a Redis of their own (broker and cache), the run's PostgreSQL. Per process and in total: idle
-broker deliveries/s, idle Redis commands/s, Redis and PostgreSQL connections; and propagation
-to all of them against raw kombu fanout to as many processes, in the same run.
+"""Fleet scale on this machine: W workers x 16 prefork children (16 to 256 children, as
+memory allows) on a Redis of their own (broker and cache), the run's PostgreSQL. Per process
+and in total: idle broker deliveries/s, idle Redis commands/s, Redis and PostgreSQL
+connections; and propagation to all of them against raw kombu fanout to as many processes, in
+the same run.
 
 ``OPTIONS_HOST_RELAY`` (default on) is the workers' as this process's environment says: run
 once with ``OPTIONS_HOST_RELAY=0`` for the figures of one subscription per child."""
@@ -12,6 +13,7 @@ import contextlib
 import os
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -27,9 +29,13 @@ from bench.figures import Figure, Series
 from bench.fleet import Fleet, _propagation_at
 from bench.reads import PROJECT_ID, option_values, seed_scope
 
-# (workers, children per worker)
-SHAPES = ((1, 16), (2, 16), (4, 16), (8, 16))
+# (workers, children per worker); a shape runs only while memory allows it (_fits)
+SHAPES = ((1, 16), (2, 16), (4, 16), (8, 16), (16, 16))
 QUICK_SHAPES = SHAPES
+# What one more worker child and its raw fanout peer take, at most: a shape runs only if the
+# memory available before it holds this much per child and RESERVE besides.
+MEMORY_PER_CHILD = 60 * 2**20
+RESERVE = 2 * 2**30
 IDLE_SECONDS = 10.0
 
 
@@ -122,6 +128,12 @@ def _messages(server: _Redis, namespace: str, pids: list[int]) -> int:
     return sum(report.messages for report in reports if report.pid in pids)
 
 
+def _fits(children: int) -> bool:
+    import psutil
+
+    return bool(psutil.virtual_memory().available >= children * MEMORY_PER_CHILD + RESERVE)
+
+
 @contextlib.contextmanager
 def scale_fleet(
     run: Services, server: _Redis, *, label: str, workers: int, children: int, idle: list[Any]
@@ -130,6 +142,7 @@ def scale_fleet(
     backend = run.configure_store(namespace, broker_url=run.broker_url)
     seed_scope(backend, PROJECT_ID, option_values(10))
     started: list[Worker] = []
+    pids: list[int] = []
     try:
         for index in range(workers):
             worker = Worker(
@@ -137,7 +150,10 @@ def scale_fleet(
             )
             worker.hostname = f"{namespace}-{index}@{socket.gethostname()}"
             started.append(worker.start())
-        pids = sorted(pid for worker in started for pid in worker.wait_synced(backend))
+            # One at a time: the imports of 16 workers' children at once take two cores longer
+            # than one worker's wait.
+            pids += worker.wait_synced(backend)
+        pids.sort()
         mains = [worker.process.pid for worker in started if worker.process is not None]
         running = Fleet(
             _Workers(started, namespace), backend, producer(run, started[0].queue), pids
@@ -168,6 +184,9 @@ def scale(run: Services, *, quick: bool) -> list[Figure]:
         with celery_services(server.url, server.url):
             for workers, children in QUICK_SHAPES if quick else SHAPES:
                 count = workers * children
+                if not _fits(count):
+                    print(f"bench: scale {count} skipped: not enough memory", file=sys.stderr)
+                    break
                 figures += _propagation_at(
                     own,
                     count,
