@@ -247,8 +247,9 @@ class HostRelay:
     def _cut_off(self, child: _Child, why: BaseException) -> None:
         """End ``child``'s stream (it stops caching, and follows the exchange itself): what
         it was sent can no longer reach it whole and in order. The relay's thread then reads
-        its end closed and drops it."""
-        log.warning("broadcast.relay_child_cut_off", child=child.pid, why=describe(why))
+        its end closed and drops it (a child that exited is only logged there)."""
+        if not isinstance(why, BrokenPipeError | ConnectionResetError):
+            log.warning("broadcast.relay_child_cut_off", child=child.pid, why=describe(why))
         with contextlib.suppress(OSError):
             child.sock.shutdown(socket.SHUT_RDWR)
         child.queued.clear()
