@@ -74,6 +74,17 @@ class _Redis:
     def clients(self) -> int:
         return int(self.client.info("clients")["connected_clients"])
 
+    def own_clients(self) -> int:
+        """The connections of this process (the benchmark's own store, producer and probes):
+        counted by the server, not the fleet's."""
+        import psutil
+
+        return sum(
+            1
+            for c in psutil.Process().net_connections(kind="tcp")
+            if c.raddr and c.raddr.port == self.port and c.status == psutil.CONN_ESTABLISHED
+        )
+
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=10)
@@ -105,6 +116,7 @@ def _idle(
             " AND pid <> pg_backend_pid()"
         ).fetchone()  # type: ignore[misc]
     processes = len(pids) + len(mains)
+    fleet_connections = server.clients() - server.own_clients()
     return {
         "processes_children": len(pids),
         "processes_main": len(mains),
@@ -112,8 +124,9 @@ def _idle(
         "broker_deliveries_per_s_per_process": deliveries / len(pids),
         "redis_commands_per_s": commands,
         "redis_commands_per_s_per_process": commands / processes,
-        "redis_connections": server.clients(),
-        "redis_connections_per_process": server.clients() / processes,
+        "redis_connections": fleet_connections,
+        "redis_connections_benchmark": server.clients() - fleet_connections,
+        "redis_connections_per_process": fleet_connections / processes,
         "postgres_connections": int(postgres),
         "postgres_connections_per_process": int(postgres) / processes,
     }
@@ -225,7 +238,8 @@ def scale(run: Services, *, quick: bool) -> list[Figure]:
                 method=(
                     f"{IDLE_SECONDS:.0f} s with nothing written, after every child subscribed "
                     "and holding one scope; the benchmark's own redis-server counts commands "
-                    "(INFO) and clients; deliveries are the messages the processes' own reports "
+                    "(INFO) and clients (less the benchmark process's own); deliveries are the "
+                    "messages the processes' own reports "
                     "count; PostgreSQL connections from pg_stat_activity of the run's database. "
                     "Per process: over children and main processes (deliveries: children)"
                 ),
