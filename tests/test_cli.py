@@ -222,6 +222,25 @@ def test_status_json_reports_services_schema_and_processes(
         assert not [b for b in reported[pid]["behind"] if b.startswith(f"group:{group}@")]
 
 
+def test_status_on_an_unmigrated_database_does_not_call_redis_down(
+    services: Services, fresh_database: str
+) -> None:
+    """Each service's failure is reported under its own name: with Redis up and the database
+    never migrated, `status` says Redis is up, the schema at 0, and the leader unknown for
+    what stopped it."""
+    status = json.loads(
+        ok(
+            optionstore(
+                services, "status", "--json", env=services.env(OPTIONS_DATABASE_URL=fresh_database)
+            )
+        )
+    )
+    assert status["schema_version"] == 0
+    assert status["redis"] == "up"
+    assert status["leader"] == "unknown (NotMigrated)"
+    assert status["processes"] == []
+
+
 def test_status_never_prints_passwords(services: Services) -> None:
     """With passwords in the database, Redis and broker URLs, `status` (plain and --json)
     prints none of them."""
