@@ -116,7 +116,8 @@ def _idle(
             " AND pid <> pg_backend_pid()"
         ).fetchone()  # type: ignore[misc]
     processes = len(pids) + len(mains)
-    fleet_connections = server.clients() - server.own_clients()
+    connections = server.clients()
+    fleet_connections = connections - server.own_clients()
     return {
         "processes_children": len(pids),
         "processes_main": len(mains),
@@ -125,7 +126,7 @@ def _idle(
         "redis_commands_per_s": commands,
         "redis_commands_per_s_per_process": commands / processes,
         "redis_connections": fleet_connections,
-        "redis_connections_benchmark": server.clients() - fleet_connections,
+        "redis_connections_benchmark": connections - fleet_connections,
         "redis_connections_per_process": fleet_connections / processes,
         "postgres_connections": int(postgres),
         "postgres_connections_per_process": int(postgres) / processes,

@@ -108,6 +108,8 @@ class StoreProcess:
         # Other Redis connection pools of this process a relayed child gives back when idle
         # (the worker's result backend's: worker/install.py).
         self._idle_pools: list[Any] = []
+        # Whether this process's threads take turns on one Redis connection (runs_no_tasks).
+        self._takes_turns = False
         self._lock = threading.RLock()
         after_fork_in_child(self._after_fork)
 
@@ -159,6 +161,9 @@ class StoreProcess:
                     keyring=keyring,
                 )
             )
+            cache = None if not redis_url else RedisCache(url=redis_url, prefix=namespace)
+            if cache is not None and self._takes_turns:
+                cache.take_turns()
             store.configure(
                 publisher=publisher,
                 postgres=PostgresStore(
@@ -167,7 +172,7 @@ class StoreProcess:
                     max_scope_keys=max_scope_keys,
                     max_scope_bytes=max_scope_bytes,
                 ),
-                redis_cache=None if not redis_url else RedisCache(url=redis_url, prefix=namespace),
+                redis_cache=cache,
                 local_cache=local_cache,
                 max_value_bytes=max_value_bytes,
                 grace_period=grace_period,
@@ -298,9 +303,11 @@ class StoreProcess:
 
     def runs_no_tasks(self) -> None:
         """This process forks the pool and runs no task itself (a prefork worker's main
-        process): its threads take turns on one Redis connection. A child forked afterwards,
-        which runs tasks, shares a pool again."""
+        process): its threads take turns on one Redis connection, from now on and after any
+        later ``configure``. A child forked afterwards, which runs tasks, shares a pool
+        again. Called before the process's threads start."""
         with self._lock:
+            self._takes_turns = True
             cache = self.store.redis
             if cache is not None:
                 cache.take_turns()
@@ -377,6 +384,7 @@ class StoreProcess:
         # The consumer thread did not come along, and the parent may have held the lock.
         self._lock = threading.RLock()
         self._consumer = None
+        self._takes_turns = False
         if self.store.redis is not None:
             self.store.redis.share_connections()
         if self._relay is not None:

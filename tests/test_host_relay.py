@@ -11,8 +11,10 @@ import json
 import os
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import kombu
 import psutil
@@ -223,6 +225,14 @@ def test_a_redis_that_hangs_holds_back_no_frame_to_the_children(tmp_path: Path) 
     meanwhile has its hello answered."""
     server = RedisServer(tmp_path / "redis", appendonly=False).start()
     presence = Presence(redis.Redis.from_url(server.url), namespace=f"hang{fresh_id()}")
+    reporting = threading.Event()
+    report_host = presence.report_host
+
+    def entered(**kwargs: Any) -> bool:
+        reporting.set()
+        return report_host(**kwargs)
+
+    presence.report_host = entered  # type: ignore[method-assign]
     relay = HostRelay(presence=presence, hostname=f"host-{fresh_id()}", pool="prefork")
     relay.start()
     assert server.process is not None
@@ -236,11 +246,7 @@ def test_a_redis_that_hangs_holds_back_no_frame_to_the_children(tmp_path: Path) 
             os.kill(server.process.pid, signal.SIGSTOP)
             # A report falls due at once: from now on it waits on Redis for good.
             child.sendall(child_frames(os.getpid(), "project:1"))
-            wait_for(
-                lambda: not relay._unreported and not relay._joined,
-                timeout=10,
-                message="the child's report to be taken for the host report",
-            )
+            assert reporting.wait(10), "the host report never went to Redis"
             heard = [kind for kind, _ in reader.feed(child)]  # the second hello's answer
             started = time.monotonic()
             while time.monotonic() - started < 3 * ALIVE_EVERY:

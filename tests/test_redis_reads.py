@@ -117,19 +117,27 @@ def _connections_used(cache: RedisCache, *, threads: int = 8, rounds: int = 200)
     import threading
 
     seen: set[int] = set()
+    done: list[int] = []
+    failed: list[BaseException] = []
     start = threading.Barrier(threads)
 
     def run() -> None:
-        start.wait()
-        for _ in range(rounds):
-            seen.add(cache.client.client_id())
-            direct.hgetall(cache.client, cache.key("project:turns"))
+        try:
+            start.wait()
+            for _ in range(rounds):
+                seen.add(cache.client.client_id())
+                direct.hgetall(cache.client, cache.key("project:turns"))
+            done.append(rounds)
+        except BaseException as exc:  # reported by the test, not lost with the thread
+            failed.append(exc)
 
     workers = [threading.Thread(target=run) for _ in range(threads)]
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join()
+    assert not failed, failed
+    assert done == [rounds] * threads
     return seen
 
 
@@ -148,6 +156,7 @@ def test_a_child_forked_from_a_process_that_takes_turns_shares_again(
 ) -> None:
     """The children run tasks: their threads must not wait on one connection."""
     import os
+    import select
 
     from store.process import StoreProcess
 
@@ -159,21 +168,26 @@ def test_a_child_forked_from_a_process_that_takes_turns_shares_again(
     )
     cache = runtime.store.redis
     assert cache is not None
-    runtime.runs_no_tasks()
-    assert isinstance(cache.client.connection_pool, redis.BlockingConnectionPool)
-    read, write = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - the child reports through the pipe
-        try:
-            blocking = isinstance(cache.client.connection_pool, redis.BlockingConnectionPool)
-            used = len(_connections_used(cache))
-            os.write(write, f"{int(blocking)} {used}".encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read) as answer:
-        blocking, used = (int(part) for part in answer.read().split())
-    os.waitpid(child, 0)
-    assert (blocking, used > 1) == (0, True)
-    assert len(_connections_used(cache)) == 1  # the parent still takes turns
-    runtime.stop()
+    try:
+        runtime.runs_no_tasks()
+        assert isinstance(cache.client.connection_pool, redis.BlockingConnectionPool)
+        read, write = os.pipe()
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the child reports through the pipe
+            try:
+                blocking = isinstance(cache.client.connection_pool, redis.BlockingConnectionPool)
+                used = len(_connections_used(cache))
+                os.write(write, f"{int(blocking)} {used}".encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read) as answer:
+            ready, _, _ = select.select([answer], [], [], 60)
+            assert ready, "the forked child never answered"
+            blocking, used = (int(part) for part in answer.read().split())
+        os.waitpid(child, 0)
+        assert (blocking, used > 1) == (0, True)
+        assert len(_connections_used(cache)) == 1  # the parent still takes turns
+    finally:
+        runtime.stop()
+        runtime.store.db.close()

@@ -167,7 +167,9 @@ class LeaderDutiesStep(bootsteps.StartStopStep):  # type: ignore[misc]
         # Only the lease holder heartbeats, relays, reconciles and prunes; without an answer
         # from Redis every main process does it all (the heartbeat must not fall silent, and
         # the relay's row claims keep announcements single). The heartbeat has a thread of its
-        # own: a slow relay or PostgreSQL never delays it, nor the lease's renewal.
+        # own: a slow relay or PostgreSQL never delays it, nor the lease's renewal (which, in a
+        # prefork main process, waits only for the other threads' Redis commands: they take
+        # turns on one connection, RedisCache.take_turns).
         self._threads = [
             Every(
                 installation.interval,

@@ -453,9 +453,7 @@ class HostRelay:
             if not children and not changed:
                 self._reported_at = now  # nothing to say (and no connection opened before a fork)
                 return
-            fields = {pid: dict(c.fields) for pid, c in children.items()}
-            revisions = {pid: dict(c.revisions) for pid, c in children.items()}
-            dirty = {pid: fields[pid] for pid in self._dirty if pid in children}
+            dirty = {pid: dict(children[pid].fields) for pid in self._dirty if pid in children}
             unreported = {pid: r for pid, r in self._unreported.items() if pid in children}
             deleted, self._deleted = self._deleted, []
             joined, self._joined = self._joined, set()
@@ -474,7 +472,10 @@ class HostRelay:
             )
             if recreated and children:
                 # Redis lost the hash (a restart, a failover), or this is the first report:
-                # send every child's whole state.
+                # send every child's whole state (copied only then: it may be large).
+                with self._report_lock:
+                    fields = {pid: dict(c.fields) for pid, c in children.items()}
+                    revisions = {pid: dict(c.revisions) for pid, c in children.items()}
                 self.presence.report_host(
                     hostname=self.hostname, pid=self.pid, children=fields, revisions=revisions
                 )

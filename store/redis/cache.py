@@ -68,11 +68,13 @@ class RedisCache:
         self._announced = self.client.register_script(_script("announced.lua"))
 
     def take_turns(self) -> None:
-        """From now on, this process's threads take turns on one Redis connection, each waiting
-        at most the socket timeout for it: for a process that runs no task (a prefork
-        worker's main process), whose lease, duties and host report need no more than one,
-        however their seconds line up. A client whose pool finds its server itself (Sentinel,
-        a cluster) keeps its pool."""
+        """From now on, this process's threads take turns on one Redis connection: for a
+        process that runs no task (a prefork worker's main process), whose lease, duties and
+        host report need no more than one, however their seconds line up. A thread waits for
+        it as long as one command may hold it (a connect and a reply, each within the socket
+        timeout), so only a Redis that fails the holder fails the waiters. A client whose pool
+        finds its server itself (Sentinel, a cluster) keeps its pool. Called before the
+        process's threads start: a connection in use now would stay open."""
         pool: Any = self.client.connection_pool
         if self._shared_pool is not None or server_identity(pool) is None:
             return
@@ -80,7 +82,7 @@ class RedisCache:
         self.client.connection_pool = redis.BlockingConnectionPool(  # type: ignore[no-untyped-call]
             connection_class=pool.connection_class,
             max_connections=1,
-            timeout=self.socket_timeout,
+            timeout=2 * self.socket_timeout,
             **pool.connection_kwargs,
         )
         pool.disconnect(inuse_connections=False)

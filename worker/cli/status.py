@@ -43,10 +43,13 @@ def status_report(settings: Any, backend: Any, *, broker: bool = True) -> dict[s
         report["redis"] = f"down ({type(exc).__name__})"
     try:
         report["leader"] = leader(backend, settings.namespace)
-        report["processes"] = process_table(backend, settings.namespace)
     except Exception as exc:
         report["leader"] = f"unknown ({type(exc).__name__})"
+    try:
+        report["processes"] = process_table(backend, settings.namespace)
+    except Exception as exc:
         report["processes"] = []
+        report["processes_error"] = type(exc).__name__
     try:
         # One broker connection: the console's live page leaves it out of each refresh.
         report["broker_eviction"] = broker_eviction(settings) if broker else None
