@@ -144,6 +144,31 @@ def test_a_child_cannot_report_as_another_process(services: Services) -> None:
         relay.stop()
 
 
+def test_a_stopped_relay_leaves_no_host_report_behind(services: Services) -> None:
+    """Stopping the relay takes the host's report away once its last report is written, so
+    none written on its way out brings it back: the hash is gone when stop returns, and stays
+    gone."""
+    presence = Presence(redis_client(services.redis_url), namespace=services.namespace)
+    hostname = f"host-{fresh_id()}"
+    relay = HostRelay(presence=presence, hostname=hostname, pool="prefork")
+    relay.start()
+    key = presence.key(hostname, relay.pid)
+    client = redis_client(services.redis_url)
+    try:
+        with socket.socket(socket.AF_UNIX) as child:
+            child.connect(relay.path)
+            child.sendall(child_frames(os.getpid(), "project:1"))
+            wait_for(lambda: client.hexists(key, f"p:{os.getpid()}"), message="the host report")
+            # A change due at the moment the relay stops.
+            child.sendall(child_frames(os.getpid(), "project:2"))
+            relay.stop()
+        assert not client.exists(key)
+        assert relay._reporter is not None and not relay._reporter.is_alive()
+        assert not client.exists(key)
+    finally:
+        relay.stop()
+
+
 def ended(sock: socket.socket) -> bool:
     """Whether the other end closed ``sock`` (what it sent before is read and dropped)."""
     sock.setblocking(False)

@@ -187,6 +187,10 @@ class HostRelay:
             with contextlib.suppress(OSError):
                 sock.close()
         shutil.rmtree(self._directory, ignore_errors=True)
+        if self._reporter is None:
+            self._remove_report()
+
+    def _remove_report(self) -> None:
         if self.presence is not None:
             with contextlib.suppress(Exception):
                 self.presence.remove(self.hostname, self.pid)
@@ -415,11 +419,14 @@ class HostRelay:
             self._report_wake.wait(self._report_timeout())
             self._report_wake.clear()
             if self._stopping.is_set():
-                return
+                break
             try:
                 self._report()
             except Exception as exc:  # never the end of the reports: the next one is a second away
                 log.warning("presence.report_failed", error=describe(exc))
+        # Taken away by the thread that writes it, after its last report: a report still on
+        # its way when the relay stops cannot bring the hash back after it was removed.
+        self._remove_report()
 
     def _report_timeout(self) -> float:
         # Until the next report falls due: soon after a change, else the next refresh.
