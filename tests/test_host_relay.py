@@ -13,6 +13,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,60 +114,63 @@ def child_frames(pid: int, scope: str) -> bytes:
     )
 
 
-def test_a_child_cannot_report_as_another_process(services: Services) -> None:
-    """The relay takes a child's pid from the kernel, not from its hello: a connection that
-    claims another pid is closed and writes nothing, while one that tells the truth is listed
-    in the host's report under its own pid."""
+@contextlib.contextmanager
+def reporting_relay(services: Services) -> Iterator[tuple[HostRelay, str, redis.Redis]]:
+    """A started relay that reports to the target's Redis, the key of its host report and a
+    client to read it with; stopped after."""
     presence = Presence(redis_client(services.redis_url), namespace=services.namespace)
     hostname = f"host-{fresh_id()}"
     relay = HostRelay(presence=presence, hostname=hostname, pool="prefork")
     relay.start()
-    forged = os.getpid() + 1  # a sibling's pid, say
-    key = presence.key(hostname, relay.pid)
-    client = redis_client(services.redis_url)
     try:
-        with socket.socket(socket.AF_UNIX) as liar, socket.socket(socket.AF_UNIX) as honest:
-            liar.settimeout(10)
-            liar.connect(relay.path)
-            liar.sendall(child_frames(forged, "project:1"))
-            # Read by the relay once it answers the hello or closes the stream.
-            closed = liar.recv(64) == b""
-
-            honest.connect(relay.path)
-            honest.sendall(child_frames(os.getpid(), "project:2"))
-            wait_for(lambda: client.hexists(key, f"p:{os.getpid()}"), message="honest report")
-            fields = set(client.hgetall(key))
-            assert f"p:{forged}".encode() not in fields
-            assert f"c:{forged}:project:1".encode() not in fields
-            assert f"c:{os.getpid()}:project:2".encode() in fields
-            assert closed, "a hello naming another pid was answered"
+        yield relay, presence.key(hostname, relay.pid), redis_client(services.redis_url)
     finally:
         relay.stop()
+
+
+def test_a_child_cannot_report_as_another_process(services: Services) -> None:
+    """The relay takes a child's pid from the kernel, not from its hello: a connection that
+    claims another pid is closed and writes nothing, while one that tells the truth is listed
+    in the host's report under its own pid."""
+    forged = os.getpid() + 1  # a sibling's pid, say
+    with (
+        reporting_relay(services) as (relay, key, client),
+        socket.socket(socket.AF_UNIX) as liar,
+        socket.socket(socket.AF_UNIX) as honest,
+    ):
+        liar.settimeout(10)
+        liar.connect(relay.path)
+        liar.sendall(child_frames(forged, "project:1"))
+        # Read by the relay once it answers the hello or closes the stream.
+        closed = liar.recv(64) == b""
+
+        honest.connect(relay.path)
+        honest.sendall(child_frames(os.getpid(), "project:2"))
+        wait_for(lambda: client.hexists(key, f"p:{os.getpid()}"), message="honest report")
+        fields = set(client.hgetall(key))
+        assert f"p:{forged}".encode() not in fields
+        assert f"c:{forged}:project:1".encode() not in fields
+        assert f"c:{os.getpid()}:project:2".encode() in fields
+        assert closed, "a hello naming another pid was answered"
 
 
 def test_a_stopped_relay_leaves_no_host_report_behind(services: Services) -> None:
     """Stopping the relay takes the host's report away once its last report is written, so
     none written on its way out brings it back: the hash is gone when stop returns, and stays
     gone."""
-    presence = Presence(redis_client(services.redis_url), namespace=services.namespace)
-    hostname = f"host-{fresh_id()}"
-    relay = HostRelay(presence=presence, hostname=hostname, pool="prefork")
-    relay.start()
-    key = presence.key(hostname, relay.pid)
-    client = redis_client(services.redis_url)
-    try:
-        with socket.socket(socket.AF_UNIX) as child:
-            child.connect(relay.path)
-            child.sendall(child_frames(os.getpid(), "project:1"))
-            wait_for(lambda: client.hexists(key, f"p:{os.getpid()}"), message="the host report")
-            # A change due at the moment the relay stops.
-            child.sendall(child_frames(os.getpid(), "project:2"))
-            relay.stop()
+    with (
+        reporting_relay(services) as (relay, key, client),
+        socket.socket(socket.AF_UNIX) as child,
+    ):
+        child.connect(relay.path)
+        child.sendall(child_frames(os.getpid(), "project:1"))
+        wait_for(lambda: client.hexists(key, f"p:{os.getpid()}"), message="the host report")
+        # A change due at the moment the relay stops.
+        child.sendall(child_frames(os.getpid(), "project:2"))
+        relay.stop()
         assert not client.exists(key)
         assert relay._reporter is not None and not relay._reporter.is_alive()
         assert not client.exists(key)
-    finally:
-        relay.stop()
 
 
 def ended(sock: socket.socket) -> bool:
@@ -184,37 +188,30 @@ def test_a_child_claiming_more_scopes_than_a_process_keeps_is_cut_off(services: 
     """A child's report of more revisions than a process keeps (REPORTED_SCOPES) is refused:
     its stream is closed and none of it reaches the host's report, which keeps listing the
     honest ones."""
-    presence = Presence(redis_client(services.redis_url), namespace=services.namespace)
-    hostname = f"host-{fresh_id()}"
-    relay = HostRelay(presence=presence, hostname=hostname, pool="prefork")
-    relay.start()
-    key = presence.key(hostname, relay.pid)
-    client = redis_client(services.redis_url)
-    try:
-        with socket.socket(socket.AF_UNIX) as greedy, socket.socket(socket.AF_UNIX) as honest:
-            greedy.settimeout(10)
-            greedy.connect(relay.path)
-            scopes = {f"project:{n}": 1 for n in range(REPORTED_SCOPES + 1)}
-            body = {"fields": {"kind": "worker"}, "revisions": scopes, "forgotten": []}
-            greedy.sendall(
-                frame(HELLO, json.dumps({"pid": os.getpid()}).encode())
-                + frame(REPORT, json.dumps(body).encode())
-            )
-            wait_for(
-                lambda: ended(greedy),
-                timeout=10,
-                message="the stream of a child reporting too many scopes to end",
-            )
+    with (
+        reporting_relay(services) as (relay, key, client),
+        socket.socket(socket.AF_UNIX) as greedy,
+        socket.socket(socket.AF_UNIX) as honest,
+    ):
+        greedy.settimeout(10)
+        greedy.connect(relay.path)
+        scopes = {f"project:{n}": 1 for n in range(REPORTED_SCOPES + 1)}
+        body = {"fields": {"kind": "worker"}, "revisions": scopes, "forgotten": []}
+        greedy.sendall(
+            frame(HELLO, json.dumps({"pid": os.getpid()}).encode())
+            + frame(REPORT, json.dumps(body).encode())
+        )
+        wait_for(
+            lambda: ended(greedy),
+            timeout=10,
+            message="the stream of a child reporting too many scopes to end",
+        )
 
-            honest.connect(relay.path)
-            honest.sendall(child_frames(os.getpid(), "user:1"))
-            wait_for(
-                lambda: client.hexists(key, f"c:{os.getpid()}:user:1"), message="honest report"
-            )
-            fields = client.hkeys(key)
-            assert not [f for f in fields if f.startswith(f"c:{os.getpid()}:project:".encode())]
-    finally:
-        relay.stop()
+        honest.connect(relay.path)
+        honest.sendall(child_frames(os.getpid(), "user:1"))
+        wait_for(lambda: client.hexists(key, f"c:{os.getpid()}:user:1"), message="honest report")
+        fields = client.hkeys(key)
+        assert not [f for f in fields if f.startswith(f"c:{os.getpid()}:project:".encode())]
 
 
 def test_a_relay_without_redis_keeps_no_report_and_sleeps_between_events() -> None:
